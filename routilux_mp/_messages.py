@@ -1,0 +1,141 @@
+"""Wire messages between the supervisor and a worker process.
+
+Supervisor -> worker (command pipe): ``_WorkerConfig`` once, then
+``_LoadFlow`` / ``_Activation`` / ``STOP``. Worker -> supervisor (result
+pipe): ``_Ready`` once, then exactly one ``_Result`` per activation, and
+``_Exiting`` before a clean exit (so a planned exit is never mistaken for a
+crash).
+
+Envelopes are pickled with the C pickler. User data (items, emits, policy
+messages) travels inside them as cloudpickle blobs made once where the data is
+produced, so classes and closures defined in ``__main__`` arrive by value and
+nothing is serialized twice. Failures travel as data (type names, message,
+traceback text), never as exception objects.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+PROTOCOL = 5
+
+
+def dumps(message: Any) -> bytes:
+    return pickle.dumps(message, PROTOCOL)
+
+
+loads = pickle.loads
+
+
+class _WorkerConfig:
+    __slots__ = ("index", "parent_pid", "sys_path", "state_address", "authkey", "state_timeout",
+                 "lock_timeout", "max_rss", "max_activations")
+
+    def __init__(self, index: int, parent_pid: int, sys_path: list[str], state_address: str,
+                 authkey: bytes, state_timeout: float, lock_timeout: float,
+                 max_rss: int | None, max_activations: int | None) -> None:
+        self.index = index
+        self.parent_pid = parent_pid
+        self.sys_path = sys_path
+        self.state_address = state_address
+        self.authkey = authkey
+        self.state_timeout = state_timeout
+        self.lock_timeout = lock_timeout
+        self.max_rss = max_rss
+        self.max_activations = max_activations
+
+    def __repr__(self) -> str:
+        return f"_WorkerConfig(index={self.index}, state_address={self.state_address!r})"
+
+
+class _LoadFlow:
+    __slots__ = ("flow_key", "blob")
+
+    def __init__(self, flow_key: int, blob: bytes) -> None:
+        self.flow_key = flow_key
+        self.blob = blob
+
+    def __repr__(self) -> str:
+        return f"_LoadFlow(flow_key={self.flow_key}, {len(self.blob)} bytes)"
+
+
+class _Activation:
+    """Run ``routine_id`` of flow ``flow_key`` for worker ``worker_id`` on these items."""
+
+    __slots__ = ("act_id", "flow_key", "worker_id", "flow_id", "routine_id", "slots", "message",
+                 "job_id", "job_metadata", "job_data", "attempt")
+
+    def __init__(self, act_id: int, flow_key: int, worker_id: str, flow_id: str, routine_id: str,
+                 slots: dict[str, list[bytes]], message: bytes, job_id: str | None,
+                 job_metadata: dict, job_data: dict, attempt: int) -> None:
+        self.act_id = act_id
+        self.flow_key = flow_key
+        self.worker_id = worker_id
+        self.flow_id = flow_id
+        self.routine_id = routine_id
+        self.slots = slots
+        self.message = message
+        self.job_id = job_id
+        self.job_metadata = job_metadata
+        self.job_data = job_data
+        self.attempt = attempt
+
+    def __repr__(self) -> str:
+        counts = {name: len(items) for name, items in self.slots.items()}
+        return f"_Activation(#{self.act_id} {self.worker_id}/{self.routine_id} items={counts} attempt={self.attempt})"
+
+
+class _Result:
+    """The outcome of one activation: emits (in order), job changes, and an error as data."""
+
+    __slots__ = ("act_id", "error", "emits", "data_set", "data_deleted", "traces", "seconds")
+
+    def __init__(self, act_id: int, error: dict | None, emits: list[tuple[str, bytes]],
+                 data_set: dict | None, data_deleted: list[str] | None, traces: list | None,
+                 seconds: float) -> None:
+        self.act_id = act_id
+        self.error = error
+        self.emits = emits
+        self.data_set = data_set
+        self.data_deleted = data_deleted
+        self.traces = traces
+        self.seconds = seconds
+
+    def __repr__(self) -> str:
+        status = "ok" if self.error is None else f"error={self.error.get('type')}"
+        return f"_Result(#{self.act_id} {status} emits={len(self.emits)} {self.seconds:.4f}s)"
+
+
+class _Ready:
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def __repr__(self) -> str:
+        return f"_Ready(pid={self.pid})"
+
+
+class _Exiting:
+    """The worker is about to exit on purpose (stop request, recycling)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"_Exiting({self.reason!r})"
+
+
+class _Stop:
+    """Finish what was sent before this, then exit."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "STOP"
+
+
+STOP = _Stop()

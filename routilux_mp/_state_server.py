@@ -1,0 +1,511 @@
+"""The state server: one process holding every WorkerState, behind a BaseManager.
+
+``StateStore`` is the only registered referent. Every method does a whole
+operation server-side (read-modify-write included) and returns copies; clients
+never hold nested proxies. One condition variable guards the store; a routine
+state locked with ``worker_state.lock()`` has a holder (token + pid), and other
+writers wait for it. A holder that dies releases its locks: the supervisor says
+so when it reaps a worker (``release_pid``), and waiters also check the
+holder's liveness themselves while they wait.
+
+The server listens on a unix socket in a private 0700 directory, with a random
+32-byte authkey; the manager checks the key before it reads a single message.
+Messages are pickled with the C pickler rather than ``multiprocess``'s default
+dill-based one (several times faster for these small messages).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+from multiprocess import connection, managers
+
+from . import _jsonvalue, _process
+from .errors import (
+    LockTimeoutError,
+    RoutiluxError,
+    StaleStateError,
+    StateNotSerializableError,
+    StateTooLargeError,
+)
+
+#: Serializer name under which our pickle-based connections are registered.
+SERIALIZER = "routilux-mp"
+
+#: How often a writer waiting on a lock checks that the holder is still alive.
+HOLDER_CHECK_INTERVAL = 0.5
+
+
+class _PickleConnection:
+    """A ``multiprocess`` connection that pickles with the C pickler."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def send(self, obj: Any) -> None:
+        self._conn.send_bytes(pickle.dumps(obj, 5))
+
+    def recv(self) -> Any:
+        return pickle.loads(self._conn.recv_bytes())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def __enter__(self) -> _PickleConnection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._conn.close()
+
+
+class _PickleListener(connection.Listener):
+    def accept(self) -> _PickleConnection:  # type: ignore[override]
+        return _PickleConnection(super().accept())
+
+
+#: Seconds allowed to connect to the state server and finish the authkey handshake.
+CONNECT_TIMEOUT = 10.0
+
+
+def _pickle_client(address: Any, family: Any = None, authkey: bytes | None = None) -> _PickleConnection:
+    """Connect and authenticate, with a deadline (``multiprocess.connection.Client`` has none)."""
+    if not isinstance(address, str):
+        return _PickleConnection(connection.Client(address, family, authkey))
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.settimeout(CONNECT_TIMEOUT)
+        sock.connect(address)
+        sock.settimeout(None)
+        conn = connection.Connection(sock.detach())
+    finally:
+        sock.close()
+    if authkey is not None:
+        # The server speaks first; a stopped server never does.
+        if not conn.poll(CONNECT_TIMEOUT):
+            conn.close()
+            raise TimeoutError(f"the state server at {address} did not answer within {CONNECT_TIMEOUT:g}s")
+        connection.answer_challenge(conn, authkey)
+        connection.deliver_challenge(conn, authkey)
+    return _PickleConnection(conn)
+
+
+managers.listener_client[SERIALIZER] = (_PickleListener, _pickle_client)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True unless ``pid`` is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class _Cell:
+    """One routine state of one worker."""
+
+    __slots__ = ("value", "version", "size", "holder", "holder_pid", "lost")
+
+    def __init__(self) -> None:
+        self.value: dict | None = None
+        self.version = 0
+        self.size = 2
+        self.holder: str | None = None
+        self.holder_pid = 0
+        self.lost = 0
+
+
+class _Worker:
+    __slots__ = ("flow_id", "status", "jobs_processed", "jobs_failed", "cells")
+
+    def __init__(self, flow_id: str, status: str) -> None:
+        self.flow_id = flow_id
+        self.status = status
+        self.jobs_processed = 0
+        self.jobs_failed = 0
+        self.cells: dict[str, _Cell] = {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class StateStore:
+    """Every worker's routine states, counters and status (lives in the state server)."""
+
+    def __init__(self, max_state_bytes: int, strict: bool, lock_timeout: float) -> None:
+        self._max_bytes = max_state_bytes
+        self._strict = strict
+        self._lock_timeout = lock_timeout
+        self._cond = threading.Condition()
+        self._workers: dict[str, _Worker] = {}
+
+    # -- helpers (call with self._cond held) --------------------------------
+
+    def _worker(self, wid: str) -> _Worker:
+        worker = self._workers.get(wid)
+        if worker is None:
+            raise RoutiluxError(f"worker {wid!r} is not known to the state server")
+        return worker
+
+    def _cell(self, wid: str, rid: str) -> _Cell:
+        cells = self._worker(wid).cells
+        cell = cells.get(rid)
+        if cell is None:
+            cell = cells[rid] = _Cell()
+        return cell
+
+    def _wait_free(self, cell: _Cell, rid: str, token: str | None, timeout: float | None) -> None:
+        """Wait until ``cell`` is not locked by someone other than ``token``."""
+        if cell.holder is None or cell.holder == token:
+            return
+        limit = self._lock_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while cell.holder is not None and cell.holder != token:
+            if not _pid_alive(cell.holder_pid):
+                cell.holder = None
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeoutError(
+                    f"routine state {rid!r} stayed locked by process {cell.holder_pid} for {limit:g}s; "
+                    "keep `with worker_state.lock(...)` blocks short, or pass a longer timeout"
+                )
+            self._cond.wait(min(remaining, HOLDER_CHECK_INTERVAL))
+
+    def _check_size(self, rid: str, size: int) -> None:
+        if size > self._max_bytes:
+            raise StateTooLargeError(
+                f"state of routine {rid!r} would be {size} bytes as JSON, over max_state_bytes="
+                f"{self._max_bytes}; nothing was written. Trim it, or raise Runtime(max_state_bytes=...)"
+            )
+
+    def _store(self, cell: _Cell, value: dict, size: int) -> int:
+        cell.value = value
+        cell.size = size
+        cell.version += 1
+        return cell.version
+
+    # -- workers -------------------------------------------------------------
+
+    def register_worker(self, wid: str, flow_id: str, status: str) -> None:
+        with self._cond:
+            if wid in self._workers:
+                raise RoutiluxError(f"worker {wid!r} already exists")
+            self._workers[wid] = _Worker(flow_id, status)
+
+    def set_status(self, wid: str, status: str) -> None:
+        with self._cond:
+            self._worker(wid).status = status
+
+    def set_all_status(self, status: str) -> None:
+        with self._cond:
+            for worker in self._workers.values():
+                worker.status = status
+
+    def meta(self, wid: str) -> dict:
+        with self._cond:
+            w = self._worker(wid)
+            return {"flow_id": w.flow_id, "status": w.status, "jobs_processed": w.jobs_processed,
+                    "jobs_failed": w.jobs_failed}
+
+    def add_job_counts(self, deltas: dict[str, tuple[int, int]]) -> None:
+        with self._cond:
+            for wid, (processed, failed) in deltas.items():
+                worker = self._workers.get(wid)
+                if worker is not None:
+                    worker.jobs_processed += processed
+                    worker.jobs_failed += failed
+
+    # -- routine states ------------------------------------------------------
+
+    def get(self, wid: str, rid: str) -> tuple[dict | None, int]:
+        with self._cond:
+            cell = self._worker(wid).cells.get(rid)
+            if cell is None:
+                return None, 0
+            return cell.value, cell.version
+
+    def get_all(self, wid: str) -> dict[str, tuple[dict, int]]:
+        with self._cond:
+            return {rid: (c.value, c.version) for rid, c in self._worker(wid).cells.items() if c.value is not None}
+
+    def replace(self, wid: str, rid: str, value: dict, size: int, expected: int | None,
+                token: str | None) -> tuple[int, int]:
+        """Replace a state. Returns ``(version, lost)``; ``lost`` counts lost updates so far (0: none now)."""
+        with self._cond:
+            cell = self._cell(wid, rid)
+            self._wait_free(cell, rid, token, None)
+            self._check_size(rid, size)
+            lost = 0
+            if expected is not None and expected != cell.version:
+                if self._strict:
+                    raise StaleStateError(
+                        f"routine state {rid!r} of worker {wid!r} changed (version {expected} -> "
+                        f"{cell.version}) between this activation's read and its write; nothing was "
+                        "written. Use increment/merge_routine_state/modify_routine_state or "
+                        "worker_state.lock() for read-modify-write"
+                    )
+                cell.lost += 1
+                lost = cell.lost
+            return self._store(cell, value, size), lost
+
+    def merge(self, wid: str, rid: str, partial: dict, token: str | None) -> tuple[dict, int]:
+        with self._cond:
+            cell = self._cell(wid, rid)
+            self._wait_free(cell, rid, token, None)
+            merged = dict(cell.value) if cell.value else {}
+            merged.update(partial)
+            size = len(_jsonvalue._encode(merged))
+            self._check_size(rid, size)
+            return merged, self._store(cell, merged, size)
+
+    def increment(self, wid: str, rid: str, amounts: dict[str, int | float],
+                  token: str | None) -> tuple[dict[str, int | float], int]:
+        """Add each amount to its key (missing keys count as 0); return the new values."""
+        with self._cond:
+            cell = self._cell(wid, rid)
+            self._wait_free(cell, rid, token, None)
+            old = cell.value or {}
+            result = {}
+            growth = 0
+            for key, amount in amounts.items():
+                current = old.get(key, 0)
+                if not _is_number(current):
+                    raise TypeError(
+                        f"state[{key!r}] of routine {rid!r} is {type(current).__name__}, not a number; "
+                        "increment() only adds to numbers (or missing keys)"
+                    )
+                total = current + amount
+                if isinstance(total, float) and not math.isfinite(total):
+                    raise StateNotSerializableError(
+                        f"state[{key!r}] of routine {rid!r} would become {total!r}, which JSON refuses; nothing was written"
+                    )
+                result[key] = total
+                growth += len(key) + 32
+            new = dict(old)
+            new.update(result)
+            size = cell.size + growth
+            if size > self._max_bytes:
+                size = len(_jsonvalue._encode(new))
+                self._check_size(rid, size)
+            self._store(cell, new, size)
+            return result, cell.version
+
+    def modify(self, wid: str, rid: str, fn_blob: bytes, token: str | None) -> tuple[dict, int]:
+        """Run ``fn(copy_of_state) -> new_state`` with the state locked; write its result."""
+        fn = cloudpickle.loads(fn_blob)
+        internal = f"modify-{threading.get_ident()}-{time.monotonic_ns()}"
+        with self._cond:
+            cell = self._cell(wid, rid)
+            self._wait_free(cell, rid, token, None)
+            previous = (cell.holder, cell.holder_pid)
+            cell.holder, cell.holder_pid = internal, os.getpid()
+            working = copy.deepcopy(cell.value) if cell.value else {}
+        try:
+            try:
+                result = fn(working)
+            except BaseException as exc:  # the user's function: report it, never kill the server
+                raise _portable_error(exc, f"modify_routine_state({rid!r}) function raised") from None
+            if result is None:
+                result = working
+            if not isinstance(result, dict):
+                raise TypeError(
+                    f"modify_routine_state({rid!r}) function returned {type(result).__name__}; "
+                    "it must return the new state (a dict) or None to keep its changes to the copy"
+                )
+            value, size = _jsonvalue.normalize(result)
+            with self._cond:
+                self._check_size(rid, size)
+                return value, self._store(cell, value, size)
+        finally:
+            with self._cond:
+                cell.holder, cell.holder_pid = previous
+                self._cond.notify_all()
+
+    def acquire(self, wid: str, rid: str, token: str, pid: int, timeout: float | None) -> tuple[dict | None, int]:
+        with self._cond:
+            cell = self._cell(wid, rid)
+            self._wait_free(cell, rid, token, timeout)
+            cell.holder, cell.holder_pid = token, pid
+            return cell.value, cell.version
+
+    def release(self, wid: str, rid: str, token: str, value: dict | None, size: int) -> int:
+        with self._cond:
+            cell = self._cell(wid, rid)
+            if cell.holder != token:
+                raise RoutiluxError(
+                    f"the lock on routine state {rid!r} was lost (its holder was presumed dead); nothing was written"
+                )
+            try:
+                if value is not None:
+                    self._check_size(rid, size)
+                    self._store(cell, value, size)
+            finally:
+                cell.holder = None
+                self._cond.notify_all()
+            return cell.version
+
+    def release_pid(self, pid: int) -> int:
+        """Release every lock held by process ``pid`` (it died); returns how many."""
+        released = 0
+        with self._cond:
+            for worker in self._workers.values():
+                for cell in worker.cells.values():
+                    if cell.holder is not None and cell.holder_pid == pid:
+                        cell.holder = None
+                        released += 1
+            if released:
+                self._cond.notify_all()
+        return released
+
+    # -- reporting -----------------------------------------------------------
+
+    def lost_updates(self) -> dict[str, int]:
+        """Lost updates per routine id, summed over workers."""
+        totals: dict[str, int] = {}
+        with self._cond:
+            for worker in self._workers.values():
+                for rid, cell in worker.cells.items():
+                    if cell.lost:
+                        totals[rid] = totals.get(rid, 0) + cell.lost
+        return totals
+
+    def snapshot(self) -> dict[str, dict]:
+        """Everything, for the runtime's final snapshot at shutdown."""
+        with self._cond:
+            return {
+                wid: {
+                    "meta": {"flow_id": w.flow_id, "status": w.status, "jobs_processed": w.jobs_processed,
+                             "jobs_failed": w.jobs_failed},
+                    "states": {rid: c.value for rid, c in w.cells.items() if c.value is not None},
+                }
+                for wid, w in self._workers.items()
+            }
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _portable_error(exc: BaseException, context: str) -> BaseException:
+    """``exc`` if it survives a pickle round trip, else a RoutiluxError carrying its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        err = RoutiluxError(f"{context}: {type(exc).__qualname__}: {exc}")
+        err.remote_traceback = "".join(traceback.format_exception(exc))
+        return err
+
+
+#: Methods clients may call.
+EXPOSED = tuple(
+    name for name, value in vars(StateStore).items() if callable(value) and not name.startswith("_")
+)
+
+_STORE: StateStore | None = None
+
+
+def _get_store() -> StateStore:
+    assert _STORE is not None, "the state store exists only in the state-server process"
+    return _STORE
+
+
+class StoreManager(managers.BaseManager):
+    """The manager serving :class:`StateStore` (typeid ``get_store``)."""
+
+
+class _Timeout(Exception):
+    pass
+
+
+class StoreProxy(managers.BaseProxy):
+    """Client side of :class:`StateStore`: one kept-open connection per thread, calls with deadlines."""
+
+    _exposed_ = EXPOSED
+
+    def call(self, method: str, args: tuple, timeout: float | None) -> Any:
+        """Call ``method(*args)`` in the server; raise ``_Timeout`` when no answer comes in time."""
+        try:
+            conn = self._tls.connection
+        except AttributeError:
+            self._connect()
+            conn = self._tls.connection
+        conn.send((self._id, method, args, {}))
+        if not conn.poll(timeout):
+            # The reply may still come; this connection is out of step for good.
+            del self._tls.connection
+            conn.close()
+            raise _Timeout(method)
+        kind, result = conn.recv()
+        if kind == "#RETURN":
+            return result
+        raise managers.convert_to_error(kind, result)
+
+
+StoreManager.register("get_store", callable=_get_store, proxytype=StoreProxy, exposed=EXPOSED)
+
+
+class ServerConfig:
+    __slots__ = ("address", "authkey", "parent_pid", "sys_path", "max_state_bytes", "strict", "lock_timeout")
+
+    def __init__(self, address: str, authkey: bytes, parent_pid: int, sys_path: list[str],
+                 max_state_bytes: int, strict: bool, lock_timeout: float) -> None:
+        self.address = address
+        self.authkey = authkey
+        self.parent_pid = parent_pid
+        self.sys_path = sys_path
+        self.max_state_bytes = max_state_bytes
+        self.strict = strict
+        self.lock_timeout = lock_timeout
+
+
+def main() -> None:
+    """Entry point of the state-server process (``routilux-mp state-server``).
+
+    Reads a pickled :class:`ServerConfig` from stdin (never the command line:
+    the authkey must not show in ``ps``), binds the socket, writes ``ready``
+    on stdout, then serves until stdin reaches EOF (the supervisor closed it or
+    died).
+    """
+    global _STORE
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _process.set_process_name("rmp-state")
+    stdin = sys.stdin.buffer
+    size = int.from_bytes(stdin.read(4), "big")
+    config: ServerConfig = pickle.loads(stdin.read(size))
+    _process.arm_parent_death(config.parent_pid)
+    sys.path[:] = config.sys_path
+    _STORE = StateStore(config.max_state_bytes, config.strict, config.lock_timeout)
+    manager = StoreManager(address=config.address, authkey=config.authkey, serializer=SERIALIZER)
+    server = manager.get_server()
+    os.chmod(config.address, 0o600)
+    # EOF on stdin is both the supervisor's stop request and the sign of its death.
+    _process.watch_for_eof(stdin.fileno(), "routilux-mp parent watchdog", exit_code=0)
+    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    server.serve_forever()

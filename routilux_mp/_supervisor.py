@@ -1,0 +1,1186 @@
+"""The supervisor: the ledger and the dispatcher thread behind ``Runtime``.
+
+::
+
+     your process                                        state server process
+    ┌──────────────────────────────────────────┐  unix   ┌──────────────────────┐
+    │ Runtime.post()/exec()  ──┐               │ socket  │ StateStore           │
+    │                          ▼               │◀───────▶│ (BaseManager, JSON,  │
+    │ slot queues ─▶ policies ─▶ ready acts    │ authkey │  locks, counters)    │
+    │      ▲                        │ _Activation        └──────────▲───────────┘
+    │      └── route emits ◀─ _Result            │                  │ own connection
+    │ dispatcher thread: wait(results, pidfds,  │                  │
+    │   outputs, wakeup, state-server pidfd)    │                  │
+    └────────────┬───────────────▲─────────────┘                  │
+          command pipe      result pipe + stdout/stderr pipes     │
+    ┌────────────▼───────────────┴─────────────┐  x processes     │
+    │ worker process: run logic, emit, one     │──────────────────┘
+    │ _Result per activation                   │
+    └──────────────────────────────────────────┘
+
+* ``post()`` (any thread) queues an item, runs the routine's policy and hands
+  activations to processes, all under one lock.
+* The dispatcher thread blocks on every result pipe, every process's pidfd
+  (its death), every stdout/stderr pipe, a wake-up pipe and the state
+  server's pidfd; it never polls with sleeps. It forwards output lines, routes
+  results, notices deaths, fires timers (retries, timeouts, interval
+  policies, kill escalation, respawns) and spawns every child process, so the
+  children's ``PR_SET_PDEATHSIG`` is tied to a thread that lives until shutdown.
+* The ledger entry of an activation (which process holds it, for which jobs,
+  which attempt) is written before it is sent. A process holds its
+  activations in order, so when it dies the first one still held is the one
+  it was running: that one fails with ``WorkerCrashedError``; the others,
+  never started, go back to their queues.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import os
+import pickle
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import wait as wait_for
+from typing import Any
+
+import cloudpickle
+from multiprocess.connection import Connection
+
+from . import _process
+from ._ledger import _Act, _Entry, _Instance, _Proc, _RoutineRt
+from ._messages import STOP, _Activation, _Exiting, _LoadFlow, _Ready, _Result, _WorkerConfig, dumps, loads
+from ._state_server import ServerConfig
+from .error_handling import ErrorHandler, ErrorStrategy
+from .errors import (
+    ActivationTimeoutError,
+    FlowError,
+    RoutiluxError,
+    RuntimeBrokenError,
+    SerializationError,
+    StateServerLostError,
+    WorkerCrashedError,
+    WorkerMemoryError,
+)
+from .job import JobContext
+from .state import WorkerState, _StoreClient
+
+logger = logging.getLogger("routilux_mp.runtime")
+
+#: Seconds to wait for the state server to bind its socket.
+STATE_START_TIMEOUT = 60.0
+#: Seconds the state server gets to exit after its stdin closes, before SIGTERM / SIGKILL.
+STATE_STOP_TIMEOUT = 5.0
+#: Seconds a worker gets after SIGTERM before SIGKILL (shutdown and timeouts).
+TERM_GRACE = 2.0
+#: Consecutive start-up failures of worker processes before the runtime gives up.
+MAX_START_FAILURES = 5
+#: Longest pause between respawns of a worker that keeps dying at start-up.
+MAX_RESPAWN_DELAY = 5.0
+#: How often worker RSS is sampled when a memory limit is set.
+MEMORY_SAMPLE_INTERVAL = 0.1
+
+_LIKELY_CAUSES = {
+    "SIGKILL": "possibly the out-of-memory killer (see `dmesg`), or a `kill -9` from outside",
+    "SIGSEGV": "a segmentation fault: C code (an extension module or ctypes) crashed",
+    "SIGBUS": "a bus error: C code crashed, or a memory-mapped file was truncated",
+    "SIGABRT": "abort(): a C library or extension hit a fatal error",
+    "SIGFPE": "a floating-point exception in C code",
+    "SIGILL": "an illegal instruction in C code",
+    "SIGTERM": "a SIGTERM from outside routilux-mp",
+}
+
+
+def _error(cls: type[BaseException], message: str, **extra: Any) -> dict:
+    mro = []
+    for c in cls.__mro__:
+        if c is object:
+            continue
+        mro.append(c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}")
+    return dict({"type": mro[0], "mro": mro, "message": message, "traceback": ""}, **extra)
+
+
+def _default_output(stream: str, text: str) -> None:
+    target = sys.stdout if stream == "stdout" else sys.stderr
+    if target is None:
+        return
+    try:
+        target.write(text)
+        target.flush()
+    except (OSError, ValueError):  # closed or broken pipe: output has nowhere to go
+        pass
+
+
+class Supervisor:
+    """All mutable runtime state, guarded by ``self.lock``; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        processes: int,
+        prefetch: int,
+        strict_state: bool,
+        max_state_bytes: int,
+        state_timeout: float,
+        lock_timeout: float,
+        max_crash_retries: int,
+        max_worker_rss: int | None,
+        kill_worker_rss: int | None,
+        max_activations_per_process: int | None,
+        max_outputs_per_job: int,
+        max_finished_jobs: int,
+        worker_output: Callable[[str, str], None] | None,
+    ) -> None:
+        self.processes = processes
+        self.prefetch = prefetch
+        self.strict_state = strict_state
+        self.max_state_bytes = max_state_bytes
+        self.state_timeout = state_timeout
+        self.lock_timeout = lock_timeout
+        self.max_crash_retries = max_crash_retries
+        self.max_worker_rss = max_worker_rss
+        self.kill_worker_rss = kill_worker_rss
+        self.max_activations_per_process = max_activations_per_process
+        self.max_outputs_per_job = max_outputs_per_job
+        self.max_finished_jobs = max_finished_jobs
+        self.output = worker_output or _default_output
+
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.procs: list[_Proc | None] = [None] * processes
+        self.restarts = [0] * processes
+        self.instances: dict[str, _Instance] = {}
+        self.current: dict[str, str] = {}
+        self.jobs: dict[str, JobContext] = {}
+        self.finished: collections.deque[str] = collections.deque()
+        self.status_counts: collections.Counter[str] = collections.Counter()
+        self.active_jobs = 0
+        self.runnable: set[_RoutineRt] = set()
+        self.inflight = 0
+        self.retrying = 0
+        self.post_waiters = 0
+        self.timers: list[tuple[float, int, str, Any]] = []
+        self.callbacks: list[Callable[[], Any]] = []
+        self.count_deltas: dict[str, list[int]] = {}
+        self.ships: dict[int, tuple[Any, int, bytes]] = {}
+        self.closed = False
+        self.broken: tuple[type[RoutiluxError], str] | None = None
+        self.stop_requested = False
+        self.stop_grace = TERM_GRACE
+        self.start_failures = 0
+        self.last_start_error = ""
+
+        self._seq = itertools.count(1)
+        self._act_ids = itertools.count(1)
+        self._timer_seq = itertools.count()
+        self._flow_keys = itertools.count(1)
+        self._wait_map: dict[int, tuple[str, _Proc | None]] = {}
+        self._wait_dirty = True
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._tmpdir = tempfile.mkdtemp(prefix="routilux-mp-")
+        self.state_address = os.path.join(self._tmpdir, "state.sock")
+        self._authkey = os.urandom(32)
+        self.client = _StoreClient(self.state_address, self._authkey, state_timeout, lock_timeout)
+        self.state_popen: subprocess.Popen | None = None
+        self._state_pidfd: int | None = None
+        self._sys_path = list(sys.path)
+
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name="routilux-mp dispatcher", daemon=True)
+        self.thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self.thread.join(STATE_STOP_TIMEOUT + TERM_GRACE + 5)
+            raise self._start_error
+
+    # ------------------------------------------------------------------ wake-up
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:  # already awake with plenty of pending wake-ups
+            pass
+
+    # ------------------------------------------------------------------ start-up
+
+    def _main(self) -> None:
+        try:
+            self._start()
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            self._stop_children()
+            return
+        self._started.set()
+        try:
+            self._loop()
+        except BaseException:
+            logger.exception("the routilux-mp dispatcher failed; stopping the runtime")
+            with self.lock:
+                self._break(RuntimeBrokenError, "the runtime's dispatcher thread failed (see the log above)")
+        finally:
+            self._stop_everything()
+
+    def _start(self) -> None:
+        for index in range(self.processes):
+            self._spawn_worker(index)
+        popen = _process.spawn(
+            "routilux_mp._state_server", "routilux-mp state-server", stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=None,
+        )
+        self.state_popen = popen
+        config = ServerConfig(self.state_address, self._authkey, os.getpid(), self._sys_path,
+                              self.max_state_bytes, self.strict_state, self.lock_timeout)
+        data = pickle.dumps(config)
+        assert popen.stdin is not None and popen.stdout is not None
+        popen.stdin.write(len(data).to_bytes(4, "big") + data)
+        popen.stdin.flush()
+        readable, _, _ = select.select([popen.stdout], [], [], STATE_START_TIMEOUT)
+        line = popen.stdout.readline() if readable else b""
+        if line.strip() != b"ready":
+            code = popen.poll()
+            raise RuntimeBrokenError(
+                f"the routilux-mp state server did not start (exit code {code}); its error output, if any, "
+                "is above. Check that `python -c 'import routilux_mp'` works in this environment"
+            )
+        self._state_pidfd = _process.open_pidfd(popen.pid)
+
+    def _spawn_worker(self, index: int) -> None:
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        try:
+            popen = _process.spawn("routilux_mp._worker", f"routilux-mp worker {index}", pass_fds=(cmd_r, res_w))
+        except OSError as exc:
+            for fd in (cmd_r, cmd_w, res_r, res_w):
+                os.close(fd)
+            self._start_failed(index, f"could not start a process: {exc}")
+            return
+        os.close(cmd_r)
+        os.close(res_w)
+        commands = Connection(cmd_w, readable=False)
+        results = Connection(res_r, writable=False)
+        proc = _Proc(index, popen, commands, results, _process.open_pidfd(popen.pid), time.monotonic())
+        for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+            assert pipe is not None
+            fd = pipe.fileno()
+            os.set_blocking(fd, False)
+            proc.outputs[fd] = [stream, b"", pipe]
+        config = _WorkerConfig(index, os.getpid(), self._sys_path, self.state_address, self._authkey,
+                               self.state_timeout, self.lock_timeout, self.max_worker_rss,
+                               self.max_activations_per_process)
+        try:
+            commands.send_bytes(dumps(config))
+        except OSError:
+            proc.broken_pipe = True
+        self.procs[index] = proc
+        self._wait_dirty = True
+        if self.max_worker_rss is not None and index == 0 and not any(t[2] == "memory" for t in self.timers):
+            self._add_timer(time.monotonic() + MEMORY_SAMPLE_INTERVAL, "memory", None)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _waitables(self) -> list[int]:
+        if self._wait_dirty:
+            wait_map: dict[int, tuple[str, _Proc | None]] = {self._wake_r: ("wake", None)}
+            if self._state_pidfd is not None:
+                wait_map[self._state_pidfd] = ("state", None)
+            for proc in self.procs:
+                if proc is None:
+                    continue
+                if not proc.results_closed:
+                    wait_map[proc.results.fileno()] = ("results", proc)
+                if proc.pidfd is not None:
+                    wait_map[proc.pidfd] = ("death", proc)
+                for fd in proc.outputs:
+                    wait_map[fd] = ("output", proc)
+            self._wait_map = wait_map
+            self._wait_dirty = False
+        return list(self._wait_map)
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                if self.stop_requested:
+                    return
+                waitables = self._waitables()
+                timeout = None
+                if self.timers:
+                    timeout = max(0.0, self.timers[0][0] - time.monotonic())
+                wait_map = self._wait_map
+            ready = wait_for(waitables, timeout)
+            touched: list[_Proc] = []
+            for fd in ready:
+                kind, proc = wait_map.get(fd, ("gone", None))
+                if kind == "wake":
+                    try:
+                        os.read(self._wake_r, 65536)
+                    except BlockingIOError:
+                        pass
+                elif proc is not None and proc not in touched:
+                    touched.append(proc)
+            # Output first, outside the lock: a worker's lines reach the user before
+            # the results that follow them (they were written to the pipe first).
+            for proc in touched:
+                self._pump(proc)
+            with self.lock:
+                for fd in ready:
+                    kind, proc = wait_map.get(fd, ("gone", None))
+                    if kind == "results" and proc is not None and self.procs[proc.index] is proc:
+                        self._read_results(proc)
+                    elif kind == "state":
+                        self._state_died()
+                for fd in ready:
+                    kind, proc = wait_map.get(fd, ("gone", None))
+                    if kind == "death" and proc is not None and self.procs[proc.index] is proc:
+                        self._on_death(proc)
+                self._run_timers()
+                self._dispatch()
+                self.flush_counts()
+                self.cond.notify_all()
+                callbacks = self.take_callbacks()
+            for callback in callbacks:
+                self._run_callback(callback)
+
+    def _run_callback(self, callback: Callable[[], Any]) -> None:
+        try:
+            callback()
+        except Exception:
+            logger.exception("a job done-callback raised")
+
+    def take_callbacks(self) -> list[Callable[[], Any]]:
+        callbacks, self.callbacks = self.callbacks, []
+        return callbacks
+
+    # ------------------------------------------------------------------ output
+
+    def _pump(self, proc: _Proc, final: bool = False) -> None:
+        """Forward complete lines a process wrote to stdout/stderr (all of it when ``final``)."""
+        for fd, slot in list(proc.outputs.items()):
+            stream, partial, pipe = slot
+            chunks = []
+            eof = False
+            while True:
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    eof = True
+                    break
+                if not data:
+                    eof = True
+                    break
+                chunks.append(data)
+            if chunks:
+                buf = partial + b"".join(chunks)
+                cut = buf.rfind(b"\n") + 1
+                complete, partial = buf[:cut], buf[cut:]
+                slot[1] = partial
+                if complete:
+                    text = complete.decode("utf-8", "replace")
+                    if stream == "stderr":
+                        proc.stderr_tail.extend(text.splitlines()[-40:])
+                    self.output(stream, text)
+            if eof or final:
+                if slot[1]:
+                    text = slot[1].decode("utf-8", "replace") + "\n"
+                    slot[1] = b""
+                    if stream == "stderr":
+                        proc.stderr_tail.append(text.rstrip("\n"))
+                    self.output(stream, text)
+            if eof:
+                del proc.outputs[fd]
+                pipe.close()
+                self._wait_dirty = True
+
+    # ------------------------------------------------------------------ results
+
+    def _read_results(self, proc: _Proc) -> None:
+        results = proc.results
+        while not proc.results_closed:
+            try:
+                if not results.poll(0):
+                    return
+                message = loads(results.recv_bytes())
+            except (EOFError, OSError):
+                proc.results_closed = True
+                self._wait_dirty = True
+                if proc.pidfd is None:  # no pidfd on this system: EOF is how death shows
+                    self._on_death(proc)
+                return
+            if isinstance(message, _Result):
+                self._on_result(proc, message)
+            elif isinstance(message, _Ready):
+                proc.ready = True
+                self.start_failures = 0
+            elif isinstance(message, _Exiting):
+                proc.exiting = message.reason
+                logger.debug("worker %d (pid %d) exits: %s", proc.index, proc.pid, message.reason)
+                # It ran everything up to here; the rest was never started.
+                self._requeue(proc, list(proc.inflight))
+                proc.inflight.clear()
+
+    def _requeue(self, proc: _Proc, acts: list[_Act]) -> None:
+        for act in reversed(acts):
+            self.inflight -= 1
+            act.rt.running -= 1
+            if act.resolved:
+                continue
+            act.proc = None
+            act.started = None
+            act.deadline = None
+            act.rt.ready.appendleft(act)
+            self.runnable.add(act.rt)
+
+    def _start_act(self, act: _Act, now: float) -> None:
+        act.started = now
+        if act.rt.timeout is not None:
+            act.deadline = now + act.rt.timeout
+            self._add_timer(act.deadline, "deadline", act)
+
+    def _on_result(self, proc: _Proc, res: _Result) -> None:
+        if not proc.inflight:
+            logger.error("worker %d sent a result nobody waits for: %r", proc.index, res)
+            return
+        act = proc.inflight.popleft()
+        now = time.monotonic()
+        self.inflight -= 1
+        rt = act.rt
+        rt.running -= 1
+        proc.activations += 1
+        if proc.inflight:
+            self._start_act(proc.inflight[0], now)
+        if rt.ready:
+            self.runnable.add(rt)
+        if act.resolved:  # it timed out or was killed: its outcome is already decided
+            return
+        if act.act_id != res.act_id:
+            logger.error("result %r does not match the activation held first (%r)", res, act)
+        stats = rt.stats
+        stats.activations += 1
+        stats.busy_seconds += res.seconds
+        stats.latencies.append(now - act.created)
+        if res.error is None:
+            lead = act.lead_job()
+            if lead is not None:
+                self._apply_job_changes(lead, act, res)
+                self._route(act, lead, res.emits)
+            self._release(act)
+        else:
+            stats.errors += 1
+            if res.error.get("type") == "routilux_mp.errors.StateServerLostError":
+                self._state_lost(res.error.get("message", "the state server stopped answering"))
+            self._on_failure(act, res.error, res)
+
+    def _apply_job_changes(self, job: JobContext, act: _Act, res: _Result) -> None:
+        job.attempts = max(job.attempts, act.attempt)
+        if res.data_set:
+            job.data.update(res.data_set)
+        if res.data_deleted:
+            for key in res.data_deleted:
+                job.data.pop(key, None)
+        if res.traces:
+            job.traces.extend(res.traces)
+            del job.traces[: max(0, len(job.traces) - 1000)]
+
+    def _route(self, act: _Act, lead: JobContext, emits: list[tuple[str, bytes]]) -> None:
+        dirty: list[_RoutineRt] = []
+        for event, blob in emits:
+            targets = act.rt.targets.get(event)
+            if not targets:
+                self._add_output(lead, act.rt.rid, event, blob)
+                continue
+            for target, slot in targets:
+                lead._refs += 1  # type: ignore[attr-defined]
+                target.slots[slot]._entries.append(_Entry(next(self._seq), lead, blob))
+                if target not in dirty:
+                    dirty.append(target)
+        for target in dirty:
+            self.evaluate(target)
+
+    def _add_output(self, job: JobContext, rid: str, event: str, blob: bytes) -> None:
+        job.outputs.append({"routine": rid, "event": event, "data": loads(blob)})
+        if len(job.outputs) > self.max_outputs_per_job:
+            del job.outputs[0]
+            job.outputs_dropped += 1
+
+    # ------------------------------------------------------------------ failures
+
+    def _on_failure(self, act: _Act, error: dict, res: _Result | None = None) -> None:
+        rt = act.rt
+        error = dict(error)
+        error.setdefault("routine", rt.rid)
+        error["worker_id"] = rt.inst.worker_id
+        error["attempt"] = act.attempt
+        lead = act.lead_job()
+        if lead is None:
+            self._release(act)
+            return
+        lead.attempts = max(lead.attempts, act.attempt)
+        handler = rt.handler
+        strategy = handler.strategy
+        crashed = bool(error.get("crashed"))
+        if strategy is ErrorStrategy.RETRY:
+            if not handler.is_retryable(error.get("mro") or [error["type"]]):
+                strategy = ErrorStrategy.STOP
+            elif act.attempt > handler.max_retries:
+                error["message"] += f" (gave up after {act.attempt} attempts; max_retries={handler.max_retries})"
+                strategy = ErrorStrategy.STOP
+            elif crashed and act.crashes >= self.max_crash_retries:
+                error["message"] += (
+                    f" (it crashed a worker {act.crashes} times: given up as a poison activation; "
+                    f"max_crash_retries={self.max_crash_retries})"
+                )
+                strategy = ErrorStrategy.STOP
+            else:
+                retry = self._clone(act)
+                delay = handler.delay_before(retry.attempt)
+                lead.trace(rt.rid, "retry", {"attempt": retry.attempt, "delay": delay, "error": error["type"],
+                                             "message": error["message"][:500]})
+                self.retrying += 1
+                self._add_timer(time.monotonic() + delay, "retry", retry)
+                return
+        if strategy is ErrorStrategy.CONTINUE:
+            lead.error = error
+            lead.trace(rt.rid, "error", {"error": error["type"], "message": error["message"][:500]})
+            if res is not None:
+                self._apply_job_changes(lead, act, res)
+                self._route(act, lead, res.emits)
+        elif strategy is ErrorStrategy.SKIP:
+            lead.trace(rt.rid, "skipped", {"error": error["type"], "message": error["message"][:500]})
+        else:
+            for job in act.jobs:
+                if not job.done:
+                    self._fail_job(job, error)
+        self._release(act)
+
+    def _clone(self, act: _Act) -> _Act:
+        """A new attempt of ``act``; it takes over ``act``'s hold on its jobs."""
+        clone = _Act(next(self._act_ids), act.seq, act.rt, act.slots, {}, act.message, act.jobs, act.created)
+        clone.attempt = act.attempt + 1
+        clone.crashes = act.crashes
+        return clone
+
+    def _release(self, act: _Act) -> None:
+        for job in act.jobs:
+            job._refs -= 1  # type: ignore[attr-defined]
+            if job._refs <= 0 and not job.done:  # type: ignore[attr-defined]
+                self._finish_job(job, "completed")
+
+    def _finish_job(self, job: JobContext, status: str, error: dict | None = None) -> None:
+        self.status_counts[job.status] -= 1
+        self.status_counts[status] += 1
+        self.callbacks.extend(job._finish(status, error))
+        self.active_jobs -= 1
+        if status != "cancelled":
+            delta = self.count_deltas.setdefault(job.worker_id, [0, 0])
+            delta[0] += 1
+            delta[1] += status == "failed"
+        self.finished.append(job.job_id)
+        while len(self.finished) > self.max_finished_jobs:
+            old = self.jobs.get(self.finished.popleft())
+            if old is not None and old.done:
+                del self.jobs[old.job_id]
+
+    def _fail_job(self, job: JobContext, error: dict) -> None:
+        self._finish_job(job, "failed", error)
+        inst = self.instances.get(job.worker_id)
+        if inst is None:
+            return
+        for rt in inst.routines.values():
+            for queue in rt.slots.values():
+                if any(e.job is job for e in queue._entries):
+                    queue._entries = collections.deque(e for e in queue._entries if e.job is not job)
+
+    # ------------------------------------------------------------------ deaths
+
+    def _on_death(self, proc: _Proc) -> None:
+        self._read_results(proc)
+        if self.procs[proc.index] is not proc:  # handled while draining (no pidfd)
+            return
+        _process.signal_group(proc.pid, signal.SIGKILL)  # anything it started goes too
+        try:
+            code = proc.popen.wait(TERM_GRACE)
+        except subprocess.TimeoutExpired:
+            return  # not dead after all; the pidfd will fire again
+        self._pump(proc, final=True)
+        self.procs[proc.index] = None
+        self._wait_dirty = True
+        for conn in (proc.commands, proc.results):
+            conn.close()
+        if proc.pidfd is not None:
+            os.close(proc.pidfd)
+        for _fd, (_stream, _partial, pipe) in list(proc.outputs.items()):
+            pipe.close()
+        proc.outputs.clear()
+        if self.client.lost is None and self.broken is None:
+            try:
+                self.client.call("release_pid", proc.pid)
+            except StateServerLostError:
+                pass
+        planned = proc.exiting is not None or proc.stopping
+        exitcode, signame = _process.describe_exit(code)
+        inflight = list(proc.inflight)
+        proc.inflight.clear()
+        if inflight and proc.ready and not planned and not inflight[0].resolved:
+            running = inflight.pop(0)
+            self.inflight -= 1
+            running.rt.running -= 1
+            running.crashes += 1
+            running.rt.stats.errors += 1
+            self._on_failure(running, self._crash_error(proc, running, exitcode, signame))
+        self._requeue(proc, inflight)
+        if self.stop_requested or self.closed and self.active_jobs == 0:
+            return
+        if not proc.ready and not planned:
+            self.start_failures += 1
+            tail = "\n".join(proc.stderr_tail)
+            self.last_start_error = (
+                f"worker {proc.index} (pid {proc.pid}) exited during start-up "
+                f"({'signal ' + signame if signame else 'exit code ' + str(exitcode)})"
+                + (f"; its last error output:\n{tail}" if tail else "")
+            )
+            if self.start_failures >= MAX_START_FAILURES:
+                self._break(RuntimeBrokenError,
+                            f"worker processes failed to start {self.start_failures} times in a row; giving up. "
+                            f"Last failure: {self.last_start_error}")
+                return
+            delay = min(MAX_RESPAWN_DELAY, 0.1 * 2 ** (self.start_failures - 1))
+            self._add_timer(time.monotonic() + delay, "respawn", proc.index)
+        else:
+            self._respawn(proc.index)
+
+    def _respawn(self, index: int) -> None:
+        if self.procs[index] is None and not self.stop_requested and self.broken is None:
+            self.restarts[index] += 1
+            self._spawn_worker(index)
+
+    def _start_failed(self, index: int, why: str) -> None:
+        self.start_failures += 1
+        self.last_start_error = f"worker {index}: {why}"
+        if self.start_failures >= MAX_START_FAILURES:
+            self._break(RuntimeBrokenError, f"worker processes failed to start {self.start_failures} times "
+                                            f"in a row; giving up. Last failure: {self.last_start_error}")
+        else:
+            self._add_timer(time.monotonic() + min(MAX_RESPAWN_DELAY, 0.1 * 2 ** self.start_failures),
+                            "respawn", index)
+
+    def _crash_error(self, proc: _Proc, act: _Act, exitcode: int | None, signame: str | None) -> dict:
+        if signame:
+            how = f"was killed by {signame}"
+            cause = _LIKELY_CAUSES.get(signame, "a signal from outside")
+        else:
+            how = f"exited with code {exitcode}"
+            cause = "the logic (or a library it called) ended the process, e.g. with os._exit()"
+        message = (
+            f"worker {proc.index} (pid {proc.pid}) {how} while running routine {act.rt.rid!r} "
+            f"of worker {act.rt.inst.worker_id!r}: {cause}. The process was replaced; other jobs carry on"
+        )
+        tail = "\n".join(proc.stderr_tail)
+        return _error(WorkerCrashedError, message, traceback=tail, exitcode=exitcode, signal=signame,
+                      pid=proc.pid, process=proc.index, crashed=True)
+
+    def _kill_activation(self, act: _Act, cls: type[RoutiluxError], message: str, sig: int) -> None:
+        """Fail ``act`` now and kill the process running it (it is replaced once dead)."""
+        proc = act.proc
+        assert proc is not None
+        act.resolved = True
+        proc.exiting = proc.exiting or f"killed: {cls.__name__}"
+        act.rt.stats.errors += 1
+        _process.signal_group(proc.pid, sig)
+        if sig != signal.SIGKILL:
+            self._add_timer(time.monotonic() + TERM_GRACE, "kill", proc)
+        self._on_failure(act, _error(cls, message, pid=proc.pid, process=proc.index))
+
+    def _state_died(self) -> None:
+        code = self.state_popen.poll() if self.state_popen else None
+        if self._state_pidfd is not None:
+            os.close(self._state_pidfd)
+            self._state_pidfd = None
+            self._wait_dirty = True
+        if self.stop_requested:
+            return
+        exitcode, signame = _process.describe_exit(code)
+        how = f"was killed by {signame}" if signame else f"exited with code {exitcode}"
+        self._state_lost(f"the state server (pid {self.state_popen.pid if self.state_popen else '?'}) {how}")
+
+    def _state_lost(self, why: str) -> None:
+        if self.broken is not None:
+            return
+        message = (
+            f"{why}: all shared worker state is lost. Jobs in flight failed with StateServerLostError; "
+            "this runtime accepts no more work: shut it down and start a new one"
+        )
+        self.client.mark_lost(message)
+        logger.error("routilux-mp: %s", message)
+        if self.state_popen is not None and self.state_popen.poll() is None:
+            _process.signal_group(self.state_popen.pid, signal.SIGKILL)
+        self._break(StateServerLostError, message)
+
+    def _break(self, cls: type[RoutiluxError], message: str) -> None:
+        """The runtime cannot go on: fail every open job with ``cls``, refuse new work."""
+        if self.broken is not None:
+            return
+        self.broken = (cls, message)
+        error = _error(cls, message)
+        for rt in list(self.runnable):
+            rt.ready.clear()
+        self.runnable.clear()
+        for job in list(self.jobs.values()):
+            if not job.done:
+                self._finish_job(job, "failed", dict(error))
+        for inst in self.instances.values():
+            for rt in inst.routines.values():
+                for queue in rt.slots.values():
+                    queue._entries.clear()
+                    queue.held = 0
+        self.cond.notify_all()
+
+    # ------------------------------------------------------------------ timers
+
+    def _add_timer(self, when: float, kind: str, payload: Any) -> None:
+        heapq.heappush(self.timers, (when, next(self._timer_seq), kind, payload))
+        if threading.current_thread() is not self.thread:
+            self.wake()
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, kind, payload = heapq.heappop(self.timers)
+            if kind == "policy":
+                if payload.timer_at is not None and payload.timer_at <= now:
+                    payload.timer_at = None
+                    self.evaluate(payload)
+            elif kind == "retry":
+                self.retrying -= 1
+                if self.broken is not None or payload.lead_job() is None:
+                    self._release(payload)
+                else:
+                    payload.rt.ready.appendleft(payload)
+                    self.runnable.add(payload.rt)
+            elif kind == "deadline":
+                act = payload
+                proc = act.proc
+                if proc is not None and proc.inflight and proc.inflight[0] is act and not act.resolved:
+                    self._kill_activation(
+                        act, ActivationTimeoutError,
+                        f"routine {act.rt.rid!r} ran longer than its timeout of {act.rt.timeout:g}s "
+                        f"(worker {proc.index}, pid {proc.pid}); the process was stopped and replaced",
+                        signal.SIGTERM,
+                    )
+            elif kind == "kill":
+                if self.procs[payload.index] is payload and payload.popen.poll() is None:
+                    _process.signal_group(payload.pid, signal.SIGKILL)
+            elif kind == "respawn":
+                self._respawn(payload)
+            elif kind == "memory":
+                self._check_memory()
+                if not self.stop_requested:
+                    self._add_timer(now + MEMORY_SAMPLE_INTERVAL, "memory", None)
+
+    def _check_memory(self) -> None:
+        import psutil
+
+        limit = self.kill_worker_rss
+        if limit is None:
+            return
+        for proc in self.procs:
+            if proc is None or not proc.inflight or proc.inflight[0].resolved:
+                continue
+            try:
+                if proc.ps is None:
+                    proc.ps = psutil.Process(proc.pid)
+                rss = proc.ps.memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > limit:
+                act = proc.inflight[0]
+                self._kill_activation(
+                    act, WorkerMemoryError,
+                    f"worker {proc.index} (pid {proc.pid}) used {rss // 2**20} MiB while running routine "
+                    f"{act.rt.rid!r}, over the hard limit of {limit // 2**20} MiB; it was killed and replaced. "
+                    "Process less data per activation, or raise Runtime(max_worker_rss=...)",
+                    signal.SIGKILL,
+                )
+
+    # ------------------------------------------------------------------ policies
+
+    def evaluate(self, rt: _RoutineRt) -> None:
+        """Run ``rt``'s policy until it stops activating; queue what it activates."""
+        policy = rt.policy
+        while True:
+            for queue in rt.slots.values():
+                queue._consumed = []
+            try:
+                activate, data_slice, message = policy(rt.slots, rt.inst.ws)
+            except Exception as exc:
+                self._policy_failed(rt, exc)
+                return
+            consumed = [e for queue in rt.slots.values() for e in queue._consumed]
+            if not activate:
+                if consumed:
+                    for queue in rt.slots.values():
+                        queue._put_back(queue._consumed)
+                break
+            if not consumed:
+                logger.error("the activation policy of routine %r activated without consuming any item; "
+                             "ignored (a policy must consume the items it activates on)", rt.rid)
+                break
+            try:
+                self._make_activation(rt, data_slice or {}, message, consumed)
+            except Exception as exc:
+                for queue in rt.slots.values():
+                    queue._put_back(queue._consumed)
+                self._policy_failed(rt, exc)
+                return
+        wakeup = getattr(policy, "next_wakeup", None)
+        if wakeup is not None:
+            when = wakeup(rt.slots)
+            if when is not None and (rt.timer_at is None or when < rt.timer_at):
+                rt.timer_at = when
+                self._add_timer(when, "policy", rt)
+
+    def _policy_failed(self, rt: _RoutineRt, exc: Exception) -> None:
+        logger.error("the activation policy of routine %r raised %s: %s; the jobs waiting in its slots fail",
+                     rt.rid, type(exc).__name__, exc)
+        from ._worker import describe_exception
+
+        error = describe_exception(exc, rt.rid)
+        error["message"] = f"the activation policy of routine {rt.rid!r} raised: {error['message']}"
+        jobs = {id(e.job): e.job for q in rt.slots.values() for e in q._entries}
+        for job in jobs.values():
+            if not job.done:
+                self._fail_job(job, dict(error))
+
+    def _make_activation(self, rt: _RoutineRt, data_slice: dict, message: Any, consumed: list[_Entry]) -> None:
+        slots: dict[str, list[bytes]] = {}
+        for name, items in data_slice.items():
+            if name not in rt.slots:
+                raise FlowError(f"the policy of routine {rt.rid!r} returned items for unknown slot {name!r}")
+            blobs = []
+            for item in items:
+                if type(item) is _Entry:
+                    blobs.append(item.blob)
+                else:
+                    try:
+                        blobs.append(cloudpickle.dumps(item))
+                    except Exception as exc:
+                        raise SerializationError(f"an item the policy returned for slot {name!r} cannot be pickled: {exc}") from exc
+            slots[name] = blobs
+        counts = {}
+        for name, queue in rt.slots.items():
+            if queue._consumed:
+                counts[name] = len(queue._consumed)
+                queue.held += len(queue._consumed)
+        by_id = {}
+        for entry in consumed:
+            by_id.setdefault(id(entry.job), entry.job)
+        jobs = sorted(by_id.values(), key=lambda j: j._seq)  # type: ignore[attr-defined]
+        for job in jobs:
+            job._refs += 1  # type: ignore[attr-defined]
+        for entry in consumed:
+            entry.job._refs -= 1  # type: ignore[attr-defined]
+        act = _Act(next(self._act_ids), next(self._seq), rt, slots, counts, cloudpickle.dumps(message), jobs,
+                   time.monotonic())
+        rt.ready.append(act)
+        self.runnable.add(rt)
+
+    def flush(self, instances: list[_Instance]) -> bool:
+        """Deliver what batch and interval policies hold back; True if anything was."""
+        delivered = False
+        for inst in instances:
+            for rt in inst.routines.values():
+                flusher = getattr(rt.policy, "flush", None)
+                if flusher is None:
+                    continue
+                while True:
+                    for queue in rt.slots.values():
+                        queue._consumed = []
+                    try:
+                        out = flusher(rt.slots)
+                        if out is None:
+                            break
+                        consumed = [e for queue in rt.slots.values() for e in queue._consumed]
+                        if not consumed:
+                            break
+                        self._make_activation(rt, out[0], out[1], consumed)
+                    except Exception as exc:
+                        self._policy_failed(rt, exc)
+                        break
+                    delivered = True
+        if delivered:
+            self._dispatch()
+        return delivered
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _free_proc(self) -> _Proc | None:
+        best = None
+        for proc in self.procs:
+            if proc is None or proc.exiting is not None or proc.stopping or proc.broken_pipe:
+                continue
+            n = len(proc.inflight)
+            if n == 0 and proc.ready:
+                return proc
+            if n <= self.prefetch and (best is None or n < len(best.inflight)):
+                best = proc
+        return best
+
+    def _pick(self) -> _RoutineRt | None:
+        best = None
+        blocked = None
+        for rt in self.runnable:
+            if rt.running >= rt.limit or not rt.ready:
+                continue
+            if rt.targets and rt.backpressured():
+                if blocked is None or rt.ready[0].seq < blocked.ready[0].seq:
+                    blocked = rt
+                continue
+            if best is None or rt.ready[0].seq < best.ready[0].seq:
+                best = rt
+        if best is None and self.inflight == 0:
+            return blocked  # nothing runs that could drain the full slots: go anyway
+        return best
+
+    def _dispatch(self) -> None:
+        if self.broken is not None:
+            return
+        while self.runnable:
+            proc = self._free_proc()
+            if proc is None:
+                return
+            rt = self._pick()
+            if rt is None:
+                return
+            act = rt.ready.popleft()
+            if not rt.ready:
+                self.runnable.discard(rt)
+            if act.lead_job() is None:  # all its jobs ended elsewhere
+                self._release(act)
+                continue
+            self._send(proc, act)
+
+    def _send(self, proc: _Proc, act: _Act) -> None:
+        rt = act.rt
+        inst = rt.inst
+        lead = act.lead_job()
+        assert lead is not None
+        try:
+            if inst.flow_key not in proc.loaded:
+                proc.commands.send_bytes(self.ships[inst.flow_key][2])
+                proc.loaded.add(inst.flow_key)
+            proc.commands.send_bytes(dumps(_Activation(
+                act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots, act.message,
+                lead.job_id, lead.metadata, lead.data, act.attempt,
+            )))
+        except OSError:  # the process is dying; its death is handled when the pidfd fires
+            proc.broken_pipe = True
+            rt.ready.appendleft(act)
+            self.runnable.add(rt)
+            return
+        act.proc = proc
+        proc.inflight.append(act)
+        if len(proc.inflight) == 1:
+            self._start_act(act, time.monotonic())
+        rt.running += 1
+        self.inflight += 1
+        if act.slot_counts:
+            for name, n in act.slot_counts.items():
+                rt.slots[name].held -= n
+            act.slot_counts = {}
+            if self.post_waiters:
+                self.cond.notify_all()
+        for job in act.jobs:
+            if job.status == "pending":
+                self.status_counts["pending"] -= 1
+                self.status_counts["running"] += 1
+                job.status = "running"
+
+    # ------------------------------------------------------------------ public helpers (lock held)
+
+    def ship(self, flow: Any) -> int:
+        """Pickle ``flow`` once for the workers; return its key."""
+        for key, (shipped, _, _) in self.ships.items():
+            if shipped is flow:
+                return key
+        try:
+            blob = cloudpickle.dumps(flow)
+        except Exception as exc:
+            raise SerializationError(
+                f"flow {flow.flow_id!r} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "
+                "Routines, their logic and everything it refers to must be picklable by cloudpickle "
+                "(no open files, locks, sockets or Runtime objects in routine attributes or closures)"
+            ) from exc
+        key = next(self._flow_keys)
+        self.ships[key] = (flow, key, dumps(_LoadFlow(key, blob)))
+        return key
+
+    def new_job(self, job: JobContext) -> None:
+        job._refs = 0  # type: ignore[attr-defined]
+        job._seq = next(self._seq)  # type: ignore[attr-defined]
+        self.jobs[job.job_id] = job
+        self.status_counts["pending"] += 1
+        self.active_jobs += 1
+
+    def enqueue(self, rt: _RoutineRt, slot: str, job: JobContext, blob: bytes) -> None:
+        job._refs += 1  # type: ignore[attr-defined]
+        rt.slots[slot]._entries.append(_Entry(next(self._seq), job, blob))
+        self.evaluate(rt)
+        self._dispatch()
+
+    def quiescent(self) -> bool:
+        """Nothing runs, nothing is queued to run, nothing waits to be retried."""
+        return self.inflight == 0 and not self.runnable and self.retrying == 0
+
+    def flush_counts(self) -> None:
+        if not self.count_deltas:
+            return
+        deltas = {wid: (p, f) for wid, (p, f) in self.count_deltas.items()}
+        self.count_deltas.clear()
+        if self.client.lost is None:
+            try:
+                self.client.call("add_job_counts", deltas)
+            except StateServerLostError:
+                pass
+
+    def check_usable(self) -> None:
+        from .errors import RuntimeClosedError
+
+        if self.broken is not None:
+            cls, message = self.broken
+            raise cls(message)
+        if self.closed:
+            raise RuntimeClosedError("this runtime was shut down; start a new Runtime to run more work")
+
+    # ------------------------------------------------------------------ shutdown
+
+    def request_stop(self, grace: float) -> None:
+        with self.lock:
+            self.closed = True
+            self.stop_grace = grace
+            self.stop_requested = True
+        self.wake()
+
+    def _stop_everything(self) -> None:
+        """Runs in the dispatcher thread: cancel, snapshot, stop workers, then the state server."""
+        with self.lock:
+            self.closed = True
+            self.stop_requested = True
+            for job in list(self.jobs.values()):
+                if not job.done:
+                    self._finish_job(job, "cancelled")
+            for rt in self.runnable:
+                rt.ready.clear()
+            self.runnable.clear()
+            for inst in self.instances.values():
+                for rt in inst.routines.values():
+                    for queue in rt.slots.values():
+                        queue._entries.clear()
+                        queue.held = 0
+            self.timers.clear()
+            callbacks = self.take_callbacks()
+            self.cond.notify_all()
+        for callback in callbacks:
+            self._run_callback(callback)
+        self._take_snapshot()
+        self._stop_children()
+        with self.lock:
+            self.cond.notify_all()
+
+    def _take_snapshot(self) -> None:
+        snapshot: dict[str, dict] = {}
+        if self.client.lost is None and self.broken is None:
+            try:
+                self.flush_counts()
+                snapshot = self.client.call("snapshot")
+            except (StateServerLostError, RoutiluxError):
+                snapshot = {}
+        final = "failed" if self.broken is not None else "stopped"
+        for wid, inst in self.instances.items():
+            entry = snapshot.setdefault(wid, {"meta": {"flow_id": inst.flow.flow_id, "jobs_processed": 0,
+                                                       "jobs_failed": 0}, "states": {}})
+            entry["meta"]["status"] = final
+        self.client.snapshot = snapshot
+
+    def _stop_children(self) -> None:
+        procs = [p for p in self.procs if p is not None]
+        for proc in procs:
+            proc.stopping = True
+            try:
+                proc.commands.send_bytes(dumps(STOP))
+            except OSError:
+                pass
+        deadline = time.monotonic() + self.stop_grace
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            alive = [p for p in procs if p.popen.poll() is None]
+            if not alive:
+                break
+            if sig is not None:
+                for proc in alive:
+                    _process.signal_group(proc.pid, sig)
+                deadline = time.monotonic() + TERM_GRACE
+            self._wait_exit(alive, deadline)
+        for proc in procs:
+            _process.signal_group(proc.pid, signal.SIGKILL)
+            try:
+                proc.popen.wait(TERM_GRACE)
+            except subprocess.TimeoutExpired:
+                logger.error("worker %d (pid %d) survived SIGKILL", proc.index, proc.pid)
+            self._pump(proc, final=True)
+            for conn in (proc.commands, proc.results):
+                conn.close()
+            if proc.pidfd is not None:
+                os.close(proc.pidfd)
+            for _fd, (_s, _p, pipe) in list(proc.outputs.items()):
+                pipe.close()
+            self.procs[proc.index] = None
+        popen = self.state_popen
+        if popen is not None:
+            def close_stdin() -> None:
+                if popen.stdin is not None:
+                    popen.stdin.close()
+
+            _process.stop_process(popen, join_timeout=STATE_STOP_TIMEOUT, term_timeout=TERM_GRACE, ask=close_stdin)
+            if popen.stdout is not None:
+                popen.stdout.close()
+        if self._state_pidfd is not None:
+            os.close(self._state_pidfd)
+            self._state_pidfd = None
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def _wait_exit(self, procs: list[_Proc], deadline: float) -> None:
+        """Wait until ``procs`` exit or ``deadline`` passes, forwarding their output meanwhile."""
+        while True:
+            alive = [p for p in procs if p.popen.poll() is None]
+            remaining = deadline - time.monotonic()
+            if not alive or remaining <= 0:
+                return
+            fds: list[int] = []
+            for proc in alive:
+                fds.extend(proc.outputs)
+                if proc.pidfd is not None:
+                    fds.append(proc.pidfd)
+            if not any(p.pidfd is not None for p in alive):
+                remaining = min(remaining, 0.05)  # no pidfd on this system: check exits often
+            for fd in wait_for(fds, remaining) if fds else []:
+                for proc in alive:
+                    if fd in proc.outputs:
+                        self._pump(proc)
+            if not fds:
+                time.sleep(min(remaining, 0.05))

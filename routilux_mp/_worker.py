@@ -1,0 +1,250 @@
+"""The worker process: receive activations, run logic, send one result each.
+
+Started by the supervisor as a fresh interpreter (``routilux-mp worker N``)
+that never imports the user's ``__main__``; flows arrive by value
+(cloudpickle) the first time this process runs one of their activations.
+
+Two threads: a reader that drains the command pipe into a local queue (so the
+supervisor's writes never block on a busy worker, and EOF, i.e. a dead
+supervisor, ends the process at once) and the main thread that runs logic.
+Anything logic raises, ``SystemExit`` and ``KeyboardInterrupt`` included, fails
+that activation only and is reported as data.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import gc
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+from multiprocess.connection import Connection
+
+from . import _context, _jsonvalue, _process
+from ._messages import STOP, _Activation, _Exiting, _LoadFlow, _Ready, _Result, _Stop, _WorkerConfig, dumps, loads
+from .errors import RoutiluxError, SerializationError, StateNotSerializableError
+from .job import JobContext
+from .state import WorkerState, _StoreClient, close_resources
+
+#: Longest error message / traceback text sent back (characters).
+MAX_ERROR_TEXT = 20_000
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def type_name(cls: type) -> str:
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def describe_exception(exc: BaseException, routine_id: str | None) -> dict:
+    """An exception as plain data; never raises, whatever ``exc``'s ``__str__`` does."""
+    cls = type(exc)
+    try:
+        message = str(exc)
+    except BaseException:
+        message = f"<unprintable {cls.__qualname__}>"
+    try:
+        text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    except BaseException:
+        text = f"{type_name(cls)}: {message}\n(traceback could not be formatted)\n"
+    return {
+        "type": type_name(cls),
+        "mro": [type_name(c) for c in cls.__mro__ if c is not object],
+        "message": message[:MAX_ERROR_TEXT],
+        "traceback": text[-MAX_ERROR_TEXT:],
+        "routine": routine_id,
+    }
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+class _ActivationContext:
+    """What ``emit`` and ``get_current_job`` see while an activation runs."""
+
+    __slots__ = ("routine", "routine_id", "job", "emits")
+
+    def __init__(self, routine: Any, routine_id: str, job: JobContext) -> None:
+        self.routine = routine
+        self.routine_id = routine_id
+        self.job = job
+        self.emits: list[tuple[str, bytes]] = []
+
+    def emit(self, routine: Any, event: str, data: dict) -> None:
+        if routine is not self.routine:
+            raise RoutiluxError(
+                f"emit({event!r}) was called on another routine ({type(routine).__name__}) while "
+                f"{self.routine_id!r} is running; a routine can only emit its own events"
+            )
+        try:
+            blob = cloudpickle.dumps(data)
+        except Exception as exc:
+            raise SerializationError(
+                f"emit({event!r}) from routine {self.routine_id!r}: the data cannot be pickled "
+                f"({type(exc).__name__}: {exc}); emit only picklable values"
+            ) from exc
+        self.emits.append((event, blob))
+
+
+class _Worker:
+    """State of one worker process; :meth:`step` handles one message."""
+
+    def __init__(self, config: _WorkerConfig, results: Connection) -> None:
+        self.config = config
+        self.results = results
+        self.client = _StoreClient(config.state_address, config.authkey, config.state_timeout, config.lock_timeout)
+        self.flows: dict[int, Any] = {}
+        self.states: dict[str, WorkerState] = {}
+        self.activations = 0
+
+    def send(self, message: Any) -> None:
+        self.results.send_bytes(dumps(message))
+
+    def step(self, message: Any) -> str | None:
+        """Handle one message; return a reason to exit, or ``None`` to go on."""
+        if isinstance(message, _Activation):
+            self.send(self.run(message))
+            self.activations += 1
+            return self.recycle_reason()
+        if isinstance(message, _LoadFlow):
+            try:
+                self.flows[message.flow_key] = cloudpickle.loads(message.blob)
+            except BaseException as exc:
+                error = describe_exception(exc, None)
+                error["message"] = (
+                    f"the flow could not be loaded in worker process {os.getpid()}: {error['type']}: "
+                    f"{error['message']}. Modules the flow refers to by name must be importable there "
+                    "(same sys.path as yours)"
+                )
+                self.flows[message.flow_key] = error
+            return None
+        if isinstance(message, _Stop):
+            return "stop"
+        raise RoutiluxError(f"unexpected message {message!r}")
+
+    def recycle_reason(self) -> str | None:
+        cfg = self.config
+        if cfg.max_activations is not None and self.activations >= cfg.max_activations:
+            return f"recycled after {self.activations} activations (max_activations_per_process)"
+        if cfg.max_rss is not None:
+            rss = _rss()
+            if rss > cfg.max_rss:
+                gc.collect()
+                rss = _rss()
+                if rss > cfg.max_rss:
+                    return f"recycled: RSS {rss // 2**20} MiB over max_worker_rss {cfg.max_rss // 2**20} MiB"
+        return None
+
+    def run(self, act: _Activation) -> _Result:
+        flow = self.flows.get(act.flow_key)
+        if isinstance(flow, dict) or flow is None:
+            error = flow or {"type": "routilux_mp.errors.RoutiluxError", "mro": [], "traceback": "",
+                             "message": f"flow #{act.flow_key} was never sent to this process"}
+            return _Result(act.act_id, dict(error, routine=act.routine_id), [], None, None, None, 0.0)
+        routine = flow.routines[act.routine_id]
+        ws = self.states.get(act.worker_id)
+        if ws is None:
+            ws = self.states[act.worker_id] = WorkerState(act.worker_id, act.flow_id, self.client)
+        job = JobContext(act.job_id or "", act.worker_id, act.flow_id, act.job_metadata, act.job_data, _in_worker=True)
+        job.attempts = act.attempt
+        # A deep copy: logic may change nested values of job.data in place.
+        before = pickle.loads(pickle.dumps(act.job_data)) if act.job_data else {}
+        ctx = _ActivationContext(routine, act.routine_id, job)
+        self.client.begin_activation()
+        error = None
+        started = time.perf_counter()
+        _context.set_current(ctx)
+        try:
+            slot_data = {name: [loads(blob) for blob in act.slots.get(name, ())] for name in routine._slots}
+            routine._logic(slot_data, loads(act.message), ws)
+        except BaseException as exc:  # logic may raise anything; the process keeps serving
+            error = describe_exception(exc, act.routine_id)
+        finally:
+            _context.set_current(None)
+        seconds = time.perf_counter() - started
+        data_set, data_deleted = None, None
+        if job.data != before:
+            try:
+                if not isinstance(job.data, dict):
+                    raise StateNotSerializableError(f"job.data must stay a dict, got {type(job.data).__name__}")
+                new, _ = _jsonvalue.normalize(job.data, root="job.data")
+                data_set = {k: v for k, v in new.items() if k not in before or before[k] != v}
+                data_deleted = [k for k in before if k not in new]
+            except Exception as exc:
+                if error is None:
+                    error = describe_exception(exc, act.routine_id)
+        traces = job.traces or None
+        result = _Result(act.act_id, error, ctx.emits, data_set, data_deleted, traces, seconds)
+        if traces:
+            try:
+                pickle.dumps(traces)
+            except Exception:
+                result.traces = [dict(t, details=repr(t.get("details"))) for t in traces]
+        return result
+
+
+def _reader(commands: Connection, inbox: queue.SimpleQueue) -> None:
+    """Drain the command pipe; EOF means the supervisor is gone: exit at once."""
+    while True:
+        try:
+            raw = commands.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(_process.EXIT_PARENT_GONE)
+        inbox.put(raw)
+
+
+def run_worker(commands: Connection, results: Connection, config: _WorkerConfig) -> None:
+    """Serve activations until told to stop (or the supervisor disappears)."""
+    _process.arm_parent_death(config.parent_pid)
+    _process.set_process_name(f"rmp-worker-{config.index}")
+    sys.path[:] = config.sys_path
+    faulthandler.enable()
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_reader, args=(commands, inbox), name="routilux-mp command reader", daemon=True).start()
+    worker = _Worker(config, results)
+    worker.send(_Ready(os.getpid()))
+    reason = None
+    while reason is None:
+        reason = worker.step(loads(inbox.get()))
+    close_resources()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    worker.send(_Exiting(reason))
+    os._exit(0)
+
+
+def main() -> None:
+    """Entry point: ``python -c ... "routilux-mp worker N" CMD_FD RESULT_FD``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    commands = Connection(int(sys.argv[2]), writable=False)
+    results = Connection(int(sys.argv[3]), readable=False)
+    try:
+        config = loads(commands.recv_bytes())
+    except (EOFError, OSError):
+        os._exit(_process.EXIT_PARENT_GONE)
+    run_worker(commands, results, config)
+
+
+__all__ = ["STOP", "describe_exception", "main", "run_worker"]

@@ -1,0 +1,99 @@
+"""What happens to a job when an activation fails: :class:`ErrorHandler`."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+__all__ = ["ErrorHandler", "ErrorStrategy"]
+
+
+class ErrorStrategy(str, enum.Enum):
+    """How a failed activation affects its job.
+
+    * ``STOP`` (default): the job ends ``failed`` with the error.
+    * ``CONTINUE``: the error is recorded on the job (``job.error``), emits made
+      before the failure are delivered, and the job goes on.
+    * ``RETRY``: the logic is re-run (same input) up to ``max_retries`` times,
+      waiting ``retry_delay * retry_backoff ** (attempt - 1)`` seconds between
+      tries; then the job ends ``failed``.
+    * ``SKIP``: the input is dropped silently (a trace entry records it) and the
+      job goes on.
+    """
+
+    STOP = "stop"
+    CONTINUE = "continue"
+    RETRY = "retry"
+    SKIP = "skip"
+
+
+def _type_name(exc_type: type) -> str:
+    if exc_type.__module__ == "builtins":
+        return exc_type.__qualname__
+    return f"{exc_type.__module__}.{exc_type.__qualname__}"
+
+
+class ErrorHandler:
+    """Decides what a failed activation does to its job.
+
+    Set it on a routine (``routine.set_error_handler(...)``) or on a flow as the
+    default for its routines. Crashes and timeouts count as failures too, but a
+    crashing activation is never retried more than the runtime's
+    ``max_crash_retries``.
+
+    Args:
+        strategy: an :class:`ErrorStrategy` or its string value.
+        max_retries: re-runs allowed with ``RETRY`` (not counting the first run).
+        retry_delay: seconds before the first re-run.
+        retry_backoff: multiplier applied to the delay for each further re-run.
+        retryable_exceptions: exception classes (or their names, e.g.
+            ``"ValueError"`` or ``"mypkg.errors.Flaky"``) that may be retried;
+            ``None`` means every failure. A failure that is not retryable is
+            handled as ``STOP``.
+    """
+
+    def __init__(
+        self,
+        strategy: ErrorStrategy | str = ErrorStrategy.STOP,
+        max_retries: int = 3,
+        retry_delay: float = 1.0,
+        retry_backoff: float = 2.0,
+        retryable_exceptions: Iterable[type[BaseException] | str] | None = None,
+    ) -> None:
+        try:
+            self.strategy = ErrorStrategy(strategy)
+        except ValueError:
+            choices = ", ".join(repr(s.value) for s in ErrorStrategy)
+            raise ValueError(f"unknown error strategy {strategy!r}; choose one of {choices}") from None
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if retry_delay < 0 or retry_backoff < 1:
+            raise ValueError("retry_delay must be >= 0 and retry_backoff >= 1")
+        self.max_retries = int(max_retries)
+        self.retry_delay = float(retry_delay)
+        self.retry_backoff = float(retry_backoff)
+        if retryable_exceptions is None:
+            self.retryable_exceptions: tuple[str, ...] | None = None
+        else:
+            names = []
+            for exc in retryable_exceptions:
+                names.append(exc if isinstance(exc, str) else _type_name(exc))
+            self.retryable_exceptions = tuple(names)
+
+    def is_retryable(self, error_mro: Iterable[str]) -> bool:
+        """True when an error whose class hierarchy has these names may be retried."""
+        if self.retryable_exceptions is None:
+            return True
+        mro = list(error_mro)
+        short = {name.rsplit(".", 1)[-1] for name in mro}
+        return any(name in mro or name in short for name in self.retryable_exceptions)
+
+    def delay_before(self, attempt: int) -> float:
+        """Seconds to wait before running attempt number ``attempt`` (2 = first retry)."""
+        return self.retry_delay * self.retry_backoff ** max(0, attempt - 2)
+
+    def __repr__(self) -> str:
+        return (
+            f"ErrorHandler(strategy={self.strategy.value!r}, max_retries={self.max_retries}, "
+            f"retry_delay={self.retry_delay}, retry_backoff={self.retry_backoff})"
+        )

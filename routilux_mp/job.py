@@ -1,0 +1,143 @@
+"""Jobs: one posted item and everything it causes downstream."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import _context
+from .errors import RoutiluxError
+
+__all__ = ["JobContext", "get_current_job"]
+
+logger = logging.getLogger("routilux_mp.job")
+
+#: Job statuses that never change again.
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+#: Trace entries kept per job (oldest dropped beyond).
+MAX_TRACES = 1000
+
+
+class JobContext:
+    """The life of one posted item, as the supervisor sees it.
+
+    A job is finished when nothing it caused (downstream emits included) is
+    queued, running or being retried; it then ends in exactly one terminal
+    status: ``completed``, ``failed`` or ``cancelled``.
+
+    Attributes:
+        job_id, worker_id, flow_id: identifiers.
+        metadata: the dict given to ``post(metadata=...)``.
+        data: a JSON dict shared by the job's activations; changes made in
+            logic (through ``get_current_job().data``) travel back.
+        status: ``pending`` | ``running`` | ``completed`` | ``failed`` | ``cancelled``.
+        error: ``None`` or a dict with ``type``, ``message``, ``traceback``,
+            ``routine``, and for crashes ``exitcode``/``signal``.
+        outputs: emits on unconnected events, as ``{"routine", "event", "data"}``
+            dicts, oldest dropped past the runtime's ``max_outputs_per_job``
+            (``outputs_dropped`` counts them).
+        attempts: the highest attempt number any of its activations reached.
+        created_at, completed_at: ``time.time()`` stamps.
+    """
+
+    def __init__(self, job_id: str, worker_id: str, flow_id: str, metadata: dict | None = None,
+                 data: dict | None = None, *, _in_worker: bool = False) -> None:
+        self.job_id = job_id
+        self.worker_id = worker_id
+        self.flow_id = flow_id
+        self.metadata = metadata if metadata is not None else {}
+        self.data = data if data is not None else {}
+        self.status = "running" if _in_worker else "pending"
+        self.error: dict | None = None
+        self.outputs: list[dict] = []
+        self.outputs_dropped = 0
+        self.attempts = 0
+        self.created_at = time.time()
+        self.completed_at: float | None = None
+        self.traces: list[dict] = []
+        self._in_worker = _in_worker
+        self._done = threading.Event()
+        self._callbacks: list[Callable[[JobContext], Any]] = []
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_done", None)
+        state.pop("_callbacks", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._done = threading.Event()
+        if self.status in TERMINAL:
+            self._done.set()
+        self._callbacks = []
+
+    def trace(self, routine_id: str, action: str, details: Any = None) -> None:
+        """Record a trace entry (in logic too: entries travel back with the activation's result)."""
+        entry = {"time": time.time(), "routine": routine_id, "action": action, "details": details}
+        self.traces.append(entry)
+        if len(self.traces) > MAX_TRACES:
+            del self.traces[0]
+
+    @property
+    def done(self) -> bool:
+        """Whether the job reached a terminal status."""
+        return self.status in TERMINAL
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the job is finished; return False if ``timeout`` passed first."""
+        if self._in_worker:
+            raise RoutiluxError(
+                "job.wait() cannot be called inside logic: the job includes the running activation"
+            )
+        return self._done.wait(timeout)
+
+    def add_done_callback(self, fn: Callable[[JobContext], Any]) -> None:
+        """Call ``fn(job)`` once the job is finished (at once if it already is).
+
+        Callbacks run in the runtime's dispatcher thread: keep them quick.
+        """
+        if self._done.is_set():
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def _finish(self, status: str, error: dict | None = None) -> list[Callable[[JobContext], Any]]:
+        """Enter a terminal status (supervisor side); return the callbacks to run, unlocked."""
+        self.status = status
+        if error is not None:
+            self.error = error
+        self.completed_at = time.time()
+        callbacks, self._callbacks = self._callbacks, []
+        self._done.set()
+        return [lambda fn=fn: fn(self) for fn in callbacks]
+
+    def to_dict(self) -> dict:
+        """A JSON-able summary."""
+        return {
+            "job_id": self.job_id,
+            "worker_id": self.worker_id,
+            "flow_id": self.flow_id,
+            "status": self.status,
+            "metadata": self.metadata,
+            "data": self.data,
+            "error": self.error,
+            "outputs": self.outputs,
+            "outputs_dropped": self.outputs_dropped,
+            "attempts": self.attempts,
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+        }
+
+    def __repr__(self) -> str:
+        return f"<JobContext {self.job_id!r} {self.status} worker={self.worker_id!r} outputs={len(self.outputs)}>"
+
+
+def get_current_job() -> JobContext | None:
+    """The job of the activation running now (inside logic); ``None`` elsewhere."""
+    ctx = _context.current()
+    return None if ctx is None else ctx.job

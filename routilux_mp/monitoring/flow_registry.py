@@ -1,0 +1,78 @@
+"""The process-wide registry of named flows."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..errors import FlowError
+from ..flow import Flow
+
+__all__ = ["FlowRegistry"]
+
+logger = logging.getLogger("routilux_mp.flow_registry")
+
+
+class FlowRegistry:
+    """Named flows, shared by every runtime in this process. Use :meth:`get_instance`."""
+
+    _instance: FlowRegistry | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._flows: dict[str, Flow] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def get_instance(cls) -> FlowRegistry:
+        """The singleton registry."""
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def register_by_name(self, name: str, flow: Flow) -> None:
+        """Register ``flow`` as ``name``; registering a name again replaces it (with a warning)."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"flow name must be a non-empty string, got {name!r}")
+        if not isinstance(flow, Flow):
+            raise TypeError(f"register_by_name() needs a Flow, got {flow!r}")
+        with self._lock:
+            old = self._flows.get(name)
+            self._flows[name] = flow
+        if old is not None and old is not flow:
+            logger.warning("flow %r was registered again; the new flow replaces the old one", name)
+
+    def register(self, flow: Flow) -> None:
+        """Register ``flow`` under its ``flow_id``."""
+        self.register_by_name(flow.flow_id, flow)
+
+    def get_by_name(self, name: str) -> Flow | None:
+        """The flow registered as ``name``, or ``None``."""
+        with self._lock:
+            return self._flows.get(name)
+
+    def get(self, name: str) -> Flow:
+        """The flow registered as ``name``; ``ValueError`` naming the registered ones otherwise."""
+        with self._lock:
+            flow = self._flows.get(name)
+            names = sorted(self._flows)
+        if flow is None:
+            listed = ", ".join(repr(n) for n in names) or "none"
+            raise FlowError(f"no flow is registered as {name!r} (registered: {listed})")
+        return flow
+
+    def unregister_by_name(self, name: str) -> bool:
+        """Forget ``name``; returns whether it was registered."""
+        with self._lock:
+            return self._flows.pop(name, None) is not None
+
+    def list_names(self) -> list[str]:
+        """Registered names, sorted."""
+        with self._lock:
+            return sorted(self._flows)
+
+    def clear(self) -> None:
+        """Forget every flow (handy in tests and notebooks)."""
+        with self._lock:
+            self._flows.clear()

@@ -1,0 +1,483 @@
+"""Runtime: run flows on a pool of worker processes with a shared state server.
+
+::
+
+    Runtime(processes=N)
+      ├── supervisor (this process): slot queues, policies, job ledger,
+      │   one dispatcher thread (see routilux_mp._supervisor)
+      ├── N worker processes: run routine logic, one activation at a time
+      └── 1 state-server process: every WorkerState, behind a private socket
+
+Worker processes are fresh interpreters: they never re-run your ``__main__``
+(scripts without a main guard are fine). Flows reach them by value with
+cloudpickle.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from . import _jsonvalue
+from ._ledger import _Instance, _RoutineRt, percentile
+from ._supervisor import TERM_GRACE, Supervisor
+from .activation_policies import ImmediatePolicy
+from .error_handling import ErrorHandler
+from .errors import FlowError, SerializationError, SlotQueueFullError
+from .flow import Flow
+from .job import JobContext
+from .monitoring.flow_registry import FlowRegistry
+from .state import WorkerState
+
+__all__ = ["Runtime"]
+
+logger = logging.getLogger("routilux_mp.runtime")
+
+#: Seconds ``shutdown()`` waits for the dispatcher to finish stopping processes.
+SHUTDOWN_JOIN_TIMEOUT = 60.0
+
+_live: set[Runtime] = set()
+_live_lock = threading.Lock()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Runtime:
+    """The supervisor of a pool of worker processes running flows.
+
+    Args:
+        thread_pool_size: alias of ``processes`` (so code written for routilux runs unchanged).
+        processes: number of worker processes (default: the CPUs this process may use).
+        strict_state: raise :class:`~routilux_mp.errors.StaleStateError` on a lost
+            update instead of warning and counting it.
+        max_state_bytes: largest routine state, as JSON (default 16 MiB).
+        state_timeout: seconds a state-server call may take before the server
+            is declared lost (it is hung or dead).
+        lock_timeout: default seconds to wait for a routine state locked by
+            someone else (``worker_state.lock()`` and writers).
+        prefetch: activations sent ahead to a busy process (0 or more).
+        max_crash_retries: a crashing activation is retried (with the ``retry``
+            strategy) at most this many times.
+        max_worker_rss: recycle a worker between activations when its RSS
+            exceeds this many bytes after a garbage collection.
+        kill_worker_rss: kill a worker mid-activation past this many bytes
+            (``WorkerMemoryError``); default 1.5 x ``max_worker_rss``.
+        max_activations_per_process: recycle a worker after this many activations.
+        max_outputs_per_job: outputs kept per job (oldest dropped beyond).
+        max_finished_jobs: finished jobs kept for ``get_job``/``list_jobs``.
+        worker_output: ``fn(stream, text)`` receiving complete lines workers
+            print (``stream`` is ``"stdout"`` or ``"stderr"``); default: this
+            process's ``sys.stdout``/``sys.stderr``.
+
+    Use it as a context manager; leaving the block calls ``shutdown()``.
+    """
+
+    def __init__(
+        self,
+        thread_pool_size: int | None = None,
+        *,
+        processes: int | None = None,
+        strict_state: bool = False,
+        max_state_bytes: int = 16 * 2**20,
+        state_timeout: float = 10.0,
+        lock_timeout: float = 30.0,
+        prefetch: int = 1,
+        max_crash_retries: int = 3,
+        max_worker_rss: int | None = None,
+        kill_worker_rss: int | None = None,
+        max_activations_per_process: int | None = None,
+        max_outputs_per_job: int = 10_000,
+        max_finished_jobs: int = 100_000,
+        worker_output: Callable[[str, str], None] | None = None,
+    ) -> None:
+        if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
+            raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
+        count = processes if processes is not None else thread_pool_size
+        if count is None:
+            count = _cpu_count()
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"processes must be a positive int, got {count!r}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if max_worker_rss is not None and kill_worker_rss is None:
+            kill_worker_rss = int(max_worker_rss * 1.5)
+        self._registry = FlowRegistry.get_instance()
+        self._worker_numbers = itertools.count(1)
+        self._reserved: set[str] = set()
+        self._ps: dict[int, Any] = {}
+        self._sup = Supervisor(
+            processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
+            state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
+            max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
+            max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
+            max_finished_jobs=max_finished_jobs, worker_output=worker_output,
+        )
+        with _live_lock:
+            _live.add(self)
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def processes(self) -> int:
+        """Number of worker processes."""
+        return self._sup.processes
+
+    @property
+    def closed(self) -> bool:
+        """True once ``shutdown()`` started."""
+        return self._sup.closed
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            # Ctrl-C or SystemExit: do not sit waiting for queued work.
+            self.shutdown(wait=False)
+        else:
+            self.shutdown(wait=True)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "running"
+        return f"<Runtime processes={self.processes} workers={len(self._sup.instances)} {state}>"
+
+    # ------------------------------------------------------------------ workers
+
+    def exec(self, flow_name: str, worker_id: str | None = None) -> WorkerState:
+        """Start a worker: a live instance of flow ``flow_name`` with its own WorkerState.
+
+        It becomes the flow's current worker (where ``post`` without
+        ``worker_id`` goes). Unknown flow -> ``ValueError``.
+        """
+        sup = self._sup
+        sup.check_usable()
+        flow = self._registry.get(flow_name)
+        flow.validate()
+        if worker_id is not None and (not isinstance(worker_id, str) or not worker_id):
+            raise TypeError(f"worker_id must be a non-empty string, got {worker_id!r}")
+        with sup.lock:
+            sup.check_usable()
+            key = sup.ship(flow)
+            if worker_id is None:
+                worker_id = f"{flow_name}-{next(self._worker_numbers)}"
+                while worker_id in sup.instances or worker_id in self._reserved:
+                    worker_id = f"{flow_name}-{next(self._worker_numbers)}"
+            elif worker_id in sup.instances or worker_id in self._reserved:
+                raise FlowError(f"a worker {worker_id!r} already exists in this runtime; pick another worker_id")
+            self._reserved.add(worker_id)
+        try:
+            sup.client.call("register_worker", worker_id, flow.flow_id, "starting")
+            ws = WorkerState(worker_id, flow.flow_id, sup.client)
+            inst = self._build_instance(worker_id, flow_name, flow, key, ws)
+            with sup.lock:
+                sup.check_usable()
+                sup.instances[worker_id] = inst
+                sup.current[flow_name] = worker_id
+            sup.client.call("set_status", worker_id, "running")
+        finally:
+            with sup.lock:
+                self._reserved.discard(worker_id)
+        return ws
+
+    def _build_instance(self, worker_id: str, flow_name: str, flow: Flow, key: int, ws: WorkerState) -> _Instance:
+        inst = _Instance(worker_id, flow_name, flow, key, ws)
+        default_handler = flow.error_handler or ErrorHandler()
+        for rid, routine in flow.routines.items():
+            policy = copy.deepcopy(routine._activation_policy) if routine._activation_policy else ImmediatePolicy()
+            limit = routine._max_concurrency or self.processes
+            handler = routine._error_handler or default_handler
+            inst.routines[rid] = _RoutineRt(inst, rid, routine, policy, limit, handler)
+        for conn in flow.connections:
+            source = inst.routines[conn.source_id]
+            source.targets.setdefault(conn.event, []).append((inst.routines[conn.target_id], conn.slot))
+        return inst
+
+    def get_worker_state(self, worker_id: str) -> WorkerState:
+        """The WorkerState of an existing worker."""
+        inst = self._sup.instances.get(worker_id)
+        if inst is None:
+            known = ", ".join(repr(w) for w in self._sup.instances) or "none"
+            raise FlowError(f"no worker {worker_id!r} in this runtime (workers: {known})")
+        return inst.ws
+
+    def list_workers(self) -> list[str]:
+        """Ids of the workers started with ``exec`` (or on demand by ``post``)."""
+        with self._sup.lock:
+            return list(self._sup.instances)
+
+    # ------------------------------------------------------------------ posting
+
+    def post(
+        self,
+        flow_name: str,
+        routine_id: str,
+        slot_name: str,
+        data: dict,
+        worker_id: str | None = None,
+        job_id: str | None = None,
+        metadata: dict | None = None,
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[WorkerState, JobContext]:
+        """Post ``data`` to ``routine_id.slot_name``: a new job.
+
+        Names are validated before anything is created (unknown ->
+        ``ValueError`` listing what exists). Without ``worker_id`` the job goes
+        to the flow's current worker (started on demand). Returns at once
+        unless the slot queue is full: then it waits for room (back-pressure),
+        or raises :class:`~routilux_mp.errors.SlotQueueFullError` with
+        ``block=False``, after ``timeout`` seconds, or when nothing is left
+        running that could make room.
+
+        Returns:
+            ``(worker_state, job)``.
+        """
+        sup = self._sup
+        sup.check_usable()
+        flow = self._registry.get(flow_name)
+        flow.check_slot(routine_id, slot_name)
+        if not isinstance(data, dict):
+            raise SerializationError(f"post() data must be a dict, got {type(data).__name__}")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise SerializationError(f"post() metadata must be a dict, got {type(metadata).__name__}")
+            metadata = _jsonvalue.normalize(metadata, root="metadata")[0]
+        if job_id is not None and (not isinstance(job_id, str) or not job_id):
+            raise TypeError(f"job_id must be a non-empty string, got {job_id!r}")
+        inst = self._resolve_worker(flow_name, worker_id)
+        if inst is None:
+            self.exec(flow_name)
+            inst = self._resolve_worker(flow_name, None)
+            assert inst is not None
+        if inst.flow is not flow:
+            inst.flow.check_slot(routine_id, slot_name)
+        try:
+            blob = cloudpickle.dumps(data)
+        except Exception as exc:
+            raise SerializationError(f"post() data cannot be pickled: {type(exc).__name__}: {exc}") from exc
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with sup.lock:
+            sup.check_usable()
+            if job_id is not None and job_id in sup.jobs:
+                raise FlowError(f"a job {job_id!r} already exists; job ids must be unique")
+            rt = inst.routines[routine_id]
+            queue = rt.slots[slot_name]
+            while queue.pending >= queue.max_queue_length:
+                self._wait_for_room(rt, queue, block, deadline)
+            job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata)
+            sup.new_job(job)
+            sup.enqueue(rt, slot_name, job, blob)
+            callbacks = sup.take_callbacks()
+            if callbacks:
+                sup.cond.notify_all()
+        for callback in callbacks:
+            callback()
+        return inst.ws, job
+
+    def _wait_for_room(self, rt: _RoutineRt, queue: Any, block: bool, deadline: float | None) -> None:
+        """Wait (lock held) until ``queue`` has room, or raise ``SlotQueueFullError``."""
+        sup = self._sup
+        where = f"slot {queue.name!r} of routine {rt.rid!r} (worker {rt.inst.worker_id!r})"
+        if not block:
+            raise SlotQueueFullError(f"{where} holds {queue.pending} items, its max_queue_length; retry later")
+        if sup.quiescent():
+            raise SlotQueueFullError(
+                f"{where} is full ({queue.pending} items) and nothing is running that could consume them: "
+                "its activation policy is holding them (a join waiting on another slot?). Flush, feed the "
+                "other slots, or raise max_queue_length"
+            )
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise SlotQueueFullError(f"{where} stayed full ({queue.pending} items) past the post() timeout")
+        sup.post_waiters += 1
+        try:
+            sup.cond.wait(remaining)
+        finally:
+            sup.post_waiters -= 1
+        sup.check_usable()
+
+    def _resolve_worker(self, flow_name: str, worker_id: str | None) -> _Instance | None:
+        sup = self._sup
+        with sup.lock:
+            if worker_id is None:
+                current = sup.current.get(flow_name)
+                return sup.instances.get(current) if current is not None else None
+            inst = sup.instances.get(worker_id)
+            if inst is None:
+                known = ", ".join(repr(w) for w, i in sup.instances.items() if i.flow_name == flow_name) or "none"
+                raise FlowError(f"flow {flow_name!r} has no worker {worker_id!r} in this runtime (workers: {known})")
+            if inst.flow_name != flow_name:
+                raise FlowError(f"worker {worker_id!r} runs flow {inst.flow_name!r}, not {flow_name!r}")
+            return inst
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait_until_all_jobs_finished(self, timeout: float | None = None) -> bool:
+        """Wait until every posted item has been processed; False if ``timeout`` passed first.
+
+        Runnable work goes first; when nothing runs any more, what policies
+        hold back (partial batches, pending intervals) is flushed and waited
+        for too. Items a join (``all_slots_ready``, custom) still waits on keep
+        their jobs open: then this returns False at the timeout, and
+        ``stats()["waiting"]`` shows what waits where.
+        """
+        sup = self._sup
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with sup.lock:
+            while True:
+                if sup.active_jobs == 0:
+                    result = True
+                    break
+                if sup.stop_requested:
+                    result = False
+                    break
+                if sup.quiescent() and sup.flush(list(sup.instances.values())):
+                    continue
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    result = False
+                    break
+                sup.cond.wait(remaining)
+            callbacks = sup.take_callbacks()
+        for callback in callbacks:
+            callback()
+        return result
+
+    def flush(self, flow_name: str | None = None) -> None:
+        """Deliver now what batch and interval policies hold back (of one flow, or all)."""
+        sup = self._sup
+        sup.check_usable()
+        if flow_name is not None:
+            self._registry.get(flow_name)
+        with sup.lock:
+            insts = [i for i in sup.instances.values() if flow_name is None or i.flow_name == flow_name]
+            sup.flush(insts)
+            callbacks = sup.take_callbacks()
+        for callback in callbacks:
+            callback()
+
+    # ------------------------------------------------------------------ jobs and stats
+
+    def get_job(self, job_id: str) -> JobContext | None:
+        """The job with this id, or ``None`` (finished jobs are kept up to ``max_finished_jobs``)."""
+        with self._sup.lock:
+            return self._sup.jobs.get(job_id)
+
+    def list_jobs(self, worker_id: str | None = None) -> list[JobContext]:
+        """Jobs in the ledger, oldest first (of one worker, or all)."""
+        with self._sup.lock:
+            return [j for j in self._sup.jobs.values() if worker_id is None or j.worker_id == worker_id]
+
+    def stats(self) -> dict:
+        """A JSON-able snapshot: per-routine counters, per-process usage, jobs by status, waiting items."""
+        import psutil
+
+        sup = self._sup
+        routines: dict[str, dict] = {}
+        with sup.lock:
+            for inst in sup.instances.values():
+                for rid, rt in inst.routines.items():
+                    agg = routines.setdefault(rid, {"activations": 0, "errors": 0, "busy_seconds": 0.0,
+                                                    "_lat": [], "max_concurrency": rt.limit})
+                    agg["activations"] += rt.stats.activations
+                    agg["errors"] += rt.stats.errors
+                    agg["busy_seconds"] += rt.stats.busy_seconds
+                    agg["_lat"].extend(rt.stats.latencies)
+            procs = [
+                (i, p.pid if p else None, p.activations if p else 0, sup.restarts[i], p is not None and p.ready)
+                for i, p in enumerate(sup.procs)
+            ]
+            jobs = {status: n for status, n in sup.status_counts.items() if n}
+            waiting = []
+            for inst in sup.instances.values():
+                for rid, rt in inst.routines.items():
+                    for name, queue in rt.slots.items():
+                        if queue.pending:
+                            waiting.append({"worker_id": inst.worker_id, "routine": rid, "slot": name,
+                                            "items": queue.pending})
+            lost = None if sup.client.lost is not None or sup.closed else {}
+        if lost is not None:
+            try:
+                lost = sup.client.call("lost_updates")
+            except Exception:
+                lost = {}
+        for rid, agg in routines.items():
+            latencies = agg.pop("_lat")
+            agg["busy_seconds"] = round(agg["busy_seconds"], 6)
+            agg["p50_latency"] = percentile(latencies, 50)
+            agg["p99_latency"] = percentile(latencies, 99)
+            agg["lost_updates"] = (lost or {}).get(rid, 0)
+        processes = []
+        for index, pid, activations, restarts, ready in procs:
+            entry: dict[str, Any] = {"index": index, "pid": pid, "alive": pid is not None, "rss": None,
+                                     "cpu_percent": None, "activations": activations, "restarts": restarts}
+            if pid is not None:
+                try:
+                    ps = self._ps.get(pid)
+                    if ps is None:
+                        ps = self._ps[pid] = psutil.Process(pid)
+                    entry["rss"] = ps.memory_info().rss
+                    entry["cpu_percent"] = ps.cpu_percent(None)
+                except psutil.Error:
+                    entry["alive"] = False
+            processes.append(entry)
+        live = {p["pid"] for p in processes}
+        for pid in list(self._ps):
+            if pid not in live:
+                del self._ps[pid]
+        return {"routines": routines, "processes": processes, "jobs": jobs, "waiting": waiting}
+
+    # ------------------------------------------------------------------ shutdown
+
+    def shutdown(self, wait: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking work, then stop every process: workers first, the state server last.
+
+        With ``wait``, queued and running work may finish within ``timeout``
+        seconds (partial batches are flushed). Jobs not finished end
+        ``cancelled``. Running activations then get a short grace before
+        their processes are terminated (SIGTERM, then SIGKILL). No process of
+        ours outlives this call. WorkerState objects stay readable afterwards
+        (a snapshot taken at shutdown); writing raises ``RuntimeClosedError``.
+        """
+        sup = self._sup
+        if sup.thread.is_alive():
+            with sup.lock:
+                already = sup.closed
+                sup.closed = True
+            if wait and not already:
+                self.wait_until_all_jobs_finished(timeout)
+            sup.request_stop(grace=TERM_GRACE)
+            sup.thread.join(SHUTDOWN_JOIN_TIMEOUT)
+            if sup.thread.is_alive():
+                logger.error("the routilux-mp dispatcher did not stop within %ss", SHUTDOWN_JOIN_TIMEOUT)
+        with _live_lock:
+            _live.discard(self)
+
+
+def _shutdown_all() -> None:
+    """At interpreter exit: finish and stop every runtime that was not shut down."""
+    with _live_lock:
+        runtimes = list(_live)
+    for runtime in runtimes:
+        try:
+            runtime.shutdown(wait=True)
+        except BaseException:
+            logger.exception("stopping a routilux-mp runtime at exit failed")
+
+
+atexit.register(_shutdown_all)
