@@ -439,7 +439,11 @@ class StoreManager(managers.BaseManager):
 
 
 class _Timeout(Exception):
-    pass
+    """The server did not answer in time."""
+
+
+class _Lost(Exception):
+    """The connection to the server broke."""
 
 
 class StoreProxy(managers.BaseProxy):
@@ -448,19 +452,26 @@ class StoreProxy(managers.BaseProxy):
     _exposed_ = EXPOSED
 
     def call(self, method: str, args: tuple, timeout: float | None) -> Any:
-        """Call ``method(*args)`` in the server; raise ``_Timeout`` when no answer comes in time."""
+        """Call ``method(*args)`` in the server.
+
+        Raises what the server raised; ``_Timeout`` when no answer came in
+        time; ``_Lost`` when the connection broke.
+        """
         try:
-            conn = self._tls.connection
-        except AttributeError:
-            self._connect()
-            conn = self._tls.connection
-        conn.send((self._id, method, args, {}))
-        if not conn.poll(timeout):
-            # The reply may still come; this connection is out of step for good.
-            del self._tls.connection
-            conn.close()
-            raise _Timeout(method)
-        kind, result = conn.recv()
+            try:
+                conn = self._tls.connection
+            except AttributeError:
+                self._connect()
+                conn = self._tls.connection
+            conn.send((self._id, method, args, {}))
+            if not conn.poll(timeout):
+                # The reply may still come; this connection is out of step for good.
+                del self._tls.connection
+                conn.close()
+                raise _Timeout(method)
+            kind, result = conn.recv()
+        except (EOFError, OSError) as exc:
+            raise _Lost(f"{type(exc).__name__}: {exc}") from exc
         if kind == "#RETURN":
             return result
         raise managers.convert_to_error(kind, result)

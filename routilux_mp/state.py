@@ -20,15 +20,15 @@ from typing import Any
 import cloudpickle
 
 from . import _jsonvalue
-from ._state_server import SERIALIZER, StoreManager, StoreProxy, _Timeout
+from ._state_server import SERIALIZER, StoreManager, StoreProxy, _Lost, _Timeout
 from .errors import RoutiluxError, RuntimeClosedError, SerializationError, StateServerLostError
 
 __all__ = ["WorkerState"]
 
 logger = logging.getLogger("routilux_mp.state")
 
-#: Errors that mean the connection to the state server is gone.
-_CONNECTION_ERRORS = (EOFError, OSError, ConnectionError, _Timeout, TimeoutError)
+#: Errors that mean the connection to the state server could not be made.
+_CONNECT_ERRORS = (EOFError, OSError)
 
 
 class _StoreClient:
@@ -89,20 +89,26 @@ class _StoreClient:
         deadline = self.timeout if timeout is None else timeout
         try:
             proxy = self._proxy or self._connect()
-            return proxy.call(method, args, deadline)
-        except _Timeout:
+        except _CONNECT_ERRORS as exc:
+            error: Exception = _Lost(f"{type(exc).__name__}: {exc}")
+        else:
+            try:
+                return proxy.call(method, args, deadline)
+            except (_Timeout, _Lost) as exc:
+                error = exc
+        if isinstance(error, _Timeout):
             self.mark_lost(
                 f"the state server did not answer {method}() within {deadline:g}s; it is hung or "
                 "overloaded, so shared worker state is no longer available"
             )
-        except _CONNECTION_ERRORS as exc:
+        else:
             if self.snapshot is not None:
                 raise RuntimeClosedError("the runtime was shut down; its worker state is read-only") from None
             self.mark_lost(
-                f"the state server is gone ({type(exc).__name__}: {exc}); shared worker state was lost "
+                f"the state server is gone ({error}); shared worker state was lost "
                 "with it. Jobs in flight fail; start a new Runtime to go on"
             )
-        raise StateServerLostError(self.lost)
+        raise StateServerLostError(self.lost) from error
 
 
 def _check_rid(routine_id: Any) -> str:

@@ -1,0 +1,95 @@
+"""Shared fixtures: every test is checked for leftover processes; runtimes always stop."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import psutil
+import pytest
+
+from routilux_mp import FlowRegistry, Runtime
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+#: Seconds a test's child processes get to disappear before the test fails.
+LEAK_DEADLINE = 10.0
+
+
+def _descendants() -> dict[int, str]:
+    me = psutil.Process()
+    found = {}
+    for child in me.children(recursive=True):
+        try:
+            found[child.pid] = " ".join(child.cmdline()) or child.name()
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fail any test that leaves a child process of ours behind (and kill it)."""
+    before = set(_descendants())
+    yield
+    deadline = time.monotonic() + LEAK_DEADLINE
+    leaked: dict[int, str] = {}
+    while True:
+        leaked = {pid: cmd for pid, cmd in _descendants().items() if pid not in before}
+        leaked = {pid: cmd for pid, cmd in leaked.items() if _alive(pid)}
+        if not leaked or time.monotonic() > deadline:
+            break
+        psutil.wait_procs([psutil.Process(pid) for pid in leaked if _alive(pid)], timeout=0.2)
+    if leaked:
+        for pid in leaked:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+        pytest.fail(f"the test left child processes behind: {leaked}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def clean_registry() -> Iterator[FlowRegistry]:
+    registry = FlowRegistry.get_instance()
+    registry.clear()
+    yield registry
+    registry.clear()
+
+
+@pytest.fixture
+def make_runtime() -> Iterator[Callable[..., Runtime]]:
+    """Build runtimes that are always shut down at the end of the test."""
+    made: list[Runtime] = []
+
+    def make(**kwargs: object) -> Runtime:
+        kwargs.setdefault("processes", 2)
+        runtime = Runtime(**kwargs)  # type: ignore[arg-type]
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        runtime.shutdown(wait=False)
+
+
+@pytest.fixture
+def python_env() -> dict[str, str]:
+    """Environment for child Python processes that must import this checkout."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,68 @@
+"""Small building blocks for tests: a routine made from a function, one-routine flows.
+
+This module (and every test module that imports it) is shipped to worker
+processes by value, so tests may define logic as plain functions or lambdas.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import cloudpickle
+
+from routilux_mp import ErrorHandler, Flow, FlowRegistry, Routine
+
+
+def by_value(module_name: str) -> None:
+    """Ship functions and classes of ``module_name`` to workers by value."""
+    cloudpickle.register_pickle_by_value(sys.modules[module_name])
+
+
+by_value(__name__)
+
+
+class FnRoutine(Routine):
+    """A routine whose logic is ``fn(routine, slot_data, policy_message, worker_state)``."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        slots: Iterable[str] = ("in",),
+        events: Iterable[str] = ("out",),
+        *,
+        concurrency: int | None = 1,
+        policy: Any = None,
+        timeout: float | None = None,
+        handler: ErrorHandler | None = None,
+        max_queue_length: int = 1000,
+    ) -> None:
+        super().__init__()
+        for slot in slots:
+            self.add_slot(slot, max_queue_length=max_queue_length)
+        for event in events:
+            self.add_event(event)
+        self.set_logic(lambda slot_data, message, worker_state: fn(self, slot_data, message, worker_state))
+        self.set_max_concurrency(concurrency)
+        if policy is not None:
+            self.set_activation_policy(policy)
+        if timeout is not None:
+            self.set_timeout(timeout)
+        if handler is not None:
+            self.set_error_handler(handler)
+
+
+def single_flow(name: str, fn: Callable[..., Any], **kwargs: Any) -> Flow:
+    """Register a flow ``name`` with one FnRoutine ``"r"`` (slot ``in``, event ``out``)."""
+    flow = Flow(name)
+    flow.add_routine(FnRoutine(fn, **kwargs), "r")
+    FlowRegistry.get_instance().register_by_name(name, flow)
+    return flow
+
+
+def echo(routine: Routine, slot_data: dict, message: Any, worker_state: Any) -> None:
+    """Emit every item received, unchanged."""
+    for items in slot_data.values():
+        for item in items:
+            routine.emit("out", **item)
