@@ -2,8 +2,10 @@
 
 ``StateStore`` is the only registered referent. Every method does a whole
 operation server-side (read-modify-write included) and returns copies; clients
-never hold nested proxies. One condition variable guards the store; a routine
-state locked with ``worker_state.lock()`` has a holder (token + pid), and other
+never hold nested proxies. One condition variable guards the store. Values are
+mutated in place (an increment costs what it changes, not the size of the
+state) and every read returns a pickle made under the lock, which the client
+unpickles: a copy, made once. A routine state locked with ``worker_state.lock()`` has a holder (token + pid), and other
 writers wait for it. A holder that dies releases its locks: the supervisor says
 so when it reaps a worker (``release_pid``), and waiters also check the
 holder's liveness themselves while they wait.
@@ -242,16 +244,20 @@ class StateStore:
 
     # -- routine states ------------------------------------------------------
 
-    def get(self, wid: str, rid: str) -> tuple[dict | None, int]:
+    def get(self, wid: str, rid: str) -> tuple[bytes | None, int]:
+        """``(pickled state or None, version)``."""
         with self._cond:
             cell = self._worker(wid).cells.get(rid)
-            if cell is None:
-                return None, 0
-            return cell.value, cell.version
+            if cell is None or cell.value is None:
+                return None, 0 if cell is None else cell.version
+            return _dumps(cell.value), cell.version
 
-    def get_all(self, wid: str) -> dict[str, tuple[dict, int]]:
+    def get_all(self, wid: str) -> tuple[bytes, dict[str, int]]:
+        """``(pickled {rid: state}, {rid: version})``."""
         with self._cond:
-            return {rid: (c.value, c.version) for rid, c in self._worker(wid).cells.items() if c.value is not None}
+            cells = self._worker(wid).cells
+            values = {rid: c.value for rid, c in cells.items() if c.value is not None}
+            return _dumps(values), {rid: cells[rid].version for rid in values}
 
     def replace(self, wid: str, rid: str, value: dict, size: int, expected: int | None,
                 token: str | None) -> tuple[int, int]:
@@ -273,7 +279,7 @@ class StateStore:
                 lost = cell.lost
             return self._store(cell, value, size), lost
 
-    def merge(self, wid: str, rid: str, partial: dict, token: str | None) -> tuple[dict, int]:
+    def merge(self, wid: str, rid: str, partial: dict, token: str | None) -> tuple[bytes, int]:
         with self._cond:
             cell = self._cell(wid, rid)
             self._wait_free(cell, rid, token, None)
@@ -281,7 +287,8 @@ class StateStore:
             merged.update(partial)
             size = len(_jsonvalue._encode(merged))
             self._check_size(rid, size)
-            return merged, self._store(cell, merged, size)
+            version = self._store(cell, merged, size)
+            return _dumps(merged), version
 
     def increment(self, wid: str, rid: str, amounts: dict[str, int | float],
                   token: str | None) -> tuple[dict[str, int | float], int]:
@@ -289,7 +296,7 @@ class StateStore:
         with self._cond:
             cell = self._cell(wid, rid)
             self._wait_free(cell, rid, token, None)
-            old = cell.value or {}
+            old = cell.value if cell.value is not None else {}
             result = {}
             growth = 0
             for key, amount in amounts.items():
@@ -306,16 +313,17 @@ class StateStore:
                     )
                 result[key] = total
                 growth += len(key) + 32
-            new = dict(old)
-            new.update(result)
             size = cell.size + growth
             if size > self._max_bytes:
+                new = dict(old)
+                new.update(result)
                 size = len(_jsonvalue._encode(new))
                 self._check_size(rid, size)
-            self._store(cell, new, size)
+            old.update(result)  # in place: nothing outside the lock holds this dict
+            self._store(cell, old, size)
             return result, cell.version
 
-    def modify(self, wid: str, rid: str, fn_blob: bytes, token: str | None) -> tuple[dict, int]:
+    def modify(self, wid: str, rid: str, fn_blob: bytes, token: str | None) -> tuple[bytes, int]:
         """Run ``fn(copy_of_state) -> new_state`` with the state locked; write its result."""
         fn = cloudpickle.loads(fn_blob)
         internal = f"modify-{threading.get_ident()}-{time.monotonic_ns()}"
@@ -340,18 +348,19 @@ class StateStore:
             value, size = _jsonvalue.normalize(result)
             with self._cond:
                 self._check_size(rid, size)
-                return value, self._store(cell, value, size)
+                version = self._store(cell, value, size)
+                return _dumps(value), version
         finally:
             with self._cond:
                 cell.holder, cell.holder_pid = previous
                 self._cond.notify_all()
 
-    def acquire(self, wid: str, rid: str, token: str, pid: int, timeout: float | None) -> tuple[dict | None, int]:
+    def acquire(self, wid: str, rid: str, token: str, pid: int, timeout: float | None) -> tuple[bytes | None, int]:
         with self._cond:
             cell = self._cell(wid, rid)
             self._wait_free(cell, rid, token, timeout)
             cell.holder, cell.holder_pid = token, pid
-            return cell.value, cell.version
+            return (None if cell.value is None else _dumps(cell.value)), cell.version
 
     def release(self, wid: str, rid: str, token: str, value: dict | None, size: int) -> int:
         with self._cond:
@@ -394,20 +403,24 @@ class StateStore:
                         totals[rid] = totals.get(rid, 0) + cell.lost
         return totals
 
-    def snapshot(self) -> dict[str, dict]:
-        """Everything, for the runtime's final snapshot at shutdown."""
+    def snapshot(self) -> bytes:
+        """Everything (pickled), for the runtime's final snapshot at shutdown."""
         with self._cond:
-            return {
+            return _dumps({
                 wid: {
                     "meta": {"flow_id": w.flow_id, "status": w.status, "jobs_processed": w.jobs_processed,
                              "jobs_failed": w.jobs_failed},
                     "states": {rid: c.value for rid, c in w.cells.items() if c.value is not None},
                 }
                 for wid, w in self._workers.items()
-            }
+            })
 
     def ping(self) -> int:
         return os.getpid()
+
+
+def _dumps(value: Any) -> bytes:
+    return pickle.dumps(value, 5)
 
 
 def _portable_error(exc: BaseException, context: str) -> BaseException:

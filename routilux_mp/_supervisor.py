@@ -595,13 +595,39 @@ class Supervisor:
 
     def _fail_job(self, job: JobContext, error: dict) -> None:
         self._finish_job(job, "failed", error)
-        inst = self.instances.get(job.worker_id)
-        if inst is None:
-            return
-        for rt in inst.routines.values():
-            for queue in rt.slots.values():
-                if any(e.job is job for e in queue._entries):
-                    queue._entries = collections.deque(e for e in queue._entries if e.job is not job)
+        self._purge({id(job)}, job.worker_id)
+
+    def _purge(self, job_ids: set[int], worker_id: str | None = None) -> None:
+        """Drop queued items of these (terminal) jobs, and activations left with no open job."""
+        for inst in self.instances.values():
+            if worker_id is not None and inst.worker_id != worker_id:
+                continue
+            for rt in inst.routines.values():
+                for queue in rt.slots.values():
+                    if any(id(e.job) in job_ids for e in queue._entries):
+                        queue._entries = collections.deque(e for e in queue._entries if id(e.job) not in job_ids)
+                if rt.ready and any(act.lead_job() is None for act in rt.ready):
+                    keep = collections.deque()
+                    for act in rt.ready:
+                        if act.lead_job() is None:
+                            for name, n in act.slot_counts.items():
+                                rt.slots[name].held -= n
+                            self._release(act)
+                        else:
+                            keep.append(act)
+                    rt.ready = keep
+                    if not keep:
+                        self.runnable.discard(rt)
+
+    def cancel_pending(self) -> int:
+        """Cancel every job none of whose activations has started; return how many."""
+        cancelled = [job for job in self.jobs.values() if job.status == "pending"]
+        for job in cancelled:
+            self._finish_job(job, "cancelled")
+        if cancelled:
+            self._purge({id(job) for job in cancelled})
+            self.cond.notify_all()
+        return len(cancelled)
 
     # ------------------------------------------------------------------ deaths
 
@@ -1103,7 +1129,7 @@ class Supervisor:
         if self.client.lost is None and self.broken is None:
             try:
                 self.flush_counts()
-                snapshot = self.client.call("snapshot")
+                snapshot = pickle.loads(self.client.call("snapshot"))
             except (StateServerLostError, RoutiluxError):
                 snapshot = {}
         final = "failed" if self.broken is not None else "stopped"

@@ -444,12 +444,14 @@ class Runtime:
 
     # ------------------------------------------------------------------ shutdown
 
-    def shutdown(self, wait: bool = True, timeout: float = 30.0) -> None:
+    def shutdown(self, wait: bool = True, timeout: float = 30.0, *, cancel_pending: bool = False) -> None:
         """Stop taking work, then stop every process: workers first, the state server last.
 
         With ``wait``, queued and running work may finish within ``timeout``
-        seconds (partial batches are flushed). Jobs not finished end
-        ``cancelled``. Running activations then get a short grace before
+        seconds (partial batches are flushed). With ``cancel_pending`` too,
+        only jobs already running are drained: jobs none of whose activations
+        has started are cancelled first (what a Ctrl-C handler wants). Jobs not
+        finished end ``cancelled``. Running activations then get a short grace before
         their processes are terminated (SIGTERM, then SIGKILL). No process of
         ours outlives this call. WorkerState objects stay readable afterwards
         (a snapshot taken at shutdown); writing raises ``RuntimeClosedError``.
@@ -459,6 +461,12 @@ class Runtime:
             with sup.lock:
                 already = sup.closed
                 sup.closed = True
+            if cancel_pending:
+                with sup.lock:
+                    sup.cancel_pending()
+                    callbacks = sup.take_callbacks()
+                for callback in callbacks:
+                    callback()
             if wait and not already:
                 self.wait_until_all_jobs_finished(timeout)
             sup.request_stop(grace=TERM_GRACE)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -203,12 +204,10 @@ class WorkerState:
         snap = self._snapshot()
         if snap is not None:
             return _jsonvalue.normalize(snap["states"])[0]
-        states = self._client.call("get_all", self.worker_id)
-        result = {}
-        for rid, (value, version) in states.items():
+        blob, versions = self._client.call("get_all", self.worker_id)
+        for rid, version in versions.items():
             self._saw(rid, version)
-            result[rid] = value
-        return result
+        return pickle.loads(blob)
 
     def get_routine_state(self, routine_id: str) -> dict | None:
         """A deep copy of ``routine_id``'s state, or ``None`` if it was never set."""
@@ -217,9 +216,9 @@ class WorkerState:
         if snap is not None:
             value = snap["states"].get(rid)
             return None if value is None else _jsonvalue.normalize(value)[0]
-        value, version = self._client.call("get", self.worker_id, rid)
+        blob, version = self._client.call("get", self.worker_id, rid)
         self._saw(rid, version)
-        return value
+        return None if blob is None else pickle.loads(blob)
 
     # -- writing ---------------------------------------------------------------
 
@@ -259,12 +258,12 @@ class WorkerState:
         if not isinstance(partial, dict):
             raise TypeError(f"merge_routine_state() needs a dict, got {type(partial).__name__}")
         value, _ = _jsonvalue.normalize(partial)
-        merged, version = self._client.call(
+        blob, version = self._client.call(
             "merge", self.worker_id, rid, value, self._token(rid),
             timeout=self._client.lock_timeout + self._client.timeout,
         )
         self._saw(rid, version)
-        return merged
+        return pickle.loads(blob)
 
     def increment(self, routine_id: str, key: str, amount: int | float = 1) -> int | float:
         """Atomically add ``amount`` to ``state[key]`` (a missing key counts as 0); return the new value."""
@@ -311,12 +310,12 @@ class WorkerState:
             blob = cloudpickle.dumps(fn)
         except Exception as exc:
             raise SerializationError(f"the function given to modify_routine_state({rid!r}) cannot be pickled: {exc}") from exc
-        value, version = self._client.call(
+        result, version = self._client.call(
             "modify", self.worker_id, rid, blob, self._token(rid),
             timeout=2 * self._client.lock_timeout + self._client.timeout,
         )
         self._saw(rid, version)
-        return value
+        return pickle.loads(result)
 
     @contextlib.contextmanager
     def lock(self, routine_id: str, timeout: float | None = None) -> Iterator[dict]:
@@ -338,11 +337,11 @@ class WorkerState:
             raise RoutiluxError(f"this thread already holds the lock on routine state {rid!r} (locks are not reentrant)")
         token = uuid.uuid4().hex
         wait = self._client.lock_timeout if timeout is None else float(timeout)
-        value, version = self._client.call(
+        blob, version = self._client.call(
             "acquire", self.worker_id, rid, token, os.getpid(), wait, timeout=wait + self._client.timeout
         )
         held[key] = token
-        state = value if value is not None else {}
+        state = pickle.loads(blob) if blob is not None else {}
         try:
             yield state
         except BaseException:

@@ -389,3 +389,31 @@ def test_print_in_logic_reaches_stdout_whole_lines_through_a_pipe(tmp_path, pyth
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines == [f"line {i} " + "x" * 2000 for i in range(5)] + ["last words", "supervisor done"]
+
+
+def _gated(routine, slot_data, message, ws):
+    ws.increment("started", "n")
+    with ws.lock("gate"):
+        pass
+    routine.emit("out", done=True)
+
+
+def test_shutdown_can_drain_running_jobs_and_cancel_the_rest(make_runtime) -> None:
+    single_flow("drain", _gated)
+    runtime = make_runtime(processes=1, prefetch=0)
+    ws = runtime.exec("drain")
+    done = []
+    with ws.lock("gate"):
+        jobs = [runtime.post("drain", "r", "in", {})[1] for _ in range(4)]
+        for job in jobs:
+            job.add_done_callback(lambda j: done.append(j.job_id))
+        while (ws.get_routine_state("started") or {}).get("n") != 1:
+            pass
+        stopper = threading.Thread(target=runtime.shutdown, kwargs={"cancel_pending": True})
+        stopper.start()
+        while runtime.stats()["jobs"].get("cancelled") != 3:
+            pass
+    stopper.join(WAIT)
+    assert [j.status for j in jobs] == ["completed", "cancelled", "cancelled", "cancelled"]
+    assert jobs[0].outputs == [{"routine": "r", "event": "out", "data": {"done": True}}]
+    assert sorted(done) == sorted(j.job_id for j in jobs)
