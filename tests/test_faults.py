@@ -1,0 +1,334 @@
+"""Fault isolation: whatever an activation does, only its own job fails; nothing is orphaned.
+
+One table of injected faults (what the logic does, the runtime options, the
+expected error type and message). Every row checks the faulty job's status and
+error, that the jobs around it completed, that the pool is back to full
+size, and (through the autouse fixture) that no process leaked. Faults that
+break the runtime on purpose (state server lost, start-up failures) and
+deaths of the supervisor itself follow the table.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+from helpers import by_value, single_flow
+
+from routilux_mp import ErrorHandler
+from routilux_mp.errors import RuntimeBrokenError, StateServerLostError
+
+by_value(__name__)
+
+WAIT = 120.0
+MiB = 2**20
+
+
+class LockHoldingError(Exception):
+    """An exception that cannot be pickled (it holds a lock)."""
+
+    def __init__(self) -> None:
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+class NeedsTwoArgs(Exception):
+    """An exception that pickles but cannot be unpickled (its __init__ wants two args)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}{b}")
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no string for you")
+
+
+def pool_refilled(runtime, restarts: int, timeout: float = WAIT) -> None:
+    """Wait (on the supervisor's condition, no polling) until dead workers were replaced."""
+    sup = runtime._sup
+    with sup.cond:
+        done = sup.cond.wait_for(
+            lambda: sum(sup.restarts) >= restarts and all(p is not None for p in sup.procs), timeout
+        )
+    assert done, f"the pool was not refilled within {timeout}s"
+
+
+def _leak_past_limit(ws):
+    hoard = []
+    for _ in range(400):  # up to ~4 GiB, far past any limit used here
+        hoard.append(b"x" * (10 * MiB))
+    raise AssertionError("the memory limit was never enforced")
+
+
+def _die_holding_lock(ws):
+    with ws.lock("shared") as state:
+        state["dying"] = True
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _ignore_sigterm(ws):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        pass
+
+
+def _spin(ws):
+    while True:
+        pass
+
+
+def _grandchild_then_spin(ws):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
+    ws.update_routine_state("grandchild", {"pid": child.pid})
+    while True:
+        pass
+
+
+CRASH = "routilux_mp.errors.WorkerCrashedError"
+TIMEOUT = "routilux_mp.errors.ActivationTimeoutError"
+
+#: id, what the faulty logic does, Runtime options, routine options, error type, message regex, replaced
+FAULTS = [
+    ("os-exit", lambda ws: os._exit(13), {}, {}, CRASH, r"worker \d \(pid \d+\) exited with code 13 while running "
+     r"routine 'r'", True),
+    ("self-sigkill", lambda ws: os.kill(os.getpid(), signal.SIGKILL), {}, {}, CRASH,
+     r"killed by SIGKILL .*possibly the out-of-memory killer", True),
+    ("segfault", lambda ws: ctypes.string_at(0), {}, {}, CRASH, r"killed by SIGSEGV .*segmentation fault", True),
+    ("sys-exit", lambda ws: sys.exit(4), {}, {}, "SystemExit", r"^4$", False),
+    ("keyboard-interrupt", lambda ws: (_ for _ in ()).throw(KeyboardInterrupt()), {}, {}, "KeyboardInterrupt", "",
+     False),
+    ("unpicklable-exception", lambda ws: (_ for _ in ()).throw(LockHoldingError()), {}, {},
+     "test_faults.LockHoldingError", "holds a lock", False),
+    ("exception-fails-to-unpickle", lambda ws: (_ for _ in ()).throw(NeedsTwoArgs("a", "b")), {}, {},
+     "test_faults.NeedsTwoArgs", "ab", False),
+    ("exception-str-raises", lambda ws: (_ for _ in ()).throw(BadStr()), {}, {}, "test_faults.BadStr",
+     "<unprintable BadStr>", False),
+    ("unpicklable-emit", "emit-lock", {}, {}, "routilux_mp.errors.SerializationError",
+     r"emit\('out'\) from routine 'r': the data cannot be pickled", False),
+    ("infinite-loop-timeout", _spin, {}, {"timeout": 1.0}, TIMEOUT, r"ran longer than its timeout of 1s", True),
+    ("ignores-sigterm", _ignore_sigterm, {}, {"timeout": 1.0}, TIMEOUT, r"ran longer than its timeout", True),
+    ("grandchild-and-timeout", _grandchild_then_spin, {}, {"timeout": 1.0}, TIMEOUT, r"timeout", True),
+    ("rss-past-hard-limit", _leak_past_limit, {"max_worker_rss": 150 * MiB}, {},
+     "routilux_mp.errors.WorkerMemoryError", r"over the hard limit of 225 MiB", True),
+    ("killed-holding-lock", _die_holding_lock, {}, {}, CRASH, r"killed by SIGKILL", True),
+]
+
+
+def _faulty(routine, slot_data, message, ws):
+    item = slot_data["in"][0]
+    if item.get("fault"):
+        fault = FAULT_FUNCS[item["fault"]]
+        if fault == "emit-lock":
+            routine.emit("out", lock=threading.Lock())
+        else:
+            fault(ws)
+    with ws.lock("shared") as state:
+        state["ok"] = state.get("ok", 0) + 1
+    routine.emit("out", pid=os.getpid())
+
+
+FAULT_FUNCS = {row[0]: row[1] for row in FAULTS}
+
+
+@pytest.mark.parametrize(("fault", "inject", "options", "routine_options", "error_type", "message", "replaced"),
+                         FAULTS, ids=[row[0] for row in FAULTS])
+def test_a_fault_fails_only_its_own_job(make_runtime, fault, inject, options, routine_options, error_type,
+                                        message, replaced) -> None:
+    single_flow("faults", _faulty, concurrency=None, **routine_options)
+    runtime = make_runtime(processes=2, **options)
+    ws = runtime.exec("faults")
+    before = [runtime.post("faults", "r", "in", {})[1] for _ in range(2)]
+    assert all(job.wait(WAIT) for job in before)
+    pids_before = {p["pid"] for p in runtime.stats()["processes"]}
+
+    started = time.monotonic()
+    _, bad = runtime.post("faults", "r", "in", {"fault": fault})
+    after = [runtime.post("faults", "r", "in", {})[1] for _ in range(4)]
+    assert bad.wait(WAIT), f"the faulty job did not end within {WAIT}s"
+    assert all(job.wait(WAIT) for job in after)
+
+    assert bad.status == "failed"
+    assert bad.error["type"] == error_type, bad.error
+    assert re.search(message, bad.error["message"]), bad.error["message"]
+    assert bad.error["routine"] == "r" and bad.error["worker_id"] == "faults-1"
+    assert [job.status for job in before + after] == ["completed"] * 6, "the other jobs carried on"
+    if "timeout" in routine_options:
+        assert time.monotonic() - started < routine_options["timeout"] + 30
+
+    if replaced:
+        pool_refilled(runtime, restarts=1)
+    processes = runtime.stats()["processes"]
+    assert len(processes) == 2 and all(p["alive"] for p in processes), "the pool is back to full size"
+    restarted = sum(p["restarts"] for p in processes)
+    if replaced:
+        assert restarted == 1 and {p["pid"] for p in processes} != pids_before
+    else:
+        assert restarted == 0 and {p["pid"] for p in processes} == pids_before, "the process kept serving"
+    assert ws.get_routine_state("shared")["ok"] == 6, "the lock works (and was released by a dead holder)"
+    if fault == "grandchild-and-timeout":
+        grandchild = ws.get_routine_state("grandchild")["pid"]
+        _, alive = psutil.wait_procs([psutil.Process(grandchild)] if psutil.pid_exists(grandchild) else [],
+                                     timeout=10)
+        assert not alive, "the worker's process group went with it"
+
+
+def test_memory_soft_limit_recycles_between_activations(make_runtime) -> None:
+    def keep_memory(routine, slot_data, message, ws):
+        routine._hoard = getattr(routine, "_hoard", []) + [b"x" * (40 * MiB)]
+        routine.emit("out", pid=os.getpid())
+
+    single_flow("leaky", keep_memory)
+    runtime = make_runtime(processes=1, max_worker_rss=100 * MiB, kill_worker_rss=2048 * MiB)
+    jobs = [runtime.post("leaky", "r", "in", {})[1] for _ in range(6)]
+    assert runtime.wait_until_all_jobs_finished(WAIT)
+    assert [j.status for j in jobs] == ["completed"] * 6
+    pids = [j.outputs[0]["data"]["pid"] for j in jobs]
+    assert len(set(pids)) >= 2, "the worker was recycled when it grew past the soft limit"
+    pool_refilled(runtime, restarts=1)
+
+
+def test_max_activations_per_process_recycles(make_runtime) -> None:
+    single_flow("recycle", lambda r, d, m, ws: r.emit("out", pid=os.getpid()))
+    runtime = make_runtime(processes=1, max_activations_per_process=2)
+    jobs = [runtime.post("recycle", "r", "in", {})[1] for _ in range(6)]
+    assert runtime.wait_until_all_jobs_finished(WAIT)
+    pids = [j.outputs[0]["data"]["pid"] for j in jobs]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5]
+    assert all(j.status == "completed" for j in jobs)
+
+
+def test_a_poison_job_is_failed_after_max_crash_retries(make_runtime) -> None:
+    single_flow("poison", lambda r, d, m, ws: os._exit(1),
+                handler=ErrorHandler("retry", max_retries=10, retry_delay=0.01))
+    runtime = make_runtime(processes=2, max_crash_retries=3)
+    _, job = runtime.post("poison", "r", "in", {})
+    assert job.wait(WAIT)
+    assert job.status == "failed" and job.error["type"] == CRASH
+    assert "crashed a worker 3 times: given up as a poison activation" in job.error["message"]
+    assert job.attempts == 3
+    pool_refilled(runtime, restarts=3)
+    assert sum(p["restarts"] for p in runtime.stats()["processes"]) == 3
+
+
+def _touch_state_forever(routine, slot_data, message, ws):
+    ws.increment("progress", "started")
+    while True:
+        ws.get_routine_state("progress")
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+def test_losing_the_state_server_fails_jobs_in_flight_promptly(make_runtime, how) -> None:
+    single_flow("lost", _touch_state_forever)
+    runtime = make_runtime(processes=2, state_timeout=2.0)
+    ws = runtime.exec("lost")
+    _, job = runtime.post("lost", "r", "in", {})
+    while (ws.get_routine_state("progress") or {}).get("started") != 1:
+        pass
+    server = runtime._sup.state_popen.pid
+    started = time.monotonic()
+    os.kill(server, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+    assert job.wait(WAIT)
+    assert time.monotonic() - started < 20, "lost promptly, not after a hang"
+    assert job.status == "failed" and job.error["type"] == "routilux_mp.errors.StateServerLostError"
+    with pytest.raises(StateServerLostError, match="shared worker state is lost"):
+        runtime.post("lost", "r", "in", {})
+    with pytest.raises(StateServerLostError):
+        ws.get_routine_state("progress")
+    runtime.shutdown()
+
+
+def test_workers_that_keep_failing_at_start_up_break_the_runtime_clearly(make_runtime, tmp_path, monkeypatch) -> None:
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(
+        """
+        import os, sys
+        if len(sys.argv) > 1 and sys.argv[1].startswith("routilux-mp worker"):
+            sys.stderr.write("simulated start-up failure\\n")
+            os._exit(3)
+        """
+    ))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    single_flow("never", lambda *a: None)
+    runtime = make_runtime(processes=2)
+    _, job = runtime.post("never", "r", "in", {})
+    assert job.wait(WAIT)
+    assert job.status == "failed" and job.error["type"] == "routilux_mp.errors.RuntimeBrokenError"
+    assert "failed to start 5 times in a row" in job.error["message"]
+    assert "simulated start-up failure" in job.error["message"]
+    with pytest.raises(RuntimeBrokenError):
+        runtime.post("never", "r", "in", {})
+
+
+SUPERVISOR_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from routilux_mp import Routine, Flow, Runtime, FlowRegistry
+
+    class Busy(Routine):
+        def __init__(self):
+            super().__init__()
+            self.add_slot("in")
+            def logic(slot_data, message, worker_state):
+                worker_state.increment("busy", "started")
+                while True:
+                    pass
+            self.set_logic(logic)
+            self.set_max_concurrency(None)
+
+    flow = Flow("busy")
+    flow.add_routine(Busy(), "busy")
+    FlowRegistry.get_instance().register_by_name("busy", flow)
+    with Runtime(processes=2) as runtime:
+        ws = runtime.exec("busy")
+        for _ in range(4):
+            runtime.post("busy", "busy", "in", {})
+        while (ws.get_routine_state("busy") or {}).get("started") != 2:
+            pass
+        pids = [p["pid"] for p in runtime.stats()["processes"]] + [runtime._sup.state_popen.pid]
+        print(json.dumps(pids), flush=True)
+        {then}
+    """
+)
+
+
+def _start_supervisor(tmp_path, env, then: str) -> tuple[subprocess.Popen, list[int]]:
+    script = tmp_path / "supervisor.py"
+    script.write_text(SUPERVISOR_SCRIPT.replace("{then}", then))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path, start_new_session=True)
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read()
+    import json
+
+    return proc, json.loads(line)
+
+
+def test_sigkill_of_the_supervisor_leaves_no_process_of_ours(tmp_path, python_env) -> None:
+    proc, pids = _start_supervisor(tmp_path, python_env, "runtime.wait_until_all_jobs_finished()")
+    children = [psutil.Process(pid) for pid in pids]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(WAIT)
+    proc.stdout.close()
+    proc.stderr.close()
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [], f"survived the supervisor's SIGKILL by 5s: {alive}"
+
+
+def test_ctrl_c_in_a_script_stops_everything_without_a_traceback_storm(tmp_path, python_env) -> None:
+    proc, pids = _start_supervisor(tmp_path, python_env, "runtime.wait_until_all_jobs_finished()")
+    children = [psutil.Process(pid) for pid in pids]
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the foreground group
+    _, err = proc.communicate(timeout=WAIT)
+    assert proc.returncode != 0
+    assert err.count("Traceback") == 1 and err.rstrip().endswith("KeyboardInterrupt"), err
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
