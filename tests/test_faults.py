@@ -332,3 +332,15 @@ def test_ctrl_c_in_a_script_stops_everything_without_a_traceback_storm(tmp_path,
     assert err.count("Traceback") == 1 and err.rstrip().endswith("KeyboardInterrupt"), err
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+
+
+def test_soak_script_loses_and_duplicates_nothing_while_workers_are_killed(python_env) -> None:
+    import json
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "soak.py")
+    proc = subprocess.run([sys.executable, script, "--jobs", "600", "--kills", "6", "--json"], capture_output=True,
+                          text=True, timeout=WAIT * 2, env=python_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["lost"] == 0 and report["duplicated"] == 0
+    assert report["statuses"] == {"completed": 600} and report["kills"] == 6
