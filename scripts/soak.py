@@ -53,34 +53,44 @@ def run_soak(jobs: int, kills: int, processes: int, seed: int) -> dict:
     FlowRegistry.get_instance().register_by_name("soak", flow)
     rng = random.Random(seed)
     done_calls: dict[str, int] = {}
-    done_lock = threading.Lock()
+    progress = threading.Condition()
 
     def on_done(job) -> None:
-        with done_lock:
+        with progress:
             done_calls[job.job_id] = done_calls.get(job.job_id, 0) + 1
+            progress.notify_all()
+
+    def killer(runtime: Runtime, killed: list[int]) -> None:
+        """SIGKILL a random live worker each time another slice of the jobs has finished."""
+        every = max(1, jobs // (kills + 1))
+        for k in range(1, kills + 1):
+            with progress:
+                if not progress.wait_for(lambda: len(done_calls) >= k * every, timeout=120):
+                    return
+            pids = [p["pid"] for p in runtime.stats()["processes"] if p["alive"]]
+            if pids:
+                try:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    killed.append(1)
+                except ProcessLookupError:
+                    pass
 
     started = time.perf_counter()
+    killed: list[int] = []
     with Runtime(processes=processes) as runtime:
         ws = runtime.exec("soak")
+        thread = threading.Thread(target=killer, args=(runtime, killed), daemon=True)
+        thread.start()
         posted = []
-        kills_done = 0
-        every = max(1, jobs // (kills + 1))
         for n in range(jobs):
             _, job = runtime.post("soak", "work", "in", {"n": n})
             job.add_done_callback(on_done)
             posted.append(job)
-            if n and n % every == 0 and kills_done < kills:
-                # Kill a worker that is busy right now (a random one among those alive).
-                pids = [p["pid"] for p in runtime.stats()["processes"] if p["alive"]]
-                if pids:
-                    try:
-                        os.kill(rng.choice(pids), signal.SIGKILL)
-                        kills_done += 1
-                    except ProcessLookupError:
-                        pass
         finished = runtime.wait_until_all_jobs_finished(timeout=600)
+        thread.join(60)
         stats = runtime.stats()
         runs = (ws.get_routine_state("soak") or {}).get("runs", 0)
+    kills_done = len(killed)
     elapsed = time.perf_counter() - started
     statuses: dict[str, int] = {}
     for job in posted:
