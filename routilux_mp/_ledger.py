@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import select
 import statistics
 import subprocess
 from collections.abc import Iterable
@@ -109,7 +110,7 @@ class _Act:
     """One activation in the ledger: queued, in flight on a process, or waiting to retry."""
 
     __slots__ = ("act_id", "seq", "rt", "slots", "slot_counts", "message", "jobs", "attempt",
-                 "crashes", "created", "started", "proc", "resolved", "kill_reason", "deadline")
+                 "crashes", "created", "started", "proc", "resolved", "kill_reason", "deadline", "wire_size")
 
     def __init__(self, act_id: int, seq: int, rt: _RoutineRt, slots: dict[str, list[bytes]],
                  slot_counts: dict[str, int], message: bytes, jobs: list[JobContext], created: float) -> None:
@@ -130,6 +131,8 @@ class _Act:
         #: Why the supervisor is killing its process (timeout, memory), if it is.
         self.kill_reason: str | None = None
         self.deadline: float | None = None
+        #: Bytes sent for it (what it occupies in its worker's pipe until started).
+        self.wire_size = 0
 
     def lead_job(self) -> JobContext | None:
         """The oldest job still open: its emits, outputs and errors go there."""
@@ -181,7 +184,7 @@ class _RoutineRt:
 class _Instance:
     """One worker (one ``exec``): a live instance of a flow with its own WorkerState."""
 
-    __slots__ = ("worker_id", "flow_name", "flow", "flow_key", "ws", "routines")
+    __slots__ = ("worker_id", "flow_name", "flow", "flow_key", "ws", "routines", "jobs_processed", "jobs_failed")
 
     def __init__(self, worker_id: str, flow_name: str, flow: Any, flow_key: int, ws: Any) -> None:
         self.worker_id = worker_id
@@ -190,6 +193,8 @@ class _Instance:
         self.flow_key = flow_key
         self.ws = ws
         self.routines: dict[str, _RoutineRt] = {}
+        self.jobs_processed = 0
+        self.jobs_failed = 0
 
 
 class _Proc:
@@ -197,7 +202,7 @@ class _Proc:
 
     __slots__ = ("index", "popen", "pid", "commands", "results", "pidfd", "outputs", "inflight", "ready",
                  "loaded", "activations", "exiting", "stopping", "broken_pipe", "ps", "started_at",
-                 "stderr_tail", "results_closed")
+                 "stderr_tail", "results_closed", "poller")
 
     def __init__(self, index: int, popen: subprocess.Popen, commands: Any, results: Any, pidfd: int | None,
                  started_at: float) -> None:
@@ -221,6 +226,8 @@ class _Proc:
         self.started_at = started_at
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         self.results_closed = False
+        #: Non-blocking readiness check of the result pipe (reused: cheap).
+        self.poller = select.poll()
 
     def __repr__(self) -> str:
         return f"<_Proc {self.index} pid={self.pid} inflight={len(self.inflight)}>"

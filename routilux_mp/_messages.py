@@ -18,6 +18,8 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+import cloudpickle
+
 PROTOCOL = 5
 
 
@@ -26,6 +28,25 @@ def dumps(message: Any) -> bytes:
 
 
 loads = pickle.loads
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def encode(data: Any) -> bytes:
+    """Pickle user data for another process.
+
+    A flat dict of plain values (the common case: items, emits, policy
+    messages) goes through the C pickler; anything else through cloudpickle,
+    so classes and functions defined in ``__main__`` arrive by value.
+    """
+    if type(data) is dict:
+        plain = _PLAIN
+        for key, value in data.items():
+            if type(key) is not str or type(value) not in plain:
+                break
+        else:
+            return pickle.dumps(data, PROTOCOL)
+    return cloudpickle.dumps(data, PROTOCOL)
 
 
 class _WorkerConfig:

@@ -42,6 +42,7 @@ import logging
 import os
 import pickle
 import select
+import selectors
 import shutil
 import signal
 import subprocess
@@ -58,7 +59,7 @@ from multiprocess.connection import Connection
 
 from . import _process
 from ._ledger import _Act, _Entry, _Instance, _Proc, _RoutineRt
-from ._messages import STOP, _Activation, _Exiting, _LoadFlow, _Ready, _Result, _WorkerConfig, dumps, loads
+from ._messages import STOP, _Activation, _Exiting, _LoadFlow, _Ready, _Result, _WorkerConfig, dumps, encode, loads
 from ._state_server import ServerConfig
 from .error_handling import ErrorHandler, ErrorStrategy
 from .errors import (
@@ -86,6 +87,10 @@ TERM_GRACE = 2.0
 MAX_START_FAILURES = 5
 #: Longest pause between respawns of a worker that keeps dying at start-up.
 MAX_RESPAWN_DELAY = 5.0
+#: Bytes the supervisor may queue on a busy worker's command pipe (Linux pipes hold 64 KiB).
+PIPE_SAFE_BYTES = 48 * 1024
+#: Longest delay before job counters reach the state server (where workers read them).
+COUNTS_FLUSH_INTERVAL = 0.05
 #: How often worker RSS is sampled when a memory limit is set.
 MEMORY_SAMPLE_INTERVAL = 0.1
 
@@ -183,14 +188,21 @@ class Supervisor:
         self._act_ids = itertools.count(1)
         self._timer_seq = itertools.count()
         self._flow_keys = itertools.count(1)
-        self._wait_map: dict[int, tuple[str, _Proc | None]] = {}
-        self._wait_dirty = True
+        self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        # Workers watch the read end; only this process holds the write end open,
+        # so they see EOF the moment the supervisor dies, however it dies.
+        self._life_r, self._life_w = os.pipe()
+        self._counts_timer = False
         self._tmpdir = tempfile.mkdtemp(prefix="routilux-mp-")
         self.state_address = os.path.join(self._tmpdir, "state.sock")
         self._authkey = os.urandom(32)
         self.client = _StoreClient(self.state_address, self._authkey, state_timeout, lock_timeout)
+        # WorkerStates in this process read status and job counters from here, exactly.
+        self.client.local_meta = self.local_meta
         self.state_popen: subprocess.Popen | None = None
         self._state_pidfd: int | None = None
         self._sys_path = list(sys.path)
@@ -255,12 +267,15 @@ class Supervisor:
                 "is above. Check that `python -c 'import routilux_mp'` works in this environment"
             )
         self._state_pidfd = _process.open_pidfd(popen.pid)
+        if self._state_pidfd is not None:
+            self._watch(self._state_pidfd, "state", None)
 
     def _spawn_worker(self, index: int) -> None:
         cmd_r, cmd_w = os.pipe()
         res_r, res_w = os.pipe()
         try:
-            popen = _process.spawn("routilux_mp._worker", f"routilux-mp worker {index}", pass_fds=(cmd_r, res_w))
+            popen = _process.spawn("routilux_mp._worker", f"routilux-mp worker {index}",
+                                   pass_fds=(cmd_r, res_w, self._life_r))
         except OSError as exc:
             for fd in (cmd_r, cmd_w, res_r, res_w):
                 os.close(fd)
@@ -276,6 +291,11 @@ class Supervisor:
             fd = pipe.fileno()
             os.set_blocking(fd, False)
             proc.outputs[fd] = [stream, b"", pipe]
+            self._watch(fd, "output", proc)
+        self._watch(results.fileno(), "results", proc)
+        proc.poller.register(results.fileno(), select.POLLIN)
+        if proc.pidfd is not None:
+            self._watch(proc.pidfd, "death", proc)
         config = _WorkerConfig(index, os.getpid(), self._sys_path, self.state_address, self._authkey,
                                self.state_timeout, self.lock_timeout, self.max_worker_rss,
                                self.max_activations_per_process)
@@ -284,69 +304,57 @@ class Supervisor:
         except OSError:
             proc.broken_pipe = True
         self.procs[index] = proc
-        self._wait_dirty = True
         if self.max_worker_rss is not None and index == 0 and not any(t[2] == "memory" for t in self.timers):
             self._add_timer(time.monotonic() + MEMORY_SAMPLE_INTERVAL, "memory", None)
 
     # ------------------------------------------------------------------ the loop
 
-    def _waitables(self) -> list[int]:
-        if self._wait_dirty:
-            wait_map: dict[int, tuple[str, _Proc | None]] = {self._wake_r: ("wake", None)}
-            if self._state_pidfd is not None:
-                wait_map[self._state_pidfd] = ("state", None)
-            for proc in self.procs:
-                if proc is None:
-                    continue
-                if not proc.results_closed:
-                    wait_map[proc.results.fileno()] = ("results", proc)
-                if proc.pidfd is not None:
-                    wait_map[proc.pidfd] = ("death", proc)
-                for fd in proc.outputs:
-                    wait_map[fd] = ("output", proc)
-            self._wait_map = wait_map
-            self._wait_dirty = False
-        return list(self._wait_map)
+    def _watch(self, fd: int, kind: str, proc: _Proc | None) -> None:
+        self._selector.register(fd, selectors.EVENT_READ, (kind, proc))
+
+    def _unwatch(self, fd: int) -> None:
+        """Stop waiting on ``fd`` (always before closing it: fd numbers are reused)."""
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     def _loop(self) -> None:
         while True:
             with self.lock:
                 if self.stop_requested:
                     return
-                waitables = self._waitables()
                 timeout = None
                 if self.timers:
                     timeout = max(0.0, self.timers[0][0] - time.monotonic())
-                wait_map = self._wait_map
-            ready = wait_for(waitables, timeout)
-            touched: list[_Proc] = []
-            for fd in ready:
-                kind, proc = wait_map.get(fd, ("gone", None))
+            ready = []
+            for key, _ in self._selector.select(timeout):
+                kind, proc = key.data
                 if kind == "wake":
                     try:
                         os.read(self._wake_r, 65536)
                     except BlockingIOError:
                         pass
-                elif proc is not None and proc not in touched:
-                    touched.append(proc)
-            # Output first, outside the lock: a worker's lines reach the user before
-            # the results that follow them (they were written to the pipe first).
-            for proc in touched:
-                self._pump(proc)
+                elif kind == "output":
+                    # Output first, outside the lock. A worker writes its lines before
+                    # the result that follows them, so both are ready in this round.
+                    self._pump_fd(proc, key.fd)
+                else:
+                    ready.append((kind, proc))
             with self.lock:
-                for fd in ready:
-                    kind, proc = wait_map.get(fd, ("gone", None))
-                    if kind == "results" and proc is not None and self.procs[proc.index] is proc:
+                for kind, proc in ready:
+                    if kind == "results" and self.procs[proc.index] is proc:
                         self._read_results(proc)
                     elif kind == "state":
                         self._state_died()
-                for fd in ready:
-                    kind, proc = wait_map.get(fd, ("gone", None))
-                    if kind == "death" and proc is not None and self.procs[proc.index] is proc:
+                for kind, proc in ready:
+                    if kind == "death" and self.procs[proc.index] is proc:
                         self._on_death(proc)
                 self._run_timers()
                 self._dispatch()
-                self.flush_counts()
+                if self.count_deltas and not self._counts_timer:
+                    self._counts_timer = True
+                    self._add_timer(time.monotonic() + COUNTS_FLUSH_INTERVAL, "counts", None)
                 self.cond.notify_all()
                 callbacks = self.take_callbacks()
             for callback in callbacks:
@@ -365,44 +373,49 @@ class Supervisor:
     # ------------------------------------------------------------------ output
 
     def _pump(self, proc: _Proc, final: bool = False) -> None:
-        """Forward complete lines a process wrote to stdout/stderr (all of it when ``final``)."""
-        for fd, slot in list(proc.outputs.items()):
-            stream, partial, pipe = slot
-            chunks = []
-            eof = False
-            while True:
-                try:
-                    data = os.read(fd, 65536)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    eof = True
-                    break
-                if not data:
-                    eof = True
-                    break
-                chunks.append(data)
-            if chunks:
-                buf = partial + b"".join(chunks)
-                cut = buf.rfind(b"\n") + 1
-                complete, partial = buf[:cut], buf[cut:]
-                slot[1] = partial
-                if complete:
-                    text = complete.decode("utf-8", "replace")
-                    if stream == "stderr":
-                        proc.stderr_tail.extend(text.splitlines()[-40:])
-                    self.output(stream, text)
-            if eof or final:
-                if slot[1]:
-                    text = slot[1].decode("utf-8", "replace") + "\n"
-                    slot[1] = b""
-                    if stream == "stderr":
-                        proc.stderr_tail.append(text.rstrip("\n"))
-                    self.output(stream, text)
-            if eof:
-                del proc.outputs[fd]
-                pipe.close()
-                self._wait_dirty = True
+        """Forward what a process wrote to stdout/stderr (everything, when ``final``)."""
+        for fd in list(proc.outputs):
+            self._pump_fd(proc, fd, final)
+
+    def _pump_fd(self, proc: _Proc, fd: int, final: bool = False) -> None:
+        """Forward the complete lines waiting on one output pipe."""
+        slot = proc.outputs.get(fd)
+        if slot is None:
+            return
+        stream, partial, pipe = slot
+        chunks = []
+        eof = False
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                eof = True
+                break
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+        if chunks:
+            buf = partial + b"".join(chunks)
+            cut = buf.rfind(b"\n") + 1
+            complete, slot[1] = buf[:cut], buf[cut:]
+            if complete:
+                text = complete.decode("utf-8", "replace")
+                if stream == "stderr":
+                    proc.stderr_tail.extend(text.splitlines()[-40:])
+                self.output(stream, text)
+        if (eof or final) and slot[1]:
+            text = slot[1].decode("utf-8", "replace") + "\n"
+            slot[1] = b""
+            if stream == "stderr":
+                proc.stderr_tail.append(text.rstrip("\n"))
+            self.output(stream, text)
+        if eof:
+            del proc.outputs[fd]
+            self._unwatch(fd)
+            pipe.close()
 
     # ------------------------------------------------------------------ results
 
@@ -410,12 +423,12 @@ class Supervisor:
         results = proc.results
         while not proc.results_closed:
             try:
-                if not results.poll(0):
+                if not proc.poller.poll(0):
                     return
                 message = loads(results.recv_bytes())
             except (EOFError, OSError):
                 proc.results_closed = True
-                self._wait_dirty = True
+                self._unwatch(results.fileno())
                 if proc.pidfd is None:  # no pidfd on this system: EOF is how death shows
                     self._on_death(proc)
                 return
@@ -587,6 +600,10 @@ class Supervisor:
             delta = self.count_deltas.setdefault(job.worker_id, [0, 0])
             delta[0] += 1
             delta[1] += status == "failed"
+            inst = self.instances.get(job.worker_id)
+            if inst is not None:
+                inst.jobs_processed += 1
+                inst.jobs_failed += status == "failed"
         self.finished.append(job.job_id)
         while len(self.finished) > self.max_finished_jobs:
             old = self.jobs.get(self.finished.popleft())
@@ -642,14 +659,7 @@ class Supervisor:
             return  # not dead after all; the pidfd will fire again
         self._pump(proc, final=True)
         self.procs[proc.index] = None
-        self._wait_dirty = True
-        for conn in (proc.commands, proc.results):
-            conn.close()
-        if proc.pidfd is not None:
-            os.close(proc.pidfd)
-        for _fd, (_stream, _partial, pipe) in list(proc.outputs.items()):
-            pipe.close()
-        proc.outputs.clear()
+        self._close_proc(proc)
         if self.client.lost is None and self.broken is None:
             try:
                 self.client.call("release_pid", proc.pid)
@@ -686,6 +696,23 @@ class Supervisor:
             self._add_timer(time.monotonic() + delay, "respawn", proc.index)
         else:
             self._respawn(proc.index)
+
+    def _close_proc(self, proc: _Proc) -> None:
+        """Release every descriptor of a dead process."""
+        fds = [proc.results.fileno()] if not proc.results.closed else []
+        fds += list(proc.outputs)
+        if proc.pidfd is not None:
+            fds.append(proc.pidfd)
+        for fd in fds:
+            self._unwatch(fd)
+        for conn in (proc.commands, proc.results):
+            conn.close()
+        if proc.pidfd is not None:
+            os.close(proc.pidfd)
+            proc.pidfd = None
+        for _stream, _partial, pipe in proc.outputs.values():
+            pipe.close()
+        proc.outputs.clear()
 
     def _respawn(self, index: int) -> None:
         if self.procs[index] is None and not self.stop_requested and self.broken is None:
@@ -732,9 +759,9 @@ class Supervisor:
     def _state_died(self) -> None:
         code = self.state_popen.poll() if self.state_popen else None
         if self._state_pidfd is not None:
+            self._unwatch(self._state_pidfd)
             os.close(self._state_pidfd)
             self._state_pidfd = None
-            self._wait_dirty = True
         if self.stop_requested:
             return
         exitcode, signame = _process.describe_exit(code)
@@ -810,6 +837,9 @@ class Supervisor:
                     _process.signal_group(payload.pid, signal.SIGKILL)
             elif kind == "respawn":
                 self._respawn(payload)
+            elif kind == "counts":
+                self._counts_timer = False
+                self.flush_counts()
             elif kind == "memory":
                 self._check_memory()
                 if not self.stop_requested:
@@ -900,7 +930,7 @@ class Supervisor:
                     blobs.append(item.blob)
                 else:
                     try:
-                        blobs.append(cloudpickle.dumps(item))
+                        blobs.append(encode(item))
                     except Exception as exc:
                         raise SerializationError(f"an item the policy returned for slot {name!r} cannot be pickled: {exc}") from exc
             slots[name] = blobs
@@ -917,7 +947,7 @@ class Supervisor:
             job._refs += 1  # type: ignore[attr-defined]
         for entry in consumed:
             entry.job._refs -= 1  # type: ignore[attr-defined]
-        act = _Act(next(self._act_ids), next(self._seq), rt, slots, counts, cloudpickle.dumps(message), jobs,
+        act = _Act(next(self._act_ids), next(self._seq), rt, slots, counts, encode(message), jobs,
                    time.monotonic())
         rt.ready.append(act)
         self.runnable.add(rt)
@@ -951,10 +981,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _free_proc(self) -> _Proc | None:
+    def _free_proc(self, full: set[_Proc]) -> _Proc | None:
+        """An idle process if any, else one that may take a prefetched activation."""
         best = None
         for proc in self.procs:
-            if proc is None or proc.exiting is not None or proc.stopping or proc.broken_pipe:
+            if proc is None or proc.exiting is not None or proc.stopping or proc.broken_pipe or proc in full:
                 continue
             n = len(proc.inflight)
             if n == 0 and proc.ready:
@@ -982,8 +1013,9 @@ class Supervisor:
     def _dispatch(self) -> None:
         if self.broken is not None:
             return
+        full: set[_Proc] = set()
         while self.runnable:
-            proc = self._free_proc()
+            proc = self._free_proc(full)
             if proc is None:
                 return
             rt = self._pick()
@@ -992,29 +1024,43 @@ class Supervisor:
             act = rt.ready.popleft()
             if not rt.ready:
                 self.runnable.discard(rt)
-            if act.lead_job() is None:  # all its jobs ended elsewhere
+            lead = act.lead_job()
+            if lead is None:  # all its jobs ended elsewhere
                 self._release(act)
                 continue
-            self._send(proc, act)
+            if not self._send(proc, act, lead):
+                rt.ready.appendleft(act)
+                self.runnable.add(rt)
+                full.add(proc)
 
-    def _send(self, proc: _Proc, act: _Act) -> None:
+    def _send(self, proc: _Proc, act: _Act, lead: JobContext) -> bool:
+        """Send ``act`` to ``proc``; False if it must wait for a process with room."""
         rt = act.rt
         inst = rt.inst
-        lead = act.lead_job()
-        assert lead is not None
+        payload = dumps(_Activation(
+            act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots, act.message,
+            lead.job_id, lead.metadata, lead.data, act.attempt,
+        ))
+        load = None if inst.flow_key in proc.loaded else self.ships[inst.flow_key][2]
+        size = len(payload) + (len(load) if load else 0)
+        if proc.inflight:
+            # A busy worker reads its next message only after finishing the current
+            # activation: never queue more than its pipe holds, or this write would
+            # block the supervisor meanwhile.
+            queued = sum(a.wire_size for a in itertools.islice(proc.inflight, 1, None))
+            if queued + size > PIPE_SAFE_BYTES:
+                return False
         try:
-            if inst.flow_key not in proc.loaded:
-                proc.commands.send_bytes(self.ships[inst.flow_key][2])
+            if load is not None:
+                proc.commands.send_bytes(load)
                 proc.loaded.add(inst.flow_key)
-            proc.commands.send_bytes(dumps(_Activation(
-                act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots, act.message,
-                lead.job_id, lead.metadata, lead.data, act.attempt,
-            )))
+            proc.commands.send_bytes(payload)
         except OSError:  # the process is dying; its death is handled when the pidfd fires
             proc.broken_pipe = True
             rt.ready.appendleft(act)
             self.runnable.add(rt)
-            return
+            return True
+        act.wire_size = size
         act.proc = proc
         proc.inflight.append(act)
         if len(proc.inflight) == 1:
@@ -1032,6 +1078,7 @@ class Supervisor:
                 self.status_counts["pending"] -= 1
                 self.status_counts["running"] += 1
                 job.status = "running"
+        return True
 
     # ------------------------------------------------------------------ public helpers (lock held)
 
@@ -1079,6 +1126,15 @@ class Supervisor:
                 self.client.call("add_job_counts", deltas)
             except StateServerLostError:
                 pass
+
+    def local_meta(self, worker_id: str) -> dict | None:
+        """Status and job counters of a worker, as this process knows them (exactly)."""
+        inst = self.instances.get(worker_id)
+        if inst is None:
+            return None
+        status = "failed" if self.broken is not None else ("stopped" if self.closed else "running")
+        return {"flow_id": inst.flow.flow_id, "status": status, "jobs_processed": inst.jobs_processed,
+                "jobs_failed": inst.jobs_failed}
 
     def check_usable(self) -> None:
         from .errors import RuntimeClosedError
@@ -1164,12 +1220,7 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 logger.error("worker %d (pid %d) survived SIGKILL", proc.index, proc.pid)
             self._pump(proc, final=True)
-            for conn in (proc.commands, proc.results):
-                conn.close()
-            if proc.pidfd is not None:
-                os.close(proc.pidfd)
-            for _fd, (_s, _p, pipe) in list(proc.outputs.items()):
-                pipe.close()
+            self._close_proc(proc)
             self.procs[proc.index] = None
         popen = self.state_popen
         if popen is not None:
@@ -1181,9 +1232,11 @@ class Supervisor:
             if popen.stdout is not None:
                 popen.stdout.close()
         if self._state_pidfd is not None:
+            self._unwatch(self._state_pidfd)
             os.close(self._state_pidfd)
             self._state_pidfd = None
-        for fd in (self._wake_r, self._wake_w):
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w, self._life_r, self._life_w):
             try:
                 os.close(fd)
             except OSError:

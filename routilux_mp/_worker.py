@@ -4,9 +4,11 @@ Started by the supervisor as a fresh interpreter (``routilux-mp worker N``)
 that never imports the user's ``__main__``; flows arrive by value
 (cloudpickle) the first time this process runs one of their activations.
 
-Two threads: a reader that drains the command pipe into a local queue (so the
-supervisor's writes never block on a busy worker, and EOF, i.e. a dead
-supervisor, ends the process at once) and the main thread that runs logic.
+The main thread reads the command pipe and runs logic; EOF on that pipe means
+the supervisor is gone. A watchdog thread blocks on a second pipe that only
+the supervisor holds open, so the process also exits while logic runs if the
+supervisor dies. (The supervisor never queues more on a busy worker than the
+pipe holds, so its writes do not block.)
 Anything logic raises, ``SystemExit`` and ``KeyboardInterrupt`` included, fails
 that activation only and is reported as data.
 """
@@ -17,10 +19,8 @@ import faulthandler
 import gc
 import os
 import pickle
-import queue
 import signal
 import sys
-import threading
 import time
 import traceback
 from typing import Any
@@ -29,7 +29,7 @@ import cloudpickle
 from multiprocess.connection import Connection
 
 from . import _context, _jsonvalue, _process
-from ._messages import STOP, _Activation, _Exiting, _LoadFlow, _Ready, _Result, _Stop, _WorkerConfig, dumps, loads
+from ._messages import STOP, _Activation, _Exiting, _LoadFlow, _Ready, _Result, _Stop, _WorkerConfig, dumps, encode, loads
 from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
 from .state import WorkerState, _StoreClient, close_resources
@@ -94,7 +94,7 @@ class _ActivationContext:
                 f"{self.routine_id!r} is running; a routine can only emit its own events"
             )
         try:
-            blob = cloudpickle.dumps(data)
+            blob = encode(data)
         except Exception as exc:
             raise SerializationError(
                 f"emit({event!r}) from routine {self.routine_id!r}: the data cannot be pickled "
@@ -200,31 +200,24 @@ class _Worker:
         return result
 
 
-def _reader(commands: Connection, inbox: queue.SimpleQueue) -> None:
-    """Drain the command pipe; EOF means the supervisor is gone: exit at once."""
-    while True:
-        try:
-            raw = commands.recv_bytes()
-        except (EOFError, OSError):
-            os._exit(_process.EXIT_PARENT_GONE)
-        inbox.put(raw)
-
-
-def run_worker(commands: Connection, results: Connection, config: _WorkerConfig) -> None:
+def run_worker(commands: Connection, results: Connection, life_fd: int, config: _WorkerConfig) -> None:
     """Serve activations until told to stop (or the supervisor disappears)."""
     _process.arm_parent_death(config.parent_pid)
+    _process.watch_for_eof(life_fd, "routilux-mp parent watchdog")
     _process.set_process_name(f"rmp-worker-{config.index}")
     sys.path[:] = config.sys_path
     faulthandler.enable()
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
-    inbox: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=_reader, args=(commands, inbox), name="routilux-mp command reader", daemon=True).start()
     worker = _Worker(config, results)
     worker.send(_Ready(os.getpid()))
     reason = None
     while reason is None:
-        reason = worker.step(loads(inbox.get()))
+        try:
+            raw = commands.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(_process.EXIT_PARENT_GONE)
+        reason = worker.step(loads(raw))
     close_resources()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -236,7 +229,7 @@ def run_worker(commands: Connection, results: Connection, config: _WorkerConfig)
 
 
 def main() -> None:
-    """Entry point: ``python -c ... "routilux-mp worker N" CMD_FD RESULT_FD``."""
+    """Entry point: ``python -c ... "routilux-mp worker N" CMD_FD RESULT_FD LIFE_FD``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     commands = Connection(int(sys.argv[2]), writable=False)
     results = Connection(int(sys.argv[3]), readable=False)
@@ -244,7 +237,7 @@ def main() -> None:
         config = loads(commands.recv_bytes())
     except (EOFError, OSError):
         os._exit(_process.EXIT_PARENT_GONE)
-    run_worker(commands, results, config)
+    run_worker(commands, results, int(sys.argv[4]), config)
 
 
 __all__ = ["STOP", "describe_exception", "main", "run_worker"]

@@ -21,6 +21,10 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 #: Trace entries kept per job (oldest dropped beyond).
 MAX_TRACES = 1000
 
+# Guards the moment a job finishes against waiters arriving: a job's Event is
+# made only when somebody waits (most jobs are never waited on one by one).
+_finish_lock = threading.Lock()
+
 
 class JobContext:
     """The life of one posted item, as the supervisor sees it.
@@ -60,7 +64,7 @@ class JobContext:
         self.completed_at: float | None = None
         self.traces: list[dict] = []
         self._in_worker = _in_worker
-        self._done = threading.Event()
+        self._done: threading.Event | None = None
         self._callbacks: list[Callable[[JobContext], Any]] = []
 
     def __getstate__(self) -> dict:
@@ -71,9 +75,7 @@ class JobContext:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._done = threading.Event()
-        if self.status in TERMINAL:
-            self._done.set()
+        self._done = None
         self._callbacks = []
 
     def trace(self, routine_id: str, action: str, details: Any = None) -> None:
@@ -94,26 +96,36 @@ class JobContext:
             raise RoutiluxError(
                 "job.wait() cannot be called inside logic: the job includes the running activation"
             )
-        return self._done.wait(timeout)
+        with _finish_lock:
+            if self.status in TERMINAL:
+                return True
+            if self._done is None:
+                self._done = threading.Event()
+            event = self._done
+        return event.wait(timeout)
 
     def add_done_callback(self, fn: Callable[[JobContext], Any]) -> None:
         """Call ``fn(job)`` once the job is finished (at once if it already is).
 
         Callbacks run in the runtime's dispatcher thread: keep them quick.
         """
-        if self._done.is_set():
-            fn(self)
-        else:
-            self._callbacks.append(fn)
+        with _finish_lock:
+            if self.status not in TERMINAL:
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
     def _finish(self, status: str, error: dict | None = None) -> list[Callable[[JobContext], Any]]:
         """Enter a terminal status (supervisor side); return the callbacks to run, unlocked."""
-        self.status = status
-        if error is not None:
-            self.error = error
-        self.completed_at = time.time()
-        callbacks, self._callbacks = self._callbacks, []
-        self._done.set()
+        with _finish_lock:
+            if error is not None:
+                self.error = error
+            self.completed_at = time.time()
+            self.status = status
+            callbacks, self._callbacks = self._callbacks, []
+            event = self._done
+        if event is not None:
+            event.set()
         return [lambda fn=fn: fn(self) for fn in callbacks]
 
     def to_dict(self) -> dict:

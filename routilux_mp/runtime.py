@@ -25,10 +25,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 from . import _jsonvalue
 from ._ledger import _Instance, _RoutineRt, percentile
+from ._messages import encode
 from ._supervisor import TERM_GRACE, Supervisor
 from .activation_policies import ImmediatePolicy
 from .error_handling import ErrorHandler
@@ -267,7 +266,7 @@ class Runtime:
         if inst.flow is not flow:
             inst.flow.check_slot(routine_id, slot_name)
         try:
-            blob = cloudpickle.dumps(data)
+            blob = encode(data)
         except Exception as exc:
             raise SerializationError(f"post() data cannot be pickled: {type(exc).__name__}: {exc}") from exc
         deadline = None if timeout is None else time.monotonic() + timeout

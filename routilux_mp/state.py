@@ -50,6 +50,8 @@ class _StoreClient:
         self.lost: str | None = None
         #: Set by the runtime at shutdown: reads are served from it afterwards.
         self.snapshot: dict[str, dict] | None = None
+        #: In the supervisor: ``fn(worker_id) -> meta dict | None`` giving exact local counters.
+        self.local_meta: Callable[[str], dict | None] | None = None
         self.local = threading.local()
 
     # -- per-thread bookkeeping for lost-update detection and lock ownership --
@@ -176,6 +178,10 @@ class WorkerState:
         snap = self._snapshot()
         if snap is not None:
             return snap["meta"]
+        if self._client.local_meta is not None:
+            meta = self._client.local_meta(self.worker_id)
+            if meta is not None:
+                return meta
         return self._client.call("meta", self.worker_id)
 
     def _saw(self, rid: str, version: int) -> None:

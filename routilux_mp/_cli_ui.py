@@ -1,0 +1,257 @@
+"""What ``routilux-mp run`` shows on stderr: live progress, the process table, the final summary.
+
+Two displays share one interface; :func:`make_display` picks one:
+
+* :class:`LiveDisplay` (stderr is a terminal): a rich ``Live`` region with a
+  progress bar (done / failed / rate / ETA) and a per-process table (pid, RSS,
+  CPU%, activations, restarts), redrawn a few times a second. Messages and
+  worker output scroll above it.
+* :class:`PlainDisplay` (``--no-progress``, or stderr is not a terminal): one
+  progress line every few seconds, fit for log files and CI.
+
+Only the CLI's main thread calls ``start``/``update``/``stop``/``summary``;
+``message`` and ``worker_output`` are also called from the runtime's dispatcher
+thread, which is safe because rich's console serializes output under its lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import RoutiluxError
+
+__all__ = ["Display", "LiveDisplay", "PlainDisplay", "Tally", "bottleneck_hint", "make_display"]
+
+#: Seconds between redraws of the live progress bar.
+LIVE_REFRESH = 0.25
+#: Seconds between samples of ``runtime.stats()`` (it asks psutil about every process and the state server).
+STATS_REFRESH = 0.5
+#: Seconds between progress lines in plain mode.
+PLAIN_INTERVAL = 2.0
+#: A routine busy less than this share of its capacity did not bound the run.
+SATURATED = 0.5
+
+
+@dataclass
+class Tally:
+    """Where a run stands. ``total`` is ``None`` while unknown (input from a stream)."""
+
+    total: int | None
+    started: float
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def done(self) -> int:
+        """Jobs that reached a terminal status."""
+        return self.completed + self.failed + self.cancelled
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        """Finished jobs per second since the run started."""
+        elapsed = self.elapsed
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+
+def _mib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def _lanes(routine: dict, processes: int) -> int:
+    """How many activations of a routine could run at once."""
+    return max(1, min(routine["max_concurrency"], processes))
+
+
+def _utilization(routine: dict, wall: float, processes: int) -> float:
+    """Busy time of a routine over what it could have used: the wall time times its parallelism."""
+    return routine["busy_seconds"] / (wall * _lanes(routine, processes)) if wall > 0 else 0.0
+
+
+def bottleneck_hint(routines: dict[str, dict], wall: float, processes: int, cpus: int) -> str | None:
+    """Name the routine that bounded the run, and what to do about it.
+
+    Args:
+        routines: ``runtime.stats()["routines"]``.
+        wall: seconds the run took.
+        processes: worker processes of the run.
+        cpus: CPUs this machine lets us use.
+
+    Returns:
+        One sentence, or ``None`` when nothing ran.
+    """
+    ran = {rid: r for rid, r in routines.items() if r["activations"]}
+    if not ran or wall <= 0:
+        return None
+    rid, routine = max(ran.items(), key=lambda item: _utilization(item[1], wall, processes))
+    share = _utilization(routine, wall, processes)
+    busy = f"{min(share, 1.0):.0%}"  # busy time is measured in the workers; clock skew may top 100%
+    lanes = _lanes(routine, processes)
+    if share < SATURATED:
+        return (f"no routine was busy more than {busy} of its capacity (the busiest is {rid!r}): the run was bound "
+                "by feeding and dispatching jobs, not by logic; give each job more work (bigger input lines, "
+                "batch_size_policy()) or read the input faster")
+    if routine["max_concurrency"] == 1:
+        hint = (f"{rid!r} was busy {busy} of the run and is serial: set_max_concurrency() to spread it over "
+                "processes (with worker_state's atomic operations for shared updates)")
+        return hint + (", and run with more --processes" if processes == 1 else "")
+    if lanes < processes:
+        return (f"{rid!r} was busy {busy} of its {lanes} concurrent activations: raise set_max_concurrency() "
+                f"(None uses all {processes} processes)")
+    if processes < cpus:
+        return (f"{rid!r} kept all {processes} processes busy {busy} of the run: run with more --processes "
+                f"(this machine has {cpus} CPUs)")
+    return (f"{rid!r} kept all {processes} processes busy {busy} of the run: it is CPU-bound; make its logic "
+            "cheaper or run on more cores")
+
+
+class Display:
+    """The shared part: messages, worker output, and the final summary."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def start(self, tally: Tally, stats: Callable[[], dict]) -> None:
+        """Begin showing progress; ``stats`` is ``runtime.stats``."""
+
+    def update(self, tally: Tally) -> None:
+        """Show the latest progress; cheap to call often (it rate-limits itself)."""
+
+    def stop(self, tally: Tally) -> None:
+        """Stop showing progress (before the summary)."""
+
+    def message(self, text: str) -> None:
+        """A line for the user (above the live region, if any)."""
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def worker_output(self, stream: str, text: str) -> None:
+        """Lines a worker printed: never to stdout, which carries the JSONL output."""
+        self.console.out(text.rstrip("\n"), highlight=False)
+
+    def summary(self, flow_name: str, tally: Tally, wall: float, stats: dict, processes: int, cpus: int) -> None:
+        """Totals, throughput, per-routine busy time and latency, and the bottleneck hint."""
+        rate = tally.done / wall if wall > 0 else 0.0
+        self.message(
+            f"routilux-mp: flow {flow_name!r}: {tally.done} jobs in {wall:.2f} s ({rate:.1f} jobs/s on "
+            f"{processes} processes): {tally.completed} completed, {tally.failed} failed, {tally.cancelled} cancelled"
+        )
+        routines = stats.get("routines", {})
+        if not routines:
+            return
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        table.add_column("routine")
+        for header in ("activations", "errors", "busy", "busy %", "lanes", "p50 latency", "p99 latency"):
+            table.add_column(header, justify="right")
+        for rid, r in routines.items():
+            table.add_row(rid, str(r["activations"]), str(r["errors"]), f"{r['busy_seconds']:.2f} s",
+                          f"{_utilization(r, wall, processes):.0%}", str(_lanes(r, processes)),
+                          _duration(r["p50_latency"]), _duration(r["p99_latency"]))
+        self.console.print(table)
+        hint = bottleneck_hint(routines, wall, processes, cpus)
+        if hint:
+            self.message(f"bottleneck: {hint}")
+
+
+class PlainDisplay(Display):
+    """A progress line on stderr every :data:`PLAIN_INTERVAL` seconds."""
+
+    def start(self, tally: Tally, stats: Callable[[], dict]) -> None:
+        self._stats = stats
+        self._last = time.monotonic()
+
+    def update(self, tally: Tally) -> None:
+        now = time.monotonic()
+        if now - self._last < PLAIN_INTERVAL:
+            return
+        self._last = now
+        of = f"/{tally.total}" if tally.total is not None else ""
+        line = f"routilux-mp: {tally.done}{of} jobs done ({tally.failed} failed), {tally.rate:.1f} jobs/s"
+        if tally.total is not None and tally.rate > 0:
+            line += f", ETA {(tally.total - tally.done) / tally.rate:.0f} s"
+        try:
+            procs = [p for p in self._stats()["processes"] if p["alive"]]
+        except RoutiluxError:  # stopping or broken: the counts above still hold
+            procs = []
+        if procs:
+            rss = sum(p["rss"] or 0 for p in procs)
+            cpu = sum(p["cpu_percent"] or 0.0 for p in procs)
+            line += f"; {len(procs)} processes, {_mib(rss)} RSS, {cpu:.0f}% CPU"
+        self.message(line)
+
+
+class LiveDisplay(Display):
+    """A rich ``Live`` region: the progress bar and the per-process table."""
+
+    def start(self, tally: Tally, stats: Callable[[], dict]) -> None:
+        self._stats = stats
+        self._processes: list[dict] = []
+        self._last_draw = self._last_stats = float("-inf")
+        self._progress = Progress(
+            TextColumn("jobs"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            TextColumn("{task.fields[rate]:.1f} jobs/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            auto_refresh=False,
+        )
+        self._task = self._progress.add_task("jobs", total=tally.total, failed=0, rate=0.0)
+        # The main loop drives redraws: no refresh thread racing it for the stats.
+        self._live = Live(self._render(), console=self.console, auto_refresh=False,
+                          redirect_stdout=False, redirect_stderr=False)
+        self._live.start(refresh=True)
+
+    def update(self, tally: Tally, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_draw < LIVE_REFRESH:
+            return
+        self._last_draw = now
+        if force or now - self._last_stats >= STATS_REFRESH:
+            self._last_stats = now
+            try:
+                self._processes = self._stats()["processes"]
+            except RoutiluxError:  # stopping or broken: keep the last table
+                pass
+        self._progress.update(self._task, completed=tally.done, failed=tally.failed, rate=tally.rate)
+        self._live.update(self._render(), refresh=True)
+
+    def stop(self, tally: Tally) -> None:
+        self.update(tally, force=True)
+        self._live.stop()
+
+    def _render(self) -> RenderableType:
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        for header in ("process", "pid", "RSS", "CPU%", "activations", "restarts"):
+            table.add_column(header, justify="right")
+        for p in self._processes:
+            cpu = "-" if p["cpu_percent"] is None else f"{p['cpu_percent']:.0f}"
+            pid = str(p["pid"]) if p["alive"] else "(restarting)"
+            table.add_row(str(p["index"]), pid, _mib(p["rss"]), cpu, str(p["activations"]), str(p["restarts"]))
+        return Group(self._progress, table)
+
+
+def make_display(live: bool) -> Display:
+    """A :class:`LiveDisplay` when ``live`` (stderr is a terminal), else a :class:`PlainDisplay`."""
+    console = Console(stderr=True, highlight=False)
+    return LiveDisplay(console) if live else PlainDisplay(console)
