@@ -1,4 +1,4 @@
-"""What ``routilux-mp run`` shows on stderr: live progress, the process table, the final summary.
+"""What the ``routilux-mp`` command shows: live progress, the process table, the summary, flow listings.
 
 Two displays share one interface; :func:`make_display` picks one:
 
@@ -27,8 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import RoutiluxError
+from .flow import Flow
 
-__all__ = ["Display", "LiveDisplay", "PlainDisplay", "Tally", "bottleneck_hint", "make_display"]
+__all__ = ["Display", "LiveDisplay", "PlainDisplay", "Tally", "bottleneck_hint", "describe_flow", "make_display"]
 
 #: Seconds between redraws of the live progress bar.
 LIVE_REFRESH = 0.25
@@ -60,10 +61,15 @@ class Tally:
         return time.monotonic() - self.started
 
     @property
+    def processed(self) -> int:
+        """Jobs that ran to the end, well or not (cancelled ones did not)."""
+        return self.completed + self.failed
+
+    @property
     def rate(self) -> float:
-        """Finished jobs per second since the run started."""
+        """Processed jobs per second since the run started."""
         elapsed = self.elapsed
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return self.processed / elapsed if elapsed > 0 else 0.0
 
 
 def _mib(nbytes: int | None) -> str:
@@ -119,8 +125,8 @@ def bottleneck_hint(routines: dict[str, dict], wall: float, processes: int, cpus
     if processes < cpus:
         return (f"{rid!r} kept all {processes} processes busy {busy} of the run: run with more --processes "
                 f"(this machine has {cpus} CPUs)")
-    return (f"{rid!r} kept all {processes} processes busy {busy} of the run: it is CPU-bound; make its logic "
-            "cheaper or run on more cores")
+    return (f"{rid!r} kept all {processes} processes busy {busy} of the run: if it waits on I/O, run with more "
+            "--processes; if it computes, make its logic cheaper or run on more cores")
 
 
 class Display:
@@ -146,17 +152,22 @@ class Display:
         """Lines a worker printed: never to stdout, which carries the JSONL output."""
         self.console.out(text.rstrip("\n"), highlight=False)
 
-    def summary(self, flow_name: str, tally: Tally, wall: float, stats: dict, processes: int, cpus: int) -> None:
-        """Totals, throughput, per-routine busy time and latency, and the bottleneck hint."""
-        rate = tally.done / wall if wall > 0 else 0.0
+    def summary(self, flow_name: str, tally: Tally, wall: float, stats: dict, processes: int, cpus: int,
+                stopped: str | None = None) -> None:
+        """Totals, throughput, per-routine busy time and latency, and the bottleneck hint.
+
+        ``stopped`` says why the run ended early, if it did.
+        """
+        rate = tally.processed / wall if wall > 0 else 0.0
         self.message(
-            f"routilux-mp: flow {flow_name!r}: {tally.done} jobs in {wall:.2f} s ({rate:.1f} jobs/s on "
-            f"{processes} processes): {tally.completed} completed, {tally.failed} failed, {tally.cancelled} cancelled"
+            f"routilux-mp: flow {flow_name!r}{f' (stopped: {stopped})' if stopped else ''}: {tally.done} jobs in "
+            f"{wall:.2f} s, {rate:.1f} jobs/s on {processes} processes: {tally.completed} completed, "
+            f"{tally.failed} failed, {tally.cancelled} cancelled"
         )
         routines = stats.get("routines", {})
         if not routines:
             return
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
         table.add_column("routine")
         for header in ("activations", "errors", "busy", "busy %", "lanes", "p50 latency", "p99 latency"):
             table.add_column(header, justify="right")
@@ -176,6 +187,7 @@ class PlainDisplay(Display):
     def start(self, tally: Tally, stats: Callable[[], dict]) -> None:
         self._stats = stats
         self._last = time.monotonic()
+        stats()  # starts psutil's CPU accounting, so the first line shows a real CPU%
 
     def update(self, tally: Tally) -> None:
         now = time.monotonic()
@@ -241,7 +253,7 @@ class LiveDisplay(Display):
         self._live.stop()
 
     def _render(self) -> RenderableType:
-        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
         for header in ("process", "pid", "RSS", "CPU%", "activations", "restarts"):
             table.add_column(header, justify="right")
         for p in self._processes:
@@ -249,6 +261,37 @@ class LiveDisplay(Display):
             pid = str(p["pid"]) if p["alive"] else "(restarting)"
             table.add_row(str(p["index"]), pid, _mib(p["rss"]), cpu, str(p["activations"]), str(p["restarts"]))
         return Group(self._progress, table)
+
+
+def describe_flow(name: str, flow: Flow) -> str:
+    """A readable listing of one flow: routines, slots, events, policies, connections, entry slots."""
+    fed: dict[tuple[str, str], list[str]] = {}
+    for conn in flow.connections:
+        fed.setdefault((conn.source_id, conn.event), []).append(f"{conn.target_id}.{conn.slot}")
+    entries = flow.entry_slots()
+    lines = [f"flow {name!r}" + (f" (flow_id {flow.flow_id!r})" if flow.flow_id != name else "")]
+    for rid, routine in flow.routines.items():
+        lines.append(f"  routine {rid!r} ({type(routine).__name__})")
+        for slot in routine.slots.values():
+            mark = "  <- entry" if (rid, slot.name) in entries else ""
+            lines.append(f"    slot  {slot.name} (max_queue_length {slot.max_queue_length}){mark}")
+        for event in routine.events.values():
+            targets = ", ".join(fed.get((rid, event.name), [])) or "job output"
+            lines.append(f"    event {event.name}({', '.join(event.params)}) -> {targets}")
+        policy = repr(routine.activation_policy) if routine.activation_policy else "immediate_policy() (default)"
+        concurrency = routine.max_concurrency
+        lanes = "one per process" if concurrency is None else ("serial" if concurrency == 1 else "parallel")
+        lines.append(f"    policy {policy}; max_concurrency {concurrency} ({lanes})")
+        if routine.timeout is not None:
+            lines.append(f"    timeout {routine.timeout} s")
+        if routine.error_handler is not None:
+            lines.append(f"    error handler {routine.error_handler!r}")
+    lines.append("  connections:")
+    lines.extend(f"    {conn!r}" for conn in flow.connections)
+    if not flow.connections:
+        lines.append("    none")
+    lines.append("  entry slots: " + (", ".join(f"{rid}.{slot}" for rid, slot in entries) or "none"))
+    return "\n".join(lines)
 
 
 def make_display(live: bool) -> Display:

@@ -109,9 +109,10 @@ class CliError(Exception):
 
 def _describe(exc: BaseException) -> str:
     """The traceback of ``exc`` without importlib's and this module's frames: the user's code only."""
+    machinery = os.path.dirname(importlib.__file__ or "")
     tbe = traceback.TracebackException.from_exception(exc)
     tbe.stack = traceback.StackSummary.from_list(
-        [f for f in tbe.stack if not f.filename.startswith("<frozen") and f.filename != __file__]
+        [f for f in tbe.stack if not f.filename.startswith(("<frozen", machinery)) and f.filename != __file__]
     )
     return "".join(tbe.format()).rstrip()
 
@@ -310,7 +311,7 @@ class _Run:
         # (their JSONL text, "" for failed or cancelled) until every earlier one is written.
         self.ready: dict[int, str] = {}
         self.next_seq = 0
-        self.window = threading.Condition()  # guards posted, next_seq and stopping for the poster
+        self.window = threading.Condition()  # guards posted, next_seq and stopping; wakes the poster
         self.posted = 0
         self.poster_done = False
         self.stopping = False
@@ -376,7 +377,8 @@ class _Run:
             self.display.stop(self.tally)
             # Every job has ended by now, unless this run itself failed: then do not wait for them.
             self.runtime.shutdown(wait=False)
-        self.display.summary(self.flow_name, self.tally, wall, stats, self.runtime.processes, _cpus())
+        self.display.summary(self.flow_name, self.tally, wall, stats, self.runtime.processes, _cpus(),
+                             stopped=self.stop_reason)
         return self._exit_code()
 
     def _loop(self, signals: _SignalCount) -> None:
@@ -443,12 +445,12 @@ class _Run:
 
     def _write_ready(self) -> None:
         """Write finished jobs in input order, as far as no earlier job is still running."""
-        start = self.next_seq
+        seq = self.next_seq
         chunks = []
-        while self.next_seq in self.ready:
-            chunks.append(self.ready.pop(self.next_seq))
-            self.next_seq += 1
-        if self.next_seq == start:
+        while seq in self.ready:
+            chunks.append(self.ready.pop(seq))
+            seq += 1
+        if seq == self.next_seq:
             return
         if not self.output_broken:
             try:
@@ -459,6 +461,7 @@ class _Run:
                 self._redirect_broken_stdout()
                 self._begin_stop("the output was closed")
         with self.window:
+            self.next_seq = seq
             self.window.notify()
 
     def _redirect_broken_stdout(self) -> None:
@@ -582,37 +585,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- flows
 
 
-def describe_flow(name: str, flow: Flow) -> str:
-    """A readable listing of one flow: routines, slots, events, policies, connections, entry slots."""
-    fed: dict[tuple[str, str], list[str]] = {}
-    for conn in flow.connections:
-        fed.setdefault((conn.source_id, conn.event), []).append(f"{conn.target_id}.{conn.slot}")
-    entries = flow.entry_slots()
-    lines = [f"flow {name!r}" + (f" (flow_id {flow.flow_id!r})" if flow.flow_id != name else "")]
-    for rid, routine in flow.routines.items():
-        lines.append(f"  routine {rid!r} ({type(routine).__name__})")
-        for slot in routine.slots.values():
-            mark = "  <- entry" if (rid, slot.name) in entries else ""
-            lines.append(f"    slot  {slot.name} (max_queue_length {slot.max_queue_length}){mark}")
-        for event in routine.events.values():
-            targets = ", ".join(fed.get((rid, event.name), [])) or "job output"
-            lines.append(f"    event {event.name}({', '.join(event.params)}) -> {targets}")
-        policy = repr(routine.activation_policy) if routine.activation_policy else "immediate_policy() (default)"
-        concurrency = routine.max_concurrency
-        lanes = "one per process" if concurrency is None else ("serial" if concurrency == 1 else "parallel")
-        lines.append(f"    policy {policy}; max_concurrency {concurrency} ({lanes})")
-        if routine.timeout is not None:
-            lines.append(f"    timeout {routine.timeout} s")
-        if routine.error_handler is not None:
-            lines.append(f"    error handler {routine.error_handler!r}")
-    lines.append("  connections:")
-    lines.extend(f"    {conn!r}" for conn in flow.connections)
-    if not flow.connections:
-        lines.append("    none")
-    lines.append("  entry slots: " + (", ".join(f"{rid}.{slot}" for rid, slot in entries) or "none"))
-    return "\n".join(lines)
-
-
 def cmd_flows(args: argparse.Namespace) -> int:
     """``routilux-mp flows``: list what TARGET registers."""
     load_target(args.target)
@@ -620,7 +592,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
     names = registry.list_names()
     if not names:
         raise CliError(EXIT_LOAD_FAILED, f"{args.target!r} registered no flow")
-    print("\n\n".join(describe_flow(name, registry.get(name)) for name in names))
+    print("\n\n".join(_cli_ui.describe_flow(name, registry.get(name)) for name in names))
     return EXIT_OK
 
 
