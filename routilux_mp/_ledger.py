@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import collections
 import pickle
-import select
 import statistics
 import subprocess
 from collections.abc import Iterable
 from typing import Any
 
+from ._messages import FrameReader
 from .error_handling import ErrorHandler
 from .job import JobContext
 
@@ -202,7 +202,7 @@ class _Proc:
 
     __slots__ = ("index", "popen", "pid", "commands", "results", "pidfd", "outputs", "inflight", "ready",
                  "loaded", "activations", "exiting", "stopping", "broken_pipe", "ps", "started_at",
-                 "stderr_tail", "results_closed", "poller")
+                 "stderr_tail", "results_closed", "reader")
 
     def __init__(self, index: int, popen: subprocess.Popen, commands: Any, results: Any, pidfd: int | None,
                  started_at: float) -> None:
@@ -226,8 +226,8 @@ class _Proc:
         self.started_at = started_at
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         self.results_closed = False
-        #: Non-blocking readiness check of the result pipe (reused: cheap).
-        self.poller = select.poll()
+        #: Reads the result pipe without ever blocking.
+        self.reader = FrameReader(results.fileno())
 
     def __repr__(self) -> str:
         return f"<_Proc {self.index} pid={self.pid} inflight={len(self.inflight)}>"

@@ -15,7 +15,9 @@ traceback text), never as exception objects.
 
 from __future__ import annotations
 
+import os
 import pickle
+import struct
 from typing import Any
 
 import cloudpickle
@@ -47,6 +49,64 @@ def encode(data: Any) -> bytes:
         else:
             return pickle.dumps(data, PROTOCOL)
     return cloudpickle.dumps(data, PROTOCOL)
+
+
+class FrameReader:
+    """Reads ``multiprocessing.connection`` frames from a non-blocking pipe, many per call.
+
+    Never blocks: a frame written in pieces (a large result) waits in the
+    buffer until it is whole, so a slow writer cannot stall the reader.
+    """
+
+    __slots__ = ("fd", "_buf", "eof")
+
+    #: Bytes asked of the kernel per read.
+    CHUNK = 1 << 16
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self._buf = bytearray()
+        self.eof = False
+
+    def read(self) -> list[bytes]:
+        """The frames that are complete now (``eof`` is set once the writer is gone)."""
+        buf = self._buf
+        while True:
+            try:
+                chunk = os.read(self.fd, self.CHUNK)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.eof = True
+                break
+            buf += chunk
+            if len(chunk) < self.CHUNK:
+                break
+        frames = []
+        start = 0
+        end = len(buf)
+        while end - start >= 4:
+            (size,) = _I.unpack_from(buf, start)
+            head = 4
+            if size == -1:  # frames over 2 GiB carry an 8-byte length
+                if end - start < 12:
+                    break
+                (size,) = _Q.unpack_from(buf, start + 4)
+                head = 12
+            if end - start - head < size:
+                break
+            frames.append(bytes(buf[start + head : start + head + size]))
+            start += head + size
+        if start:
+            del buf[:start]
+        return frames
+
+
+_I = struct.Struct("!i")
+_Q = struct.Struct("!Q")
 
 
 class _WorkerConfig:

@@ -61,12 +61,14 @@ from . import _process
 from ._ledger import _Act, _Entry, _Instance, _Proc, _RoutineRt
 from ._messages import STOP, _Activation, _Exiting, _LoadFlow, _Ready, _Result, _WorkerConfig, dumps, encode, loads
 from ._state_server import ServerConfig
+from .activation_policies import IMMEDIATE_MESSAGE
 from .error_handling import ErrorHandler, ErrorStrategy
 from .errors import (
     ActivationTimeoutError,
     FlowError,
     RoutiluxError,
     RuntimeBrokenError,
+    RuntimeClosedError,
     SerializationError,
     StateServerLostError,
     WorkerCrashedError,
@@ -87,6 +89,8 @@ TERM_GRACE = 2.0
 MAX_START_FAILURES = 5
 #: Longest pause between respawns of a worker that keeps dying at start-up.
 MAX_RESPAWN_DELAY = 5.0
+#: The immediate policy's message, pickled once.
+IMMEDIATE_BLOB = encode(IMMEDIATE_MESSAGE)
 #: Bytes the supervisor may queue on a busy worker's command pipe (Linux pipes hold 64 KiB).
 PIPE_SAFE_BYTES = 48 * 1024
 #: Longest delay before job counters reach the state server (where workers read them).
@@ -293,7 +297,6 @@ class Supervisor:
             proc.outputs[fd] = [stream, b"", pipe]
             self._watch(fd, "output", proc)
         self._watch(results.fileno(), "results", proc)
-        proc.poller.register(results.fileno(), select.POLLIN)
         if proc.pidfd is not None:
             self._watch(proc.pidfd, "death", proc)
         config = _WorkerConfig(index, os.getpid(), self._sys_path, self.state_address, self._authkey,
@@ -420,18 +423,11 @@ class Supervisor:
     # ------------------------------------------------------------------ results
 
     def _read_results(self, proc: _Proc) -> None:
-        results = proc.results
-        while not proc.results_closed:
-            try:
-                if not proc.poller.poll(0):
-                    return
-                message = loads(results.recv_bytes())
-            except (EOFError, OSError):
-                proc.results_closed = True
-                self._unwatch(results.fileno())
-                if proc.pidfd is None:  # no pidfd on this system: EOF is how death shows
-                    self._on_death(proc)
-                return
+        if proc.results_closed:
+            return
+        reader = proc.reader
+        for frame in reader.read():
+            message = loads(frame)
             if isinstance(message, _Result):
                 self._on_result(proc, message)
             elif isinstance(message, _Ready):
@@ -443,6 +439,11 @@ class Supervisor:
                 # It ran everything up to here; the rest was never started.
                 self._requeue(proc, list(proc.inflight))
                 proc.inflight.clear()
+        if reader.eof:
+            proc.results_closed = True
+            self._unwatch(reader.fd)
+            if proc.pidfd is None:  # no pidfd on this system: EOF is how death shows
+                self._on_death(proc)
 
     def _requeue(self, proc: _Proc, acts: list[_Act]) -> None:
         for act in reversed(acts):
@@ -939,16 +940,19 @@ class Supervisor:
             if queue._consumed:
                 counts[name] = len(queue._consumed)
                 queue.held += len(queue._consumed)
-        by_id = {}
-        for entry in consumed:
-            by_id.setdefault(id(entry.job), entry.job)
-        jobs = sorted(by_id.values(), key=lambda j: j._seq)  # type: ignore[attr-defined]
-        for job in jobs:
-            job._refs += 1  # type: ignore[attr-defined]
-        for entry in consumed:
-            entry.job._refs -= 1  # type: ignore[attr-defined]
-        act = _Act(next(self._act_ids), next(self._seq), rt, slots, counts, encode(message), jobs,
-                   time.monotonic())
+        if len(consumed) == 1:
+            jobs = [consumed[0].job]  # the item's hold on its job passes to the activation
+        else:
+            by_id = {}
+            for entry in consumed:
+                by_id.setdefault(id(entry.job), entry.job)
+            jobs = sorted(by_id.values(), key=lambda j: j._seq)  # type: ignore[attr-defined]
+            for job in jobs:
+                job._refs += 1  # type: ignore[attr-defined]
+            for entry in consumed:
+                entry.job._refs -= 1  # type: ignore[attr-defined]
+        blob = IMMEDIATE_BLOB if message is IMMEDIATE_MESSAGE else encode(message)
+        act = _Act(next(self._act_ids), next(self._seq), rt, slots, counts, blob, jobs, time.monotonic())
         rt.ready.append(act)
         self.runnable.add(rt)
 
@@ -1137,8 +1141,6 @@ class Supervisor:
                 "jobs_failed": inst.jobs_failed}
 
     def check_usable(self) -> None:
-        from .errors import RuntimeClosedError
-
         if self.broken is not None:
             cls, message = self.broken
             raise cls(message)

@@ -39,6 +39,9 @@ __all__ = [
 
 _NO = (False, {}, None)
 
+#: What the immediate policy passes as ``policy_message`` (logic gets its own copy).
+IMMEDIATE_MESSAGE = {"reason": "immediate"}
+
 
 def _oldest_slot(slots: dict[str, Any]) -> Any:
     """The non-empty slot whose next item arrived first."""
@@ -58,7 +61,7 @@ class ImmediatePolicy:
         slot = _oldest_slot(slots)
         if slot is None:
             return _NO
-        return True, {slot.name: slot._take(1)}, {"reason": "immediate"}
+        return True, {slot.name: slot._take(1)}, IMMEDIATE_MESSAGE
 
     def __repr__(self) -> str:
         return "immediate_policy()"

@@ -54,11 +54,9 @@ class FlowRegistry:
 
     def get(self, name: str) -> Flow:
         """The flow registered as ``name``; ``ValueError`` naming the registered ones otherwise."""
-        with self._lock:
-            flow = self._flows.get(name)
-            names = sorted(self._flows)
+        flow = self._flows.get(name)  # a dict read is atomic; the lock guards writers
         if flow is None:
-            listed = ", ".join(repr(n) for n in names) or "none"
+            listed = ", ".join(repr(n) for n in self.list_names()) or "none"
             raise FlowError(f"no flow is registered as {name!r} (registered: {listed})")
         return flow
 
