@@ -41,9 +41,7 @@ import itertools
 import logging
 import os
 import pickle
-import select
 import selectors
-import shutil
 import signal
 import subprocess
 import sys
@@ -51,18 +49,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import wait as wait_for
 from typing import Any
 
 import cloudpickle
-from multiprocess.connection import Connection
 
 from . import _process
 from ._ledger import _Act, _Entry, _Instance, _Proc, _RoutineRt
-from ._messages import STOP, _Activation, _Exiting, _LoadFlow, _Ready, _Result, _WorkerConfig, dumps, encode, loads
-from ._state_server import ServerConfig
+from ._messages import _Activation, _Exiting, _LoadFlow, _Ready, _Result, dumps, encode, loads
+from ._pool import MEMORY_SAMPLE_INTERVAL, STATE_STOP_TIMEOUT, TERM_GRACE, ProcessPool, _error
 from .activation_policies import IMMEDIATE_MESSAGE
-from .error_handling import ErrorHandler, ErrorStrategy
+from .error_handling import ErrorStrategy
 from .errors import (
     ActivationTimeoutError,
     FlowError,
@@ -71,51 +67,18 @@ from .errors import (
     RuntimeClosedError,
     SerializationError,
     StateServerLostError,
-    WorkerCrashedError,
-    WorkerMemoryError,
 )
 from .job import JobContext
-from .state import WorkerState, _StoreClient
+from .state import _StoreClient
 
 logger = logging.getLogger("routilux_mp.runtime")
 
-#: Seconds to wait for the state server to bind its socket.
-STATE_START_TIMEOUT = 60.0
-#: Seconds the state server gets to exit after its stdin closes, before SIGTERM / SIGKILL.
-STATE_STOP_TIMEOUT = 5.0
-#: Seconds a worker gets after SIGTERM before SIGKILL (shutdown and timeouts).
-TERM_GRACE = 2.0
-#: Consecutive start-up failures of worker processes before the runtime gives up.
-MAX_START_FAILURES = 5
-#: Longest pause between respawns of a worker that keeps dying at start-up.
-MAX_RESPAWN_DELAY = 5.0
 #: The immediate policy's message, pickled once.
 IMMEDIATE_BLOB = encode(IMMEDIATE_MESSAGE)
 #: Bytes the supervisor may queue on a busy worker's command pipe (Linux pipes hold 64 KiB).
 PIPE_SAFE_BYTES = 48 * 1024
 #: Longest delay before job counters reach the state server (where workers read them).
 COUNTS_FLUSH_INTERVAL = 0.05
-#: How often worker RSS is sampled when a memory limit is set.
-MEMORY_SAMPLE_INTERVAL = 0.1
-
-_LIKELY_CAUSES = {
-    "SIGKILL": "possibly the out-of-memory killer (see `dmesg`), or a `kill -9` from outside",
-    "SIGSEGV": "a segmentation fault: C code (an extension module or ctypes) crashed",
-    "SIGBUS": "a bus error: C code crashed, or a memory-mapped file was truncated",
-    "SIGABRT": "abort(): a C library or extension hit a fatal error",
-    "SIGFPE": "a floating-point exception in C code",
-    "SIGILL": "an illegal instruction in C code",
-    "SIGTERM": "a SIGTERM from outside routilux-mp",
-}
-
-
-def _error(cls: type[BaseException], message: str, **extra: Any) -> dict:
-    mro = []
-    for c in cls.__mro__:
-        if c is object:
-            continue
-        mro.append(c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}")
-    return dict({"type": mro[0], "mro": mro, "message": message, "traceback": ""}, **extra)
 
 
 def _default_output(stream: str, text: str) -> None:
@@ -129,7 +92,7 @@ def _default_output(stream: str, text: str) -> None:
         pass
 
 
-class Supervisor:
+class Supervisor(ProcessPool):
     """All mutable runtime state, guarded by ``self.lock``; see the module docstring."""
 
     def __init__(
@@ -248,79 +211,7 @@ class Supervisor:
         finally:
             self._stop_everything()
 
-    def _start(self) -> None:
-        for index in range(self.processes):
-            self._spawn_worker(index)
-        popen = _process.spawn(
-            "routilux_mp._state_server", "routilux-mp state-server", stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=None,
-        )
-        self.state_popen = popen
-        config = ServerConfig(self.state_address, self._authkey, os.getpid(), self._sys_path,
-                              self.max_state_bytes, self.strict_state, self.lock_timeout)
-        data = pickle.dumps(config)
-        assert popen.stdin is not None and popen.stdout is not None
-        popen.stdin.write(len(data).to_bytes(4, "big") + data)
-        popen.stdin.flush()
-        readable, _, _ = select.select([popen.stdout], [], [], STATE_START_TIMEOUT)
-        line = popen.stdout.readline() if readable else b""
-        if line.strip() != b"ready":
-            code = popen.poll()
-            raise RuntimeBrokenError(
-                f"the routilux-mp state server did not start (exit code {code}); its error output, if any, "
-                "is above. Check that `python -c 'import routilux_mp'` works in this environment"
-            )
-        self._state_pidfd = _process.open_pidfd(popen.pid)
-        if self._state_pidfd is not None:
-            self._watch(self._state_pidfd, "state", None)
-
-    def _spawn_worker(self, index: int) -> None:
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        try:
-            popen = _process.spawn("routilux_mp._worker", f"routilux-mp worker {index}",
-                                   pass_fds=(cmd_r, res_w, self._life_r))
-        except OSError as exc:
-            for fd in (cmd_r, cmd_w, res_r, res_w):
-                os.close(fd)
-            self._start_failed(index, f"could not start a process: {exc}")
-            return
-        os.close(cmd_r)
-        os.close(res_w)
-        commands = Connection(cmd_w, readable=False)
-        results = Connection(res_r, writable=False)
-        proc = _Proc(index, popen, commands, results, _process.open_pidfd(popen.pid), time.monotonic())
-        for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
-            assert pipe is not None
-            fd = pipe.fileno()
-            os.set_blocking(fd, False)
-            proc.outputs[fd] = [stream, b"", pipe]
-            self._watch(fd, "output", proc)
-        self._watch(results.fileno(), "results", proc)
-        if proc.pidfd is not None:
-            self._watch(proc.pidfd, "death", proc)
-        config = _WorkerConfig(index, os.getpid(), self._sys_path, self.state_address, self._authkey,
-                               self.state_timeout, self.lock_timeout, self.max_worker_rss,
-                               self.max_activations_per_process)
-        try:
-            commands.send_bytes(dumps(config))
-        except OSError:
-            proc.broken_pipe = True
-        self.procs[index] = proc
-        if self.max_worker_rss is not None and index == 0 and not any(t[2] == "memory" for t in self.timers):
-            self._add_timer(time.monotonic() + MEMORY_SAMPLE_INTERVAL, "memory", None)
-
     # ------------------------------------------------------------------ the loop
-
-    def _watch(self, fd: int, kind: str, proc: _Proc | None) -> None:
-        self._selector.register(fd, selectors.EVENT_READ, (kind, proc))
-
-    def _unwatch(self, fd: int) -> None:
-        """Stop waiting on ``fd`` (always before closing it: fd numbers are reused)."""
-        try:
-            self._selector.unregister(fd)
-        except (KeyError, ValueError):
-            pass
 
     def _loop(self) -> None:
         while True:
@@ -374,51 +265,6 @@ class Supervisor:
         return callbacks
 
     # ------------------------------------------------------------------ output
-
-    def _pump(self, proc: _Proc, final: bool = False) -> None:
-        """Forward what a process wrote to stdout/stderr (everything, when ``final``)."""
-        for fd in list(proc.outputs):
-            self._pump_fd(proc, fd, final)
-
-    def _pump_fd(self, proc: _Proc, fd: int, final: bool = False) -> None:
-        """Forward the complete lines waiting on one output pipe."""
-        slot = proc.outputs.get(fd)
-        if slot is None:
-            return
-        stream, partial, pipe = slot
-        chunks = []
-        eof = False
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError:
-                eof = True
-                break
-            if not data:
-                eof = True
-                break
-            chunks.append(data)
-        if chunks:
-            buf = partial + b"".join(chunks)
-            cut = buf.rfind(b"\n") + 1
-            complete, slot[1] = buf[:cut], buf[cut:]
-            if complete:
-                text = complete.decode("utf-8", "replace")
-                if stream == "stderr":
-                    proc.stderr_tail.extend(text.splitlines()[-40:])
-                self.output(stream, text)
-        if (eof or final) and slot[1]:
-            text = slot[1].decode("utf-8", "replace") + "\n"
-            slot[1] = b""
-            if stream == "stderr":
-                proc.stderr_tail.append(text.rstrip("\n"))
-            self.output(stream, text)
-        if eof:
-            del proc.outputs[fd]
-            self._unwatch(fd)
-            pipe.close()
 
     # ------------------------------------------------------------------ results
 
@@ -649,126 +495,6 @@ class Supervisor:
 
     # ------------------------------------------------------------------ deaths
 
-    def _on_death(self, proc: _Proc) -> None:
-        self._read_results(proc)
-        if self.procs[proc.index] is not proc:  # handled while draining (no pidfd)
-            return
-        _process.signal_group(proc.pid, signal.SIGKILL)  # anything it started goes too
-        try:
-            code = proc.popen.wait(TERM_GRACE)
-        except subprocess.TimeoutExpired:
-            return  # not dead after all; the pidfd will fire again
-        self._pump(proc, final=True)
-        self.procs[proc.index] = None
-        self._close_proc(proc)
-        if self.client.lost is None and self.broken is None:
-            try:
-                self.client.call("release_pid", proc.pid)
-            except StateServerLostError:
-                pass
-        planned = proc.exiting is not None or proc.stopping
-        exitcode, signame = _process.describe_exit(code)
-        inflight = list(proc.inflight)
-        proc.inflight.clear()
-        if inflight and proc.ready and not planned and not inflight[0].resolved:
-            running = inflight.pop(0)
-            self.inflight -= 1
-            running.rt.running -= 1
-            running.crashes += 1
-            running.rt.stats.errors += 1
-            self._on_failure(running, self._crash_error(proc, running, exitcode, signame))
-        self._requeue(proc, inflight)
-        if self.stop_requested or self.closed and self.active_jobs == 0:
-            return
-        if not proc.ready and not planned:
-            self.start_failures += 1
-            tail = "\n".join(proc.stderr_tail)
-            self.last_start_error = (
-                f"worker {proc.index} (pid {proc.pid}) exited during start-up "
-                f"({'signal ' + signame if signame else 'exit code ' + str(exitcode)})"
-                + (f"; its last error output:\n{tail}" if tail else "")
-            )
-            if self.start_failures >= MAX_START_FAILURES:
-                self._break(RuntimeBrokenError,
-                            f"worker processes failed to start {self.start_failures} times in a row; giving up. "
-                            f"Last failure: {self.last_start_error}")
-                return
-            delay = min(MAX_RESPAWN_DELAY, 0.1 * 2 ** (self.start_failures - 1))
-            self._add_timer(time.monotonic() + delay, "respawn", proc.index)
-        else:
-            self._respawn(proc.index)
-
-    def _close_proc(self, proc: _Proc) -> None:
-        """Release every descriptor of a dead process."""
-        fds = [proc.results.fileno()] if not proc.results.closed else []
-        fds += list(proc.outputs)
-        if proc.pidfd is not None:
-            fds.append(proc.pidfd)
-        for fd in fds:
-            self._unwatch(fd)
-        for conn in (proc.commands, proc.results):
-            conn.close()
-        if proc.pidfd is not None:
-            os.close(proc.pidfd)
-            proc.pidfd = None
-        for _stream, _partial, pipe in proc.outputs.values():
-            pipe.close()
-        proc.outputs.clear()
-
-    def _respawn(self, index: int) -> None:
-        if self.procs[index] is None and not self.stop_requested and self.broken is None:
-            self.restarts[index] += 1
-            self._spawn_worker(index)
-
-    def _start_failed(self, index: int, why: str) -> None:
-        self.start_failures += 1
-        self.last_start_error = f"worker {index}: {why}"
-        if self.start_failures >= MAX_START_FAILURES:
-            self._break(RuntimeBrokenError, f"worker processes failed to start {self.start_failures} times "
-                                            f"in a row; giving up. Last failure: {self.last_start_error}")
-        else:
-            self._add_timer(time.monotonic() + min(MAX_RESPAWN_DELAY, 0.1 * 2 ** self.start_failures),
-                            "respawn", index)
-
-    def _crash_error(self, proc: _Proc, act: _Act, exitcode: int | None, signame: str | None) -> dict:
-        if signame:
-            how = f"was killed by {signame}"
-            cause = _LIKELY_CAUSES.get(signame, "a signal from outside")
-        else:
-            how = f"exited with code {exitcode}"
-            cause = "the logic (or a library it called) ended the process, e.g. with os._exit()"
-        message = (
-            f"worker {proc.index} (pid {proc.pid}) {how} while running routine {act.rt.rid!r} "
-            f"of worker {act.rt.inst.worker_id!r}: {cause}. The process was replaced; other jobs carry on"
-        )
-        tail = "\n".join(proc.stderr_tail)
-        return _error(WorkerCrashedError, message, traceback=tail, exitcode=exitcode, signal=signame,
-                      pid=proc.pid, process=proc.index, crashed=True)
-
-    def _kill_activation(self, act: _Act, cls: type[RoutiluxError], message: str, sig: int) -> None:
-        """Fail ``act`` now and kill the process running it (it is replaced once dead)."""
-        proc = act.proc
-        assert proc is not None
-        act.resolved = True
-        proc.exiting = proc.exiting or f"killed: {cls.__name__}"
-        act.rt.stats.errors += 1
-        _process.signal_group(proc.pid, sig)
-        if sig != signal.SIGKILL:
-            self._add_timer(time.monotonic() + TERM_GRACE, "kill", proc)
-        self._on_failure(act, _error(cls, message, pid=proc.pid, process=proc.index))
-
-    def _state_died(self) -> None:
-        code = self.state_popen.poll() if self.state_popen else None
-        if self._state_pidfd is not None:
-            self._unwatch(self._state_pidfd)
-            os.close(self._state_pidfd)
-            self._state_pidfd = None
-        if self.stop_requested:
-            return
-        exitcode, signame = _process.describe_exit(code)
-        how = f"was killed by {signame}" if signame else f"exited with code {exitcode}"
-        self._state_lost(f"the state server (pid {self.state_popen.pid if self.state_popen else '?'}) {how}")
-
     def _state_lost(self, why: str) -> None:
         if self.broken is not None:
             return
@@ -845,31 +571,6 @@ class Supervisor:
                 self._check_memory()
                 if not self.stop_requested:
                     self._add_timer(now + MEMORY_SAMPLE_INTERVAL, "memory", None)
-
-    def _check_memory(self) -> None:
-        import psutil
-
-        limit = self.kill_worker_rss
-        if limit is None:
-            return
-        for proc in self.procs:
-            if proc is None or not proc.inflight or proc.inflight[0].resolved:
-                continue
-            try:
-                if proc.ps is None:
-                    proc.ps = psutil.Process(proc.pid)
-                rss = proc.ps.memory_info().rss
-            except psutil.Error:
-                continue
-            if rss > limit:
-                act = proc.inflight[0]
-                self._kill_activation(
-                    act, WorkerMemoryError,
-                    f"worker {proc.index} (pid {proc.pid}) used {rss // 2**20} MiB while running routine "
-                    f"{act.rt.rid!r}, over the hard limit of {limit // 2**20} MiB; it was killed and replaced. "
-                    "Process less data per activation, or raise Runtime(max_worker_rss=...)",
-                    signal.SIGKILL,
-                )
 
     # ------------------------------------------------------------------ policies
 
@@ -1196,72 +897,3 @@ class Supervisor:
                                                        "jobs_failed": 0}, "states": {}})
             entry["meta"]["status"] = final
         self.client.snapshot = snapshot
-
-    def _stop_children(self) -> None:
-        procs = [p for p in self.procs if p is not None]
-        for proc in procs:
-            proc.stopping = True
-            try:
-                proc.commands.send_bytes(dumps(STOP))
-            except OSError:
-                pass
-        deadline = time.monotonic() + self.stop_grace
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            alive = [p for p in procs if p.popen.poll() is None]
-            if not alive:
-                break
-            if sig is not None:
-                for proc in alive:
-                    _process.signal_group(proc.pid, sig)
-                deadline = time.monotonic() + TERM_GRACE
-            self._wait_exit(alive, deadline)
-        for proc in procs:
-            _process.signal_group(proc.pid, signal.SIGKILL)
-            try:
-                proc.popen.wait(TERM_GRACE)
-            except subprocess.TimeoutExpired:
-                logger.error("worker %d (pid %d) survived SIGKILL", proc.index, proc.pid)
-            self._pump(proc, final=True)
-            self._close_proc(proc)
-            self.procs[proc.index] = None
-        popen = self.state_popen
-        if popen is not None:
-            def close_stdin() -> None:
-                if popen.stdin is not None:
-                    popen.stdin.close()
-
-            _process.stop_process(popen, join_timeout=STATE_STOP_TIMEOUT, term_timeout=TERM_GRACE, ask=close_stdin)
-            if popen.stdout is not None:
-                popen.stdout.close()
-        if self._state_pidfd is not None:
-            self._unwatch(self._state_pidfd)
-            os.close(self._state_pidfd)
-            self._state_pidfd = None
-        self._selector.close()
-        for fd in (self._wake_r, self._wake_w, self._life_r, self._life_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-    def _wait_exit(self, procs: list[_Proc], deadline: float) -> None:
-        """Wait until ``procs`` exit or ``deadline`` passes, forwarding their output meanwhile."""
-        while True:
-            alive = [p for p in procs if p.popen.poll() is None]
-            remaining = deadline - time.monotonic()
-            if not alive or remaining <= 0:
-                return
-            fds: list[int] = []
-            for proc in alive:
-                fds.extend(proc.outputs)
-                if proc.pidfd is not None:
-                    fds.append(proc.pidfd)
-            if not any(p.pidfd is not None for p in alive):
-                remaining = min(remaining, 0.05)  # no pidfd on this system: check exits often
-            for fd in wait_for(fds, remaining) if fds else []:
-                for proc in alive:
-                    if fd in proc.outputs:
-                        self._pump(proc)
-            if not fds:
-                time.sleep(min(remaining, 0.05))

@@ -29,7 +29,19 @@ import cloudpickle
 from multiprocess.connection import Connection
 
 from . import _context, _jsonvalue, _process
-from ._messages import STOP, _Activation, _Exiting, _LoadFlow, _Ready, _Result, _Stop, _WorkerConfig, dumps, encode, loads
+from ._messages import (
+    STOP,
+    _Activation,
+    _Exiting,
+    _LoadFlow,
+    _Ready,
+    _Result,
+    _Stop,
+    _WorkerConfig,
+    dumps,
+    encode,
+    loads,
+)
 from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
 from .state import WorkerState, _StoreClient, close_resources

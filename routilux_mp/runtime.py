@@ -423,8 +423,9 @@ class Runtime:
             agg["lost_updates"] = (lost or {}).get(rid, 0)
         processes = []
         for index, pid, activations, restarts, ready in procs:
-            entry: dict[str, Any] = {"index": index, "pid": pid, "alive": pid is not None, "rss": None,
-                                     "cpu_percent": None, "activations": activations, "restarts": restarts}
+            entry: dict[str, Any] = {"index": index, "pid": pid, "alive": pid is not None, "ready": ready,
+                                     "rss": None, "cpu_percent": None, "activations": activations,
+                                     "restarts": restarts}
             if pid is not None:
                 try:
                     ps = self._ps.get(pid)

@@ -65,7 +65,7 @@ def run_soak(jobs: int, kills: int, processes: int, seed: int) -> dict:
         every = max(1, jobs // (kills + 1))
         for k in range(1, kills + 1):
             with progress:
-                if not progress.wait_for(lambda: len(done_calls) >= k * every, timeout=120):
+                if not progress.wait_for(lambda k=k: len(done_calls) >= k * every, timeout=120):
                     return
             pids = [p["pid"] for p in runtime.stats()["processes"] if p["alive"]]
             if pids:

@@ -78,7 +78,7 @@ def test_three_stage_pipeline_completes_jobs_with_outputs(make_runtime) -> None:
     lines = ["alpha beta", "gamma", "delta epsilon zeta"]
     jobs = [runtime.post("pipe", "parse", "line", {"text": t})[1] for t in lines]
     assert runtime.wait_until_all_jobs_finished(WAIT)
-    for job, line in zip(jobs, lines):
+    for job, line in zip(jobs, lines, strict=True):
         assert job.status == "completed" and job.completed_at is not None
         assert sorted(o["data"]["word"] for o in job.outputs) == sorted(line.split())
         assert {(o["routine"], o["event"]) for o in job.outputs} == {("collect", "result")}
