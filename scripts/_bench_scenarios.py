@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -532,8 +533,8 @@ def _same(results: list, expected: list, who: str) -> None:
 def scenario_tiny(cfg: Config) -> Scenario:
     """Trivial activations per second: one at a time (latency) and all at once (throughput)."""
     n = cfg.processes
-    one = 200 if cfg.quick else 1000
-    many = 500 if cfg.quick else 4000
+    one = 200 if cfg.quick else 600
+    many = 500 if cfg.quick else 3000
     sc = Scenario("tiny", "Tiny activations per second (trivial logic: emit the input)")
     sc.description = (
         f"One at a time: {one} x (post, wait for that job) vs (submit, result()). All at once: {many} items "
@@ -590,7 +591,7 @@ def scenario_pipeline(cfg: Config) -> Scenario:
     """A 3-stage pipeline (parse -> parallel transform -> stateful collect), end to end."""
     n = cfg.processes
     work_n, seconds = calibrate(CPU_ITEM_SECONDS * PIPELINE_WORK_FRACTION)
-    count = 150 if cfg.quick else 600
+    count = 150 if cfg.quick else 400
     lines = [pipeline_line(i) for i in range(count)]
     sc = Scenario("pipeline", "3-stage pipeline, end-to-end items per second")
     sc.description = (
@@ -695,8 +696,8 @@ STATE_OPS = ("get", "update", "increment")
 def scenario_state(cfg: Config) -> Scenario:
     """WorkerState operations per second from 1 and N processes vs raw Manager dict proxy calls."""
     n = cfg.processes
-    k1 = 300 if cfg.quick else 2000
-    kn = 200 if cfg.quick else 1000
+    k1 = 300 if cfg.quick else 1000
+    kn = 200 if cfg.quick else 500
     sc = Scenario("state", "WorkerState operations per second vs Manager dict proxy calls")
     sc.description = (
         f"From 1 process (the supervisor / the main process): {k1} calls per operation. From N={n} processes "
@@ -872,16 +873,18 @@ def scenario_memory(cfg: Config) -> Scenario:
     items = cfg.stream_items
     sc = Scenario("memory", "Memory: idle workers, and the supervisor while streaming")
     sc.description = (
-        f"Idle: RSS of each worker process (runtime.stats()) and of the state server after a warm-up, vs "
+        f"Measured in a fresh Python process (a user's script: routilux_mp imported, nothing else). Idle: RSS of "
+        f"each worker process (runtime.stats()) and of the state server after a warm-up, vs "
         f"ProcessPoolExecutor({n}, spawn) workers. Streaming: {items:,} tiny items posted one by one (post blocks "
         f"on back-pressure: slot queue bound 1000) into a trivial sink routine taking {STREAM_BATCH} items per "
         f"activation (batch_size_policy, so the run fits the time budget); the supervisor's RSS is sampled every "
-        f"{RSS_SAMPLE_INTERVAL * 1000:.0f} ms. Runs once (no rounds): default Runtime settings."
+        f"{RSS_SAMPLE_INTERVAL * 1000:.0f} ms. Runs once (no rounds), default Runtime settings."
     )
     idle = sc.quantity("idle_worker_mb", "idle worker process RSS (median of workers)", "MB", False)
     state = sc.quantity("state_server_mb", "state server RSS, idle", "MB", False)
-    base = sc.quantity("supervisor_base_mb", "supervisor RSS before streaming", "MB", False)
+    base = sc.quantity("supervisor_base_mb", "supervisor RSS before streaming (runtime started)", "MB", False)
     peak = sc.quantity("supervisor_peak_mb", "supervisor peak RSS while streaming", "MB", False)
+    growth = sc.quantity("supervisor_growth_mb", "supervisor RSS growth while streaming (peak - before)", "MB", False)
     rate = sc.quantity("stream_per_s", "items streamed per second", "items/s", True)
     rmp, ppe = f"{RMP} Runtime({n})", f"ProcessPoolExecutor({n}, spawn)"
     import multiprocessing
@@ -893,43 +896,65 @@ def scenario_memory(cfg: Config) -> Scenario:
             idle.samples[ppe] = [statistics.median(rss)]
     if not cfg.wanted(rmp):
         return sc
-    me = os.getpid()
-    with Runtime(processes=n) as runtime:
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import _bench_scenarios as b; "
+            f"b.memory_child({n}, {items}, {cfg.timeout!r})")
+    budget = cfg.timeout + items / 1000  # the stream goes far faster than 1,000 items/s
+    try:
+        child = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, timeout=budget,
+                               check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"the streaming process did not finish within {budget:.0f}s") from exc
+    if child.returncode != 0 or not child.stdout.strip():
+        raise BenchError(f"the streaming process failed (exit code {child.returncode}); see its stderr above")
+    out = json.loads(child.stdout.strip().splitlines()[-1])
+    idle.samples[rmp] = [out["idle_worker_mb"]]
+    if out["state_server_mb"] is not None:
+        state.samples[rmp] = [out["state_server_mb"]]
+    base.samples[rmp] = [out["base_mb"]]
+    peak.samples[rmp] = [out["peak_mb"]]
+    growth.samples[rmp] = [out["peak_mb"] - out["base_mb"]]
+    rate.samples[rmp] = [items / out["seconds"]]
+    sc.notes.append(f"streamed {items:,} items in {out['seconds']:.1f}s; {out['samples']} RSS samples; supervisor "
+                    f"RSS {out['import_mb']:.0f} MB after importing routilux_mp, {out['end_mb']:.0f} MB at the end")
+    sc.checks.append(Check("idle worker RSS vs PPE spawn worker", "idle_worker_mb", rmp, ppe))
+    sc.checks.append(Check("supervisor peak RSS while streaming (MB)", "supervisor_peak_mb", rmp, None, 200.0))
+    return sc
+
+
+def memory_child(processes: int, items: int, timeout: float) -> None:
+    """The routilux-mp side of ``memory``, in a fresh process; prints one JSON line of results."""
+    me = psutil.Process()
+    import_mb = me.memory_info().rss / MB
+    register_rmp_flows()
+    with Runtime(processes=processes) as runtime:
         runtime.exec("bench-sink")
         runtime.exec("bench-echo")
-        _rmp_warm(runtime, "bench-echo", "r", "in", {"x": 0}, 4 * n, cfg.timeout)
+        _rmp_warm(runtime, "bench-echo", "r", "in", {"x": 0}, 4 * processes, timeout)
         rss = [p["rss"] / MB for p in runtime.stats()["processes"] if p["rss"]]
         if not rss:
             raise BenchError(f"no live worker process to measure: {runtime.stats()['processes']}")
-        idle.samples[rmp] = [statistics.median(rss)]
-        server = _state_server_rss()
-        if server is not None:
-            state.samples[rmp] = [server]
-        base.samples[rmp] = [psutil.Process(me).memory_info().rss / MB]
-        sampler = RssSampler(me)
+        result: dict[str, Any] = {"import_mb": import_mb, "idle_worker_mb": statistics.median(rss),
+                                  "state_server_mb": _state_server_rss(), "base_mb": me.memory_info().rss / MB}
+        sampler = RssSampler(me.pid)
         sampler.start()
         start = time.perf_counter()
         last_log = start
         try:
             for i in range(items):
-                runtime.post("bench-sink", "r", "in", {"i": i}, timeout=cfg.timeout)
+                runtime.post("bench-sink", "r", "in", {"i": i}, timeout=timeout)
                 if i % 10_000 == 0 and time.perf_counter() - last_log > 10:
                     last_log = time.perf_counter()
-                    log(f"memory: {i:,} items posted, RSS {sampler.peak / MB:.0f} MB peak so far")
-            _wait_all(runtime, cfg.timeout, "streaming")
+                    log(f"memory: {i:,} items posted, supervisor RSS peak so far {sampler.peak / MB:.0f} MB")
+            _wait_all(runtime, timeout, "streaming")
         finally:
-            peak_bytes = sampler.stop()
-        elapsed = time.perf_counter() - start
-        peak.samples[rmp] = [peak_bytes / MB]
-        rate.samples[rmp] = [items / elapsed]
+            peak = sampler.stop()
+        result["seconds"] = time.perf_counter() - start
         jobs = runtime.stats()["jobs"]
-        if jobs.get("completed", 0) != items + 4 * n:
-            raise BenchError(f"streaming: expected {items + 4 * n} completed jobs, got {jobs}")
-        sc.notes.append(f"streamed {items:,} items in {elapsed:.1f}s; {sampler.samples} RSS samples; "
-                        f"end RSS {psutil.Process(me).memory_info().rss / MB:.0f} MB")
-    sc.checks.append(Check("idle worker RSS vs PPE spawn worker", "idle_worker_mb", rmp, ppe))
-    sc.checks.append(Check("supervisor peak RSS while streaming (MB)", "supervisor_peak_mb", rmp, None, 200.0))
-    return sc
+        if jobs.get("completed", 0) != items + 4 * processes:
+            raise BenchError(f"streaming: expected {items + 4 * processes} completed jobs, got {jobs}")
+        result.update(peak_mb=peak / MB, samples=sampler.samples, end_mb=me.memory_info().rss / MB)
+    print(json.dumps(result), flush=True)
 
 
 def _pid(_x: Any) -> int:
