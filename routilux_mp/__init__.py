@@ -7,6 +7,8 @@ server process, shared by all of them as JSON with atomic operations.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import activation_policies, errors
 from .error_handling import ErrorHandler, ErrorStrategy
 from .errors import (
@@ -30,10 +32,22 @@ from .flow import Flow
 from .job import JobContext, get_current_job
 from .monitoring.flow_registry import FlowRegistry
 from .routine import Event, Routine, Slot
-from .runtime import Runtime
 from .state import WorkerState
 
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Runtime pulls in the supervisor, which worker processes never need: importing
+    # it on first use keeps a worker's start-up (it imports this package) short.
+    if name == "Runtime":
+        from .runtime import Runtime
+
+        return Runtime
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     # the core

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import pickle
-import statistics
 import subprocess
 from collections.abc import Iterable
 from typing import Any
@@ -204,11 +203,12 @@ class _Proc:
                  "loaded", "activations", "exiting", "stopping", "broken_pipe", "ps", "started_at",
                  "stderr_tail", "results_closed", "reader")
 
-    def __init__(self, index: int, popen: subprocess.Popen, commands: Any, results: Any, pidfd: int | None,
+    def __init__(self, index: int, popen: subprocess.Popen, commands: int, results: int, pidfd: int | None,
                  started_at: float) -> None:
         self.index = index
         self.popen = popen
         self.pid = popen.pid
+        #: Write end of the command pipe, read end of the result pipe.
         self.commands = commands
         self.results = results
         self.pidfd = pidfd
@@ -227,13 +227,15 @@ class _Proc:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         self.results_closed = False
         #: Reads the result pipe without ever blocking.
-        self.reader = FrameReader(results.fileno())
+        self.reader = FrameReader(results)
 
     def __repr__(self) -> str:
         return f"<_Proc {self.index} pid={self.pid} inflight={len(self.inflight)}>"
 
 
 def percentile(samples: Iterable[float], q: float) -> float | None:
+    import statistics
+
     data = sorted(samples)
     if not data:
         return None

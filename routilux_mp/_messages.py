@@ -109,6 +109,53 @@ _I = struct.Struct("!i")
 _Q = struct.Struct("!Q")
 
 
+def write_frame(fd: int, data: bytes) -> None:
+    """Write one frame (the ``multiprocessing.connection`` format) to a blocking pipe."""
+    size = len(data)
+    header = _I.pack(size) if size <= 0x7FFFFFFF else _I.pack(-1) + _Q.pack(size)
+    view = memoryview(header + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    parts = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            raise EOFError("the other end of the pipe is gone")
+        parts.append(chunk)
+        size -= len(chunk)
+    return b"".join(parts)
+
+
+def read_frame(fd: int) -> bytes:
+    """Read one frame from a blocking pipe; ``EOFError`` when the writer is gone."""
+    (size,) = _I.unpack(_read_exactly(fd, 4))
+    if size == -1:
+        (size,) = _Q.unpack(_read_exactly(fd, 8))
+    return _read_exactly(fd, size)
+
+
+class ServerConfig:
+    """What the state server needs (sent on its stdin: the authkey must not show in ``ps``)."""
+
+    __slots__ = ("address", "authkey", "parent_pid", "sys_path", "max_state_bytes", "strict", "lock_timeout")
+
+    def __init__(self, address: str, authkey: bytes, parent_pid: int, sys_path: list[str],
+                 max_state_bytes: int, strict: bool, lock_timeout: float) -> None:
+        self.address = address
+        self.authkey = authkey
+        self.parent_pid = parent_pid
+        self.sys_path = sys_path
+        self.max_state_bytes = max_state_bytes
+        self.strict = strict
+        self.lock_timeout = lock_timeout
+
+    def __repr__(self) -> str:
+        return f"ServerConfig(address={self.address!r})"
+
+
 class _WorkerConfig:
     __slots__ = ("index", "parent_pid", "sys_path", "state_address", "authkey", "state_timeout",
                  "lock_timeout", "max_rss", "max_activations")

@@ -31,12 +31,9 @@ import time
 from multiprocessing.connection import wait as wait_for
 from typing import Any
 
-from multiprocess.connection import Connection
-
 from . import _process
 from ._ledger import _Act, _Proc
-from ._messages import STOP, _WorkerConfig, dumps
-from ._state_server import ServerConfig
+from ._messages import STOP, ServerConfig, _WorkerConfig, dumps, write_frame
 from .errors import (
     RoutiluxError,
     RuntimeBrokenError,
@@ -124,23 +121,21 @@ class ProcessPool:
             return
         os.close(cmd_r)
         os.close(res_w)
-        commands = Connection(cmd_w, readable=False)
-        results = Connection(res_r, writable=False)
-        proc = _Proc(index, popen, commands, results, _process.open_pidfd(popen.pid), time.monotonic())
+        proc = _Proc(index, popen, cmd_w, res_r, _process.open_pidfd(popen.pid), time.monotonic())
         for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
             assert pipe is not None
             fd = pipe.fileno()
             os.set_blocking(fd, False)
             proc.outputs[fd] = [stream, b"", pipe]
             self._watch(fd, "output", proc)
-        self._watch(results.fileno(), "results", proc)
+        self._watch(res_r, "results", proc)
         if proc.pidfd is not None:
             self._watch(proc.pidfd, "death", proc)
         config = _WorkerConfig(index, os.getpid(), self._sys_path, self.state_address, self._authkey,
                                self.state_timeout, self.lock_timeout, self.max_worker_rss,
                                self.max_activations_per_process)
         try:
-            commands.send_bytes(dumps(config))
+            write_frame(cmd_w, dumps(config))
         except OSError:
             proc.broken_pipe = True
         self.procs[index] = proc
@@ -252,15 +247,14 @@ class ProcessPool:
             self._respawn(proc.index)
 
     def _close_proc(self, proc: _Proc) -> None:
-        """Release every descriptor of a dead process."""
-        fds = [proc.results.fileno()] if not proc.results.closed else []
-        fds += list(proc.outputs)
+        """Release every descriptor of a dead process (unwatched first: fd numbers are reused)."""
+        fds = [proc.results, *proc.outputs]
         if proc.pidfd is not None:
             fds.append(proc.pidfd)
         for fd in fds:
             self._unwatch(fd)
-        for conn in (proc.commands, proc.results):
-            conn.close()
+        for fd in (proc.commands, proc.results):
+            os.close(fd)
         if proc.pidfd is not None:
             os.close(proc.pidfd)
             proc.pidfd = None
@@ -352,7 +346,7 @@ class ProcessPool:
         for proc in procs:
             proc.stopping = True
             try:
-                proc.commands.send_bytes(dumps(STOP))
+                write_frame(proc.commands, dumps(STOP))
             except OSError:
                 pass
         deadline = time.monotonic() + self.stop_grace

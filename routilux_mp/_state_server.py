@@ -34,6 +34,7 @@ import cloudpickle
 from multiprocess import connection, managers
 
 from . import _jsonvalue, _process
+from ._messages import ServerConfig
 from .errors import (
     LockTimeoutError,
     RoutiluxError,
@@ -41,6 +42,7 @@ from .errors import (
     StateNotSerializableError,
     StateTooLargeError,
 )
+from .state import _Lost, _Timeout
 
 #: Serializer name under which our pickle-based connections are registered.
 SERIALIZER = "routilux-mp"
@@ -451,14 +453,6 @@ class StoreManager(managers.BaseManager):
     """The manager serving :class:`StateStore` (typeid ``get_store``)."""
 
 
-class _Timeout(Exception):
-    """The server did not answer in time."""
-
-
-class _Lost(Exception):
-    """The connection to the server broke."""
-
-
 class StoreProxy(managers.BaseProxy):
     """Client side of :class:`StateStore`: one kept-open connection per thread, calls with deadlines."""
 
@@ -491,20 +485,6 @@ class StoreProxy(managers.BaseProxy):
 
 
 StoreManager.register("get_store", callable=_get_store, proxytype=StoreProxy, exposed=EXPOSED)
-
-
-class ServerConfig:
-    __slots__ = ("address", "authkey", "parent_pid", "sys_path", "max_state_bytes", "strict", "lock_timeout")
-
-    def __init__(self, address: str, authkey: bytes, parent_pid: int, sys_path: list[str],
-                 max_state_bytes: int, strict: bool, lock_timeout: float) -> None:
-        self.address = address
-        self.authkey = authkey
-        self.parent_pid = parent_pid
-        self.sys_path = sys_path
-        self.max_state_bytes = max_state_bytes
-        self.strict = strict
-        self.lock_timeout = lock_timeout
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ import cloudpickle
 
 from . import _process
 from ._ledger import _Act, _Entry, _Instance, _Proc, _RoutineRt
-from ._messages import _Activation, _Exiting, _LoadFlow, _Ready, _Result, dumps, encode, loads
+from ._messages import _Activation, _Exiting, _LoadFlow, _Ready, _Result, dumps, encode, loads, write_frame
 from ._pool import MEMORY_SAMPLE_INTERVAL, STATE_STOP_TIMEOUT, TERM_GRACE, ProcessPool, _error
 from .activation_policies import IMMEDIATE_MESSAGE
 from .error_handling import ErrorStrategy
@@ -757,9 +757,9 @@ class Supervisor(ProcessPool):
                 return False
         try:
             if load is not None:
-                proc.commands.send_bytes(load)
+                write_frame(proc.commands, load)
                 proc.loaded.add(inst.flow_key)
-            proc.commands.send_bytes(payload)
+            write_frame(proc.commands, payload)
         except OSError:  # the process is dying; its death is handled when the pidfd fires
             proc.broken_pipe = True
             rt.ready.appendleft(act)

@@ -26,7 +26,6 @@ import traceback
 from typing import Any
 
 import cloudpickle
-from multiprocess.connection import Connection
 
 from . import _context, _jsonvalue, _process
 from ._messages import (
@@ -41,6 +40,8 @@ from ._messages import (
     dumps,
     encode,
     loads,
+    read_frame,
+    write_frame,
 )
 from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
@@ -118,7 +119,7 @@ class _ActivationContext:
 class _Worker:
     """State of one worker process; :meth:`step` handles one message."""
 
-    def __init__(self, config: _WorkerConfig, results: Connection) -> None:
+    def __init__(self, config: _WorkerConfig, results: int) -> None:
         self.config = config
         self.results = results
         self.client = _StoreClient(config.state_address, config.authkey, config.state_timeout, config.lock_timeout)
@@ -127,7 +128,7 @@ class _Worker:
         self.activations = 0
 
     def send(self, message: Any) -> None:
-        self.results.send_bytes(dumps(message))
+        write_frame(self.results, dumps(message))
 
     def step(self, message: Any) -> str | None:
         """Handle one message; return a reason to exit, or ``None`` to go on."""
@@ -212,7 +213,7 @@ class _Worker:
         return result
 
 
-def run_worker(commands: Connection, results: Connection, life_fd: int, config: _WorkerConfig) -> None:
+def run_worker(commands: int, results: int, life_fd: int, config: _WorkerConfig) -> None:
     """Serve activations until told to stop (or the supervisor disappears)."""
     _process.arm_parent_death(config.parent_pid)
     _process.watch_for_eof(life_fd, "routilux-mp parent watchdog")
@@ -226,7 +227,7 @@ def run_worker(commands: Connection, results: Connection, life_fd: int, config: 
     reason = None
     while reason is None:
         try:
-            raw = commands.recv_bytes()
+            raw = read_frame(commands)
         except (EOFError, OSError):
             os._exit(_process.EXIT_PARENT_GONE)
         reason = worker.step(loads(raw))
@@ -243,13 +244,12 @@ def run_worker(commands: Connection, results: Connection, life_fd: int, config: 
 def main() -> None:
     """Entry point: ``python -c ... "routilux-mp worker N" CMD_FD RESULT_FD LIFE_FD``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    commands = Connection(int(sys.argv[2]), writable=False)
-    results = Connection(int(sys.argv[3]), readable=False)
+    commands, results, life_fd = (int(fd) for fd in sys.argv[2:5])
     try:
-        config = loads(commands.recv_bytes())
+        config = loads(read_frame(commands))
     except (EOFError, OSError):
         os._exit(_process.EXIT_PARENT_GONE)
-    run_worker(commands, results, int(sys.argv[4]), config)
+    run_worker(commands, results, life_fd, config)
 
 
 __all__ = ["STOP", "describe_exception", "main", "run_worker"]

@@ -21,12 +21,19 @@ from typing import Any
 import cloudpickle
 
 from . import _jsonvalue
-from ._state_server import SERIALIZER, StoreManager, StoreProxy, _Lost, _Timeout
 from .errors import RoutiluxError, RuntimeClosedError, SerializationError, StateServerLostError
 
 __all__ = ["WorkerState"]
 
 logger = logging.getLogger("routilux_mp.state")
+
+class _Timeout(Exception):
+    """The state server did not answer in time."""
+
+
+class _Lost(Exception):
+    """The connection to the state server broke."""
+
 
 #: Errors that mean the connection to the state server could not be made.
 _CONNECT_ERRORS = (EOFError, OSError)
@@ -45,7 +52,7 @@ class _StoreClient:
         self._authkey = authkey
         self.timeout = timeout
         self.lock_timeout = lock_timeout
-        self._proxy: StoreProxy | None = None
+        self._proxy: Any = None  # a _state_server.StoreProxy, made on first use
         self._lock = threading.Lock()
         self.lost: str | None = None
         #: Set by the runtime at shutdown: reads are served from it afterwards.
@@ -74,7 +81,11 @@ class _StoreClient:
 
     # -- calls -----------------------------------------------------------------
 
-    def _connect(self) -> StoreProxy:
+    def _connect(self) -> Any:
+        # Imported here: multiprocess (and dill) cost a worker ~100 ms of start-up,
+        # paid only by processes whose logic touches state.
+        from ._state_server import SERIALIZER, StoreManager
+
         with self._lock:
             if self._proxy is None:
                 manager = StoreManager(address=self.address, authkey=self._authkey, serializer=SERIALIZER)
