@@ -197,17 +197,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+#: Strict JSON: NaN and Infinity, which json.loads accepts, could not be written back as JSON.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def read_jsonl(stream: IO[bytes], label: str) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` per non-blank line; ``CliError`` (exit 2) at the first bad one."""
     for number, raw in enumerate(stream, 1):
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw, parse_constant=_reject_constant)
+            value = _DECODER.decode(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CliError(EXIT_USAGE, f"{label} line {number}: not UTF-8 text") from None
         except json.JSONDecodeError as exc:
             raise CliError(EXIT_USAGE,
                            f"{label} line {number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        except ValueError as exc:  # not UTF-8, or NaN/Infinity
+        except ValueError as exc:  # NaN or Infinity
             raise CliError(EXIT_USAGE, f"{label} line {number}: not valid JSON ({exc})") from None
         if not isinstance(value, dict):
             raise CliError(EXIT_USAGE, f"{label} line {number}: each line must be a JSON object, "
