@@ -148,9 +148,13 @@ class Display:
         """A line for the user (above the live region, if any)."""
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
+    def print_lines(self, text: str) -> None:
+        """Complete lines as they are (no markup, no wrapping), above the live region if any."""
+        self.console.out(text.rstrip("\n"), highlight=False)
+
     def worker_output(self, stream: str, text: str) -> None:
         """Lines a worker printed: never to stdout, which carries the JSONL output."""
-        self.console.out(text.rstrip("\n"), highlight=False)
+        self.print_lines(text)
 
     def summary(self, flow_name: str, tally: Tally, wall: float, stats: dict, processes: int, cpus: int,
                 stopped: str | None = None) -> None:

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -171,14 +172,14 @@ def choose_flow(target: str, name: str | None) -> tuple[str, Flow]:
     return name, flow
 
 
-def choose_entry(flow: Flow, entry: str | None) -> tuple[str, str]:
+def choose_entry(flow_name: str, flow: Flow, entry: str | None) -> tuple[str, str]:
     """``(routine_id, slot)`` to post to: ``--entry ROUTINE.SLOT``, or the flow's only entry slot."""
     if entry is None:
         slots = flow.entry_slots()
         if len(slots) == 1:
             return slots[0]
         listed = ", ".join(f"{rid}.{slot}" for rid, slot in slots) or "none: a connection feeds every slot"
-        raise CliError(EXIT_USAGE, f"flow {flow.flow_id!r} has {len(slots)} entry slots ({listed}): "
+        raise CliError(EXIT_USAGE, f"flow {flow_name!r} has {len(slots)} entry slots ({listed}): "
                        "name one with --entry ROUTINE.SLOT")
     rid, _, slot = entry.rpartition(".")
     if not rid or not slot:
@@ -262,6 +263,29 @@ def open_output(path: str | None) -> tuple[IO[str], bool]:
         return open(path, "w", encoding="utf-8", newline="\n"), False
     except OSError as exc:
         raise CliError(EXIT_USAGE, f"cannot write output {path!r}: {exc.strerror}") from exc
+
+
+class _AboveLiveDisplay(io.TextIOBase):
+    """Stdout when it is the terminal the live display draws on: lines go above the live region.
+
+    Written straight to the terminal they would land inside the region and garble both.
+    """
+
+    def __init__(self, display: _cli_ui.Display) -> None:
+        super().__init__()
+        self.display = display
+
+    def write(self, text: str) -> int:
+        self.display.print_lines(text)
+        return len(text)
+
+
+def _one_terminal() -> bool:
+    """Whether stdout and stderr are the same terminal."""
+    try:
+        return sys.stdout.isatty() and os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    except (OSError, ValueError):  # closed or not a real file
+        return False
 
 
 def encode_outputs(job: Any) -> str:
@@ -497,9 +521,9 @@ class _Run:
 
     def _begin_stop(self, reason: str) -> None:
         """Stop posting, cancel jobs not started, let running ones finish (in a thread: we keep writing)."""
-        if reason == "interrupted" and self.stop_reason not in (None, "interrupted"):
-            self.stop_reason = reason  # Ctrl-C during another stop still means exit 130
         if self.stopping:
+            if reason == "interrupted":
+                self.stop_reason = reason  # Ctrl-C during another stop still means exit 130
             return
         self.stop_reason = reason
         with self.window:
@@ -507,7 +531,7 @@ class _Run:
             self.window.notify_all()
         if reason == "interrupted":
             self.display.message(f"routilux-mp: interrupted: finishing running jobs (at most {DRAIN_TIMEOUT:.0f} s), "
-                                 "cancelling the rest; Ctrl-C again to stop now")
+                                 "cancelling the rest; interrupt again to stop now")
         else:
             self.display.message(f"routilux-mp: stopping: {reason}; finishing running jobs, cancelling the rest")
         self.stopper = threading.Thread(target=self._drain, name="routilux-mp drain", daemon=True)
@@ -560,7 +584,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``routilux-mp run``: everything that can fail on usage is checked before a process starts."""
     module = load_target(args.target)
     flow_name, flow = choose_flow(args.target, args.flow)
-    entry = choose_entry(flow, args.entry)
+    entry = choose_entry(flow_name, flow, args.entry)
     path = args.input
     if path is None:
         sample = getattr(module, "SAMPLE_INPUT", None)
@@ -569,8 +593,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = os.path.join(os.path.dirname(os.path.abspath(module.__file__ or "")), os.fspath(sample))
     source = _Input(path)
     source.validate()
-    display = _cli_ui.make_display(live=sys.stderr.isatty() and not args.no_progress)
+    live = sys.stderr.isatty() and not args.no_progress
+    display = _cli_ui.make_display(live)
     output, output_is_stdout = open_output(args.output)
+    if live and output_is_stdout and _one_terminal():
+        output = _AboveLiveDisplay(display)
     handler = _DisplayLogHandler(display)
     library_logger = logging.getLogger("routilux_mp")
     library_logger.addHandler(handler)

@@ -260,7 +260,7 @@ def test_a_second_signal_stops_without_waiting_for_running_jobs(flow_file, tmp_p
         read_until(proc.stderr.fileno(), r"started", LINE_TIMEOUT)
         ours = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGINT)
-        read_until(proc.stderr.fileno(), r"Ctrl-C again to stop now", LINE_TIMEOUT)
+        read_until(proc.stderr.fileno(), r"interrupt again to stop now", LINE_TIMEOUT)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=RUN_TIMEOUT)
     finally:
@@ -283,7 +283,9 @@ def test_wordcount_runs_on_its_bundled_sample_and_names_a_bottleneck(python_env)
     assert re.search(r"bottleneck: .*'(tokenize|count)'", result.stderr), result.stderr
 
 
-def test_progress_ui_on_a_terminal(flow_file, tmp_path, python_env) -> None:
+@pytest.mark.parametrize("stdout", ["pipe", "terminal"])
+def test_progress_ui_on_a_terminal(flow_file, tmp_path, python_env, stdout) -> None:
+    """stderr on a pty draws the live UI; JSONL on the same terminal scrolls above it, whole."""
     items = [{"n": n, "sleep": 0.02} for n in range(60)]
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
@@ -291,7 +293,8 @@ def test_progress_ui_on_a_terminal(flow_file, tmp_path, python_env) -> None:
     env.pop("NO_COLOR", None)
     source = write_jsonl(tmp_path / "in.jsonl", items)
     proc = subprocess.Popen([sys.executable, "-m", "routilux_mp", "run", flow_file, "--input", source,
-                             "--processes", "2"], stdout=subprocess.PIPE, stderr=slave, env=env, cwd=ROOT)
+                             "--processes", "2"], stdout=subprocess.PIPE if stdout == "pipe" else slave,
+                            stderr=slave, env=env, cwd=ROOT)
     os.close(slave)
     screen = b""
     deadline = time.monotonic() + RUN_TIMEOUT
@@ -311,12 +314,17 @@ def test_progress_ui_on_a_terminal(flow_file, tmp_path, python_env) -> None:
         proc.kill()
         os.close(master)
     assert proc.returncode == 0
-    assert len(outputs(out.decode())) == 60  # stdout stays clean JSONL
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
-    assert "\x1b[" in screen.decode(errors="replace")  # it drew in place
+    raw = screen.decode(errors="replace")
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw)
+    assert "\x1b[" in raw  # it drew in place
     for expected in ("jobs", "60/60", "jobs/s", "ETA", "pid", "RSS", "CPU%", "activations", "restarts",
                      "bottleneck:"):
         assert expected in text, text
+    if stdout == "pipe":
+        assert len(outputs(out.decode())) == 60  # stdout stays clean JSONL
+    else:
+        lines = [line for line in text.replace("\r", "\n").splitlines() if line.startswith('{"job_id"')]
+        assert [json.loads(line)["data"]["n"] for line in lines] == list(range(60))
 
 
 def test_flows_lists_routines_slots_events_policies_and_connections(python_env) -> None:
