@@ -140,11 +140,13 @@ def read_frame(fd: int) -> bytes:
 class ServerConfig:
     """What the state server needs (sent on its stdin: the authkey must not show in ``ps``)."""
 
-    __slots__ = ("address", "authkey", "parent_pid", "sys_path", "max_state_bytes", "strict", "lock_timeout")
+    __slots__ = ("address", "listen_fd", "authkey", "parent_pid", "sys_path", "max_state_bytes", "strict",
+                 "lock_timeout")
 
-    def __init__(self, address: str, authkey: bytes, parent_pid: int, sys_path: list[str],
+    def __init__(self, address: str, listen_fd: int, authkey: bytes, parent_pid: int, sys_path: list[str],
                  max_state_bytes: int, strict: bool, lock_timeout: float) -> None:
         self.address = address
+        self.listen_fd = listen_fd
         self.authkey = authkey
         self.parent_pid = parent_pid
         self.sys_path = sys_path

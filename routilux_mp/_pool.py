@@ -22,10 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import select
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from multiprocessing.connection import wait as wait_for
@@ -37,13 +37,10 @@ from ._messages import STOP, ServerConfig, _WorkerConfig, dumps, write_frame
 from .errors import (
     RoutiluxError,
     RuntimeBrokenError,
-    StateServerLostError,
     WorkerCrashedError,
     WorkerMemoryError,
 )
 
-#: Seconds to wait for the state server to bind its socket.
-STATE_START_TIMEOUT = 60.0
 #: Seconds the state server gets to exit after its stdin closes, before SIGTERM / SIGKILL.
 STATE_STOP_TIMEOUT = 5.0
 #: Seconds a worker gets after SIGTERM before SIGKILL (shutdown and timeouts).
@@ -83,30 +80,35 @@ class ProcessPool:
     """Process life for the supervisor (a mixin: it uses the supervisor's ledger and timers)."""
 
     def _start(self) -> None:
-        for index in range(self.processes):
-            self._spawn_worker(index)
-        popen = _process.spawn(
-            "routilux_mp._state_server", "routilux-mp state-server", stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=None,
-        )
+        """Start the state server, then the workers; wait for none of them.
+
+        The supervisor binds the state server's socket itself and hands it over,
+        so clients may connect at once: the kernel holds their connections
+        until the server accepts them.
+        """
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.state_address)
+            os.chmod(self.state_address, 0o600)
+            listener.listen(128)
+            popen = _process.spawn(
+                "routilux_mp._state_server", "routilux-mp state-server", pass_fds=(listener.fileno(),),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+            )
+            config = ServerConfig(self.state_address, listener.fileno(), self._authkey, os.getpid(),
+                                  self._sys_path, self.max_state_bytes, self.strict_state, self.lock_timeout)
+        finally:
+            listener.close()
         self.state_popen = popen
-        config = ServerConfig(self.state_address, self._authkey, os.getpid(), self._sys_path,
-                              self.max_state_bytes, self.strict_state, self.lock_timeout)
         data = pickle.dumps(config)
         assert popen.stdin is not None and popen.stdout is not None
         popen.stdin.write(len(data).to_bytes(4, "big") + data)
         popen.stdin.flush()
-        readable, _, _ = select.select([popen.stdout], [], [], STATE_START_TIMEOUT)
-        line = popen.stdout.readline() if readable else b""
-        if line.strip() != b"ready":
-            code = popen.poll()
-            raise RuntimeBrokenError(
-                f"the routilux-mp state server did not start (exit code {code}); its error output, if any, "
-                "is above. Check that `python -c 'import routilux_mp'` works in this environment"
-            )
+        # Its death shows on its pidfd, or (without pidfd support) as EOF on its stdout.
         self._state_pidfd = _process.open_pidfd(popen.pid)
-        if self._state_pidfd is not None:
-            self._watch(self._state_pidfd, "state", None)
+        self._watch(self._state_pidfd if self._state_pidfd is not None else popen.stdout.fileno(), "state", None)
+        for index in range(self.processes):
+            self._spawn_worker(index)
 
     def _spawn_worker(self, index: int) -> None:
         cmd_r, cmd_w = os.pipe()
@@ -209,11 +211,8 @@ class ProcessPool:
         self._pump(proc, final=True)
         self.procs[proc.index] = None
         self._close_proc(proc)
-        if self.client.lost is None and self.broken is None:
-            try:
-                self.client.call("release_pid", proc.pid)
-            except StateServerLostError:
-                pass
+        if self.broken is None:
+            self.pusher.push("release_pid", proc.pid)
         planned = proc.exiting is not None or proc.stopping
         exitcode, signame = _process.describe_exit(code)
         inflight = list(proc.inflight)
@@ -305,16 +304,22 @@ class ProcessPool:
         self._on_failure(act, _error(cls, message, pid=proc.pid, process=proc.index))
 
     def _state_died(self) -> None:
-        code = self.state_popen.poll() if self.state_popen else None
+        popen = self.state_popen
+        assert popen is not None
+        fd = self._state_pidfd if self._state_pidfd is not None else popen.stdout.fileno()
+        self._unwatch(fd)
         if self._state_pidfd is not None:
-            self._unwatch(self._state_pidfd)
             os.close(self._state_pidfd)
             self._state_pidfd = None
+        try:
+            code = popen.wait(TERM_GRACE)
+        except subprocess.TimeoutExpired:
+            code = None  # it closed its stdout but lives on: treat it as lost all the same
         if self.stop_requested:
             return
         exitcode, signame = _process.describe_exit(code)
         how = f"was killed by {signame}" if signame else f"exited with code {exitcode}"
-        self._state_lost(f"the state server (pid {self.state_popen.pid if self.state_popen else '?'}) {how}")
+        self._state_lost(f"the state server (pid {popen.pid}) {how}")
 
     def _check_memory(self) -> None:
         import psutil

@@ -75,7 +75,34 @@ class _PickleConnection:
         self._conn.close()
 
 
+#: In the state-server process: the listening socket the supervisor bound and passed on.
+_ADOPTED_SOCKET: socket.socket | None = None
+
+
+class _AdoptedSocketListener(connection.SocketListener):
+    """A ``SocketListener`` around a socket the supervisor already bound and listens on.
+
+    Binding in the supervisor lets clients connect at once: the kernel queues
+    their connections until this process is up and accepting.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:  # nothing to bind: no super().__init__
+        self._socket = sock
+        self._address = sock.getsockname()
+        self._family = "AF_UNIX"
+        self._last_accepted = None
+        self._unlink = None  # the supervisor removes its private directory
+
+
 class _PickleListener(connection.Listener):
+    def __init__(self, address: Any = None, family: Any = None, backlog: int = 1,
+                 authkey: bytes | None = None) -> None:
+        if _ADOPTED_SOCKET is None:
+            super().__init__(address, family, backlog, authkey)
+            return
+        self._listener = _AdoptedSocketListener(_ADOPTED_SOCKET)
+        self._authkey = authkey
+
     def accept(self) -> _PickleConnection:  # type: ignore[override]
         return _PickleConnection(super().accept())
 
@@ -172,7 +199,9 @@ class StateStore:
     def _worker(self, wid: str) -> _Worker:
         worker = self._workers.get(wid)
         if worker is None:
-            raise RoutiluxError(f"worker {wid!r} is not known to the state server")
+            # The supervisor registers workers without waiting for an answer, so a
+            # worker process may get here first.
+            worker = self._workers[wid] = _Worker("", "running")
         return worker
 
     def _cell(self, wid: str, rid: str) -> _Cell:
@@ -217,9 +246,9 @@ class StateStore:
 
     def register_worker(self, wid: str, flow_id: str, status: str) -> None:
         with self._cond:
-            if wid in self._workers:
-                raise RoutiluxError(f"worker {wid!r} already exists")
-            self._workers[wid] = _Worker(flow_id, status)
+            worker = self._worker(wid)
+            worker.flow_id = flow_id
+            worker.status = status
 
     def set_status(self, wid: str, status: str) -> None:
         with self._cond:
@@ -491,25 +520,21 @@ def main() -> None:
     """Entry point of the state-server process (``routilux-mp state-server``).
 
     Reads a pickled :class:`ServerConfig` from stdin (never the command line:
-    the authkey must not show in ``ps``), binds the socket, writes ``ready``
-    on stdout, then serves until stdin reaches EOF (the supervisor closed it or
-    died).
+    the authkey must not show in ``ps``), adopts the listening socket the
+    supervisor bound, then serves until stdin reaches EOF (the supervisor
+    closed it, or died).
     """
-    global _STORE
+    global _STORE, _ADOPTED_SOCKET
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _process.set_process_name("rmp-state")
     stdin = sys.stdin.buffer
     size = int.from_bytes(stdin.read(4), "big")
     config: ServerConfig = pickle.loads(stdin.read(size))
     _process.arm_parent_death(config.parent_pid)
-    sys.path[:] = config.sys_path
-    _STORE = StateStore(config.max_state_bytes, config.strict, config.lock_timeout)
-    manager = StoreManager(address=config.address, authkey=config.authkey, serializer=SERIALIZER)
-    server = manager.get_server()
-    os.chmod(config.address, 0o600)
     # EOF on stdin is both the supervisor's stop request and the sign of its death.
     _process.watch_for_eof(stdin.fileno(), "routilux-mp parent watchdog", exit_code=0)
-    out = sys.stdout
-    out.write("ready\n")
-    out.flush()
-    server.serve_forever()
+    sys.path[:] = config.sys_path
+    _ADOPTED_SOCKET = socket.socket(fileno=config.listen_fd)
+    _STORE = StateStore(config.max_state_bytes, config.strict, config.lock_timeout)
+    manager = StoreManager(address=config.address, authkey=config.authkey, serializer=SERIALIZER)
+    manager.get_server().serve_forever()

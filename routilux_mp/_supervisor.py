@@ -69,7 +69,7 @@ from .errors import (
     StateServerLostError,
 )
 from .job import JobContext
-from .state import _StoreClient
+from .state import StatePusher, _StoreClient
 
 logger = logging.getLogger("routilux_mp.runtime")
 
@@ -170,6 +170,8 @@ class Supervisor(ProcessPool):
         self.client = _StoreClient(self.state_address, self._authkey, state_timeout, lock_timeout)
         # WorkerStates in this process read status and job counters from here, exactly.
         self.client.local_meta = self.local_meta
+        #: Sends what workers need to know, but nobody waits for, off the dispatcher thread.
+        self.pusher = StatePusher(self.client)
         self.state_popen: subprocess.Popen | None = None
         self._state_pidfd: int | None = None
         self._sys_path = list(sys.path)
@@ -826,11 +828,7 @@ class Supervisor(ProcessPool):
             return
         deltas = {wid: (p, f) for wid, (p, f) in self.count_deltas.items()}
         self.count_deltas.clear()
-        if self.client.lost is None:
-            try:
-                self.client.call("add_job_counts", deltas)
-            except StateServerLostError:
-                pass
+        self.pusher.push("add_job_counts", deltas)
 
     def local_meta(self, worker_id: str) -> dict | None:
         """Status and job counters of a worker, as this process knows them (exactly)."""
@@ -885,9 +883,10 @@ class Supervisor(ProcessPool):
 
     def _take_snapshot(self) -> None:
         snapshot: dict[str, dict] = {}
+        self.flush_counts()
+        self.pusher.close(self.state_timeout)
         if self.client.lost is None and self.broken is None:
             try:
-                self.flush_counts()
                 snapshot = pickle.loads(self.client.call("snapshot"))
             except (StateServerLostError, RoutiluxError):
                 snapshot = {}

@@ -71,6 +71,8 @@ EXIT_INTERRUPTED = 130
 #: Jobs posted but not yet written. Input-order output buffers finished jobs behind a slow
 #: early one; this bound keeps that buffer (and the supervisor's memory) flat.
 MAX_UNWRITTEN_JOBS = 2000
+#: Seconds the poster waits on a full window before flushing what activation policies hold back.
+STALL_FLUSH_AFTER = 1.0
 #: Finished jobs the runtime keeps for ``get_job()``. The CLI never looks them up, and the
 #: default (100,000 jobs with their outputs) would make memory grow with the input.
 LEDGER_FINISHED_JOBS = 1000
@@ -366,7 +368,11 @@ class _Run:
                 for number, data in read_jsonl(stream, self.source.label):
                     with self.window:
                         while self.posted - self.next_seq >= MAX_UNWRITTEN_JOBS and not self.stopping:
-                            self.window.wait()
+                            if not self.window.wait(STALL_FLUSH_AFTER):
+                                # Nothing written for a while: a policy may be holding the very jobs
+                                # the window waits for (a batch bigger than the window). Deliver what
+                                # policies hold, as the end of the input would.
+                                self.runtime.flush(self.flow_name)
                         if self.stopping:
                             return
                         seq = self.posted

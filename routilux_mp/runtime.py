@@ -179,14 +179,14 @@ class Runtime:
                 raise FlowError(f"a worker {worker_id!r} already exists in this runtime; pick another worker_id")
             self._reserved.add(worker_id)
         try:
-            sup.client.call("register_worker", worker_id, flow.flow_id, "starting")
             ws = WorkerState(worker_id, flow.flow_id, sup.client)
             inst = self._build_instance(worker_id, flow_name, flow, key, ws)
             with sup.lock:
                 sup.check_usable()
                 sup.instances[worker_id] = inst
                 sup.current[flow_name] = worker_id
-            sup.client.call("set_status", worker_id, "running")
+            # Workers may read status and flow_id; nobody needs to wait for it to arrive.
+            sup.pusher.push("register_worker", worker_id, flow.flow_id, "running")
         finally:
             with sup.lock:
                 self._reserved.discard(worker_id)

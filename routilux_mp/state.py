@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import pickle
+import queue
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -123,6 +124,44 @@ class _StoreClient:
                 "with it. Jobs in flight fail; start a new Runtime to go on"
             )
         raise StateServerLostError(self.lost) from error
+
+
+class StatePusher:
+    """Sends fire-and-forget updates to the state server from its own thread.
+
+    The supervisor's dispatcher must never wait on the state server (it may
+    still be starting, or be slow): job counters, worker registrations and
+    lock releases of dead processes go through here, in order.
+    """
+
+    def __init__(self, client: _StoreClient) -> None:
+        self._client = client
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="routilux-mp state pusher", daemon=True)
+        self._thread.start()
+
+    def push(self, method: str, *args: Any) -> None:
+        self._queue.put((method, args))
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued (within ``timeout``), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._client.lost is not None:
+                continue
+            method, args = item
+            try:
+                self._client.call(method, *args)
+            except StateServerLostError:
+                pass  # the dispatcher notices (the server's pidfd) and reports it once
+            except Exception:
+                logger.exception("the state server refused %s()", method)
 
 
 def _check_rid(routine_id: Any) -> str:
