@@ -31,7 +31,7 @@ from ._messages import encode
 from ._supervisor import TERM_GRACE, Supervisor
 from .activation_policies import ImmediatePolicy
 from .error_handling import ErrorHandler
-from .errors import FlowError, SerializationError, SlotQueueFullError
+from .errors import FlowError, RoutiluxError, SerializationError, SlotQueueFullError
 from .flow import Flow
 from .job import JobContext
 from .monitoring.flow_registry import FlowRegistry
@@ -100,7 +100,7 @@ class Runtime:
         kill_worker_rss: int | None = None,
         max_activations_per_process: int | None = None,
         max_outputs_per_job: int = 10_000,
-        max_finished_jobs: int = 100_000,
+        max_finished_jobs: int = 10_000,
         worker_output: Callable[[str, str], None] | None = None,
     ) -> None:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
@@ -294,6 +294,11 @@ class Runtime:
         where = f"slot {queue.name!r} of routine {rt.rid!r} (worker {rt.inst.worker_id!r})"
         if not block:
             raise SlotQueueFullError(f"{where} holds {queue.pending} items, its max_queue_length; retry later")
+        if threading.current_thread() is sup.thread:
+            raise SlotQueueFullError(
+                f"{where} is full, and post() from a job done-callback cannot wait for room (the callback "
+                "runs in the thread that makes room); post from another thread, or with block=False"
+            )
         if sup.quiescent():
             raise SlotQueueFullError(
                 f"{where} is full ({queue.pending} items) and nothing is running that could consume them: "
@@ -336,6 +341,9 @@ class Runtime:
         ``stats()["waiting"]`` shows what waits where.
         """
         sup = self._sup
+        if threading.current_thread() is sup.thread:
+            raise RoutiluxError("wait_until_all_jobs_finished() cannot be called from a job done-callback: "
+                                "the callback runs in the thread that finishes jobs")
         deadline = None if timeout is None else time.monotonic() + timeout
         with sup.lock:
             while True:
@@ -457,6 +465,10 @@ class Runtime:
         (a snapshot taken at shutdown); writing raises ``RuntimeClosedError``.
         """
         sup = self._sup
+        if threading.current_thread() is sup.thread:
+            # From a job done-callback: the dispatcher stops once the callback returns.
+            sup.request_stop(grace=TERM_GRACE)
+            return
         if sup.thread.is_alive():
             with sup.lock:
                 already = sup.closed

@@ -418,3 +418,29 @@ def test_shutdown_can_drain_running_jobs_and_cancel_the_rest(make_runtime) -> No
     assert [j.status for j in jobs] == ["completed", "cancelled", "cancelled", "cancelled"]
     assert jobs[0].outputs == [{"routine": "r", "event": "out", "data": {"done": True}}]
     assert sorted(done) == sorted(j.job_id for j in jobs)
+
+
+def test_done_callbacks_cannot_deadlock_the_runtime(make_runtime) -> None:
+    from routilux_mp.errors import RoutiluxError
+
+    single_flow("cb", echo, max_queue_length=1)
+    runtime = make_runtime(processes=1)
+    seen: list = []
+    finished = threading.Event()
+
+    def callback(job):
+        try:
+            runtime.wait_until_all_jobs_finished(1)
+        except RoutiluxError as exc:
+            seen.append(type(exc).__name__)
+        runtime.shutdown()  # from the dispatcher thread: stops once the callback returns
+        finished.set()
+
+    _, job = runtime.post("cb", "r", "in", {"x": 1})
+    job.add_done_callback(callback)
+    assert finished.wait(WAIT)
+    assert seen == ["RoutiluxError"]
+    runtime.shutdown()
+    assert runtime.closed
+    with pytest.raises(RuntimeClosedError):
+        runtime.post("cb", "r", "in", {"x": 2})
