@@ -108,6 +108,8 @@ class Scenario:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    foreign_cores: float | None = None  # cores other processes kept busy while this scenario ran
+    round_foreign_cores: list[float] = field(default_factory=list)
 
     def quantity(self, key: str, label: str, unit: str, higher_is_better: bool) -> Quantity:
         if key not in self.quantities:
@@ -123,18 +125,47 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+class CpuMeter:
+    """How much CPU processes *other than ours* used between two readings, in cores.
+
+    Machine-wide busy time (``/proc/stat``) minus the CPU time of this process and
+    of its children that were waited for (every pool and runtime of a round is
+    shut down, so its processes are reaped and counted, by the time we read).
+    """
+
+    def __init__(self) -> None:
+        self._me = psutil.Process()
+        self._start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        t = psutil.cpu_times()
+        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+        own = self._me.cpu_times()
+        return time.monotonic(), busy, own.user + own.system + own.children_user + own.children_system
+
+    def foreign_cores(self) -> float:
+        now = self._read()
+        wall = now[0] - self._start[0]
+        if wall <= 0:
+            return 0.0
+        return max(0.0, (now[1] - self._start[1]) - (now[2] - self._start[2])) / wall
+
+
 def run_rounds(scenario: Scenario, cfg: Config, systems: dict[str, SystemFn]) -> None:
     """Run every system once per round, in an order rotated each round; record the samples."""
     names = [name for name in systems if cfg.wanted(name)]
     for r in range(cfg.rounds):
         shift = r % len(names) if names else 0
         order = names[shift:] + names[:shift]
+        meter = CpuMeter()
         for name in order:
             results = systems[name](r)
             for system, values in results.items():
                 for key, value in values.items():
                     scenario.quantities[key].samples.setdefault(system, []).append(value)
-        log(f"{scenario.name}: round {r + 1}/{cfg.rounds} done")
+        scenario.round_foreign_cores.append(round(meter.foreign_cores(), 2))
+        log(f"{scenario.name}: round {r + 1}/{cfg.rounds} done (other processes used "
+            f"{scenario.round_foreign_cores[-1]:.2f} cores)")
 
 
 def _unique(prefix: str) -> str:
