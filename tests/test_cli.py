@@ -26,6 +26,7 @@ import time
 import psutil
 import pytest
 
+from routilux_mp import cli as cli_module
 from routilux_mp._cli_ui import bottleneck_hint
 
 #: The repository root: runs start there, as a user's would.
@@ -154,6 +155,41 @@ def test_max_failures_cancels_the_rest(flow_file, tmp_path, python_env) -> None:
     cancelled = int(re.search(r"(\d+) cancelled", result.stderr).group(1))
     assert cancelled > 50, result.stderr
     assert result.stdout == ""
+
+
+BATCH_FLOW = """
+from routilux_mp import Flow, FlowRegistry, Routine
+from routilux_mp.activation_policies import batch_size_policy
+
+
+class Collect(Routine):
+    def __init__(self):
+        super().__init__()
+        self.add_slot("in", max_queue_length=100_000)
+        self.add_event("out")
+        self.set_activation_policy(batch_size_policy(50_000))
+
+        def logic(slot_data, message, worker_state):
+            for item in slot_data["in"]:
+                self.emit("out", **item)
+
+        self.set_logic(logic)
+
+
+flow = Flow("collect")
+flow.add_routine(Collect(), "collect")
+FlowRegistry.get_instance().register_by_name("collect", flow)
+"""
+
+
+def test_a_batch_bigger_than_the_output_window_is_flushed_not_deadlocked(tmp_path, python_env) -> None:
+    """Policies may hold more jobs than the CLI lets wait for output: it flushes them when it stalls."""
+    (tmp_path / "batch.py").write_text(BATCH_FLOW)
+    count = cli_module.MAX_UNWRITTEN_JOBS + 500
+    source = write_jsonl(tmp_path / "in.jsonl", [{"n": n} for n in range(count)])
+    result = cli("run", str(tmp_path / "batch.py"), "--input", source, "--processes", "2", env=python_env)
+    assert result.returncode == 0, result.stderr
+    assert [o["data"]["n"] for o in outputs(result.stdout)] == list(range(count))
 
 
 BAD_INPUTS = [
