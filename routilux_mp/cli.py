@@ -256,11 +256,11 @@ class _Input:
         return open(self.path, "rb")
 
 
-def open_output(path: str | None) -> tuple[IO[str], bool]:
-    """The JSONL sink and whether it is stdout."""
+def open_output(path: str | None, stdout: IO[str]) -> tuple[IO[str], bool]:
+    """The JSONL sink and whether it is ``stdout``."""
     if path is None or path == "-":
-        sys.stdout.flush()
-        return open(sys.stdout.fileno(), "w", encoding="utf-8", newline="\n", closefd=False), True
+        stdout.flush()
+        return open(stdout.fileno(), "w", encoding="utf-8", newline="\n", closefd=False), True
     try:
         return open(path, "w", encoding="utf-8", newline="\n"), False
     except OSError as exc:
@@ -282,10 +282,10 @@ class _AboveLiveDisplay(io.TextIOBase):
         return len(text)
 
 
-def _one_terminal() -> bool:
-    """Whether stdout and stderr are the same terminal."""
+def _one_terminal(stdout: IO[str]) -> bool:
+    """Whether ``stdout`` and stderr are the same terminal."""
     try:
-        return sys.stdout.isatty() and os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+        return stdout.isatty() and os.path.samestat(os.fstat(stdout.fileno()), os.fstat(sys.stderr.fileno()))
     except (OSError, ValueError):  # closed or not a real file
         return False
 
@@ -504,7 +504,7 @@ class _Run:
         # Python flushes stdout again at exit; point it at /dev/null so that does not fail too.
         if self.output_is_stdout:
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, self.output.fileno())
             os.close(devnull)
 
     def _react(self, signals: _SignalCount) -> None:
@@ -587,7 +587,15 @@ class _DisplayLogHandler(logging.Handler):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``routilux-mp run``: everything that can fail on usage is checked before a process starts."""
+    """``routilux-mp run``: stdout carries only the JSONL, whatever the supervisor's own code prints."""
+    stdout = sys.stdout
+    # The target's import-time prints and a policy's prints go to stderr; the JSONL has its own writer.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run(args, stdout)
+
+
+def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
+    """Everything that can fail on usage is checked before a process starts."""
     module = load_target(args.target)
     flow_name, flow = choose_flow(args.target, args.flow)
     entry = choose_entry(flow_name, flow, args.entry)
@@ -601,8 +609,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     source.validate()
     live = sys.stderr.isatty() and not args.no_progress
     display = _cli_ui.make_display(live)
-    output, output_is_stdout = open_output(args.output)
-    if live and output_is_stdout and _one_terminal():
+    output, output_is_stdout = open_output(args.output, stdout)
+    if live and output_is_stdout and _one_terminal(stdout):
         output = _AboveLiveDisplay(display)
     handler = _DisplayLogHandler(display)
     library_logger = logging.getLogger("routilux_mp")

@@ -48,6 +48,7 @@ FLOW_FILE = textwrap.dedent(
 
     HERE = os.path.dirname(os.path.abspath(__file__))
     SAMPLE_INPUT = "sample.jsonl"
+    print("loading the square flow")  # must not end up in the JSONL on stdout
 
 
     class Square(Routine):
@@ -132,6 +133,7 @@ def test_run_writes_every_output_in_input_order(flow_file, tmp_path, python_env)
         for n in range(30)
     ]
     assert "30 completed, 0 failed, 0 cancelled" in result.stderr
+    assert "loading the square flow" in result.stderr
     assert "bottleneck: " in result.stderr and "'square'" in result.stderr
     assert "\x1b[" not in result.stderr  # no terminal: plain lines, no escape codes
 
