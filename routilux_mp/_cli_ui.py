@@ -16,6 +16,8 @@ thread, which is safe because rich's console serializes output under its lock.
 
 from __future__ import annotations
 
+import io
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +31,17 @@ from rich.table import Table
 from .errors import RoutiluxError
 from .flow import Flow
 
-__all__ = ["Display", "LiveDisplay", "PlainDisplay", "Tally", "bottleneck_hint", "describe_flow", "make_display"]
+__all__ = [
+    "AboveLiveDisplay",
+    "Display",
+    "DisplayLogHandler",
+    "LiveDisplay",
+    "PlainDisplay",
+    "Tally",
+    "bottleneck_hint",
+    "describe_flow",
+    "make_display",
+]
 
 #: Seconds between redraws of the live progress bar.
 LIVE_REFRESH = 0.25
@@ -296,6 +308,35 @@ def describe_flow(name: str, flow: Flow) -> str:
         lines.append("    none")
     lines.append("  entry slots: " + (", ".join(f"{rid}.{slot}" for rid, slot in entries) or "none"))
     return "\n".join(lines)
+
+
+class AboveLiveDisplay(io.TextIOBase):
+    """Stdout when it is the terminal the live display draws on: lines go above the live region.
+
+    Written straight to the terminal they would land inside the region and garble both.
+    """
+
+    def __init__(self, display: Display) -> None:
+        super().__init__()
+        self.display = display
+
+    def write(self, text: str) -> int:
+        self.display.print_lines(text)
+        return len(text)
+
+
+class DisplayLogHandler(logging.Handler):
+    """Library warnings (lost updates, restarts) go through the display, above the live region."""
+
+    def __init__(self, display: Display) -> None:
+        super().__init__(logging.WARNING)
+        self.display = display
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.display.message(f"routilux-mp: {record.levelname.lower()}: {record.getMessage()}")
+        except Exception:  # noqa: BLE001 -- logging's own convention
+            self.handleError(record)
 
 
 def make_display(live: bool) -> Display:

@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
-import io
 import json
 import logging
 import os
@@ -265,21 +264,6 @@ def open_output(path: str | None, stdout: IO[str]) -> tuple[IO[str], bool]:
         return open(path, "w", encoding="utf-8", newline="\n"), False
     except OSError as exc:
         raise CliError(EXIT_USAGE, f"cannot write output {path!r}: {exc.strerror}") from exc
-
-
-class _AboveLiveDisplay(io.TextIOBase):
-    """Stdout when it is the terminal the live display draws on: lines go above the live region.
-
-    Written straight to the terminal they would land inside the region and garble both.
-    """
-
-    def __init__(self, display: _cli_ui.Display) -> None:
-        super().__init__()
-        self.display = display
-
-    def write(self, text: str) -> int:
-        self.display.print_lines(text)
-        return len(text)
 
 
 def _one_terminal(stdout: IO[str]) -> bool:
@@ -572,20 +556,6 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-class _DisplayLogHandler(logging.Handler):
-    """Library warnings (lost updates, restarts) go through the display, above the live region."""
-
-    def __init__(self, display: _cli_ui.Display) -> None:
-        super().__init__(logging.WARNING)
-        self.display = display
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.display.message(f"routilux-mp: {record.levelname.lower()}: {record.getMessage()}")
-        except Exception:  # noqa: BLE001 -- logging's own convention
-            self.handleError(record)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """``routilux-mp run``: stdout carries only the JSONL, whatever the supervisor's own code prints."""
     stdout = sys.stdout
@@ -611,8 +581,8 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
     display = _cli_ui.make_display(live)
     output, output_is_stdout = open_output(args.output, stdout)
     if live and output_is_stdout and _one_terminal(stdout):
-        output = _AboveLiveDisplay(display)
-    handler = _DisplayLogHandler(display)
+        output = _cli_ui.AboveLiveDisplay(display)
+    handler = _cli_ui.DisplayLogHandler(display)
     library_logger = logging.getLogger("routilux_mp")
     library_logger.addHandler(handler)
     try:
