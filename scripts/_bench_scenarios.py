@@ -926,7 +926,9 @@ def scenario_memory(cfg: Config) -> Scenario:
 
     if cfg.wanted(ppe):
         with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-            pids = set(pool.map(_pid, range(8 * n), timeout=cfg.timeout))
+            # Only stdlib tasks: a function of this module would import routilux_mp into the pool's workers.
+            list(pool.map(time.sleep, [0.05] * (2 * n), timeout=cfg.timeout))
+            pids = list(pool._processes)  # no public API lists a pool's workers
             rss = [psutil.Process(pid).memory_info().rss / MB for pid in pids]
             idle.samples[ppe] = [statistics.median(rss)]
     if not cfg.wanted(rmp):
@@ -990,11 +992,6 @@ def memory_child(processes: int, items: int, timeout: float) -> None:
             raise BenchError(f"streaming: expected {items + 4 * processes} completed jobs, got {jobs}")
         result.update(peak_mb=peak / MB, samples=sampler.samples, end_mb=me.memory_info().rss / MB)
     print(json.dumps(result), flush=True)
-
-
-def _pid(_x: Any) -> int:
-    time.sleep(0.01)  # so that every worker of the pool gets some of the items
-    return os.getpid()
 
 
 SCENARIOS: dict[str, Callable[[Config], Scenario]] = {
