@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -179,84 +179,66 @@ class _WorkerConfig:
         return f"_WorkerConfig(index={self.index}, state_address={self.state_address!r})"
 
 
-class _LoadFlow:
-    __slots__ = ("flow_key", "blob")
+# The messages are NamedTuples: they pickle about three times faster than
+# __slots__ classes, which matters at one envelope each way per activation.
 
-    def __init__(self, flow_key: int, blob: bytes) -> None:
-        self.flow_key = flow_key
-        self.blob = blob
+
+class _LoadFlow(NamedTuple):
+    """A flow, pickled by value, sent once to each process before its first activation."""
+
+    flow_key: int
+    blob: bytes
 
     def __repr__(self) -> str:
         return f"_LoadFlow(flow_key={self.flow_key}, {len(self.blob)} bytes)"
 
 
-class _Activation:
+class _Activation(NamedTuple):
     """Run ``routine_id`` of flow ``flow_key`` for worker ``worker_id`` on these items."""
 
-    __slots__ = ("act_id", "flow_key", "worker_id", "flow_id", "routine_id", "slots", "message",
-                 "job_id", "job_metadata", "job_data", "attempt")
-
-    def __init__(self, act_id: int, flow_key: int, worker_id: str, flow_id: str, routine_id: str,
-                 slots: dict[str, list[bytes]], message: bytes, job_id: str | None,
-                 job_metadata: dict, job_data: dict, attempt: int) -> None:
-        self.act_id = act_id
-        self.flow_key = flow_key
-        self.worker_id = worker_id
-        self.flow_id = flow_id
-        self.routine_id = routine_id
-        self.slots = slots
-        self.message = message
-        self.job_id = job_id
-        self.job_metadata = job_metadata
-        self.job_data = job_data
-        self.attempt = attempt
+    act_id: int
+    flow_key: int
+    worker_id: str
+    flow_id: str
+    routine_id: str
+    slots: dict[str, list[bytes]]
+    message: bytes
+    job_id: str | None
+    job_metadata: dict
+    job_data: dict
+    attempt: int
 
     def __repr__(self) -> str:
         counts = {name: len(items) for name, items in self.slots.items()}
         return f"_Activation(#{self.act_id} {self.worker_id}/{self.routine_id} items={counts} attempt={self.attempt})"
 
 
-class _Result:
+class _Result(NamedTuple):
     """The outcome of one activation: emits (in order), job changes, and an error as data."""
 
-    __slots__ = ("act_id", "error", "emits", "data_set", "data_deleted", "traces", "seconds")
-
-    def __init__(self, act_id: int, error: dict | None, emits: list[tuple[str, bytes]],
-                 data_set: dict | None, data_deleted: list[str] | None, traces: list | None,
-                 seconds: float) -> None:
-        self.act_id = act_id
-        self.error = error
-        self.emits = emits
-        self.data_set = data_set
-        self.data_deleted = data_deleted
-        self.traces = traces
-        self.seconds = seconds
+    act_id: int
+    error: dict | None
+    emits: list[tuple[str, bytes]]
+    data_set: dict | None
+    data_deleted: list[str] | None
+    traces: list | None
+    seconds: float
 
     def __repr__(self) -> str:
         status = "ok" if self.error is None else f"error={self.error.get('type')}"
         return f"_Result(#{self.act_id} {status} emits={len(self.emits)} {self.seconds:.4f}s)"
 
 
-class _Ready:
-    __slots__ = ("pid",)
+class _Ready(NamedTuple):
+    """The worker started and serves."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def __repr__(self) -> str:
-        return f"_Ready(pid={self.pid})"
+    pid: int
 
 
-class _Exiting:
+class _Exiting(NamedTuple):
     """The worker is about to exit on purpose (stop request, recycling)."""
 
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def __repr__(self) -> str:
-        return f"_Exiting({self.reason!r})"
+    reason: str
 
 
 class _Stop:

@@ -16,7 +16,6 @@ its dispatcher thread, which lives until shutdown.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import signal
@@ -43,7 +42,9 @@ def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The program's own symbols include libc's. (ctypes.util.find_library would
+        # run `ldconfig -p` in a subprocess: tens of milliseconds at every start.)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 

@@ -22,6 +22,7 @@ import copy
 import math
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -493,16 +494,21 @@ class StoreProxy(managers.BaseProxy):
         Raises what the server raised; ``_Timeout`` when no answer came in
         time; ``_Lost`` when the connection broke.
         """
+        tls = self._tls
         try:
             try:
-                conn = self._tls.connection
+                conn = tls.connection
+                poller = tls.poller
             except AttributeError:
                 self._connect()
-                conn = self._tls.connection
+                conn = tls.connection
+                # One poll object per connection: Connection.poll() builds a selector per call.
+                poller = tls.poller = select.poll()
+                poller.register(conn.fileno(), select.POLLIN)
             conn.send((self._id, method, args, {}))
-            if not conn.poll(timeout):
+            if not poller.poll(None if timeout is None else timeout * 1000):
                 # The reply may still come; this connection is out of step for good.
-                del self._tls.connection
+                del tls.connection, tls.poller
                 conn.close()
                 raise _Timeout(method)
             kind, result = conn.recv()

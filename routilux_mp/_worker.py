@@ -209,7 +209,7 @@ class _Worker:
             try:
                 pickle.dumps(traces)
             except Exception:
-                result.traces = [dict(t, details=repr(t.get("details"))) for t in traces]
+                result = result._replace(traces=[dict(t, details=repr(t.get("details"))) for t in traces])
         return result
 
 

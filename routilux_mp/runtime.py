@@ -316,18 +316,18 @@ class Runtime:
         sup.check_usable()
 
     def _resolve_worker(self, flow_name: str, worker_id: str | None) -> _Instance | None:
+        # No lock: single dict reads are atomic, and exec() publishes an instance whole.
         sup = self._sup
-        with sup.lock:
-            if worker_id is None:
-                current = sup.current.get(flow_name)
-                return sup.instances.get(current) if current is not None else None
-            inst = sup.instances.get(worker_id)
-            if inst is None:
-                known = ", ".join(repr(w) for w, i in sup.instances.items() if i.flow_name == flow_name) or "none"
-                raise FlowError(f"flow {flow_name!r} has no worker {worker_id!r} in this runtime (workers: {known})")
-            if inst.flow_name != flow_name:
-                raise FlowError(f"worker {worker_id!r} runs flow {inst.flow_name!r}, not {flow_name!r}")
-            return inst
+        if worker_id is None:
+            current = sup.current.get(flow_name)
+            return sup.instances.get(current) if current is not None else None
+        inst = sup.instances.get(worker_id)
+        if inst is None:
+            known = ", ".join(repr(w) for w, i in list(sup.instances.items()) if i.flow_name == flow_name)
+            raise FlowError(f"flow {flow_name!r} has no worker {worker_id!r} in this runtime (workers: {known or 'none'})")
+        if inst.flow_name != flow_name:
+            raise FlowError(f"worker {worker_id!r} runs flow {inst.flow_name!r}, not {flow_name!r}")
+        return inst
 
     # ------------------------------------------------------------------ waiting
 

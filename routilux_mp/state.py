@@ -235,7 +235,19 @@ class WorkerState:
         return self._client.call("meta", self.worker_id)
 
     def _saw(self, rid: str, version: int) -> None:
+        """This activation read version ``version`` of the state."""
         self._client.reads()[(self.worker_id, rid)] = version
+
+    def _moved(self, rid: str, version: int) -> None:
+        """This activation wrote ``version`` without reading the whole state.
+
+        If it had read the state, what it knows is now its own write; if it
+        never read it, it sets no expectation (blind writes are not lost updates).
+        """
+        reads = self._client.reads()
+        key = (self.worker_id, rid)
+        if key in reads:
+            reads[key] = version
 
     # -- reading ---------------------------------------------------------------
 
@@ -297,7 +309,7 @@ class WorkerState:
             "replace", self.worker_id, rid, value, size, expected, self._token(rid),
             timeout=self._client.lock_timeout + self._client.timeout,
         )
-        self._saw(rid, version)
+        self._moved(rid, version)
         if lost == 1:
             logger.warning(
                 "lost update on routine state %r of worker %r: another activation changed it between this "
@@ -330,7 +342,7 @@ class WorkerState:
             "increment", self.worker_id, rid, {key: amount}, self._token(rid),
             timeout=self._client.lock_timeout + self._client.timeout,
         )
-        self._saw(rid, version)
+        self._moved(rid, version)
         return result[key]
 
     def increment_many(self, routine_id: str, amounts: dict[str, int | float]) -> dict[str, int | float]:
@@ -347,7 +359,7 @@ class WorkerState:
             "increment", self.worker_id, rid, amounts, self._token(rid),
             timeout=self._client.lock_timeout + self._client.timeout,
         )
-        self._saw(rid, version)
+        self._moved(rid, version)
         return result
 
     def modify_routine_state(self, routine_id: str, fn: Callable[[dict], dict | None]) -> dict:

@@ -285,3 +285,27 @@ def test_runtime_never_writes_user_routine_state(make_runtime) -> None:
     assert runtime.wait_until_all_jobs_finished(WAIT)
     assert ws.routine_states == {"r": {"mine": True}}
     assert ws.jobs_processed == 5
+
+
+def test_blind_writes_are_never_counted_as_lost_updates(make_runtime) -> None:
+    def blind(routine, slot_data, message, ws):
+        ws.update_routine_state("r", {"first": True})
+        ws.increment("gate", "written")
+        _spin_until(ws, "other", 1)
+        ws.update_routine_state("r", {"second": True})
+
+    def other(routine, slot_data, message, ws):
+        _spin_until(ws, "written", 1)
+        ws.update_routine_state("r", {"other": True})
+        ws.increment("gate", "other")
+
+    def logic(routine, slot_data, message, ws):
+        (blind if slot_data["in"][0]["blind"] else other)(routine, slot_data, message, ws)
+
+    single_flow("blind", logic, concurrency=None)
+    runtime = make_runtime(processes=2)
+    ws = runtime.exec("blind")
+    jobs = [runtime.post("blind", "r", "in", {"blind": b})[1] for b in (True, False)]
+    assert all(j.wait(WAIT) for j in jobs) and [j.status for j in jobs] == ["completed"] * 2
+    assert ws.get_routine_state("r") == {"second": True}
+    assert runtime.stats()["routines"]["r"]["lost_updates"] == 0
