@@ -463,6 +463,10 @@ class Runtime:
         their processes are terminated (SIGTERM, then SIGKILL). No process of
         ours outlives this call. WorkerState objects stay readable afterwards
         (a snapshot taken at shutdown); writing raises ``RuntimeClosedError``.
+
+        Calling it again while a call is waiting (say from a second Ctrl-C
+        handler, in another thread) is safe: the new call skips the wait and
+        stops everything now; both return once every process is gone.
         """
         sup = self._sup
         if threading.current_thread() is sup.thread:

@@ -61,6 +61,23 @@ def single_flow(name: str, fn: Callable[..., Any], **kwargs: Any) -> Flow:
     return flow
 
 
+#: Seconds a test waits for a condition before it fails.
+WAIT = 120.0
+
+
+def wait_until(predicate: Callable[[], Any], what: str, *, job: Any = None, timeout: float = WAIT) -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` or as soon as ``job`` ends."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if job is not None and job.done:
+            raise AssertionError(f"waiting for {what}, but job {job.job_id} ended {job.status}: {job.error}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        time.sleep(0.002)  # a short pause between polls, not a synchronization
+
+
 def echo(routine: Routine, slot_data: dict, message: Any, worker_state: Any) -> None:
     """Emit every item received, unchanged."""
     for items in slot_data.values():

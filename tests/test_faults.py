@@ -22,7 +22,7 @@ import time
 
 import psutil
 import pytest
-from helpers import by_value, single_flow
+from helpers import by_value, single_flow, wait_until
 
 from routilux_mp import ErrorHandler
 from routilux_mp.errors import RuntimeBrokenError, StateServerLostError
@@ -233,8 +233,8 @@ def test_losing_the_state_server_fails_jobs_in_flight_promptly(make_runtime, how
     runtime = make_runtime(processes=2, state_timeout=2.0)
     ws = runtime.exec("lost")
     _, job = runtime.post("lost", "r", "in", {})
-    while (ws.get_routine_state("progress") or {}).get("started") != 1:
-        pass
+    wait_until(lambda: (ws.get_routine_state("progress") or {}).get("started") == 1, "the activation to start",
+               job=job)
     server = runtime._sup.state_popen.pid
     started = time.monotonic()
     os.kill(server, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
@@ -292,8 +292,10 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
         ws = runtime.exec("busy")
         for _ in range(4):
             runtime.post("busy", "busy", "in", {})
+        deadline = time.monotonic() + 60
         while (ws.get_routine_state("busy") or {}).get("started") != 2:
-            pass
+            if time.monotonic() > deadline:
+                sys.exit("the busy activations never started")
         pids = [p["pid"] for p in runtime.stats()["processes"]] + [runtime._sup.state_popen.pid]
         print(json.dumps(pids), flush=True)
         {then}

@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from helpers import FnRoutine, by_value, echo, single_flow
+from helpers import FnRoutine, by_value, echo, single_flow, wait_until
 
 from routilux_mp import ErrorHandler, Flow, FlowRegistry, Runtime, get_current_job
 from routilux_mp.activation_policies import (
@@ -331,8 +331,7 @@ def test_shutdown_cancels_leftovers_and_leaves_no_process(make_runtime) -> None:
     children = psutil.Process().children(recursive=True)
     assert len(children) >= 3, "2 workers and the state server"
     jobs = [runtime.post("slow", "r", "in", {})[1] for _ in range(3)]
-    while (ws.get_routine_state("started") or {}).get("n") != 1:
-        pass
+    wait_until(lambda: (ws.get_routine_state("started") or {}).get("n") == 1, "an activation to start")
     started = time.monotonic()
     runtime.shutdown(wait=False)
     assert time.monotonic() - started < 15
@@ -408,12 +407,10 @@ def test_shutdown_can_drain_running_jobs_and_cancel_the_rest(make_runtime) -> No
         jobs = [runtime.post("drain", "r", "in", {})[1] for _ in range(4)]
         for job in jobs:
             job.add_done_callback(lambda j: done.append(j.job_id))
-        while (ws.get_routine_state("started") or {}).get("n") != 1:
-            pass
+        wait_until(lambda: (ws.get_routine_state("started") or {}).get("n") == 1, "the first job to start")
         stopper = threading.Thread(target=runtime.shutdown, kwargs={"cancel_pending": True})
         stopper.start()
-        while runtime.stats()["jobs"].get("cancelled") != 3:
-            pass
+        wait_until(lambda: runtime.stats()["jobs"].get("cancelled") == 3, "three jobs to be cancelled")
     stopper.join(WAIT)
     assert [j.status for j in jobs] == ["completed", "cancelled", "cancelled", "cancelled"]
     assert jobs[0].outputs == [{"routine": "r", "event": "out", "data": {"done": True}}]

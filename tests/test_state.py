@@ -6,7 +6,7 @@ import os
 import stat
 
 import pytest
-from helpers import by_value, single_flow
+from helpers import by_value, single_flow, wait_until
 
 from routilux_mp.errors import (
     LockTimeoutError,
@@ -205,8 +205,7 @@ def test_lock_timeout_is_clear(make_runtime) -> None:
     ws = runtime.exec("hold")
     with ws.lock("release"):
         _, job = runtime.post("hold", "r", "in", {})
-        while (ws.get_routine_state("flag") or {}).get("in") != 1:
-            assert not job.done
+        wait_until(lambda: (ws.get_routine_state("flag") or {}).get("in") == 1, "the lock holder to start", job=job)
         with pytest.raises(LockTimeoutError, match="stayed locked by process"):
             with ws.lock("x", timeout=0.3):
                 pass
