@@ -230,7 +230,7 @@ def _touch_state_forever(routine, slot_data, message, ws):
 @pytest.mark.parametrize("how", ["sigkill", "sigstop"])
 def test_losing_the_state_server_fails_jobs_in_flight_promptly(make_runtime, how) -> None:
     single_flow("lost", _touch_state_forever)
-    runtime = make_runtime(processes=2, state_timeout=2.0)
+    runtime = make_runtime(processes=2, state_timeout=5.0)
     ws = runtime.exec("lost")
     _, job = runtime.post("lost", "r", "in", {})
     wait_until(lambda: (ws.get_routine_state("progress") or {}).get("started") == 1, "the activation to start",
