@@ -184,10 +184,15 @@ def _check_completed(runtime: Runtime, expected: int, what: str) -> None:
 
 
 def _rmp_warm(runtime: Runtime, flow: str, routine: str, slot: str, item: dict, count: int, timeout: float) -> None:
-    """Post ``count`` items and wait, so every worker process is up and has loaded the flow."""
+    """Post ``count`` items and wait, so every worker process is up and has loaded the flow.
+
+    Also reads a state, so the state server has finished starting (it starts
+    in parallel and would otherwise take CPU from the first timed round).
+    """
     for _ in range(count):
         runtime.post(flow, routine, slot, dict(item), timeout=timeout)
     _wait_all(runtime, timeout, "warm-up")
+    runtime.get_worker_state(runtime.list_workers()[-1]).get_routine_state("warm-up")
 
 
 def _ppe_warm(pool: ProcessPoolExecutor, processes: int, timeout: float) -> None:
@@ -491,7 +496,7 @@ def scenario_cpu(cfg: Config) -> Scenario:
     """CPU-bound items through a parallel routine vs serial, ProcessPoolExecutor, routilux 1.1.0 threads."""
     n = cfg.processes
     work_n, seconds = calibrate()
-    count = (4 if cfg.quick else 12) * n
+    count = (4 if cfg.quick else 40) * n  # enough per round that one late item is noise
     ns = [work_n] * count
     expected = [cpu_work(work_n)]  # every item is the same work: one result to compare with
     sc = Scenario("cpu", "CPU-bound items through a parallel routine")
