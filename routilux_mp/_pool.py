@@ -43,6 +43,8 @@ from .errors import (
 
 #: Seconds the state server gets to exit after its stdin closes, before SIGTERM / SIGKILL.
 STATE_STOP_TIMEOUT = 5.0
+#: Seconds after the workers' start at which the state server starts, if no worker was ready sooner.
+STATE_START_DELAY = 0.3
 #: Seconds a worker gets after SIGTERM before SIGKILL (shutdown and timeouts).
 TERM_GRACE = 2.0
 #: Consecutive start-up failures of worker processes before the runtime gives up.
@@ -80,23 +82,43 @@ class ProcessPool:
     """Process life for the supervisor (a mixin: it uses the supervisor's ledger and timers)."""
 
     def _start(self) -> None:
-        """Start the state server, then the workers; wait for none of them.
+        """Bind the state server's socket and start the workers; wait for none of them.
 
-        The supervisor binds the state server's socket itself and hands it over,
-        so clients may connect at once: the kernel holds their connections
-        until the server accepts them.
+        The supervisor binds the socket itself and later hands it to the state
+        server, so clients may connect at once: the kernel holds their
+        connections until the server accepts them. The state server starts once
+        the first worker is ready (or after ``STATE_START_DELAY``), so on a
+        small machine it does not compete with the workers' start-up for CPU.
         """
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.state_address)
             os.chmod(self.state_address, 0o600)
             listener.listen(128)
+        except OSError:
+            listener.close()
+            raise
+        self._state_listener = listener
+        for index in range(self.processes):
+            self._spawn_worker(index)
+        self._add_timer(time.monotonic() + STATE_START_DELAY, "state-start", None)
+
+    def _start_state_server(self) -> None:
+        """Spawn the state server on the bound socket (once)."""
+        listener = self._state_listener
+        if listener is None:
+            return
+        self._state_listener = None
+        try:
             popen = _process.spawn(
                 "routilux_mp._state_server", "routilux-mp state-server", pass_fds=(listener.fileno(),),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
             )
             config = ServerConfig(self.state_address, listener.fileno(), self._authkey, os.getpid(),
                                   self._sys_path, self.max_state_bytes, self.strict_state, self.lock_timeout)
+        except OSError as exc:
+            self._state_lost(f"the state server could not be started ({exc})")
+            return
         finally:
             listener.close()
         self.state_popen = popen
@@ -107,8 +129,12 @@ class ProcessPool:
         # Its death shows on its pidfd, or (without pidfd support) as EOF on its stdout.
         self._state_pidfd = _process.open_pidfd(popen.pid)
         self._watch(self._state_pidfd if self._state_pidfd is not None else popen.stdout.fileno(), "state", None)
-        for index in range(self.processes):
-            self._spawn_worker(index)
+
+    def _close_state_listener(self) -> None:
+        """Close the state server's socket if the server never started to take it over."""
+        if self._state_listener is not None:
+            self._state_listener.close()
+            self._state_listener = None
 
     def _spawn_worker(self, index: int) -> None:
         cmd_r, cmd_w = os.pipe()
@@ -373,6 +399,7 @@ class ProcessPool:
             self._pump(proc, final=True)
             self._close_proc(proc)
             self.procs[proc.index] = None
+        self._close_state_listener()
         popen = self.state_popen
         if popen is not None:
             def close_stdin() -> None:

@@ -173,6 +173,7 @@ class Supervisor(ProcessPool):
         #: Sends what workers need to know, but nobody waits for, off the dispatcher thread.
         self.pusher = StatePusher(self.client)
         self.state_popen: subprocess.Popen | None = None
+        self._state_listener: Any = None
         self._state_pidfd: int | None = None
         self._sys_path = list(sys.path)
 
@@ -198,7 +199,7 @@ class Supervisor(ProcessPool):
     def _main(self) -> None:
         try:
             self._start()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of Runtime()
             self._start_error = exc
             self._started.set()
             self._stop_children()
@@ -281,6 +282,7 @@ class Supervisor(ProcessPool):
             elif isinstance(message, _Ready):
                 proc.ready = True
                 self.start_failures = 0
+                self._start_state_server()
             elif isinstance(message, _Exiting):
                 proc.exiting = message.reason
                 logger.debug("worker %d (pid %d) exits: %s", proc.index, proc.pid, message.reason)
@@ -566,6 +568,8 @@ class Supervisor(ProcessPool):
                     _process.signal_group(payload.pid, signal.SIGKILL)
             elif kind == "respawn":
                 self._respawn(payload)
+            elif kind == "state-start":
+                self._start_state_server()
             elif kind == "counts":
                 self._counts_timer = False
                 self.flush_counts()
@@ -584,7 +588,7 @@ class Supervisor(ProcessPool):
                 queue._consumed = []
             try:
                 activate, data_slice, message = policy(rt.slots, rt.inst.ws)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a user's policy: fail its jobs, not the dispatcher
                 self._policy_failed(rt, exc)
                 return
             consumed = [e for queue in rt.slots.values() for e in queue._consumed]
@@ -599,7 +603,7 @@ class Supervisor(ProcessPool):
                 break
             try:
                 self._make_activation(rt, data_slice or {}, message, consumed)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - user data that cannot be shipped: fail its jobs
                 for queue in rt.slots.values():
                     queue._put_back(queue._consumed)
                 self._policy_failed(rt, exc)
@@ -678,7 +682,7 @@ class Supervisor(ProcessPool):
                         if not consumed:
                             break
                         self._make_activation(rt, out[0], out[1], consumed)
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - a user's policy: fail its jobs, not the dispatcher
                         self._policy_failed(rt, exc)
                         break
                     delivered = True
@@ -884,8 +888,13 @@ class Supervisor(ProcessPool):
     def _take_snapshot(self) -> None:
         snapshot: dict[str, dict] = {}
         self.flush_counts()
+        started = self.state_popen is not None
+        if not started:
+            # Stopped before the state server started: nothing was ever stored. Closing the
+            # listener refuses the connections waiting in its backlog, so nobody waits for it.
+            self._close_state_listener()
         self.pusher.close(self.state_timeout)
-        if self.client.lost is None and self.broken is None:
+        if started and self.client.lost is None and self.broken is None:
             try:
                 snapshot = pickle.loads(self.client.call("snapshot"))
             except (StateServerLostError, RoutiluxError):

@@ -328,15 +328,15 @@ def test_shutdown_cancels_leftovers_and_leaves_no_process(make_runtime) -> None:
     single_flow("slow", _long_activation)
     runtime = make_runtime(processes=2)
     ws = runtime.exec("slow")
-    children = psutil.Process().children(recursive=True)
-    assert len(children) >= 3, "2 workers and the state server"
     jobs = [runtime.post("slow", "r", "in", {})[1] for _ in range(3)]
     wait_until(lambda: (ws.get_routine_state("started") or {}).get("n") == 1, "an activation to start")
+    children = psutil.Process().children(recursive=True)
+    assert len(children) >= 3, "2 workers and the state server"
     started = time.monotonic()
     runtime.shutdown(wait=False)
     assert time.monotonic() - started < 15
     assert {j.status for j in jobs} == {"cancelled"}
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
     with pytest.raises(RuntimeClosedError):
         runtime.post("slow", "r", "in", {})
@@ -384,7 +384,7 @@ PRINT_SCRIPT = textwrap.dedent(
 def test_print_in_logic_reaches_stdout_whole_lines_through_a_pipe(tmp_path, python_env) -> None:
     script = tmp_path / "talk.py"
     script.write_text(PRINT_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=WAIT,
+    proc = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=WAIT,
                           env=python_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
