@@ -49,7 +49,7 @@ def __getattr__(name: str) -> Any:
         return Runtime
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped by kind, sorted within a group
     # the core
     "Flow",
     "FlowRegistry",

@@ -25,7 +25,7 @@ LATENCY_SAMPLES = 2048
 class _Entry:
     """One queued item: its arrival order, its job, and its data as a pickle."""
 
-    __slots__ = ("seq", "job", "blob")
+    __slots__ = ("blob", "job", "seq")
 
     def __init__(self, seq: int, job: JobContext, blob: bytes) -> None:
         self.seq = seq
@@ -43,7 +43,7 @@ class SlotQueue:
     use ``_take``, which moves the pickled items without decoding them.
     """
 
-    __slots__ = ("name", "max_queue_length", "_entries", "held", "_consumed")
+    __slots__ = ("_consumed", "_entries", "held", "max_queue_length", "name")
 
     def __init__(self, name: str, max_queue_length: int) -> None:
         self.name = name
@@ -96,7 +96,7 @@ class SlotQueue:
 
 
 class _RoutineStats:
-    __slots__ = ("activations", "errors", "busy_seconds", "latencies")
+    __slots__ = ("activations", "busy_seconds", "errors", "latencies")
 
     def __init__(self) -> None:
         self.activations = 0
@@ -108,8 +108,24 @@ class _RoutineStats:
 class _Act:
     """One activation in the ledger: queued, in flight on a process, or waiting to retry."""
 
-    __slots__ = ("act_id", "seq", "rt", "slots", "slot_counts", "message", "jobs", "attempt",
-                 "crashes", "created", "started", "proc", "resolved", "kill_reason", "deadline", "wire_size")
+    __slots__ = (
+        "act_id",
+        "attempt",
+        "crashes",
+        "created",
+        "deadline",
+        "jobs",
+        "kill_reason",
+        "message",
+        "proc",
+        "resolved",
+        "rt",
+        "seq",
+        "slot_counts",
+        "slots",
+        "started",
+        "wire_size",
+    )
 
     def __init__(self, act_id: int, seq: int, rt: _RoutineRt, slots: dict[str, list[bytes]],
                  slot_counts: dict[str, int], message: bytes, jobs: list[JobContext], created: float) -> None:
@@ -147,8 +163,21 @@ class _Act:
 class _RoutineRt:
     """One routine of one worker: its slot queues, policy copy, queue of activations."""
 
-    __slots__ = ("inst", "rid", "routine", "policy", "slots", "ready", "running", "limit", "handler",
-                 "timeout", "targets", "stats", "timer_at")
+    __slots__ = (
+        "handler",
+        "inst",
+        "limit",
+        "policy",
+        "ready",
+        "rid",
+        "routine",
+        "running",
+        "slots",
+        "stats",
+        "targets",
+        "timeout",
+        "timer_at",
+    )
 
     def __init__(self, inst: _Instance, rid: str, routine: Any, policy: Any, limit: int,
                  handler: ErrorHandler) -> None:
@@ -183,7 +212,7 @@ class _RoutineRt:
 class _Instance:
     """One worker (one ``exec``): a live instance of a flow with its own WorkerState."""
 
-    __slots__ = ("worker_id", "flow_name", "flow", "flow_key", "ws", "routines", "jobs_processed", "jobs_failed")
+    __slots__ = ("flow", "flow_key", "flow_name", "jobs_failed", "jobs_processed", "routines", "worker_id", "ws")
 
     def __init__(self, worker_id: str, flow_name: str, flow: Any, flow_key: int, ws: Any) -> None:
         self.worker_id = worker_id
@@ -199,9 +228,27 @@ class _Instance:
 class _Proc:
     """One worker process and what it holds, in the order it will run them."""
 
-    __slots__ = ("index", "popen", "pid", "commands", "results", "pidfd", "outputs", "inflight", "ready",
-                 "loaded", "activations", "exiting", "stopping", "broken_pipe", "ps", "started_at",
-                 "stderr_tail", "results_closed", "reader")
+    __slots__ = (
+        "activations",
+        "broken_pipe",
+        "commands",
+        "exiting",
+        "index",
+        "inflight",
+        "loaded",
+        "outputs",
+        "pid",
+        "pidfd",
+        "popen",
+        "ps",
+        "reader",
+        "ready",
+        "results",
+        "results_closed",
+        "started_at",
+        "stderr_tail",
+        "stopping",
+    )
 
     def __init__(self, index: int, popen: subprocess.Popen, commands: int, results: int, pidfd: int | None,
                  started_at: float) -> None:

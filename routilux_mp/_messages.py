@@ -58,7 +58,7 @@ class FrameReader:
     buffer until it is whole, so a slow writer cannot stall the reader.
     """
 
-    __slots__ = ("fd", "_buf", "eof")
+    __slots__ = ("_buf", "eof", "fd")
 
     #: Bytes asked of the kernel per read.
     CHUNK = 1 << 16
@@ -140,8 +140,16 @@ def read_frame(fd: int) -> bytes:
 class ServerConfig:
     """What the state server needs (sent on its stdin: the authkey must not show in ``ps``)."""
 
-    __slots__ = ("address", "listen_fd", "authkey", "parent_pid", "sys_path", "max_state_bytes", "strict",
-                 "lock_timeout")
+    __slots__ = (
+        "address",
+        "authkey",
+        "listen_fd",
+        "lock_timeout",
+        "max_state_bytes",
+        "parent_pid",
+        "strict",
+        "sys_path",
+    )
 
     def __init__(self, address: str, listen_fd: int, authkey: bytes, parent_pid: int, sys_path: list[str],
                  max_state_bytes: int, strict: bool, lock_timeout: float) -> None:
@@ -159,8 +167,17 @@ class ServerConfig:
 
 
 class _WorkerConfig:
-    __slots__ = ("index", "parent_pid", "sys_path", "state_address", "authkey", "state_timeout",
-                 "lock_timeout", "max_rss", "max_activations")
+    __slots__ = (
+        "authkey",
+        "index",
+        "lock_timeout",
+        "max_activations",
+        "max_rss",
+        "parent_pid",
+        "state_address",
+        "state_timeout",
+        "sys_path",
+    )
 
     def __init__(self, index: int, parent_pid: int, sys_path: list[str], state_address: str,
                  authkey: bytes, state_timeout: float, lock_timeout: float,

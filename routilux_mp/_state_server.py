@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 from multiprocess import connection, managers
@@ -44,6 +44,9 @@ from .errors import (
     StateTooLargeError,
 )
 from .state import _Lost, _Timeout
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 #: Serializer name under which our pickle-based connections are registered.
 SERIALIZER = "routilux-mp"
@@ -69,10 +72,10 @@ class _PickleConnection:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
 
-    def __enter__(self) -> _PickleConnection:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._conn.close()
 
 
@@ -159,7 +162,7 @@ def _pid_alive(pid: int) -> bool:
 class _Cell:
     """One routine state of one worker."""
 
-    __slots__ = ("value", "version", "size", "holder", "holder_pid", "lost")
+    __slots__ = ("holder", "holder_pid", "lost", "size", "value", "version")
 
     def __init__(self) -> None:
         self.value: dict | None = None
@@ -171,7 +174,7 @@ class _Cell:
 
 
 class _Worker:
-    __slots__ = ("flow_id", "status", "jobs_processed", "jobs_failed", "cells")
+    __slots__ = ("cells", "flow_id", "jobs_failed", "jobs_processed", "status")
 
     def __init__(self, flow_id: str, status: str) -> None:
         self.flow_id = flow_id
@@ -368,7 +371,7 @@ class StateStore:
         try:
             try:
                 result = fn(working)
-            except BaseException as exc:  # the user's function: report it, never kill the server
+            except BaseException as exc:  # noqa: BLE001 - the user's function: report it, never kill the server
                 raise _portable_error(exc, f"modify_routine_state({rid!r}) function raised") from None
             if result is None:
                 result = working
@@ -460,7 +463,7 @@ def _portable_error(exc: BaseException, context: str) -> BaseException:
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to round-trip means: send a portable copy
         err = RoutiluxError(f"{context}: {type(exc).__qualname__}: {exc}")
         err.remote_traceback = "".join(traceback.format_exception(exc))
         return err

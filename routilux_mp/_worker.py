@@ -15,6 +15,7 @@ that activation only and is reported as data.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import os
@@ -64,11 +65,11 @@ def describe_exception(exc: BaseException, routine_id: str | None) -> dict:
     cls = type(exc)
     try:
         message = str(exc)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - a user's __str__ may raise anything
         message = f"<unprintable {cls.__qualname__}>"
     try:
         text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - so may the objects in a user's traceback
         text = f"{type_name(cls)}: {message}\n(traceback could not be formatted)\n"
     return {
         "type": type_name(cls),
@@ -92,7 +93,7 @@ def _rss() -> int:
 class _ActivationContext:
     """What ``emit`` and ``get_current_job`` see while an activation runs."""
 
-    __slots__ = ("routine", "routine_id", "job", "emits")
+    __slots__ = ("emits", "job", "routine", "routine_id")
 
     def __init__(self, routine: Any, routine_id: str, job: JobContext) -> None:
         self.routine = routine
@@ -139,7 +140,7 @@ class _Worker:
         if isinstance(message, _LoadFlow):
             try:
                 self.flows[message.flow_key] = cloudpickle.loads(message.blob)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - unpickling runs user code; report it
                 error = describe_exception(exc, None)
                 error["message"] = (
                     f"the flow could not be loaded in worker process {os.getpid()}: {error['type']}: "
@@ -187,7 +188,7 @@ class _Worker:
         try:
             slot_data = {name: [loads(blob) for blob in act.slots.get(name, ())] for name in routine._slots}
             routine._logic(slot_data, loads(act.message), ws)
-        except BaseException as exc:  # logic may raise anything; the process keeps serving
+        except BaseException as exc:  # noqa: BLE001 - logic may raise anything; the process keeps serving
             error = describe_exception(exc, act.routine_id)
         finally:
             _context.set_current(None)
@@ -200,7 +201,7 @@ class _Worker:
                 new, _ = _jsonvalue.normalize(job.data, root="job.data")
                 data_set = {k: v for k, v in new.items() if k not in before or before[k] != v}
                 data_deleted = [k for k in before if k not in new]
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - job.data is user data; report it
                 if error is None:
                     error = describe_exception(exc, act.routine_id)
         traces = job.traces or None
@@ -208,7 +209,7 @@ class _Worker:
         if traces:
             try:
                 pickle.dumps(traces)
-            except Exception:
+            except Exception:  # noqa: BLE001 - user details may fail to pickle in any way
                 result = result._replace(traces=[dict(t, details=repr(t.get("details"))) for t in traces])
         return result
 
@@ -233,10 +234,8 @@ def run_worker(commands: int, results: int, life_fd: int, config: _WorkerConfig)
         reason = worker.step(loads(raw))
     close_resources()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more to say
             stream.flush()
-        except Exception:
-            pass
     worker.send(_Exiting(reason))
     os._exit(0)
 

@@ -72,8 +72,8 @@ EXIT_INTERRUPTED = 130
 MAX_UNWRITTEN_JOBS = 2000
 #: Seconds the poster waits on a full window before flushing what activation policies hold back.
 STALL_FLUSH_AFTER = 1.0
-#: Finished jobs the runtime keeps for ``get_job()``. The CLI never looks them up, and the
-#: default (100,000 jobs with their outputs) would make memory grow with the input.
+#: Finished jobs the runtime keeps for ``get_job()``. The CLI never looks them up: it keeps
+#: fewer than the runtime's default (10,000, with their outputs) to keep memory low.
 LEDGER_FINISHED_JOBS = 1000
 #: Seconds the main loop waits for a finished job before redrawing and checking for signals.
 TICK = 0.1

@@ -20,7 +20,7 @@ def _names(items: Any) -> str:
 class Connection:
     """``source_id.event`` feeds ``target_id.slot``."""
 
-    __slots__ = ("source_id", "event", "target_id", "slot")
+    __slots__ = ("event", "slot", "source_id", "target_id")
 
     def __init__(self, source_id: str, event: str, target_id: str, slot: str) -> None:
         self.source_id = source_id

@@ -26,7 +26,7 @@ DEFAULT_MAX_QUEUE_LENGTH = 1000
 class Slot:
     """An input of a routine. Items posted or emitted to it wait in a bounded queue."""
 
-    __slots__ = ("name", "max_queue_length")
+    __slots__ = ("max_queue_length", "name")
 
     def __init__(self, name: str, max_queue_length: int = DEFAULT_MAX_QUEUE_LENGTH) -> None:
         self.name = name

@@ -23,7 +23,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from . import _jsonvalue
 from ._ledger import _Instance, _RoutineRt, percentile
@@ -36,6 +37,9 @@ from .flow import Flow
 from .job import JobContext
 from .monitoring.flow_registry import FlowRegistry
 from .state import WorkerState
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["Runtime"]
 
@@ -140,10 +144,11 @@ class Runtime:
         """True once ``shutdown()`` started."""
         return self._sup.closed
 
-    def __enter__(self) -> Runtime:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None and not issubclass(exc_type, Exception):
             # Ctrl-C or SystemExit: do not sit waiting for queued work.
             self.shutdown(wait=False)
@@ -421,7 +426,7 @@ class Runtime:
         if lost is not None:
             try:
                 lost = sup.client.call("lost_updates")
-            except Exception:
+            except RoutiluxError:
                 lost = {}
         for rid, agg in routines.items():
             latencies = agg.pop("_lat")

@@ -333,7 +333,7 @@ class WorkerState:
         self._saw(rid, version)
         return pickle.loads(blob)
 
-    def increment(self, routine_id: str, key: str, amount: int | float = 1) -> int | float:
+    def increment(self, routine_id: str, key: str, amount: float = 1) -> int | float:
         """Atomically add ``amount`` to ``state[key]`` (a missing key counts as 0); return the new value."""
         rid = _check_rid(routine_id)
         self._write_guard()

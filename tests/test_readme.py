@@ -6,16 +6,17 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_readme_example_runs(tmp_path, python_env) -> None:
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    example = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    readme = Path(ROOT, "README.md").read_text(encoding="utf-8")
+    example = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
     script = tmp_path / "example.py"
     script.write_text(example)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=120,
                           env=python_env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [str([x * x for x in range(10)]), "{'seen': 10}"]

@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,7 @@ WORKER_STATE_PREAMBLE = PAGE_IMPORTS + textwrap.dedent(
 
 def code_blocks() -> list[str]:
     """The page's ``.. code-block:: python`` bodies, dedented, with the import prefix swapped."""
-    lines = open(PAGE, encoding="utf-8").read().split("\n")
+    lines = Path(PAGE).read_text(encoding="utf-8").split("\n")
     blocks = []
     i = 0
     while i < len(lines):
@@ -117,9 +118,9 @@ def run(code: str, tmp_path, env, *, stdin: bool = False) -> subprocess.Complete
     script.write_text(code)
     if stdin:
         with open(script) as f:
-            return subprocess.run([sys.executable, "-"], stdin=f, capture_output=True, text=True, timeout=TIMEOUT,
+            return subprocess.run([sys.executable, "-"], check=False, stdin=f, capture_output=True, text=True, timeout=TIMEOUT,
                                   env=env, cwd=tmp_path)
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=TIMEOUT, env=env,
+    return subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=TIMEOUT, env=env,
                           cwd=tmp_path)
 
 

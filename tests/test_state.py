@@ -112,10 +112,9 @@ def test_state_api_semantics_from_the_supervisor(make_runtime) -> None:
         state["locked"] = True
         assert ws.increment("x", "n") == 1, "the holder's own calls go through"
     assert ws.get_routine_state("x")["locked"] is True
-    with pytest.raises(RuntimeError):
-        with ws.lock("x") as state:
-            state["discarded"] = True
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), ws.lock("x") as state:
+        state["discarded"] = True
+        raise RuntimeError("boom")
     assert "discarded" not in ws.get_routine_state("x")
     assert set(ws.routine_states) == {"x", "counts"}
 
@@ -206,9 +205,8 @@ def test_lock_timeout_is_clear(make_runtime) -> None:
     with ws.lock("release"):
         _, job = runtime.post("hold", "r", "in", {})
         wait_until(lambda: (ws.get_routine_state("flag") or {}).get("in") == 1, "the lock holder to start", job=job)
-        with pytest.raises(LockTimeoutError, match="stayed locked by process"):
-            with ws.lock("x", timeout=0.3):
-                pass
+        with pytest.raises(LockTimeoutError, match="stayed locked by process"), ws.lock("x", timeout=0.3):
+            pass
     assert job.wait(WAIT) and job.status == "completed"
 
 

@@ -40,8 +40,7 @@ _MERSENNE = (1 << 61) - 1
 _WORD = re.compile(r"[a-z][a-z0-9_']+")
 _SUFFIXES = ("ingly", "edly", "ing", "ed", "ly", "es", "s")
 _STOP = frozenset(
-    "a an and are as at be by for from has in is it its of on or that the this to was were will with "
-    "if not no can may be which when than then there these those do does".split()
+    ["a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "in", "is", "it", "its", "of", "on", "or", "that", "the", "this", "to", "was", "were", "will", "with", "if", "not", "no", "can", "may", "be", "which", "when", "than", "then", "there", "these", "those", "do", "does"]
 )
 
 
@@ -79,7 +78,7 @@ def minhash(tokens: list[str], k: int = 3) -> list[int]:
         x = int.from_bytes(hashlib.blake2b(shingle.encode(), digest_size=8).digest(), "big")
         for i, (a, b) in enumerate(_PERMS):
             h = (a * x + b) % _MERSENNE
-            if h < signature[i]:
+            if h < signature[i]:  # noqa: PLR1730 - hot loop: a compare is cheaper than min()
                 signature[i] = h
     return signature
 
