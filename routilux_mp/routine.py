@@ -172,25 +172,31 @@ class Routine:
         return dict(self._events)
 
     def get_slot(self, name: str) -> Slot | None:
+        """The slot called ``name``, or None."""
         return self._slots.get(name)
 
     def get_event(self, name: str) -> Event | None:
+        """The event called ``name``, or None."""
         return self._events.get(name)
 
     @property
     def activation_policy(self) -> Any:
+        """The policy set by ``set_activation_policy()`` (None: the default, immediate)."""
         return self._activation_policy
 
     @property
     def error_handler(self) -> ErrorHandler | None:
+        """The handler set by ``set_error_handler()`` (None: the flow's handler, else STOP)."""
         return self._error_handler
 
     @property
     def max_concurrency(self) -> int | None:
+        """Activations that may run at once per worker (1 by default; None: as many as processes)."""
         return self._max_concurrency
 
     @property
     def timeout(self) -> float | None:
+        """Seconds an activation may run before it is stopped (None: no limit)."""
         return self._timeout
 
     # -- inside logic --------------------------------------------------------
