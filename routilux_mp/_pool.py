@@ -4,8 +4,9 @@
 methods run in the dispatcher thread (the one thread that spawns children, see
 ``_process``) with the supervisor's lock held unless they say otherwise.
 
-* Start: worker processes first (they need the state server only when logic
-  touches state), then the state server, whose "ready" line is awaited.
+* Start: the supervisor binds the state server's socket, starts the workers,
+  and starts the state server on that socket once the first worker is ready
+  (clients that connect earlier wait in the socket's backlog). Nothing waits.
 * Watch: every child's pidfd (its death), result pipe and stdout/stderr pipes
   sit in one epoll selector; output is forwarded line by line.
 * Replace: a dead worker's first held activation fails with a
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import selectors
 import shutil
 import signal
@@ -122,10 +122,8 @@ class ProcessPool:
         finally:
             listener.close()
         self.state_popen = popen
-        data = pickle.dumps(config)
         assert popen.stdin is not None and popen.stdout is not None
-        popen.stdin.write(len(data).to_bytes(4, "big") + data)
-        popen.stdin.flush()
+        write_frame(popen.stdin.fileno(), dumps(config))
         # Its death shows on its pidfd, or (without pidfd support) as EOF on its stdout.
         self._state_pidfd = _process.open_pidfd(popen.pid)
         self._watch(self._state_pidfd if self._state_pidfd is not None else popen.stdout.fileno(), "state", None)
@@ -145,7 +143,7 @@ class ProcessPool:
         except OSError as exc:
             for fd in (cmd_r, cmd_w, res_r, res_w):
                 os.close(fd)
-            self._start_failed(index, f"could not start a process: {exc}")
+            self._start_failed(index, f"worker {index}: could not start a process: {exc}")
             return
         os.close(cmd_r)
         os.close(res_w)
@@ -254,20 +252,13 @@ class ProcessPool:
         if self.stop_requested or self.closed and self.active_jobs == 0:
             return
         if not proc.ready and not planned:
-            self.start_failures += 1
             tail = "\n".join(proc.stderr_tail)
-            self.last_start_error = (
+            self._start_failed(
+                proc.index,
                 f"worker {proc.index} (pid {proc.pid}) exited during start-up "
                 f"({'signal ' + signame if signame else 'exit code ' + str(exitcode)})"
-                + (f"; its last error output:\n{tail}" if tail else "")
+                + (f"; its last error output:\n{tail}" if tail else ""),
             )
-            if self.start_failures >= MAX_START_FAILURES:
-                self._break(RuntimeBrokenError,
-                            f"worker processes failed to start {self.start_failures} times in a row; giving up. "
-                            f"Last failure: {self.last_start_error}")
-                return
-            delay = min(MAX_RESPAWN_DELAY, 0.1 * 2 ** (self.start_failures - 1))
-            self._add_timer(time.monotonic() + delay, "respawn", proc.index)
         else:
             self._respawn(proc.index)
 
@@ -293,14 +284,14 @@ class ProcessPool:
             self._spawn_worker(index)
 
     def _start_failed(self, index: int, why: str) -> None:
+        """Count a worker that could not start: respawn it later, or give up after too many in a row."""
         self.start_failures += 1
-        self.last_start_error = f"worker {index}: {why}"
         if self.start_failures >= MAX_START_FAILURES:
             self._break(RuntimeBrokenError, f"worker processes failed to start {self.start_failures} times "
-                                            f"in a row; giving up. Last failure: {self.last_start_error}")
+                                            f"in a row; giving up. Last failure: {why}")
         else:
-            self._add_timer(time.monotonic() + min(MAX_RESPAWN_DELAY, 0.1 * 2 ** self.start_failures),
-                            "respawn", index)
+            delay = min(MAX_RESPAWN_DELAY, 0.1 * 2 ** (self.start_failures - 1))
+            self._add_timer(time.monotonic() + delay, "respawn", index)
 
     def _crash_error(self, proc: _Proc, act: _Act, exitcode: int | None, signame: str | None) -> dict:
         if signame:

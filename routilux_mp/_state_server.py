@@ -35,7 +35,7 @@ import cloudpickle
 from multiprocess import connection, managers
 
 from . import _jsonvalue, _process
-from ._messages import ServerConfig
+from ._messages import ServerConfig, read_frame
 from .errors import (
     LockTimeoutError,
     RoutiluxError,
@@ -536,12 +536,14 @@ def main() -> None:
     global _STORE, _ADOPTED_SOCKET
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _process.set_process_name("rmp-state")
-    stdin = sys.stdin.buffer
-    size = int.from_bytes(stdin.read(4), "big")
-    config: ServerConfig = pickle.loads(stdin.read(size))
+    stdin = sys.stdin.fileno()
+    try:
+        config: ServerConfig = pickle.loads(read_frame(stdin))
+    except (EOFError, OSError):  # the supervisor died before sending it
+        os._exit(_process.EXIT_PARENT_GONE)
     _process.arm_parent_death(config.parent_pid)
     # EOF on stdin is both the supervisor's stop request and the sign of its death.
-    _process.watch_for_eof(stdin.fileno(), "routilux-mp parent watchdog", exit_code=0)
+    _process.watch_for_eof(stdin, "routilux-mp parent watchdog", exit_code=0)
     sys.path[:] = config.sys_path
     _ADOPTED_SOCKET = socket.socket(fileno=config.listen_fd)
     _STORE = StateStore(config.max_state_bytes, config.strict, config.lock_timeout)

@@ -149,7 +149,6 @@ class Supervisor(ProcessPool):
         self.stop_requested = False
         self.stop_grace = TERM_GRACE
         self.start_failures = 0
-        self.last_start_error = ""
 
         self._seq = itertools.count(1)
         self._act_ids = itertools.count(1)
