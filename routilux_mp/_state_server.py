@@ -35,7 +35,7 @@ import cloudpickle
 from multiprocess import connection, managers
 
 from . import _jsonvalue, _process
-from ._messages import ServerConfig, read_frame
+from ._messages import ServerConfig, dumps, read_frame
 from .errors import (
     LockTimeoutError,
     RoutiluxError,
@@ -64,7 +64,7 @@ class _PickleConnection:
         self._conn = conn
 
     def send(self, obj: Any) -> None:
-        self._conn.send_bytes(pickle.dumps(obj, 5))
+        self._conn.send_bytes(dumps(obj))
 
     def recv(self) -> Any:
         return pickle.loads(self._conn.recv_bytes())
@@ -285,14 +285,14 @@ class StateStore:
             cell = self._worker(wid).cells.get(rid)
             if cell is None or cell.value is None:
                 return None, 0 if cell is None else cell.version
-            return _dumps(cell.value), cell.version
+            return dumps(cell.value), cell.version
 
     def get_all(self, wid: str) -> tuple[bytes, dict[str, int]]:
         """``(pickled {rid: state}, {rid: version})``."""
         with self._cond:
             cells = self._worker(wid).cells
             values = {rid: c.value for rid, c in cells.items() if c.value is not None}
-            return _dumps(values), {rid: cells[rid].version for rid in values}
+            return dumps(values), {rid: cells[rid].version for rid in values}
 
     def replace(self, wid: str, rid: str, value: dict, size: int, expected: int | None,
                 token: str | None) -> tuple[int, int]:
@@ -323,7 +323,7 @@ class StateStore:
             size = len(_jsonvalue._encode(merged))
             self._check_size(rid, size)
             version = self._store(cell, merged, size)
-            return _dumps(merged), version
+            return dumps(merged), version
 
     def increment(self, wid: str, rid: str, amounts: dict[str, int | float],
                   token: str | None) -> tuple[dict[str, int | float], int]:
@@ -384,7 +384,7 @@ class StateStore:
             with self._cond:
                 self._check_size(rid, size)
                 version = self._store(cell, value, size)
-                return _dumps(value), version
+                return dumps(value), version
         finally:
             with self._cond:
                 cell.holder, cell.holder_pid = previous
@@ -395,7 +395,7 @@ class StateStore:
             cell = self._cell(wid, rid)
             self._wait_free(cell, rid, token, timeout)
             cell.holder, cell.holder_pid = token, pid
-            return (None if cell.value is None else _dumps(cell.value)), cell.version
+            return (None if cell.value is None else dumps(cell.value)), cell.version
 
     def release(self, wid: str, rid: str, token: str, value: dict | None, size: int) -> int:
         with self._cond:
@@ -441,7 +441,7 @@ class StateStore:
     def snapshot(self) -> bytes:
         """Everything (pickled), for the runtime's final snapshot at shutdown."""
         with self._cond:
-            return _dumps({
+            return dumps({
                 wid: {
                     "meta": {"flow_id": w.flow_id, "status": w.status, "jobs_processed": w.jobs_processed,
                              "jobs_failed": w.jobs_failed},
@@ -452,10 +452,6 @@ class StateStore:
 
     def ping(self) -> int:
         return os.getpid()
-
-
-def _dumps(value: Any) -> bytes:
-    return pickle.dumps(value, 5)
 
 
 def _portable_error(exc: BaseException, context: str) -> BaseException:

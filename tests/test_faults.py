@@ -22,14 +22,13 @@ import time
 
 import psutil
 import pytest
-from helpers import by_value, single_flow, wait_until
+from helpers import WAIT, by_value, single_flow, wait_until
 
 from routilux_mp import ErrorHandler
 from routilux_mp.errors import RuntimeBrokenError, StateServerLostError
 
 by_value(__name__)
 
-WAIT = 120.0
 MiB = 2**20
 
 

@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from helpers import FnRoutine, by_value, echo, single_flow, wait_until
+from helpers import WAIT, FnRoutine, by_value, echo, single_flow, wait_until
 
 from routilux_mp import ErrorHandler, Flow, FlowRegistry, Runtime, get_current_job
 from routilux_mp.activation_policies import (
@@ -25,7 +25,6 @@ from routilux_mp.errors import RuntimeClosedError, SerializationError, SlotQueue
 
 by_value(__name__)
 
-WAIT = 120.0
 
 
 def _whoami(routine, slot_data, message, ws):

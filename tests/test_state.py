@@ -6,7 +6,7 @@ import os
 import stat
 
 import pytest
-from helpers import by_value, single_flow, wait_until
+from helpers import WAIT, by_value, single_flow, wait_until
 
 from routilux_mp.errors import (
     LockTimeoutError,
@@ -17,7 +17,6 @@ from routilux_mp.errors import (
 
 by_value(__name__)
 
-WAIT = 120.0
 
 
 def _bump_increment(routine, slot_data, message, ws):
