@@ -115,7 +115,6 @@ class _Act:
         "created",
         "deadline",
         "jobs",
-        "kill_reason",
         "message",
         "proc",
         "resolved",
@@ -143,8 +142,6 @@ class _Act:
         self.proc: _Proc | None = None
         #: Set once the activation's outcome is decided while its process still holds it.
         self.resolved = False
-        #: Why the supervisor is killing its process (timeout, memory), if it is.
-        self.kill_reason: str | None = None
         self.deadline: float | None = None
         #: Bytes sent for it (what it occupies in its worker's pipe until started).
         self.wire_size = 0

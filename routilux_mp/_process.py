@@ -27,10 +27,6 @@ from collections.abc import Callable, Sequence
 
 #: Exit code of a child that noticed its supervisor died.
 EXIT_PARENT_GONE = 70
-#: Exit code of a worker that lost the state server.
-EXIT_STATE_LOST = 71
-#: Exit code of a child whose start-up failed.
-EXIT_STARTUP_FAILED = 72
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1

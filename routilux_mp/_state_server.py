@@ -254,15 +254,6 @@ class StateStore:
             worker.flow_id = flow_id
             worker.status = status
 
-    def set_status(self, wid: str, status: str) -> None:
-        with self._cond:
-            self._worker(wid).status = status
-
-    def set_all_status(self, status: str) -> None:
-        with self._cond:
-            for worker in self._workers.values():
-                worker.status = status
-
     def meta(self, wid: str) -> dict:
         with self._cond:
             w = self._worker(wid)
@@ -449,9 +440,6 @@ class StateStore:
                 }
                 for wid, w in self._workers.items()
             })
-
-    def ping(self) -> int:
-        return os.getpid()
 
 
 def _portable_error(exc: BaseException, context: str) -> BaseException:

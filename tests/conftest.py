@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -91,5 +90,3 @@ def python_env() -> dict[str, str]:
     env.pop("PYTHONUNBUFFERED", None)
     return env
 
-
-PYTHON = sys.executable
