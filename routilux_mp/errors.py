@@ -7,6 +7,14 @@ All derive from :class:`RoutiluxError`. Two families matter when handling them:
 * *broken* (:class:`RuntimeBrokenError`, :class:`StateServerLostError`,
   :class:`WorkerCrashedError`, ...): something outside your logic died.
 
+routilux 1.1.0's exception names are here too, as the bases of ours, so code
+that catches them keeps working: :class:`ConfigurationError` (bad flow
+wiring: :class:`FlowError`), :class:`ExecutionError` (an activation failed:
+:class:`ActivationError`, :class:`WorkerCrashedError`,
+:class:`ActivationTimeoutError`, :class:`WorkerMemoryError`),
+:class:`StateError` (a WorkerState write refused), :class:`SerializationError`,
+:class:`SlotHandlerError` and :class:`ValidationError`.
+
 Errors that happen inside a worker process reach the supervisor as data (type
 name, message, traceback text); :attr:`RoutiluxError.remote_traceback` carries
 that text when an error is re-raised on this side.
@@ -17,19 +25,25 @@ from __future__ import annotations
 __all__ = [
     "ActivationError",
     "ActivationTimeoutError",
+    "ConfigurationError",
+    "ExecutionError",
     "FlowError",
     "LockTimeoutError",
     "RoutiluxError",
     "RuntimeBrokenError",
     "RuntimeClosedError",
     "SerializationError",
+    "SlotHandlerError",
     "SlotQueueFullError",
     "StaleStateError",
+    "StateError",
     "StateNotSerializableError",
     "StateServerLostError",
     "StateTooLargeError",
+    "ValidationError",
     "WorkerCrashedError",
     "WorkerMemoryError",
+    "WorkerNotRunningError",
 ]
 
 
@@ -40,12 +54,68 @@ class RoutiluxError(Exception):
     remote_traceback: str | None = None
 
 
-class FlowError(RoutiluxError, ValueError):
+def _with_context(exc: RoutiluxError, message: str, label: str, value: str) -> None:
+    # routilux 1.1.0 puts the context into the message: "boom (routine_id=parse)".
+    if value:
+        exc.args = (f"{message} ({label}={value})",)
+
+
+# -- routilux 1.1.0's families (bases of the specific errors below) ---------------
+
+
+class ConfigurationError(RoutiluxError):
+    """Raised when a flow or routine is set up wrongly (routilux 1.1.0's name; base of FlowError)."""
+
+
+class ExecutionError(RoutiluxError):
+    """Raised when running a routine failed (routilux 1.1.0's name; base of the activation errors).
+
+    Args:
+        message: what happened.
+        routine_id: the routine, added to the message as ``(routine_id=...)``.
+    """
+
+    def __init__(self, message: str = "", routine_id: str = "") -> None:
+        super().__init__(message)
+        self.routine_id = routine_id
+        _with_context(self, message, "routine_id", routine_id)
+
+
+class StateError(RoutiluxError):
+    """Raised when a WorkerState write is refused (routilux 1.1.0's name; base of the state errors)."""
+
+
+class SlotHandlerError(RoutiluxError):
+    """Raised by your code to mark a failure of a routine's input handling (routilux 1.1.0's name).
+
+    Args:
+        message: what happened.
+        slot_name: the slot, added to the message as ``(slot=...)``.
+    """
+
+    def __init__(self, message: str = "", slot_name: str = "") -> None:
+        super().__init__(message)
+        self.slot_name = slot_name
+        _with_context(self, message, "slot", slot_name)
+
+
+class ValidationError(RoutiluxError, ValueError):
+    """Raised by your code when input fails validation (routilux 1.1.0's name, kept for ported code)."""
+
+
+class WorkerNotRunningError(RoutiluxError, ValueError):
+    """Raised when a worker named in a call is not running in this runtime (routilux 1.1.0's name)."""
+
+
+# -- routilux-mp's errors ---------------------------------------------------------
+
+
+class FlowError(ConfigurationError, ValueError):
     """Raised when a flow, routine, slot, event or worker name is unknown or duplicated."""
 
 
-class RuntimeClosedError(RoutiluxError):
-    """Raised when ``exec``/``post`` is called after ``Runtime.shutdown()``."""
+class RuntimeClosedError(RoutiluxError, RuntimeError):
+    """Raised when ``exec``/``post`` is called after ``Runtime.shutdown()`` (a ``RuntimeError`` too)."""
 
 
 class RuntimeBrokenError(RoutiluxError):
@@ -53,18 +123,29 @@ class RuntimeBrokenError(RoutiluxError):
 
 
 class SerializationError(RoutiluxError, TypeError):
-    """Raised when data that must cross a process boundary cannot be pickled."""
+    """Raised when data that must cross a process boundary cannot be pickled.
+
+    Args:
+        message: what happened.
+        object_type: the type that failed, added to the message as ``(type=...)``
+            (routilux 1.1.0's signature).
+    """
+
+    def __init__(self, message: str = "", object_type: str = "") -> None:
+        super().__init__(message)
+        self.object_type = object_type
+        _with_context(self, message, "type", object_type)
 
 
-class StateNotSerializableError(RoutiluxError, TypeError):
+class StateNotSerializableError(StateError, SerializationError):
     """Raised when a value written to WorkerState (or job data) is not plain JSON."""
 
 
-class StateTooLargeError(RoutiluxError, ValueError):
+class StateTooLargeError(StateError, ValueError):
     """Raised when a routine state would exceed ``max_state_bytes``."""
 
 
-class StaleStateError(RoutiluxError):
+class StaleStateError(StateError):
     """Raised (with ``strict_state=True``) when a write would lose another activation's update."""
 
 
@@ -80,17 +161,17 @@ class SlotQueueFullError(RoutiluxError):
     """Raised by ``post(..., block=False)`` when the target slot queue is full."""
 
 
-class ActivationError(RoutiluxError):
+class ActivationError(ExecutionError, SlotHandlerError):
     """Raised when a routine's logic raised; the worker's traceback is in ``remote_traceback``."""
 
 
-class WorkerCrashedError(RoutiluxError):
+class WorkerCrashedError(ExecutionError):
     """Raised when a worker process died (exit, signal, segfault, OOM kill) while running an activation."""
 
 
-class ActivationTimeoutError(RoutiluxError, TimeoutError):
+class ActivationTimeoutError(ExecutionError, TimeoutError):
     """Raised when an activation ran longer than its routine's ``set_timeout()``."""
 
 
-class WorkerMemoryError(RoutiluxError, MemoryError):
+class WorkerMemoryError(ExecutionError, MemoryError):
     """Raised when a worker process was killed for passing the hard memory limit."""
