@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 import time
@@ -11,12 +12,39 @@ from typing import Any
 from . import _context
 from .errors import RoutiluxError
 
-__all__ = ["JobContext", "get_current_job"]
+__all__ = ["JobContext", "JobStatus", "get_current_job", "get_current_job_id"]
 
 logger = logging.getLogger("routilux_mp.job")
 
+
+
+class JobStatus(str, enum.Enum):
+    """A job's status. Each member equals its plain string: ``JobStatus.COMPLETED == "completed"``.
+
+    routilux 1.1.0 code compares with the enum and reads ``.value``; code written
+    for routilux-mp compares with strings. Both work, and ``str()``, f-strings
+    and ``repr()`` give the plain value.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        # Printed in lists and dicts it reads as the string it equals.
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 #: Job statuses that never change again.
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
+TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 #: Trace entries kept per job (oldest dropped beyond).
 MAX_TRACES = 1000
@@ -38,7 +66,8 @@ class JobContext:
         metadata: the dict given to ``post(metadata=...)``.
         data: a JSON dict shared by the job's activations; changes made in
             logic (through ``get_current_job().data``) travel back.
-        status: ``pending`` | ``running`` | ``completed`` | ``failed`` | ``cancelled``.
+        status: a :class:`JobStatus` (equal to its string): ``pending`` |
+            ``running`` | ``completed`` | ``failed`` | ``cancelled``.
         error: ``None`` or a dict with ``type``, ``message``, ``traceback``,
             ``routine``, and for crashes ``exitcode``/``signal``.
         outputs: emits on unconnected events, as ``{"routine", "event", "data"}``
@@ -55,7 +84,7 @@ class JobContext:
         self.flow_id = flow_id
         self.metadata = metadata if metadata is not None else {}
         self.data = data if data is not None else {}
-        self.status = "running" if _in_worker else "pending"
+        self.status = JobStatus.RUNNING if _in_worker else JobStatus.PENDING
         self.error: dict | None = None
         self.outputs: list[dict] = []
         self.outputs_dropped = 0
@@ -77,6 +106,24 @@ class JobContext:
         self.__dict__.update(state)
         self._done = None
         self._callbacks = []
+
+    @property
+    def status(self) -> JobStatus:
+        """The job's :class:`JobStatus` (equal to its plain string)."""
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        # The runtime sets plain strings; reading back always gives the enum.
+        self._status = JobStatus(value)
+
+    def set_data(self, key: str, value: Any) -> None:
+        """``job.data[key] = value`` (routilux 1.1.0's spelling); in logic the change travels back."""
+        self.data[key] = value
+
+    def get_data(self, key: str, default: Any = None) -> Any:
+        """``job.data.get(key, default)`` (routilux 1.1.0's spelling)."""
+        return self.data.get(key, default)
 
     def trace(self, routine_id: str, action: str, details: Any = None) -> None:
         """Record a trace entry (in logic too: entries travel back with the activation's result)."""
@@ -134,7 +181,7 @@ class JobContext:
             "job_id": self.job_id,
             "worker_id": self.worker_id,
             "flow_id": self.flow_id,
-            "status": self.status,
+            "status": self.status.value,
             "metadata": self.metadata,
             "data": self.data,
             "error": self.error,
@@ -153,3 +200,9 @@ def get_current_job() -> JobContext | None:
     """The job of the activation running now (inside logic); ``None`` elsewhere."""
     ctx = _context.current()
     return None if ctx is None else ctx.job
+
+
+def get_current_job_id() -> str | None:
+    """The id of :func:`get_current_job`'s job (inside logic); ``None`` elsewhere."""
+    job = get_current_job()
+    return None if job is None else job.job_id
