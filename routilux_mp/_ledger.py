@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._messages import FrameReader
+from .activation_policies import SlotQueueAPI
 from .error_handling import ErrorHandler
 from .job import JobContext
 
@@ -36,11 +37,12 @@ class _Entry:
         return f"_Entry(#{self.seq} job={self.job.job_id})"
 
 
-class SlotQueue:
+class SlotQueue(SlotQueueAPI):
     """A routine's input queue as policies see it (one per routine per worker).
 
-    ``consume_*`` and ``peek_*`` return copies of the items. Built-in policies
-    use ``_take``, which moves the pickled items without decoding them.
+    The ``consume_*``/``peek_*`` methods (:class:`SlotQueueAPI`) return copies of
+    the items. Built-in policies use ``_take``, which moves the pickled items
+    without decoding them.
     """
 
     __slots__ = ("_consumed", "_entries", "held", "max_queue_length", "name")
@@ -58,9 +60,9 @@ class SlotQueue:
         """Items counted against ``max_queue_length``."""
         return len(self._entries) + self.held
 
-    def get_unconsumed_count(self) -> int:
-        """Items waiting in this slot."""
-        return len(self._entries)
+    def get_total_count(self) -> int:
+        """Items counted against ``max_queue_length``: waiting, plus consumed but not yet running."""
+        return self.pending
 
     def _head_seq(self) -> int | None:
         return self._entries[0].seq if self._entries else None
@@ -73,18 +75,9 @@ class SlotQueue:
         self._consumed.extend(taken)
         return taken
 
-    def consume_one_new(self) -> dict | None:
-        """Consume the oldest item and return a copy of it (``None`` if empty)."""
-        taken = self._take(1)
-        return pickle.loads(taken[0].blob) if taken else None
-
-    def consume_all_new(self) -> list[dict]:
-        """Consume every waiting item; return copies, oldest first."""
-        return [pickle.loads(e.blob) for e in self._take(None)]
-
-    def peek_all_new(self) -> list[dict]:
-        """Copies of every waiting item, without consuming them."""
-        return [pickle.loads(e.blob) for e in self._entries]
+    @staticmethod
+    def _item(entry: _Entry) -> Any:
+        return pickle.loads(entry.blob)
 
     def _put_back(self, entries: Iterable[_Entry]) -> None:
         """Return consumed items to the front, in their original order."""

@@ -2,11 +2,11 @@
 
 A policy is called in the supervisor as ``policy(slots, worker_state)`` after
 every arrival (and when its timer fires) and returns ``(activate, data_slice,
-policy_message)``. ``slots`` maps slot names to queues offering
-``get_unconsumed_count()``, ``consume_one_new()``, ``consume_all_new()`` and
-``peek_all_new()``. Items a policy consumes are the activation's input; the
-runtime gives the logic every slot of the routine (``[]`` for slots with
-nothing this time).
+policy_message)``. ``slots`` maps slot names to queues offering the methods of
+:class:`SlotQueueAPI` (``get_unconsumed_count()``, ``consume_one_new()``,
+``consume_all_new()``, ``peek_all_new()``, ... as in routilux 1.1.0). Items a
+policy consumes are the activation's input; the runtime gives the logic every
+slot of the routine (``[]`` for slots with nothing this time).
 
 Policies here are small picklable classes (no module globals, no closures). A
 policy keeps its own state (e.g. the time of its last activation) per routine
@@ -29,6 +29,7 @@ __all__ = [
     "BatchSizePolicy",
     "CustomPolicy",
     "ImmediatePolicy",
+    "SlotQueueAPI",
     "TimeIntervalPolicy",
     "all_slots_ready_policy",
     "batch_size_policy",
@@ -38,6 +39,58 @@ __all__ = [
 ]
 
 _NO = (False, {}, None)
+
+
+class SlotQueueAPI:
+    """The queue methods a policy may call on a slot, oldest item first; items are copies.
+
+    Consuming an item makes it part of this activation: the runtime ties the
+    activation to the item's job even when the policy leaves the item out of
+    the data slice it returns (``consume_latest_and_mark_all_consumed`` does).
+    Built on three primitives of the queue: ``_entries`` (the waiting entries,
+    oldest first), ``_take(n)`` (consume up to ``n`` entries, all when
+    ``None``) and ``_item(entry)`` (a copy of an entry's item).
+    """
+
+    __slots__ = ()
+
+    def get_unconsumed_count(self) -> int:
+        """Items waiting in this slot."""
+        return len(self._entries)
+
+    def get_total_count(self) -> int:
+        """Items counted against ``max_queue_length``."""
+        return len(self._entries)
+
+    def consume_one_new(self) -> Any:
+        """Consume the oldest item and return it (``None`` if the slot is empty)."""
+        taken = self._take(1)
+        return self._item(taken[0]) if taken else None
+
+    def consume_all_new(self) -> list:
+        """Consume every waiting item; return them oldest first."""
+        return [self._item(entry) for entry in self._take(None)]
+
+    def consume_all(self) -> list:
+        """Same as :meth:`consume_all_new`: consumed items have already left the queue."""
+        return self.consume_all_new()
+
+    def consume_latest_and_mark_all_consumed(self) -> Any:
+        """Consume every waiting item and return only the newest (``None`` if empty)."""
+        taken = self._take(None)
+        return self._item(taken[-1]) if taken else None
+
+    def peek_all_new(self) -> list:
+        """Every waiting item, oldest first, without consuming them."""
+        return [self._item(entry) for entry in self._entries]
+
+    def peek_one_new(self) -> Any:
+        """The oldest waiting item without consuming it (``None`` if empty)."""
+        return self._item(self._entries[0]) if self._entries else None
+
+    def peek_latest(self) -> Any:
+        """The newest waiting item without consuming it (``None`` if empty)."""
+        return self._item(self._entries[-1]) if self._entries else None
 
 #: What the immediate policy passes as ``policy_message`` (logic gets its own copy).
 IMMEDIATE_MESSAGE = {"reason": "immediate"}
