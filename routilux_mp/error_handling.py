@@ -42,14 +42,21 @@ class ErrorHandler:
     ``max_crash_retries``.
 
     Args:
-        strategy: an :class:`ErrorStrategy` or its string value.
+        strategy: an :class:`ErrorStrategy` or its string value; anything else
+            is a ``TypeError``.
         max_retries: re-runs allowed with ``RETRY`` (not counting the first run).
         retry_delay: seconds before the first re-run.
         retry_backoff: multiplier applied to the delay for each further re-run.
         retryable_exceptions: exception classes (or their names, e.g.
             ``"ValueError"`` or ``"mypkg.errors.Flaky"``) that may be retried;
-            ``None`` means every failure. A failure that is not retryable is
-            handled as ``STOP``.
+            kept as given in :attr:`retryable_exceptions`. The default,
+            ``(Exception,)``, retries every failure but ``SystemExit`` and
+            ``KeyboardInterrupt`` raised by logic. A failure that is not
+            retryable is handled as ``STOP``. Matching is by the class names
+            of the error's hierarchy (errors cross processes as data).
+        is_critical: routilux 1.1.0's flag for "the job must fail when the
+            retries run out"; kept as given. In routilux-mp that is what
+            happens with or without it (it was so in routilux 1.1.0 as well).
     """
 
     def __init__(
@@ -59,7 +66,10 @@ class ErrorHandler:
         retry_delay: float = 1.0,
         retry_backoff: float = 2.0,
         retryable_exceptions: Iterable[type[BaseException] | str] | None = None,
+        is_critical: bool = False,
     ) -> None:
+        if not isinstance(strategy, str):  # ErrorStrategy members are str too
+            raise TypeError(f"strategy must be an ErrorStrategy or its string value, got {type(strategy).__name__}")
         try:
             self.strategy = ErrorStrategy(strategy)
         except ValueError:
@@ -72,21 +82,20 @@ class ErrorHandler:
         self.max_retries = int(max_retries)
         self.retry_delay = float(retry_delay)
         self.retry_backoff = float(retry_backoff)
-        if retryable_exceptions is None:
-            self.retryable_exceptions: tuple[str, ...] | None = None
-        else:
-            names = []
-            for exc in retryable_exceptions:
-                names.append(exc if isinstance(exc, str) else _type_name(exc))
-            self.retryable_exceptions = tuple(names)
+        self.is_critical = bool(is_critical)
+        retryable = (Exception,) if retryable_exceptions is None else tuple(retryable_exceptions)
+        for exc in retryable:
+            if not isinstance(exc, str) and not (isinstance(exc, type) and issubclass(exc, BaseException)):
+                raise TypeError(f"retryable_exceptions holds exception classes or their names, got {exc!r}")
+        #: The exception classes (or names) that may be retried, as given.
+        self.retryable_exceptions: tuple[type[BaseException] | str, ...] = retryable
+        self._retryable_names = frozenset(exc if isinstance(exc, str) else _type_name(exc) for exc in retryable)
 
     def is_retryable(self, error_mro: Iterable[str]) -> bool:
         """True when an error whose class hierarchy has these names may be retried."""
-        if self.retryable_exceptions is None:
-            return True
         mro = list(error_mro)
-        short = {name.rsplit(".", 1)[-1] for name in mro}
-        return any(name in mro or name in short for name in self.retryable_exceptions)
+        names = set(mro) | {name.rsplit(".", 1)[-1] for name in mro}
+        return not self._retryable_names.isdisjoint(names)
 
     def delay_before(self, attempt: int) -> float:
         """Seconds to wait before running attempt number ``attempt`` (2 = first retry)."""
@@ -95,5 +104,6 @@ class ErrorHandler:
     def __repr__(self) -> str:
         return (
             f"ErrorHandler(strategy={self.strategy.value!r}, max_retries={self.max_retries}, "
-            f"retry_delay={self.retry_delay}, retry_backoff={self.retry_backoff})"
+            f"retry_delay={self.retry_delay}, retry_backoff={self.retry_backoff}, "
+            f"is_critical={self.is_critical})"
         )
