@@ -94,10 +94,14 @@ def test_flow_entry_slots_and_validation() -> None:
     flow.connect("one", "out", "two", "a")
     assert flow.entry_slots() == [("one", "a"), ("one", "b"), ("two", "b")]
     flow.validate()
-    no_logic = Routine()
-    no_logic.add_slot("in")
-    flow.add_routine(no_logic, "bare")
-    with pytest.raises(ValueError, match="'bare' .* has no logic"):
+    sink = Routine()  # no logic: a sink, accepted
+    sink.add_slot("in")
+    flow.add_routine(sink, "sink")
+    flow.validate()
+    handler_only = Routine()  # routilux's pre-1.0 style: the handler would be the only logic
+    handler_only.define_slot("in", handler=print)
+    flow.add_routine(handler_only, "bare")
+    with pytest.raises(ValueError, match="'bare' .* declares slot handlers .* and no logic"):
         flow.validate()
 
 
