@@ -486,6 +486,12 @@ class Supervisor(ProcessPool):
                     if not keep:
                         self.runnable.discard(rt)
 
+    def end_job(self, job: JobContext, status: str, error: dict | None = None) -> None:
+        """End an open job now (``Runtime.complete_job``): drop its queued items; running ones no longer count."""
+        self._finish_job(job, status, error)
+        self._purge({id(job)}, job.worker_id)
+        self.cond.notify_all()
+
     def cancel_pending(self) -> int:
         """Cancel every job none of whose activations has started; return how many."""
         cancelled = [job for job in self.jobs.values() if job.status == "pending"]

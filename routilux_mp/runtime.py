@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from . import _jsonvalue
 from ._ledger import _Instance, _RoutineRt, percentile
 from ._messages import encode
+from ._pool import _error
 from ._supervisor import TERM_GRACE, Supervisor
 from .activation_policies import ImmediatePolicy
 from .error_handling import ErrorHandler
@@ -228,13 +229,14 @@ class Runtime:
     def post(
         self,
         flow_name: str,
-        routine_id: str,
-        slot_name: str,
-        data: dict,
+        routine_id: str | None = None,
+        slot_name: str | None = None,
+        data: dict | None = None,
         worker_id: str | None = None,
         job_id: str | None = None,
         metadata: dict | None = None,
         *,
+        routine_name: str | None = None,
         block: bool = True,
         timeout: float | None = None,
     ) -> tuple[WorkerState, JobContext]:
@@ -246,11 +248,19 @@ class Runtime:
         unless the slot queue is full: then it waits for room (back-pressure),
         or raises :class:`~routilux_mp.errors.SlotQueueFullError` with
         ``block=False``, after ``timeout`` seconds, or when nothing is left
-        running that could make room.
+        running that could make room. ``routine_name=`` is routilux 1.1.0's
+        keyword for ``routine_id``.
 
         Returns:
             ``(worker_state, job)``.
         """
+        if routine_name is not None:
+            if routine_id is not None and routine_id != routine_name:
+                raise TypeError(f"post() got routine_id={routine_id!r} and routine_name={routine_name!r}; give one")
+            routine_id = routine_name
+        for arg, value in (("routine_id", routine_id), ("slot_name", slot_name), ("data", data)):
+            if value is None:
+                raise TypeError(f"post() missing required argument {arg!r}")
         sup = self._sup
         sup.check_usable()
         flow = self._registry.get(flow_name)
@@ -336,29 +346,37 @@ class Runtime:
 
     # ------------------------------------------------------------------ waiting
 
-    def wait_until_all_jobs_finished(self, timeout: float | None = None) -> bool:
+    def wait_until_all_jobs_finished(self, timeout: float | None = None, *, worker_id: str | None = None) -> bool:
         """Wait until every posted item has been processed; False if ``timeout`` passed first.
 
         Runnable work goes first; when nothing runs any more, what policies
         hold back (partial batches, pending intervals) is flushed and waited
         for too. Items a join (``all_slots_ready``, custom) still waits on keep
         their jobs open: then this returns False at the timeout, and
-        ``stats()["waiting"]`` shows what waits where.
+        ``stats()["waiting"]`` shows what waits where. With ``worker_id``, only
+        that worker's jobs are waited for (and only its policies flushed).
         """
         sup = self._sup
         if threading.current_thread() is sup.thread:
             raise RoutiluxError("wait_until_all_jobs_finished() cannot be called from a job done-callback: "
                                 "the callback runs in the thread that finishes jobs")
+        if worker_id is not None:
+            self.get_worker_state(worker_id)  # unknown -> FlowError naming the workers
         deadline = None if timeout is None else time.monotonic() + timeout
         with sup.lock:
             while True:
-                if sup.active_jobs == 0:
+                if worker_id is None:
+                    busy = sup.active_jobs != 0
+                else:
+                    busy = any(j.worker_id == worker_id and not j.done for j in sup.jobs.values())
+                if not busy:
                     result = True
                     break
                 if sup.stop_requested:
                     result = False
                     break
-                if sup.quiescent() and sup.flush(list(sup.instances.values())):
+                flushable = [i for i in sup.instances.values() if worker_id is None or i.worker_id == worker_id]
+                if sup.quiescent() and sup.flush(flushable):
                     continue
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -394,6 +412,39 @@ class Runtime:
         """Jobs in the ledger, oldest first (of one worker, or all)."""
         with self._sup.lock:
             return [j for j in self._sup.jobs.values() if worker_id is None or j.worker_id == worker_id]
+
+    def wait_until_all_workers_idle(self, timeout: float | None = None, check_interval: float = 0.1) -> bool:
+        """routilux 1.1.0's name for :meth:`wait_until_all_jobs_finished`.
+
+        As there, ``timeout=None`` means 300 seconds. ``check_interval`` is
+        accepted and unused: this waits on a condition, it does not poll.
+        """
+        return self.wait_until_all_jobs_finished(300.0 if timeout is None else timeout)
+
+    def complete_job(self, job_id: str, status: str = "completed", error: str | None = None) -> bool:
+        """End a job now with ``status`` (``completed``, ``failed`` or ``cancelled``), as routilux 1.1.0 let you.
+
+        routilux-mp jobs finish by themselves; use this to abandon one early.
+        Its items still queued are dropped; activations of it already running
+        finish, but their emits and outputs are dropped. ``error`` becomes
+        ``job.error["message"]``. Returns False when there is no such job or
+        it already finished.
+        """
+        if status not in ("completed", "failed", "cancelled"):
+            raise ValueError(f"complete_job() status must be 'completed', 'failed' or 'cancelled', got {status!r}")
+        sup = self._sup
+        with sup.lock:
+            job = sup.jobs.get(job_id)
+            if job is None or job.done:
+                return False
+            details = None
+            if error is not None:
+                details = _error(RoutiluxError, str(error), routine=None)
+            sup.end_job(job, status, details)
+            callbacks = sup.take_callbacks()
+        for callback in callbacks:
+            callback()
+        return True
 
     def stats(self) -> dict:
         """A JSON-able snapshot: per-routine counters, per-process usage, jobs by status, waiting items."""
@@ -496,6 +547,17 @@ class Runtime:
                 logger.error("the routilux-mp dispatcher did not stop within %ss", SHUTDOWN_JOIN_TIMEOUT)
         with _live_lock:
             _live.discard(self)
+
+
+def _runtime_of(worker_state: WorkerState) -> Runtime | None:
+    """The live runtime of this process whose worker ``worker_state`` is (for ``WorkerState.wait_for_completion``)."""
+    with _live_lock:
+        runtimes = list(_live)
+    for runtime in runtimes:
+        inst = runtime._sup.instances.get(worker_state.worker_id)
+        if inst is not None and inst.ws is worker_state:
+            return runtime
+    return None
 
 
 def _shutdown_all() -> None:

@@ -206,6 +206,34 @@ class WorkerState:
     def __repr__(self) -> str:
         return f"<WorkerState worker_id={self.worker_id!r} flow_id={self.flow_id!r}>"
 
+    @staticmethod
+    def wait_for_completion(flow: Any, worker_state: WorkerState, timeout: float | None = None,
+                            check_interval: float = 0.1) -> bool:
+        """Wait until every job of ``worker_state``'s worker has finished (routilux 1.1.0's helper).
+
+        Returns False if ``timeout`` seconds (``None``: 300, as in routilux
+        1.1.0) passed first. Partial batches are flushed as by
+        ``runtime.wait_until_all_jobs_finished(worker_id=...)``, which this
+        calls. ``flow`` must be the worker's flow (or ``None``);
+        ``check_interval`` is accepted and unused (this waits on a condition).
+        Call it in the process that runs the Runtime, not inside logic.
+        """
+        if flow is not None and getattr(flow, "flow_id", None) != worker_state.flow_id:
+            raise ValueError(f"worker {worker_state.worker_id!r} runs flow {worker_state.flow_id!r}, "
+                             f"not {getattr(flow, 'flow_id', flow)!r}")
+        if worker_state._client.snapshot is not None:
+            return True  # its runtime was shut down: every job of it has ended
+        from .runtime import _runtime_of
+
+        runtime = _runtime_of(worker_state)
+        if runtime is None:
+            raise RoutiluxError(
+                f"WorkerState.wait_for_completion(): no Runtime of this process runs worker "
+                f"{worker_state.worker_id!r}; call it where the runtime was started, not inside logic"
+            )
+        return runtime.wait_until_all_jobs_finished(300.0 if timeout is None else timeout,
+                                                    worker_id=worker_state.worker_id)
+
     # -- internals -----------------------------------------------------------
 
     def _snapshot(self) -> dict | None:
