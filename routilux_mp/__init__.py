@@ -3,34 +3,47 @@
 Routines with slots and events, activation policies, flows and jobs, run on
 long-lived worker processes; every worker's ``WorkerState`` lives in a state
 server process, shared by all of them as JSON with atomic operations.
+
+Code written for routilux 1.1.0 runs with the import prefix changed:
+``routilux_mp.core`` and ``routilux_mp.exceptions`` mirror its modules, and
+``routine`` (this package's submodule) is also callable as its ``@routine()``
+decorator. ``docs/migrating.md`` lists the deliberate differences.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import activation_policies, errors
+from . import activation_policies, errors, routine
+from .core.status import ExecutionStatus
+from .decorators import routine_class
 from .error_handling import ErrorHandler, ErrorStrategy
 from .errors import (
     ActivationError,
     ActivationTimeoutError,
+    ConfigurationError,
+    ExecutionError,
     FlowError,
     LockTimeoutError,
     RoutiluxError,
     RuntimeBrokenError,
     RuntimeClosedError,
     SerializationError,
+    SlotHandlerError,
     SlotQueueFullError,
     StaleStateError,
+    StateError,
     StateNotSerializableError,
     StateServerLostError,
     StateTooLargeError,
+    ValidationError,
     WorkerCrashedError,
     WorkerMemoryError,
+    WorkerNotRunningError,
 )
-from .flow import Flow
-from .job import JobContext, get_current_job
-from .monitoring.flow_registry import FlowRegistry
+from .flow import Connection, Flow, RoutineConfig
+from .job import JobContext, JobStatus, get_current_job, get_current_job_id
+from .monitoring.flow_registry import FlowRegistry, get_flow_registry
 from .routine import Event, Routine, Slot
 from .state import WorkerState
 
@@ -51,36 +64,50 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [  # noqa: RUF022 - grouped by kind, sorted within a group
     # the core
+    "Connection",
     "Flow",
     "FlowRegistry",
     "Routine",
+    "RoutineConfig",
     "Runtime",
     "Slot",
     "Event",
+    "get_flow_registry",
     # state, jobs, errors
     "ErrorHandler",
     "ErrorStrategy",
+    "ExecutionStatus",
     "JobContext",
+    "JobStatus",
     "WorkerState",
     "get_current_job",
-    # modules
+    "get_current_job_id",
+    # modules (routine is also routilux's @routine() decorator)
     "activation_policies",
     "errors",
+    "routine",
+    "routine_class",
     # exceptions
     "ActivationError",
     "ActivationTimeoutError",
+    "ConfigurationError",
+    "ExecutionError",
     "FlowError",
     "LockTimeoutError",
     "RoutiluxError",
     "RuntimeBrokenError",
     "RuntimeClosedError",
     "SerializationError",
+    "SlotHandlerError",
     "SlotQueueFullError",
     "StaleStateError",
+    "StateError",
     "StateNotSerializableError",
     "StateServerLostError",
     "StateTooLargeError",
+    "ValidationError",
     "WorkerCrashedError",
     "WorkerMemoryError",
+    "WorkerNotRunningError",
     "__version__",
 ]
