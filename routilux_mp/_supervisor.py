@@ -832,6 +832,12 @@ class Supervisor(ProcessPool):
         """Nothing runs, nothing is queued to run, nothing waits to be retried."""
         return self.inflight == 0 and not self.runnable and self.retrying == 0
 
+    def instance_quiescent(self, inst: _Instance) -> bool:
+        """Nothing of worker ``inst`` runs, is queued to run or waits to be retried."""
+        if any(rt.running or rt.ready for rt in inst.routines.values()):
+            return False
+        return not any(kind == "retry" and payload.rt.inst is inst for _, _, kind, payload in self.timers)
+
     def flush_counts(self) -> None:
         if not self.count_deltas:
             return

@@ -53,9 +53,16 @@ class Flow:
 
     Args:
         flow_id: a name for the flow; a random one when omitted.
+        execution_timeout: routilux 1.1.0's limit on a worker's lifetime; refused
+            with a ``TypeError`` saying what to use instead.
     """
 
-    def __init__(self, flow_id: str | None = None) -> None:
+    def __init__(self, flow_id: str | None = None, execution_timeout: float | None = None) -> None:
+        if execution_timeout is not None:
+            raise TypeError(
+                "Flow(execution_timeout=...) limited a routilux 1.1.0 worker's lifetime; a routilux-mp worker "
+                "serves jobs until its runtime shuts down. Bound each activation with routine.set_timeout(seconds)"
+            )
         self.flow_id = flow_id if flow_id is not None else f"flow-{uuid.uuid4().hex[:8]}"
         self.routines: dict[str, Routine] = {}
         self.connections: list[Connection] = []

@@ -143,18 +143,30 @@ class _KeywordLogic:
         return self.fn(slot_data, policy_message=policy_message, worker_state=worker_state)
 
 
+def _binds(signature: inspect.Signature, *args: Any, **kwargs: Any) -> bool:
+    """Whether a call binds, with ``policy_message``/``worker_state`` (if named) getting the right values."""
+    try:
+        bound = signature.bind(*args, **kwargs).arguments
+    except TypeError:
+        return False
+    # Positionally, fn(a, b, policy_message=None, worker_state=None) would bind but
+    # swallow the message as ``b``: routilux 1.1.0's one-list-per-slot style.
+    return bound.get("policy_message", _MESSAGE) is _MESSAGE and bound.get("worker_state", _STATE) is _STATE
+
+
+_DATA, _MESSAGE, _STATE = object(), object(), object()
+
+
 def _adapt_logic(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` callable as ``(slot_data, policy_message, worker_state)``; TypeError if it cannot be."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin or an odd callable: trust it
         return fn
-    for args, kwargs in (((None, None, None), {}), ((None,), {"policy_message": None, "worker_state": None})):
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError:
-            continue
-        return fn if kwargs == {} else _KeywordLogic(fn)
+    if _binds(signature, _DATA, _MESSAGE, _STATE):
+        return fn
+    if _binds(signature, _DATA, policy_message=_MESSAGE, worker_state=_STATE):
+        return _KeywordLogic(fn)
     raise TypeError(
         f"logic {getattr(fn, '__qualname__', fn)}{signature} cannot be called as "
         "logic(slot_data, policy_message, worker_state): routilux-mp passes ONE dict, slot_data "
@@ -399,6 +411,13 @@ class Routine:
         ``worker_state`` are routilux 1.1.0's context arguments: accepted and
         not sent (the running activation is the context).
         """
+        if (runtime is not None and not hasattr(runtime, "post")) or (
+                worker_state is not None and not hasattr(worker_state, "get_routine_state")):
+            raise TypeError(
+                f"emit({event!r}, ...) takes the data as keyword arguments, e.g. emit({event!r}, result=value) "
+                "or emit(event, **data); the second and third positions are routilux 1.1.0's runtime and "
+                "worker_state context arguments"
+            )
         if event not in self._events:
             known = ", ".join(repr(e) for e in self._events) or "none"
             raise FlowError(f"{type(self).__name__} has no event {event!r} (events: {known})")

@@ -375,9 +375,13 @@ class Runtime:
                 if sup.stop_requested:
                     result = False
                     break
-                flushable = [i for i in sup.instances.values() if worker_id is None or i.worker_id == worker_id]
-                if sup.quiescent() and sup.flush(flushable):
-                    continue
+                if worker_id is None:
+                    if sup.quiescent() and sup.flush(list(sup.instances.values())):
+                        continue
+                else:
+                    inst = sup.instances[worker_id]
+                    if sup.instance_quiescent(inst) and sup.flush([inst]):
+                        continue
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     result = False

@@ -78,7 +78,9 @@ class FlowRegistry:
                 flow = self._by_id.get(name)
         if flow is None:
             listed = ", ".join(repr(n) for n in self.list_names()) or "none"
-            raise FlowError(f"no flow is registered as {name!r} (registered: {listed})")
+            raise FlowError(f"no flow is registered as {name!r} (registered: {listed}); register it with "
+                            "FlowRegistry.get_instance().register_by_name(name, flow), or keep the Flow object "
+                            "alive to find it by its flow_id")
         return flow
 
     def list_all(self) -> list[Flow]:
