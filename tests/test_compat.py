@@ -16,6 +16,7 @@ import pickle
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -80,6 +81,14 @@ def test_upstream_import_paths_give_routilux_mp_objects(module: str, name: str) 
     top = getattr(routilux_mp, name, None)
     if top is not None and name != "routine":
         assert obj is top  # one class per name, whatever the path
+
+
+def test_the_migration_guide_is_linked_from_the_readme() -> None:
+    root = Path(HERE).parent
+    assert "[docs/migrating.md](docs/migrating.md)" in (root / "README.md").read_text(encoding="utf-8")
+    guide = (root / "docs" / "migrating.md").read_text(encoding="utf-8")
+    for heading in ("## Names", "## Deliberate differences, and why", "## Not provided, and why"):
+        assert heading in guide
 
 
 def test_core_all_is_honest() -> None:
