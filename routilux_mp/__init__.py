@@ -15,8 +15,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import activation_policies, errors, routine
-from .core.status import ExecutionStatus
-from .decorators import routine_class
 from .error_handling import ErrorHandler, ErrorStrategy
 from .errors import (
     ActivationError,
@@ -42,24 +40,30 @@ from .errors import (
     WorkerNotRunningError,
 )
 from .flow import Connection, Flow, RoutineConfig
-from .job import JobContext, JobStatus, get_current_job, get_current_job_id
+from .job import ExecutionStatus, JobContext, JobStatus, get_current_job, get_current_job_id
 from .monitoring.flow_registry import FlowRegistry, get_flow_registry
 from .routine import Event, Routine, Slot
 from .state import WorkerState
 
 if TYPE_CHECKING:
+    from .decorators import routine_class
     from .runtime import Runtime
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # Runtime pulls in the supervisor, which worker processes never need: importing
-    # it on first use keeps a worker's start-up (it imports this package) short.
+    # Runtime pulls in the supervisor, which worker processes never need (nor the
+    # decorators): importing them on first use keeps a worker's start-up (it
+    # imports this package) short.
     if name == "Runtime":
         from .runtime import Runtime
 
         return Runtime
+    if name == "routine_class":
+        from .decorators import routine_class
+
+        return routine_class
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [  # noqa: RUF022 - grouped by kind, sorted within a group

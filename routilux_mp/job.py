@@ -12,13 +12,27 @@ from typing import Any
 from . import _context
 from .errors import RoutiluxError
 
-__all__ = ["JobContext", "JobStatus", "get_current_job", "get_current_job_id"]
+__all__ = ["ExecutionStatus", "JobContext", "JobStatus", "get_current_job", "get_current_job_id"]
 
 logger = logging.getLogger("routilux_mp.job")
 
 
 
-class JobStatus(str, enum.Enum):
+class PlainStrEnum(str, enum.Enum):
+    """A ``str`` enum whose members print as their values (base of the status enums)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __repr__(self) -> str:
+        # Printed in lists and dicts it reads as the string it equals.
+        return repr(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class JobStatus(PlainStrEnum):
     """A job's status. Each member equals its plain string: ``JobStatus.COMPLETED == "completed"``.
 
     routilux 1.1.0 code compares with the enum and reads ``.value``; code written
@@ -32,15 +46,27 @@ class JobStatus(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
-    def __str__(self) -> str:
-        return self.value
 
-    def __repr__(self) -> str:
-        # Printed in lists and dicts it reads as the string it equals.
-        return repr(self.value)
+class ExecutionStatus(PlainStrEnum):
+    """A worker's status: ``worker_state.status == ExecutionStatus.RUNNING`` works.
 
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
+    routilux-mp's ``WorkerState.status`` is one of ``STARTING``, ``RUNNING``,
+    ``STOPPED`` (its runtime shut down) and ``FAILED`` (the runtime broke).
+    ``PENDING``, ``IDLE``, ``PAUSED``, ``COMPLETED`` and ``CANCELLED`` are
+    routilux 1.1.0's and never occur here: a routilux-mp worker serves jobs
+    until its runtime stops; "all my jobs are done" is
+    ``runtime.wait_until_all_jobs_finished(worker_id=...)``.
+    """
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    PENDING = "pending"
+    IDLE = "idle"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
 
 
 #: Job statuses that never change again.

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING, Any
 from ..error_handling import ErrorHandler, ErrorStrategy
 from ..errors import SlotQueueFullError, WorkerNotRunningError
 from ..flow import Connection, Flow, RoutineConfig
-from ..job import JobContext, get_current_job, get_current_job_id
+from ..job import ExecutionStatus, JobContext, JobStatus, get_current_job, get_current_job_id
 from ..monitoring.flow_registry import FlowRegistry, get_flow_registry
 from ..routine import Event, Routine, Slot
 from ..state import WorkerState
-from .status import ExecutionStatus, JobStatus
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
