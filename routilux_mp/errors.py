@@ -103,15 +103,15 @@ class ValidationError(RoutiluxError, ValueError):
     """Raised by your code when input fails validation (routilux 1.1.0's name, kept for ported code)."""
 
 
-class WorkerNotRunningError(RoutiluxError, ValueError):
-    """Raised when a worker named in a call is not running in this runtime (routilux 1.1.0's name)."""
-
-
 # -- routilux-mp's errors ---------------------------------------------------------
 
 
 class FlowError(ConfigurationError, ValueError):
     """Raised when a flow, routine, slot, event or worker name is unknown or duplicated."""
+
+
+class WorkerNotRunningError(FlowError):
+    """Raised when a call names a worker this runtime does not run (routilux 1.1.0's name; a FlowError)."""
 
 
 class RuntimeClosedError(RoutiluxError, RuntimeError):

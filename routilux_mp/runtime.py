@@ -33,7 +33,7 @@ from ._pool import _error
 from ._supervisor import TERM_GRACE, Supervisor
 from .activation_policies import ImmediatePolicy
 from .error_handling import ErrorHandler
-from .errors import FlowError, RoutiluxError, SerializationError, SlotQueueFullError
+from .errors import FlowError, RoutiluxError, SerializationError, SlotQueueFullError, WorkerNotRunningError
 from .flow import Flow
 from .job import JobContext
 from .monitoring.flow_registry import FlowRegistry
@@ -216,7 +216,7 @@ class Runtime:
         inst = self._sup.instances.get(worker_id)
         if inst is None:
             known = ", ".join(repr(w) for w in self._sup.instances) or "none"
-            raise FlowError(f"no worker {worker_id!r} in this runtime (workers: {known})")
+            raise WorkerNotRunningError(f"no worker {worker_id!r} in this runtime (workers: {known})")
         return inst.ws
 
     def list_workers(self) -> list[str]:
@@ -339,7 +339,8 @@ class Runtime:
         inst = sup.instances.get(worker_id)
         if inst is None:
             known = ", ".join(repr(w) for w, i in list(sup.instances.items()) if i.flow_name == flow_name)
-            raise FlowError(f"flow {flow_name!r} has no worker {worker_id!r} in this runtime (workers: {known or 'none'})")
+            raise WorkerNotRunningError(
+                f"flow {flow_name!r} has no worker {worker_id!r} in this runtime (workers: {known or 'none'})")
         if inst.flow_name != flow_name:
             raise FlowError(f"worker {worker_id!r} runs flow {inst.flow_name!r}, not {flow_name!r}")
         return inst

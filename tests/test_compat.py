@@ -139,7 +139,7 @@ def test_upstream_exceptions_carry_their_context(make, text, attr, value) -> Non
         (errors.StateTooLargeError, errors.StateError),
         (errors.RuntimeClosedError, RuntimeError),
         (errors.FlowError, ValueError),
-        (errors.WorkerNotRunningError, ValueError),
+        (errors.WorkerNotRunningError, errors.FlowError),
     ],
 )
 def test_our_errors_sit_under_upstream_families(ours: type, family: type) -> None:
@@ -595,7 +595,7 @@ def test_wait_for_completion_waits_for_one_worker(make_runtime) -> None:
             WorkerState.wait_for_completion(batch_flow, gated_ws)
     assert WorkerState.wait_for_completion(flow, gated_ws, timeout=WAIT) and held.status == "completed"
     assert runtime.wait_until_all_workers_idle(timeout=WAIT)
-    with pytest.raises(ValueError, match="no worker 'nope'"):
+    with pytest.raises(errors.WorkerNotRunningError, match="no worker 'nope'"):
         runtime.wait_until_all_jobs_finished(1, worker_id="nope")
     runtime.shutdown()
     assert WorkerState.wait_for_completion(None, gated_ws)  # its runtime is gone: nothing of it runs
