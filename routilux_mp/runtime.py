@@ -362,7 +362,7 @@ class Runtime:
             raise RoutiluxError("wait_until_all_jobs_finished() cannot be called from a job done-callback: "
                                 "the callback runs in the thread that finishes jobs")
         if worker_id is not None:
-            self.get_worker_state(worker_id)  # unknown -> FlowError naming the workers
+            self.get_worker_state(worker_id)  # unknown -> WorkerNotRunningError naming the workers
         deadline = None if timeout is None else time.monotonic() + timeout
         with sup.lock:
             while True:
