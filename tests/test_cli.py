@@ -26,7 +26,7 @@ import time
 import psutil
 import pytest
 
-from routilux_mp import cli as cli_module
+from routilux_mp._cli_run import MAX_UNWRITTEN_JOBS
 from routilux_mp._cli_ui import bottleneck_hint
 
 #: The repository root: runs start there, as a user's would.
@@ -187,7 +187,7 @@ FlowRegistry.get_instance().register_by_name("collect", flow)
 def test_a_batch_bigger_than_the_output_window_is_flushed_not_deadlocked(tmp_path, python_env) -> None:
     """Policies may hold more jobs than the CLI lets wait for output: it flushes them when it stalls."""
     (tmp_path / "batch.py").write_text(BATCH_FLOW)
-    count = cli_module.MAX_UNWRITTEN_JOBS + 500
+    count = MAX_UNWRITTEN_JOBS + 500
     source = write_jsonl(tmp_path / "in.jsonl", [{"n": n} for n in range(count)])
     result = cli("run", str(tmp_path / "batch.py"), "--input", source, "--processes", "2", env=python_env)
     assert result.returncode == 0, result.stderr
