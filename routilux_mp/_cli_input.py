@@ -218,7 +218,14 @@ class InputSource:
         """``(line_number, object)`` per non-blank line, checked again as it is read (exit 2 at a bad one)."""
         for number, raw in self._lines():
             if raw.strip():
-                yield number, parse_line(raw, number, self.label)
+                try:
+                    value = parse_line(raw, number, self.label)
+                except CliError as exc:
+                    if self.seekable:  # it was valid when checked: someone is writing to the input
+                        raise CliError(EXIT_USAGE, f"{self.label} changed while it was read: {exc} (every line "
+                                       "was valid when checked before the run)") from None
+                    raise
+                yield number, value
 
     def close(self) -> None:
         self._raw.close()

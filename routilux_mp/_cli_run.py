@@ -198,6 +198,7 @@ class BatchRun:
             # Every job has ended by now, unless this run itself failed: then do not wait for them.
             self.runtime.shutdown(wait=False)
             self._write_states()
+            self._close_sinks()
         self.display.summary(self.flow_name, self.tally, wall, stats, self.runtime.processes, usable_cpus(),
                              stopped=self.stop_reason)
         self._report_sinks()
@@ -293,7 +294,7 @@ class BatchRun:
                 self._output_failed(exc)
         failures = "".join(failure for _, failure in chunks)
         if failures and self.sinks.failed is not None:
-            self._write_sink(self.sinks.failed, self.sinks.failed_path, failures)
+            self._write_sink(self.sinks.failed, f"--failed-out {self.sinks.failed_path}", failures)
         with self.window:
             self.written += len(chunks)
             self.window.notify()
@@ -307,16 +308,32 @@ class BatchRun:
             self.display.message(f"routilux-mp: cannot write the output: {exc.strerror or exc}")
             self._begin_stop("the output cannot be written")
 
-    def _write_sink(self, sink: IO[str], path: str | None, text: str) -> None:
+    def _write_sink(self, sink: IO[str], what: str, text: str) -> None:
         """Write to ``--failed-out``/``--state-out``; a failure is reported once and fails the run."""
         try:
             sink.write(text)
             sink.flush()
         except OSError as exc:
-            problem = f"cannot write {path}: {exc.strerror or exc}"
+            problem = f"cannot write {what}: {exc.strerror or exc}"
             if problem not in self.sink_errors:
                 self.sink_errors.append(problem)
                 self.display.message(f"routilux-mp: {problem}")
+
+    def _close_sinks(self) -> None:
+        """Close every file written (stdout's descriptor stays open); a last flush may fail like a write."""
+        files = [("the output", self.sinks.output, self.output_broken),
+                 (f"--failed-out {self.sinks.failed_path}", self.sinks.failed, False),
+                 (f"--state-out {self.sinks.state_path}", self.sinks.state, False)]
+        for what, sink, reported in files:
+            if sink is None:
+                continue
+            try:
+                sink.close()
+            except OSError as exc:
+                problem = f"cannot write {what}: {exc.strerror or exc}"
+                if not reported and not any(p.startswith(f"cannot write {what}:") for p in self.sink_errors):
+                    self.sink_errors.append(problem)
+                    self.display.message(f"routilux-mp: {problem}")
 
     def _redirect_broken_stdout(self) -> None:
         # Python flushes stdout again at exit; point it at /dev/null so that does not fail too.
@@ -381,7 +398,7 @@ class BatchRun:
         for problem in problems:
             self.sink_errors.append(f"--state-out: cannot read the state of {problem}")
             self.display.message(f"routilux-mp: {self.sink_errors[-1]}")
-        self._write_sink(self.sinks.state, self.sinks.state_path, json_line(states, indent=2))
+        self._write_sink(self.sinks.state, f"--state-out {self.sinks.state_path}", json_line(states, indent=2))
 
     def _report_sinks(self) -> None:
         """After the summary: where the full list of failures and the states are."""

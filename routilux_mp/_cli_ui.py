@@ -56,7 +56,7 @@ SATURATED = 0.5
 #: Seconds between samples of the job rate.
 RATE_SAMPLE = 0.5
 #: Time constant (seconds) of the smoothed job rate: how fast it follows a change of pace.
-RATE_TIME_CONSTANT = 10.0
+RATE_TIME_CONSTANT = 5.0
 #: Finished jobs, and seconds since the first one finished, before an ETA is shown.
 ETA_MIN_JOBS = 10
 ETA_MIN_SECONDS = 3.0
