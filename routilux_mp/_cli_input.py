@@ -123,6 +123,10 @@ class _Prepend(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def close(self) -> None:
+        super().close()
+        self._stream.close()
+
     def readinto(self, buffer: Any) -> int:
         if self._prefix:
             n = min(len(buffer), len(self._prefix))
@@ -174,8 +178,13 @@ class InputSource:
             head = self._raw.read(_MAGIC_BYTES)
             self._raw.seek(self._start)
         else:
-            head = self._raw.read(_MAGIC_BYTES)  # blocks until that many bytes or the end of the stream
-            self._raw = io.BufferedReader(_Prepend(head, self._raw))
+            # Peek: whatever the first read brings, without waiting for more (a producer may
+            # send one short line and pause). Only data that starts like a compressed stream
+            # is read on to its full magic, and put back in front of the rest.
+            head = self._raw.peek(_MAGIC_BYTES)[:_MAGIC_BYTES]  # type: ignore[attr-defined]
+            if head and any(len(head) < len(magic) and magic.startswith(head) for _, magic, _ in _FORMATS):
+                head = self._raw.read(_MAGIC_BYTES)
+                self._raw = io.BufferedReader(_Prepend(head, self._raw))
         for name, magic, opener in _FORMATS:
             if head.startswith(magic):
                 return name, opener

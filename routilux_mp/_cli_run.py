@@ -102,7 +102,7 @@ class BatchRun:
         self.runtime = runtime  # runs the jobs; shut down by execute()
         self.flow_name = flow_name  # the flow every job is posted to
         self.entry = entry  # (routine_id, slot) every job enters at
-        self.source = source  # the validated input (its total is known for a regular file)
+        self.source = source  # the validated input (its total is known for a regular file); the poster closes it
         self.sinks = sinks  # where outputs, failures and final states go
         self.display = display  # progress, messages, the summary
         self.max_failures = max_failures  # stop after this many failed jobs (None: never)
@@ -166,6 +166,9 @@ class BatchRun:
             self.poster_error = exc
             return
         finally:
+            # Closed here, not by the main thread: closing a reader blocks while another thread
+            # reads it, and this thread may be blocked on an idle pipe when the run is stopped.
+            self.source.close()
             self.done.put(None)  # wakes the main loop; ``poster_done`` tells it why
         try:
             self.runtime.wait_until_all_jobs_finished()

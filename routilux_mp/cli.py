@@ -107,8 +107,8 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
     flow_name, flow = choose_flow(args.target, args.flow)
     entry = choose_entry(flow_name, flow, args.entry)
     source = InputSource(args.input if args.input is not None else sample_input(args.target, module))
-    stack = contextlib.ExitStack()  # closes the input and every file opened below, whatever happens
-    stack.callback(source.close)
+    stack = contextlib.ExitStack()  # closes every file opened below, whatever happens
+    run = None
     try:
         writes = {option: path for option, path in (("--output", args.output), ("--failed-out", args.failed_out),
                                                     ("--state-out", args.state_out)) if path not in (None, "-")}
@@ -133,6 +133,8 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         return run.execute()
     finally:
         stack.close()
+        if run is None:  # else the run's poster thread closes it: it may still be blocked reading a pipe
+            source.close()
 
 
 def _open_sinks(args: argparse.Namespace, stdout: IO[str], stack: contextlib.ExitStack) -> RunSinks:

@@ -316,6 +316,26 @@ def test_a_second_signal_stops_without_waiting_for_running_jobs(flow_file, tmp_p
     assert 1 <= seen <= len(ran(tmp_path))
 
 
+def test_a_signal_stops_a_run_waiting_on_an_idle_pipe(flow_file, python_env) -> None:
+    """stdin stays open and silent: the run must not wait for it to end (the reader is never closed under it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "routilux_mp", "run", flow_file, "--input", "-", "--processes", "1",
+                             "--no-progress"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=python_env, cwd=ROOT)
+    try:
+        proc.stdin.write(b'{"n": 0, "announce": true}\n')
+        proc.stdin.flush()
+        read_until(proc.stderr.fileno(), r"started 0", LINE_TIMEOUT)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=GONE_TIMEOUT)
+        out = proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.wait(timeout=GONE_TIMEOUT)
+    assert proc.returncode == 130
+    assert [o["data"]["n"] for o in outputs(out.decode())] == [0]
+
+
 # ---------------------------------------------------------------------------- the bundled pipeline and the UI
 
 

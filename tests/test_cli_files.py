@@ -14,10 +14,23 @@ import json
 import lzma
 import os
 import re
+import subprocess
 import sys
 
 import pytest
-from cli_support import ECHO_FLOW, cli, make_flow_file, nested, outputs, ran, write_jsonl
+from cli_support import (
+    ECHO_FLOW,
+    LINE_TIMEOUT,
+    ROOT,
+    RUN_TIMEOUT,
+    cli,
+    make_flow_file,
+    nested,
+    outputs,
+    ran,
+    read_until,
+    write_jsonl,
+)
 
 from routilux_mp import _cli_run as cli_run
 from routilux_mp._cli_input import MAX_DEPTH, InputSource
@@ -240,6 +253,26 @@ def test_a_file_has_a_total_compressed_or_not_and_a_pipe_has_none(tmp_path, monk
         assert source.total is None  # so there is no total, and no fake ETA
         assert source.compression == "gzip"
         assert [n for n, _ in source.records()] == [1, 3, 4]
+
+
+def test_a_short_first_line_on_a_pipe_starts_its_job_at_once(tmp_path, python_env) -> None:
+    """Sniffing for compression must not wait for more bytes than a slow producer has sent."""
+    (tmp_path / "echo.py").write_text(ECHO_FLOW)
+    proc = subprocess.Popen([sys.executable, "-m", "routilux_mp", "run", str(tmp_path / "echo.py"), "--input", "-",
+                             "--processes", "1", "--no-progress"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=python_env, cwd=ROOT)
+    try:
+        proc.stdin.write(b"{}\n")  # 3 bytes, then the producer pauses
+        proc.stdin.flush()
+        first = read_until(proc.stdout.fileno(), r"\n", LINE_TIMEOUT)
+        proc.stdin.close()
+        proc.wait(timeout=RUN_TIMEOUT)  # the rest of stdout is tiny: it cannot fill the pipe
+        rest = proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait(timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0
+    assert outputs((first + rest).decode()) == [{"job_id": "line-1", "routine": "echo", "event": "out", "data": {}}]
 
 
 def test_accepted_edge_cases_run_end_to_end(tmp_path, python_env) -> None:
