@@ -207,7 +207,7 @@ class InputSource:
                 raise CliError(EXIT_USAGE, f"cannot read input {self.label!r} after line {number}: "
                                f"{getattr(exc, 'strerror', None) or exc}") from None
             raise CliError(EXIT_USAGE, f"{self.label}: the {self.compression} data is corrupt or truncated "
-                           f"after line {number} ({exc})") from None
+                           f"after line {number} ({exc}); was it copied whole? Check or re-create the file") from None
         finally:
             if stream is not self._raw:
                 stream.close()  # the decompressor only: the file stays open for the next pass
