@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .errors import RoutiluxError
@@ -37,6 +38,7 @@ __all__ = [
     "DisplayLogHandler",
     "LiveDisplay",
     "PlainDisplay",
+    "RateMeter",
     "Tally",
     "bottleneck_hint",
     "describe_flow",
@@ -51,6 +53,61 @@ STATS_REFRESH = 0.5
 PLAIN_INTERVAL = 2.0
 #: A routine busy less than this share of its capacity did not bound the run.
 SATURATED = 0.5
+#: Seconds between samples of the job rate.
+RATE_SAMPLE = 0.5
+#: Time constant (seconds) of the smoothed job rate: how fast it follows a change of pace.
+RATE_TIME_CONSTANT = 5.0
+#: Finished jobs, and seconds since the first one finished, before an ETA is shown.
+ETA_MIN_JOBS = 10
+ETA_MIN_SECONDS = 3.0
+
+
+class RateMeter:
+    """Jobs per second, smoothed, and the ETA it gives.
+
+    Measured from the first finished job (start-up is not throughput). The
+    rate is a ratio of two exponentially decaying sums, jobs over seconds,
+    with a :data:`RATE_TIME_CONSTANT` time constant, sampled every
+    :data:`RATE_SAMPLE` seconds: early on it is the plain mean since the first
+    job finished, later recent samples weigh most. Bursts (a batch policy
+    releasing 50 jobs at once) and a slow first job move it little; a lasting
+    change of pace moves it within seconds. Before :data:`ETA_MIN_JOBS` jobs
+    and :data:`ETA_MIN_SECONDS` of measurement there is no ETA.
+    """
+
+    def __init__(self) -> None:
+        self._first: float | None = None  # when the first job finished
+        self._last: float | None = None  # time of the last sample
+        self._last_count = 0  # jobs finished at the last sample
+        self._jobs = 0.0  # decaying sum of jobs finished between samples
+        self._seconds = 0.0  # decaying sum of the seconds they took
+
+    def sample(self, processed: int, now: float) -> None:
+        """Record that ``processed`` jobs have finished at ``now`` (cheap: samples are rate-limited)."""
+        if self._last is None:
+            if processed:
+                self._first = self._last = now
+                self._last_count = processed
+            return
+        span = now - self._last
+        if span < RATE_SAMPLE:
+            return
+        decay = math.exp(-span / RATE_TIME_CONSTANT)
+        self._jobs = self._jobs * decay + (processed - self._last_count)
+        self._seconds = self._seconds * decay + span
+        self._last, self._last_count = now, processed
+
+    @property
+    def rate(self) -> float:
+        """The smoothed jobs per second (0.0 until measured)."""
+        return self._jobs / self._seconds if self._seconds else 0.0
+
+    def eta(self, remaining: int, processed: int, now: float) -> float | None:
+        """Seconds until ``remaining`` more jobs are done at the smoothed rate, or ``None`` if not known yet."""
+        rate = self.rate
+        if self._first is None or rate <= 0 or processed < ETA_MIN_JOBS or now - self._first < ETA_MIN_SECONDS:
+            return None
+        return max(remaining, 0) / rate
 
 
 @dataclass
@@ -62,6 +119,7 @@ class Tally:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    meter: RateMeter = field(default_factory=RateMeter)
 
     @property
     def done(self) -> int:
@@ -77,15 +135,35 @@ class Tally:
         """Jobs that ran to the end, well or not (cancelled ones did not)."""
         return self.completed + self.failed
 
+    def sample(self, now: float | None = None) -> None:
+        """Feed the rate meter (the displays call it on every update)."""
+        self.meter.sample(self.processed, time.monotonic() if now is None else now)
+
     @property
     def rate(self) -> float:
-        """Processed jobs per second since the run started."""
-        elapsed = self.elapsed
-        return self.processed / elapsed if elapsed > 0 else 0.0
+        """Recent jobs per second, smoothed (see :class:`RateMeter`)."""
+        return self.meter.rate
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left, or ``None`` when the total is unknown or too few jobs were measured."""
+        if self.total is None:
+            return None
+        return self.meter.eta(self.total - self.done, self.processed, time.monotonic() if now is None else now)
 
 
 def _mib(nbytes: int | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**20:.0f} MiB"
+
+
+def _clock(seconds: float) -> str:
+    """``0:07``, ``12:30``, ``1:02:03``: an ETA as a clock reads."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _count(tally: Tally) -> str:
+    return f"{tally.done}/{tally.total}" if tally.total is not None else str(tally.done)
 
 
 def _duration(seconds: float | None) -> str:
@@ -207,13 +285,15 @@ class PlainDisplay(Display):
 
     def update(self, tally: Tally) -> None:
         now = time.monotonic()
+        tally.sample(now)
         if now - self._last < PLAIN_INTERVAL:
             return
         self._last = now
         of = f"/{tally.total}" if tally.total is not None else ""
         line = f"routilux-mp: {tally.done}{of} jobs done ({tally.failed} failed), {tally.rate:.1f} jobs/s"
-        if tally.total is not None and tally.rate > 0:
-            line += f", ETA {(tally.total - tally.done) / tally.rate:.0f} s"
+        eta = tally.eta(now)
+        if eta is not None:
+            line += f", ETA {_clock(eta)}"
         try:
             procs = [p for p in self._stats()["processes"] if p["alive"]]
         except RoutiluxError:  # stopping or broken: the counts above still hold
@@ -235,16 +315,17 @@ class LiveDisplay(Display):
         self._progress = Progress(
             TextColumn("jobs"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.fields[count]}"),
             TextColumn("{task.fields[failed]} failed"),
             TextColumn("{task.fields[rate]:.1f} jobs/s"),
             TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
+            TextColumn("ETA {task.fields[eta]}"),
             console=self.console,
             auto_refresh=False,
         )
-        self._task = self._progress.add_task("jobs", total=tally.total, failed=0, rate=0.0)
+        # Without a total (input from a pipe) the bar pulses and the count stands alone: no fake total.
+        self._task = self._progress.add_task("jobs", total=tally.total, count=_count(tally), failed=0, rate=0.0,
+                                             eta="-")
         # The main loop drives redraws: no refresh thread racing it for the stats.
         self._live = Live(self._render(), console=self.console, auto_refresh=False,
                           redirect_stdout=False, redirect_stderr=False)
@@ -255,13 +336,16 @@ class LiveDisplay(Display):
         if not force and now - self._last_draw < LIVE_REFRESH:
             return
         self._last_draw = now
+        tally.sample(now)
         if force or now - self._last_stats >= STATS_REFRESH:
             self._last_stats = now
             try:
                 self._processes = self._stats()["processes"]
             except RoutiluxError:  # stopping or broken: keep the last table
                 pass
-        self._progress.update(self._task, completed=tally.done, failed=tally.failed, rate=tally.rate)
+        eta = tally.eta(now)
+        self._progress.update(self._task, completed=tally.done, count=_count(tally), failed=tally.failed,
+                              rate=tally.rate, eta="-" if eta is None else _clock(eta))
         self._live.update(self._render(), refresh=True)
 
     def stop(self, tally: Tally) -> None:

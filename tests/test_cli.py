@@ -1,15 +1,13 @@
-"""The ``routilux-mp`` command, driven in subprocesses: output, exit codes, signals, the terminal UI.
+"""The ``routilux-mp`` command, driven in subprocesses: runs, exit codes, signals, processes, the terminal UI.
 
-Every run goes through ``python -m routilux_mp`` from the repository root, with
-a small flow file written into ``tmp_path``. Its logic leaves a marker file per
-job it starts (so a test can prove that no job ran) and prints ``started N``
-for items that ask for it (so a test can wait for a run to be under way by
-reading stderr, never by sleeping).
+Every run goes through ``python -m routilux_mp`` (see ``cli_support``). The
+files a run reads and writes are tested in ``test_cli_files.py``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
@@ -20,106 +18,35 @@ import struct
 import subprocess
 import sys
 import termios
-import textwrap
 import time
 
 import psutil
 import pytest
-
-from routilux_mp import cli as cli_module
-from routilux_mp._cli_ui import bottleneck_hint
-
-#: The repository root: runs start there, as a user's would.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-#: Seconds any one CLI run may take (the machine may be loaded; a run here takes 1-5 s).
-RUN_TIMEOUT = 60.0
-#: Seconds to see a line on a child's stderr.
-LINE_TIMEOUT = 30.0
-#: Seconds for the processes of an interrupted run to disappear.
-GONE_TIMEOUT = 15.0
-
-FLOW_FILE = textwrap.dedent(
-    """
-    import os
-    import time
-
-    from routilux_mp import Flow, FlowRegistry, Routine
-
-    HERE = os.path.dirname(os.path.abspath(__file__))
-    SAMPLE_INPUT = "sample.jsonl"
-    print("loading the square flow")  # must not end up in the JSONL on stdout
-
-
-    class Square(Routine):
-        def __init__(self):
-            super().__init__()
-            self.add_slot("in")
-            self.add_event("out", ["n", "square"])
-
-            def logic(slot_data, message, worker_state):
-                for item in slot_data["in"]:
-                    open(os.path.join(HERE, f"ran-{item['n']}"), "w").close()
-                    if item.get("announce"):
-                        print("started", item["n"], flush=True)
-                    time.sleep(item.get("sleep", 0))  # stands for work
-                    if item.get("fail"):
-                        raise ValueError(f"cannot square {item['n']}")
-                    self.emit("out", n=item["n"], square=item["n"] ** 2)
-
-            self.set_logic(logic)
-            self.set_max_concurrency(None)
-
-
-    flow = Flow("square")
-    flow.add_routine(Square(), "square")
-    FlowRegistry.get_instance().register_by_name("square", flow)
-    """
+from cli_support import (
+    FLOW_FILE,
+    GONE_TIMEOUT,
+    LINE_TIMEOUT,
+    ROOT,
+    RUN_TIMEOUT,
+    cli,
+    make_flow_file,
+    outputs,
+    ran,
+    read_until,
+    write_jsonl,
 )
+from rich.console import Console
 
-
-def write_jsonl(path, items) -> str:
-    path.write_text("".join(json.dumps(item) + "\n" for item in items))
-    return str(path)
+from routilux_mp import _cli_ui
+from routilux_mp import cli as cli_module
+from routilux_mp._cli_exit import usable_cpus
+from routilux_mp._cli_run import MAX_UNWRITTEN_JOBS
+from routilux_mp._cli_ui import ETA_MIN_JOBS, ETA_MIN_SECONDS, Tally, bottleneck_hint
 
 
 @pytest.fixture
-def flow_file(tmp_path):
-    """The flow file, with a 30-line sample whose first job is the slowest (output order is tested)."""
-    write_jsonl(tmp_path / "sample.jsonl", [{"n": 0, "sleep": 0.5}] + [{"n": n} for n in range(1, 30)])
-    path = tmp_path / "flow.py"
-    path.write_text(FLOW_FILE)
-    return str(path)
-
-
-def cli(*args: str, env, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "routilux_mp", *args], input=stdin, capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=RUN_TIMEOUT, check=False)
-
-
-def outputs(stdout: str) -> list[dict]:
-    """Parse JSONL; fails the test on any line that is not a JSON object."""
-    return [json.loads(line) for line in stdout.splitlines()]
-
-
-def ran(tmp_path) -> list[str]:
-    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ran-"))
-
-
-def read_until(fd: int, pattern: str, timeout: float) -> bytes:
-    """Read ``fd`` until ``pattern`` shows up; fail past ``timeout``."""
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while not re.search(pattern.encode(), seen):
-        remaining = deadline - time.monotonic()
-        readable, _, _ = select.select([fd], [], [], max(remaining, 0))
-        if not readable:
-            pytest.fail(f"no {pattern!r} within {timeout}s; got {seen.decode(errors='replace')!r}")
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            pytest.fail(f"stream closed before {pattern!r}; got {seen.decode(errors='replace')!r}")
-        seen += chunk
-    return seen
+def flow_file(tmp_path) -> str:
+    return make_flow_file(tmp_path)
 
 
 # ---------------------------------------------------------------------------- runs that finish
@@ -187,39 +114,14 @@ FlowRegistry.get_instance().register_by_name("collect", flow)
 def test_a_batch_bigger_than_the_output_window_is_flushed_not_deadlocked(tmp_path, python_env) -> None:
     """Policies may hold more jobs than the CLI lets wait for output: it flushes them when it stalls."""
     (tmp_path / "batch.py").write_text(BATCH_FLOW)
-    count = cli_module.MAX_UNWRITTEN_JOBS + 500
+    count = MAX_UNWRITTEN_JOBS + 500
     source = write_jsonl(tmp_path / "in.jsonl", [{"n": n} for n in range(count)])
     result = cli("run", str(tmp_path / "batch.py"), "--input", source, "--processes", "2", env=python_env)
     assert result.returncode == 0, result.stderr
     assert [o["data"]["n"] for o in outputs(result.stdout)] == list(range(count))
 
 
-BAD_INPUTS = [
-    # (what, the third input line, message)
-    ("malformed JSON", '{"n": 3', r"line 3: not valid JSON \(Expecting ',' delimiter"),
-    ("not an object", "[3]", r"line 3: each line must be a JSON object, got list"),
-    ("NaN is not JSON", '{"n": NaN}', r"line 3: not valid JSON \(NaN is not JSON\)"),
-]
-
-
-@pytest.mark.parametrize(("what", "bad_line", "message"), BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_a_bad_input_file_starts_no_job(flow_file, tmp_path, python_env, what, bad_line, message) -> None:
-    source = tmp_path / "in.jsonl"
-    source.write_text('{"n": 1}\n\n' + bad_line + '\n{"n": 4}\n')  # line 2 is blank: line numbers still count it
-    result = cli("run", flow_file, "--input", str(source), env=python_env)
-    assert result.returncode == 2, result.stderr
-    assert re.search(message, result.stderr), result.stderr
-    assert ran(tmp_path) == []  # validated before anything started
-    assert result.stdout == ""
-
-
-def test_a_bad_line_on_stdin_stops_reading_there(flow_file, tmp_path, python_env) -> None:
-    stdin = '{"n": 1}\n{"n": 2}\nnot json\n{"n": 4}\n'
-    result = cli("run", flow_file, "--input", "-", "--processes", "2", env=python_env, stdin=stdin)
-    assert result.returncode == 2, result.stderr
-    assert "<stdin> line 3: not valid JSON" in result.stderr
-    assert [o["data"]["n"] for o in outputs(result.stdout)] == [1, 2]  # the jobs before it still finish
-    assert ran(tmp_path) == ["ran-1", "ran-2"]
+# ---------------------------------------------------------------------------- what cannot run
 
 
 OTHER_FLOW = """
@@ -258,6 +160,97 @@ def test_what_cannot_run_exits_before_any_process(tmp_path, python_env, what, ta
     assert ran(tmp_path) == []
 
 
+# ---------------------------------------------------------------------------- processes and memory
+
+
+MEMORY_FLOW = """
+import os
+
+from routilux_mp import Flow, FlowRegistry, Routine
+
+KEEP = []  # what the logic allocated stays: the worker's RSS only grows
+
+
+class Grow(Routine):
+    def __init__(self):
+        super().__init__()
+        self.add_slot("in")
+        self.add_event("out")
+
+        def logic(slot_data, message, worker_state):
+            for item in slot_data["in"]:
+                KEEP.append(b"\\x01" * (item["mib"] * 2**20))
+                self.emit("out", pid=os.getpid())
+
+        self.set_logic(logic)
+
+
+flow = Flow("grow")
+flow.add_routine(Grow(), "grow")
+FlowRegistry.get_instance().register_by_name("grow", flow)
+"""
+
+
+def test_max_worker_rss_recycles_a_worker_that_grows_past_it(tmp_path, python_env) -> None:
+    """60 MiB kept per job: past a 64M limit after each job (recycled), below the 96M kill limit."""
+    (tmp_path / "grow.py").write_text(MEMORY_FLOW)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"mib": 60}] * 3)
+    result = cli("run", str(tmp_path / "grow.py"), "--input", source, "--processes", "1", "--max-worker-rss", "64M",
+                 env=python_env)
+    assert result.returncode == 0, result.stderr
+    pids = [o["data"]["pid"] for o in outputs(result.stdout)]
+    assert len(set(pids)) == 3, pids  # one fresh process per job (without the option: the same one)
+
+
+SIZES = [
+    # (argument, bytes or the error message)
+    ("500M", 500 * 2**20),
+    ("2G", 2 * 2**30),
+    ("1.5g", int(1.5 * 2**30)),
+    ("512MiB", 512 * 2**20),
+    ("64mb", 64 * 2**20),
+    ("100000000", 100_000_000),
+    ("lots", r"'lots' is not a size: give bytes or a number with K, M, G or T"),
+    ("-5M", r"'-5M' is not a size"),
+    ("10M", r"10M is below 32M: an idle worker process alone uses"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), SIZES, ids=[case[0] for case in SIZES])
+def test_max_worker_rss_sizes(text, expected, capsys) -> None:
+    parser = cli_module.build_parser()
+    if isinstance(expected, int):
+        assert parser.parse_args(["run", "x.py", f"--max-worker-rss={text}"]).max_worker_rss == expected
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["run", "x.py", f"--max-worker-rss={text}"])
+        assert exit_info.value.code == 2
+        assert re.search(expected, capsys.readouterr().err)
+
+
+def test_processes_beyond_64_per_cpu_are_a_usage_error(flow_file, python_env) -> None:
+    cpus = usable_cpus()
+    parser = cli_module.build_parser()
+    assert parser.parse_args(["run", "x.py", "--processes", str(64 * cpus)]).processes == 64 * cpus
+    result = cli("run", flow_file, "--processes", str(64 * cpus + 1), env=python_env)
+    assert result.returncode == 2
+    assert f"more than 64 x the {cpus} CPUs this process may use (at most {64 * cpus})" in result.stderr
+    assert "Traceback" not in result.stderr
+    huge = cli("run", flow_file, "--processes", "10000", env=python_env)
+    assert huge.returncode == 2 and "more than 64 x" in huge.stderr
+
+
+def test_help_shows_the_options_and_their_bounds(python_env) -> None:
+    result = cli("run", "--help", env=python_env)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for expected in ("--failed-out FILE", "--state-out FILE", "--order {input,completion}", "--max-worker-rss SIZE",
+                     "at most 64 per CPU", "gzip, bzip2 and xz", "examples:", "exit codes:"):
+        assert expected in text, text
+    for absent in ("--resume", "--retry-failed", "--backend", "--address", "--debug", "--state DB"):
+        assert absent not in text
+
+
 # ---------------------------------------------------------------------------- interrupting a run
 
 
@@ -271,7 +264,8 @@ def start_run(flow_file, source, python_env, *extra: str, stderr=subprocess.PIPE
 def test_a_signal_drains_running_jobs_writes_valid_output_and_leaves_no_process(flow_file, tmp_path, python_env,
                                                                                 sig) -> None:
     items = [{"n": n, "sleep": 0.05, "announce": n == 0} for n in range(400)]
-    proc = start_run(flow_file, write_jsonl(tmp_path / "in.jsonl", items), python_env)
+    state_out = tmp_path / "state.json"
+    proc = start_run(flow_file, write_jsonl(tmp_path / "in.jsonl", items), python_env, "--state-out", str(state_out))
     try:
         err = read_until(proc.stderr.fileno(), r"started 0", LINE_TIMEOUT)
         ours = psutil.Process(proc.pid).children(recursive=True)
@@ -289,11 +283,21 @@ def test_a_signal_drains_running_jobs_writes_valid_output_and_leaves_no_process(
     assert re.search(rb"\d+ completed, 0 failed, [1-9]\d* cancelled", err), err.decode()
     _, alive = psutil.wait_procs(ours, timeout=GONE_TIMEOUT)
     assert alive == []
+    assert_final_state(state_out, seen=len(ran(tmp_path)))  # every item that started was counted, and written
+
+
+def assert_final_state(path, seen: int) -> None:
+    """``--state-out`` holds the square flow's one worker, stopped, with the items its logic counted."""
+    state = json.loads(path.read_text())
+    assert list(state) == ["square-1"]
+    assert state["square-1"]["status"] == "stopped"
+    assert state["square-1"]["routine_states"] == {"square": {"seen": seen}}
 
 
 def test_a_second_signal_stops_without_waiting_for_running_jobs(flow_file, tmp_path, python_env) -> None:
     items = [{"n": n, "sleep": 600, "announce": True} for n in range(10)]  # would drain for DRAIN_TIMEOUT
-    proc = start_run(flow_file, write_jsonl(tmp_path / "in.jsonl", items), python_env)
+    state_out = tmp_path / "state.json"
+    proc = start_run(flow_file, write_jsonl(tmp_path / "in.jsonl", items), python_env, "--state-out", str(state_out))
     try:
         read_until(proc.stderr.fileno(), r"started", LINE_TIMEOUT)
         ours = psutil.Process(proc.pid).children(recursive=True)
@@ -307,6 +311,29 @@ def test_a_second_signal_stops_without_waiting_for_running_jobs(flow_file, tmp_p
     assert out == b""
     _, alive = psutil.wait_procs(ours, timeout=GONE_TIMEOUT)
     assert alive == []
+    # Written on a hard stop too. An item killed between its marker and its count may be missing.
+    seen = json.loads(state_out.read_text())["square-1"]["routine_states"]["square"]["seen"]
+    assert 1 <= seen <= len(ran(tmp_path))
+
+
+def test_a_signal_stops_a_run_waiting_on_an_idle_pipe(flow_file, python_env) -> None:
+    """stdin stays open and silent: the run must not wait for it to end (the reader is never closed under it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "routilux_mp", "run", flow_file, "--input", "-", "--processes", "1",
+                             "--no-progress"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=python_env, cwd=ROOT)
+    try:
+        proc.stdin.write(b'{"n": 0, "announce": true}\n')
+        proc.stdin.flush()
+        read_until(proc.stderr.fileno(), r"started 0", LINE_TIMEOUT)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=GONE_TIMEOUT)
+        out = proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+        proc.wait(timeout=GONE_TIMEOUT)
+    assert proc.returncode == 130
+    assert [o["data"]["n"] for o in outputs(out.decode())] == [0]
 
 
 # ---------------------------------------------------------------------------- the bundled pipeline and the UI
@@ -415,3 +442,95 @@ def test_bottleneck_hint(what, routines, processes, cpus, expected) -> None:
 
 def test_no_hint_when_nothing_ran() -> None:
     assert bottleneck_hint({"a": routine(activations=0)}, 10.0, 2, 2) is None
+
+
+# ---------------------------------------------------------------------------- the ETA
+
+
+def simulate(finished_by, total: int, until: float, tick: float = 0.1) -> list[tuple[float, float | None]]:
+    """Drive a Tally as the main loop would: ``(t, eta)`` at every tick.
+
+    ``finished_by(t)`` is how many jobs have finished at ``t`` seconds into the run.
+    """
+    tally = Tally(total=total, started=0.0)
+    seen = []
+    for step in range(1, int(until / tick) + 1):
+        now = step * tick
+        tally.completed = finished_by(now)
+        tally.sample(now)
+        seen.append((now, tally.eta(now)))
+    return seen
+
+
+def truth_steady(start: float, rate: float, total: int):
+    """Seconds left at ``t`` for a run finishing ``rate`` jobs a second from ``start``."""
+    return lambda t: (total - min(total, int(max(0.0, t - start) * rate))) / rate
+
+
+def test_eta_ignores_a_slow_start() -> None:
+    """Start-up took 5 s, then 100 jobs/s: the ETA is right at once (an average since start would say 2x)."""
+    total = 3000
+    finished = lambda t: min(total, int(max(0.0, t - 5.0) * 100))
+    truth = truth_steady(5.0, 100, total)
+    for now, eta in simulate(finished, total, until=25.0):
+        if eta is not None:
+            assert now >= 5.0 + ETA_MIN_SECONDS
+            assert eta == pytest.approx(truth(now), rel=0.1, abs=0.5), now
+    assert simulate(finished, total, until=9.0)[-1][1] is not None  # shown from 3 s of measurement
+
+
+def test_eta_stays_steady_when_jobs_finish_in_bursts() -> None:
+    """A batch policy releases 50 jobs every second: 50 jobs/s, and the ETA must not swing with each burst."""
+    total = 2000
+    finished = lambda t: min(total, 50 * int(t))
+    etas = [(now, eta) for now, eta in simulate(finished, total, until=30.0) if now >= 6.0]
+    for now, eta in etas:
+        assert eta is not None
+        assert eta == pytest.approx((total - finished(now)) / 50, rel=0.15, abs=1.0), now
+
+
+def test_eta_follows_a_lasting_change_of_pace() -> None:
+    """100 jobs/s for 20 s, then 25 jobs/s: within 20 s of the change the ETA reflects the new pace."""
+    total = 4000
+    finished = lambda t: int(t * 100) if t <= 20 else 2000 + int((t - 20) * 25)
+    last = simulate(finished, total, until=40.0)[-1]
+    assert last[1] == pytest.approx((total - finished(40.0)) / 25, rel=0.2)
+
+
+def test_no_eta_without_a_total_or_before_enough_jobs() -> None:
+    unknown = Tally(total=None, started=0.0)
+    few = Tally(total=1000, started=0.0)
+    for step in range(1, 101):  # 10 s
+        unknown.completed = step * 10
+        unknown.sample(step / 10)
+        few.completed = min(step, ETA_MIN_JOBS - 1)
+        few.sample(step / 10)
+    assert unknown.eta(10.0) is None and unknown.rate == pytest.approx(100, rel=0.05)
+    assert few.eta(10.0) is None
+
+
+def test_plain_progress_from_a_pipe_shows_a_count_but_no_total_and_no_eta(monkeypatch) -> None:
+    monkeypatch.setattr(_cli_ui, "PLAIN_INTERVAL", 0.0)
+    stream = io.StringIO()
+    display = _cli_ui.PlainDisplay(Console(file=stream, width=200))
+    tally = Tally(total=None, started=time.monotonic())
+    display.start(tally, lambda: {"processes": []})
+    tally.completed = 42
+    display.update(tally)
+    line = stream.getvalue().strip()
+    assert line.startswith("routilux-mp: 42 jobs done (0 failed)"), line
+    assert "/" not in line.split("jobs/s")[0] and "ETA" not in line
+
+
+# ---------------------------------------------------------------------------- packaging
+
+
+def test_the_package_ships_py_typed() -> None:
+    """mypy reads the annotations only from a package marked with py.typed, installed as package data."""
+    package = os.path.join(ROOT, "routilux_mp")
+    assert os.path.isfile(os.path.join(package, "py.typed"))
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as file:
+        pyproject = file.read()
+    section = re.search(r"^\[tool\.setuptools\.package-data\]\n((?:[^\[\n].*\n)*)", pyproject, re.MULTILINE)
+    assert section is not None, "pyproject.toml has no [tool.setuptools.package-data]"
+    assert re.search(r'^routilux_mp = \[.*"py\.typed".*\]$', section.group(1), re.MULTILINE), section.group(1)
