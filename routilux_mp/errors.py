@@ -19,6 +19,7 @@ __all__ = [
     "ActivationTimeoutError",
     "FlowError",
     "LockTimeoutError",
+    "ModifyTimeoutError",
     "RoutiluxError",
     "RuntimeBrokenError",
     "RuntimeClosedError",
@@ -70,6 +71,10 @@ class StaleStateError(RoutiluxError):
 
 class LockTimeoutError(RoutiluxError, TimeoutError):
     """Raised when ``worker_state.lock(rid, timeout=...)`` could not get the lock in time."""
+
+
+class ModifyTimeoutError(RoutiluxError, TimeoutError):
+    """Raised when a ``modify_routine_state`` function ran past its time budget; nothing was written."""
 
 
 class StateServerLostError(RoutiluxError):
