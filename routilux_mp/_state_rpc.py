@@ -75,6 +75,25 @@ def frame(data: bytes) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
+def take_frame(buf: bytearray, limit: int) -> tuple[bytes | None, int]:
+    """Remove and return the first whole frame's body from ``buf``, else ``(None, bytes to ask for next)``.
+
+    Raises:
+        FrameError: the header announces a negative size or more than ``limit`` bytes.
+    """
+    header = parse_header(buf, 0, limit)
+    if header is None:
+        return None, READ_CHUNK
+    size, head = header
+    end = head + size
+    if len(buf) < end:
+        # Ask for what is missing (a large frame in large reads), never for what a header merely claims.
+        return None, min(max(end - len(buf), READ_CHUNK), BIG_READ)
+    body = bytes(buf[head:end])
+    del buf[:end]
+    return body, 0
+
+
 # -- client -------------------------------------------------------------------
 
 
@@ -175,19 +194,11 @@ class Channel:
         buf = self._buf
         while True:
             try:
-                header = parse_header(buf, 0, REPLY_LIMIT)
+                reply, want = take_frame(buf, REPLY_LIMIT)
             except FrameError as exc:
                 raise _Lost(f"a corrupt reply: {exc}") from exc
-            if header is not None:
-                size, head = header
-                end = head + size
-                if len(buf) >= end:
-                    reply = bytes(buf[head:end])
-                    del buf[:end]
-                    return reply
-                want = min(max(end - len(buf), READ_CHUNK), BIG_READ)
-            else:
-                want = READ_CHUNK
+            if reply is not None:
+                return reply
             if not self._rpoll.poll(_ms(deadline)):
                 raise _Timeout("recv")
             try:
@@ -264,16 +275,9 @@ class _FrameSocketReader:
     def read(self) -> bytes:
         buf = self._buf
         while True:
-            header = parse_header(buf, 0, self._limit)
-            want = READ_CHUNK
-            if header is not None:
-                size, head = header
-                end = head + size
-                if len(buf) >= end:
-                    request = bytes(buf[head:end])
-                    del buf[:end]
-                    return request
-                want = min(max(end - len(buf), READ_CHUNK), BIG_READ)
+            request, want = take_frame(buf, self._limit)
+            if request is not None:
+                return request
             chunk = os.read(self._fd, want)
             if not chunk:
                 raise EOFError
