@@ -1,20 +1,41 @@
-"""JSON-only values: validation with the offending path, and normalization.
+"""JSON-only values: validation with the offending path, normalization, sizes.
 
 A value is accepted iff ``json.dumps(value, allow_nan=False)`` accepts it and
-every dict key is a ``str``. The fast path lets the C encoder and decoder do
-the work; only a refused value is walked in Python, to name where it went wrong.
+every dict key is a ``str``. That refuses, besides non-JSON types, integers
+longer than Python's int-to-str limit (4,300 digits by default) and nesting
+deeper than the JSON encoder's recursion limit (about 1,000 levels).
+
+The size of a value is the length of its compact JSON text
+(``separators=(",", ":")``, non-ASCII characters escaped as ``\\uXXXX``), so
+it is a byte count and every operation measures it the same way.
+
+The fast path lets the C encoder and decoder do the work; only a refused value
+is walked in Python, iteratively and in linear time (a 100,000-level nesting
+is refused in a fraction of a second, never with a ``RecursionError``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 from .errors import StateNotSerializableError
 
 _encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 _decode = json.loads
+
+#: Errors the C encoder and decoder raise for values JSON cannot hold here.
+_ENCODE_ERRORS = (TypeError, ValueError, RecursionError)
+
+#: Path components shown at each end of a path too long to print whole.
+_PATH_ENDS = 6
+
+_RULE = (
+    "only JSON values (dict with str keys, list, str, int, finite float, bool, None) can be stored; "
+    "nothing was written"
+)
 
 
 def normalize(value: Any, root: str = "state") -> tuple[Any, int]:
@@ -28,58 +49,153 @@ def normalize(value: Any, root: str = "state") -> tuple[Any, int]:
     """
     try:
         text = _encode(value)
-    except (TypeError, ValueError, RecursionError) as exc:
+        copy = _decode(text)
+        same = copy == value
+    except _ENCODE_ERRORS as exc:
         _raise_for(value, root, exc)
-    copy = _decode(text)
-    if copy != value:
+    if not same:
         # int/bool/None keys encode silently as strings; find and refuse them.
         _raise_for(value, root, None)
     return copy, len(text)
 
 
+def encoded_size(value: Any, root: str = "state") -> int:
+    """The size of ``value`` (already plain JSON) as compact JSON text."""
+    try:
+        return len(_encode(value))
+    except _ENCODE_ERRORS as exc:
+        _raise_for(value, root, exc)
+
+
+def add_number(current: Any, amount: float, path: str) -> tuple[int | float, str]:
+    """``current + amount`` and its JSON text, or a clear error (nothing is written then).
+
+    Raises:
+        TypeError: ``current`` is not a number (bools are not numbers here).
+        StateNotSerializableError: the sum is not a finite float, or an int JSON cannot encode.
+    """
+    if isinstance(current, bool) or not isinstance(current, (int, float)):
+        raise TypeError(
+            f"{path} is {type(current).__name__}, not a number; increment() only adds to numbers (or missing keys)"
+        )
+    try:
+        total = current + amount
+    except OverflowError:
+        raise StateNotSerializableError(
+            f"{path}: {current!r} + {amount!r} overflows a float; {_RULE}"
+        ) from None
+    if isinstance(total, float) and not math.isfinite(total):
+        raise StateNotSerializableError(f"{path} would become {total!r}, which JSON refuses; {_RULE}")
+    try:
+        text = _encode(total)
+    except ValueError:
+        raise StateNotSerializableError(f"{path} would become {_describe(total)}; {_RULE}") from None
+    return total, text
+
+
+def _int_limit() -> int:
+    getter = getattr(sys, "get_int_max_str_digits", None)
+    return getter() if getter is not None else 0
+
+
 def _describe(value: Any) -> str:
-    kind = type(value).__name__
     if isinstance(value, float):
         return f"float {value!r} is not allowed in JSON (NaN and infinities are refused)"
-    return f"{kind} is not JSON-serializable"
+    if isinstance(value, int):
+        return (
+            f"an int of about {int(value.bit_length() * math.log10(2)) + 1} digits, over Python's limit of "
+            f"{_int_limit()} digits for converting an int to text, so JSON cannot encode it"
+        )
+    return f"{type(value).__name__} is not JSON-serializable"
 
 
 def _raise_for(value: Any, root: str, cause: BaseException | None) -> None:
-    problem = _find_problem(value, root)
+    problem = _find_problem(value, root, cause)
     if problem is None:
         if cause is None:
             return
         problem = f"{root}: could not be encoded as JSON ({type(cause).__name__}: {cause})"
-    raise StateNotSerializableError(
-        f"{problem}; only JSON values (dict with str keys, list, str, int, finite float, bool, None) "
-        "can be stored; nothing was written"
-    ) from None
+    raise StateNotSerializableError(f"{problem}; {_RULE}") from None
 
 
-def _find_problem(value: Any, root: str) -> str | None:
-    """Walk ``value`` iteratively; return ``"path: what is wrong"`` or ``None``."""
-    stack: list[tuple[Any, str, frozenset[int]]] = [(value, root, frozenset())]
+class _Node:
+    """One step of a path, linked to its parent: paths cost O(1) per level, built only to report."""
+
+    __slots__ = ("depth", "label", "parent")
+
+    def __init__(self, parent: _Node | None, label: str) -> None:
+        self.parent = parent
+        self.label = label
+        self.depth = 0 if parent is None else parent.depth + 1
+
+
+def _path(node: _Node) -> str:
+    labels = []
+    while node is not None:
+        labels.append(node.label)
+        node = node.parent
+    labels.reverse()
+    root, steps = labels[0], labels[1:]
+    if len(steps) > 2 * _PATH_ENDS:
+        hidden = len(steps) - 2 * _PATH_ENDS
+        steps = [*steps[:_PATH_ENDS], f"...{hidden} levels...", *steps[-_PATH_ENDS:]]
+    return root + "".join(steps)
+
+
+def _int_too_long(value: int) -> bool:
+    try:
+        int.__repr__(value)
+    except ValueError:
+        return True
+    return False
+
+
+_EXIT = object()
+
+
+def _find_problem(value: Any, root: str, cause: BaseException | None) -> str | None:
+    """Walk ``value`` iteratively in linear time; return ``"path: what is wrong"`` or ``None``.
+
+    When nothing is wrong with any single item but the encoder gave up on
+    recursion, the problem is the nesting itself: report the deepest path.
+    """
+    on_path: set[int] = set()  # ids of the containers from the root to here: a cycle revisits one
+    deepest = top = _Node(None, root)
+    stack: list[tuple[Any, Any]] = [(value, top)]  # (item, its _Node), or (_EXIT, id of a container left)
     while stack:
-        item, path, ancestors = stack.pop()
-        if item is None or isinstance(item, (bool, int, str)):
+        item, node = stack.pop()
+        if item is _EXIT:
+            on_path.discard(node)
+            continue
+        if node.depth > deepest.depth:
+            deepest = node
+        if item is None or isinstance(item, (bool, str)):
+            continue
+        if isinstance(item, int):
+            if _int_too_long(item):
+                return f"{_path(node)}: {_describe(item)}"
             continue
         if isinstance(item, float):
             if not math.isfinite(item):
-                return f"{path}: {_describe(item)}"
+                return f"{_path(node)}: {_describe(item)}"
             continue
-        if isinstance(item, (dict, list, tuple)):
-            if id(item) in ancestors:
-                return f"{path}: circular reference"
-            inner = ancestors | {id(item)}
-            if isinstance(item, dict):
-                children = []
-                for key, child in item.items():
-                    if not isinstance(key, str):
-                        return f"{path}: key {key!r} ({type(key).__name__}) is not a str; JSON object keys must be strings"
-                    children.append((child, f"{path}[{key!r}]", inner))
-            else:
-                children = [(child, f"{path}[{i}]", inner) for i, child in enumerate(item)]
-            stack.extend(reversed(children))
-            continue
-        return f"{path}: {_describe(item)}"
+        if not isinstance(item, (dict, list, tuple)):
+            return f"{_path(node)}: {_describe(item)}"
+        if id(item) in on_path:
+            return f"{_path(node)}: circular reference"
+        on_path.add(id(item))
+        stack.append((_EXIT, id(item)))
+        if isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return (f"{_path(node)}: key {key!r} ({type(key).__name__}) is not a str; "
+                            "JSON object keys must be strings")
+                children.append((child, _Node(node, f"[{key!r}]")))
+        else:
+            children = [(child, _Node(node, f"[{i}]")) for i, child in enumerate(item)]
+        stack.extend(reversed(children))
+    if isinstance(cause, RecursionError):
+        return (f"{_path(deepest)}: nested {deepest.depth} levels deep, deeper than Python's JSON encoder "
+                "accepts (about 1,000 levels); flatten the state")
     return None

@@ -51,26 +51,73 @@ def encode(data: Any) -> bytes:
     return cloudpickle.dumps(data, PROTOCOL)
 
 
+#: Largest frame any reader here accepts. A header announcing more is not a frame
+#: of ours (bytes written outside the protocol, or a corrupt stream): the reader
+#: refuses it at once instead of waiting for (or allocating) gigabytes.
+MAX_FRAME_BYTES = 1 << 30
+
+#: Bytes asked of the kernel per read: a length in a header is never allocated up front.
+READ_CHUNK = 1 << 16
+
+_I = struct.Struct("!i")
+_Q = struct.Struct("!Q")
+
+
+class FrameError(ValueError):
+    """A frame header that no writer of ours produced (a size that is negative or over the limit)."""
+
+
+def parse_header(buf: bytes | bytearray | memoryview, start: int, limit: int) -> tuple[int, int] | None:
+    """``(body size, header size)`` of the frame at ``buf[start:]``, ``None`` if the header is incomplete.
+
+    Raises:
+        FrameError: the header announces a negative size or more than ``limit`` bytes.
+    """
+    available = len(buf) - start
+    if available < 4:
+        return None
+    (size,) = _I.unpack_from(buf, start)
+    head = 4
+    if size == -1:  # the multiprocessing format: frames over 2 GiB carry an 8-byte length
+        if available < 12:
+            return None
+        (size,) = _Q.unpack_from(buf, start + 4)
+        head = 12
+    if size < 0 or size > limit:
+        raise FrameError(
+            f"a frame header announces {size} bytes (the limit is {limit}): these bytes were not written "
+            "by routilux-mp's protocol"
+        )
+    return size, head
+
+
 class FrameReader:
     """Reads ``multiprocessing.connection`` frames from a non-blocking pipe, many per call.
 
     Never blocks: a frame written in pieces (a large result) waits in the
-    buffer until it is whole, so a slow writer cannot stall the reader.
+    buffer until it is whole, so a slow writer cannot stall the reader. A
+    header announcing more than ``limit`` bytes raises :class:`FrameError`.
     """
 
-    __slots__ = ("_buf", "eof", "fd")
+    __slots__ = ("_buf", "eof", "fd", "limit")
 
     #: Bytes asked of the kernel per read.
-    CHUNK = 1 << 16
+    CHUNK = READ_CHUNK
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, limit: int = MAX_FRAME_BYTES) -> None:
         os.set_blocking(fd, False)
         self.fd = fd
+        self.limit = limit
         self._buf = bytearray()
         self.eof = False
 
     def read(self) -> list[bytes]:
-        """The frames that are complete now (``eof`` is set once the writer is gone)."""
+        """The frames that are complete now (``eof`` is set once the writer is gone).
+
+        Raises:
+            FrameError: the stream holds a header no writer of ours produced;
+                the stream is out of step for good.
+        """
         buf = self._buf
         while True:
             try:
@@ -87,26 +134,18 @@ class FrameReader:
                 break
         frames = []
         start = 0
-        end = len(buf)
-        while end - start >= 4:
-            (size,) = _I.unpack_from(buf, start)
-            head = 4
-            if size == -1:  # frames over 2 GiB carry an 8-byte length
-                if end - start < 12:
-                    break
-                (size,) = _Q.unpack_from(buf, start + 4)
-                head = 12
-            if end - start - head < size:
+        while True:
+            header = parse_header(buf, start, self.limit)
+            if header is None:
+                break
+            size, head = header
+            if len(buf) - start - head < size:
                 break
             frames.append(bytes(buf[start + head : start + head + size]))
             start += head + size
         if start:
             del buf[:start]
         return frames
-
-
-_I = struct.Struct("!i")
-_Q = struct.Struct("!Q")
 
 
 def write_frame(fd: int, data: bytes) -> None:
@@ -121,7 +160,8 @@ def write_frame(fd: int, data: bytes) -> None:
 def _read_exactly(fd: int, size: int) -> bytes:
     parts = []
     while size:
-        chunk = os.read(fd, size)
+        # Never os.read(fd, size) at once: that allocates ``size`` bytes before any arrive.
+        chunk = os.read(fd, min(size, READ_CHUNK))
         if not chunk:
             raise EOFError("the other end of the pipe is gone")
         parts.append(chunk)
@@ -129,12 +169,18 @@ def _read_exactly(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
-def read_frame(fd: int) -> bytes:
-    """Read one frame from a blocking pipe; ``EOFError`` when the writer is gone."""
-    (size,) = _I.unpack(_read_exactly(fd, 4))
-    if size == -1:
-        (size,) = _Q.unpack(_read_exactly(fd, 8))
-    return _read_exactly(fd, size)
+def read_frame(fd: int, limit: int = MAX_FRAME_BYTES) -> bytes:
+    """Read one frame from a blocking pipe; ``EOFError`` when the writer is gone.
+
+    Raises:
+        FrameError: the header announces a negative size or more than ``limit`` bytes.
+    """
+    header = _read_exactly(fd, 4)
+    if header == b"\xff\xff\xff\xff":
+        header += _read_exactly(fd, 8)
+    parsed = parse_header(header, 0, limit)
+    assert parsed is not None
+    return _read_exactly(fd, parsed[0])
 
 
 class ServerConfig:

@@ -1,143 +1,53 @@
 """The state server: one process holding every WorkerState, behind a BaseManager.
 
-``StateStore`` is the only registered referent. Every method does a whole
-operation server-side (read-modify-write included) and returns copies; clients
-never hold nested proxies. One condition variable guards the store. Values are
+``StateStore`` is the only object served. Every method does a whole operation
+server-side (read-modify-write included) and returns copies; clients never
+hold nested proxies. One condition variable guards the store. Values are
 mutated in place (an increment costs what it changes, not the size of the
 state) and every read returns a pickle made under the lock, which the client
-unpickles: a copy, made once. A routine state locked with ``worker_state.lock()`` has a holder (token + pid), and other
-writers wait for it. A holder that dies releases its locks: the supervisor says
-so when it reaps a worker (``release_pid``), and waiters also check the
-holder's liveness themselves while they wait.
+unpickles: a copy, made once.
+
+A routine state locked with ``worker_state.lock()`` has a holder (token +
+pid), and other writers wait for it, at most ``lock_timeout`` seconds. A
+holder that dies releases its locks: the supervisor says so when it reaps a
+worker (``release_pid``), and waiters also check the holder's liveness
+themselves while they wait. While a call waits (for a lock, or for a
+``modify_routine_state`` function, see ``_state_fn``), the serving thread
+tells its client it is alive, so a client tells "busy" from "hung".
 
 The server listens on a unix socket in a private 0700 directory, with a random
 32-byte authkey; the manager checks the key before it reads a single message.
-Messages are pickled with the C pickler rather than ``multiprocess``'s default
-dill-based one (several times faster for these small messages).
+Messages are pickled with the C pickler (see ``_state_rpc``).
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 import pickle
-import select
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import cloudpickle
-from multiprocess import connection, managers
+from multiprocess import managers
 
 from . import _jsonvalue, _process
 from ._messages import ServerConfig, dumps, read_frame
+from ._state_fn import FnRunners, FnTask
+from ._state_rpc import ADOPTED_SOCKET, StoreServer, current_keepalive, request_limit
 from .errors import (
     LockTimeoutError,
+    ModifyTimeoutError,
     RoutiluxError,
     StaleStateError,
-    StateNotSerializableError,
     StateTooLargeError,
 )
-from .state import _Lost, _Timeout
-
-if TYPE_CHECKING:
-    from typing_extensions import Self
-
-#: Serializer name under which our pickle-based connections are registered.
-SERIALIZER = "routilux-mp"
 
 #: How often a writer waiting on a lock checks that the holder is still alive.
 HOLDER_CHECK_INTERVAL = 0.5
-
-
-class _PickleConnection:
-    """A ``multiprocess`` connection that pickles with the C pickler."""
-
-    __slots__ = ("_conn",)
-
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
-
-    def send(self, obj: Any) -> None:
-        self._conn.send_bytes(dumps(obj))
-
-    def recv(self) -> Any:
-        return pickle.loads(self._conn.recv_bytes())
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._conn, name)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._conn.close()
-
-
-#: In the state-server process: the listening socket the supervisor bound and passed on.
-_ADOPTED_SOCKET: socket.socket | None = None
-
-
-class _AdoptedSocketListener(connection.SocketListener):
-    """A ``SocketListener`` around a socket the supervisor already bound and listens on.
-
-    Binding in the supervisor lets clients connect at once: the kernel queues
-    their connections until this process is up and accepting.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:  # nothing to bind: no super().__init__
-        self._socket = sock
-        self._address = sock.getsockname()
-        self._family = "AF_UNIX"
-        self._last_accepted = None
-        self._unlink = None  # the supervisor removes its private directory
-
-
-class _PickleListener(connection.Listener):
-    def __init__(self, address: Any = None, family: Any = None, backlog: int = 1,
-                 authkey: bytes | None = None) -> None:
-        if _ADOPTED_SOCKET is None:
-            super().__init__(address, family, backlog, authkey)
-            return
-        self._listener = _AdoptedSocketListener(_ADOPTED_SOCKET)
-        self._authkey = authkey
-
-    def accept(self) -> _PickleConnection:  # type: ignore[override]
-        return _PickleConnection(super().accept())
-
-
-#: Seconds allowed to connect to the state server and finish the authkey handshake.
-CONNECT_TIMEOUT = 10.0
-
-
-def _pickle_client(address: Any, family: Any = None, authkey: bytes | None = None) -> _PickleConnection:
-    """Connect and authenticate, with a deadline (``multiprocess.connection.Client`` has none)."""
-    if not isinstance(address, str):
-        return _PickleConnection(connection.Client(address, family, authkey))
-    sock = socket.socket(socket.AF_UNIX)
-    try:
-        sock.settimeout(CONNECT_TIMEOUT)
-        sock.connect(address)
-        sock.settimeout(None)
-        conn = connection.Connection(sock.detach())
-    finally:
-        sock.close()
-    if authkey is not None:
-        # The server speaks first; a stopped server never does.
-        if not conn.poll(CONNECT_TIMEOUT):
-            conn.close()
-            raise TimeoutError(f"the state server at {address} did not answer within {CONNECT_TIMEOUT:g}s")
-        connection.answer_challenge(conn, authkey)
-        connection.deliver_challenge(conn, authkey)
-    return _PickleConnection(conn)
-
-
-managers.listener_client[SERIALIZER] = (_PickleListener, _pickle_client)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -167,7 +77,7 @@ class _Cell:
     def __init__(self) -> None:
         self.value: dict | None = None
         self.version = 0
-        self.size = 2
+        self.size = 2  # len("{}"): kept exact, the size of the value as compact JSON
         self.holder: str | None = None
         self.holder_pid = 0
         self.lost = 0
@@ -184,8 +94,9 @@ class _Worker:
         self.cells: dict[str, _Cell] = {}
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _copy(value: dict | None) -> dict:
+    """A deep copy of a stored value (a pickle round trip: several times faster than deepcopy)."""
+    return pickle.loads(dumps(value)) if value else {}
 
 
 class StateStore:
@@ -195,8 +106,10 @@ class StateStore:
         self._max_bytes = max_state_bytes
         self._strict = strict
         self._lock_timeout = lock_timeout
-        self._cond = threading.Condition()
+        # A plain lock: _breathe() must release it entirely to send a keepalive.
+        self._cond = threading.Condition(threading.Lock())
         self._workers: dict[str, _Worker] = {}
+        self._runners = FnRunners()
 
     # -- helpers (call with self._cond held) --------------------------------
 
@@ -215,13 +128,15 @@ class StateStore:
             cell = cells[rid] = _Cell()
         return cell
 
-    def _wait_free(self, cell: _Cell, rid: str, token: str | None, timeout: float | None) -> None:
-        """Wait until ``cell`` is not locked by someone other than ``token``."""
-        if cell.holder is None or cell.holder == token:
+    def _wait_free(self, cell: _Cell, rid: str, timeout: float | None) -> None:
+        """Wait until nobody holds ``cell``'s lock, at most ``timeout`` (default ``lock_timeout``)."""
+        if cell.holder is None:
             return
         limit = self._lock_timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        while cell.holder is not None and cell.holder != token:
+        keepalive = current_keepalive()
+        step = HOLDER_CHECK_INTERVAL if keepalive is None else min(HOLDER_CHECK_INTERVAL, keepalive.interval)
+        while cell.holder is not None:
             if not _pid_alive(cell.holder_pid):
                 cell.holder = None
                 break
@@ -231,7 +146,17 @@ class StateStore:
                     f"routine state {rid!r} stayed locked by process {cell.holder_pid} for {limit:g}s; "
                     "keep `with worker_state.lock(...)` blocks short, or pass a longer timeout"
                 )
-            self._cond.wait(min(remaining, HOLDER_CHECK_INTERVAL))
+            self._cond.wait(min(remaining, step))
+            if keepalive is not None and keepalive.due():
+                self._breathe(keepalive)
+
+    def _breathe(self, keepalive: Any) -> None:
+        """Tell the waiting client we are alive, without holding the store's lock while we write."""
+        self._cond.release()
+        try:
+            keepalive.send()
+        finally:
+            self._cond.acquire()
 
     def _check_size(self, rid: str, size: int) -> None:
         if size > self._max_bytes:
@@ -285,12 +210,11 @@ class StateStore:
             values = {rid: c.value for rid, c in cells.items() if c.value is not None}
             return dumps(values), {rid: cells[rid].version for rid in values}
 
-    def replace(self, wid: str, rid: str, value: dict, size: int, expected: int | None,
-                token: str | None) -> tuple[int, int]:
+    def replace(self, wid: str, rid: str, value: dict, size: int, expected: int | None) -> tuple[int, int]:
         """Replace a state. Returns ``(version, lost)``; ``lost`` counts lost updates so far (0: none now)."""
         with self._cond:
             cell = self._cell(wid, rid)
-            self._wait_free(cell, rid, token, None)
+            self._wait_free(cell, rid, None)
             self._check_size(rid, size)
             lost = 0
             if expected is not None and expected != cell.version:
@@ -305,65 +229,56 @@ class StateStore:
                 lost = cell.lost
             return self._store(cell, value, size), lost
 
-    def merge(self, wid: str, rid: str, partial: dict, token: str | None) -> tuple[bytes, int]:
+    def merge(self, wid: str, rid: str, partial: dict) -> tuple[bytes, int]:
         with self._cond:
             cell = self._cell(wid, rid)
-            self._wait_free(cell, rid, token, None)
+            self._wait_free(cell, rid, None)
             merged = dict(cell.value) if cell.value else {}
             merged.update(partial)
-            size = len(_jsonvalue._encode(merged))
+            size = _jsonvalue.encoded_size(merged)
             self._check_size(rid, size)
             version = self._store(cell, merged, size)
             return dumps(merged), version
 
-    def increment(self, wid: str, rid: str, amounts: dict[str, int | float],
-                  token: str | None) -> tuple[dict[str, int | float], int]:
-        """Add each amount to its key (missing keys count as 0); return the new values."""
+    def increment(self, wid: str, rid: str, amounts: dict[str, int | float]) -> tuple[dict[str, int | float], int]:
+        """Add each amount to its key (missing keys count as 0); return the new values.
+
+        The new size is computed exactly from what changes (each key's JSON
+        text, escapes included), so the size bound holds without re-encoding
+        the whole state.
+        """
         with self._cond:
             cell = self._cell(wid, rid)
-            self._wait_free(cell, rid, token, None)
+            self._wait_free(cell, rid, None)
             old = cell.value if cell.value is not None else {}
             result = {}
-            growth = 0
+            size = cell.size
+            count = len(old)
             for key, amount in amounts.items():
-                current = old.get(key, 0)
-                if not _is_number(current):
-                    raise TypeError(
-                        f"state[{key!r}] of routine {rid!r} is {type(current).__name__}, not a number; "
-                        "increment() only adds to numbers (or missing keys)"
-                    )
-                total = current + amount
-                if isinstance(total, float) and not math.isfinite(total):
-                    raise StateNotSerializableError(
-                        f"state[{key!r}] of routine {rid!r} would become {total!r}, which JSON refuses; nothing was written"
-                    )
+                path = f"state[{key!r}] of routine {rid!r}"
+                if key in old:
+                    current = old[key]
+                    total, text = _jsonvalue.add_number(current, amount, path)
+                    size += len(text) - _jsonvalue.encoded_size(current, path)
+                else:
+                    total, text = _jsonvalue.add_number(0, amount, path)
+                    size += _jsonvalue.encoded_size(key) + 1 + len(text) + (1 if count else 0)  # "key":text,
+                    count += 1
                 result[key] = total
-                growth += len(key) + 32
-            size = cell.size + growth
-            if size > self._max_bytes:
-                new = dict(old)
-                new.update(result)
-                size = len(_jsonvalue._encode(new))
-                self._check_size(rid, size)
+            self._check_size(rid, size)
             old.update(result)  # in place: nothing outside the lock holds this dict
             self._store(cell, old, size)
             return result, cell.version
 
-    def modify(self, wid: str, rid: str, fn_blob: bytes, token: str | None) -> tuple[bytes, int]:
-        """Run ``fn(copy_of_state) -> new_state`` with the state locked; write its result."""
-        fn = cloudpickle.loads(fn_blob)
-        internal = f"modify-{threading.get_ident()}-{time.monotonic_ns()}"
+    def modify(self, wid: str, rid: str, fn_blob: bytes, budget: float) -> tuple[bytes, int]:
+        """Run ``fn(copy_of_state) -> new_state`` with the state locked, within ``budget`` seconds."""
         with self._cond:
             cell = self._cell(wid, rid)
-            self._wait_free(cell, rid, token, None)
-            previous = (cell.holder, cell.holder_pid)
-            cell.holder, cell.holder_pid = internal, os.getpid()
-            working = copy.deepcopy(cell.value) if cell.value else {}
+            self._wait_free(cell, rid, None)
+            cell.holder, cell.holder_pid = f"modify-{threading.get_ident()}", os.getpid()
+            working = _copy(cell.value)
         try:
-            try:
-                result = fn(working)
-            except BaseException as exc:  # noqa: BLE001 - the user's function: report it, never kill the server
-                raise _portable_error(exc, f"modify_routine_state({rid!r}) function raised") from None
+            result = self._run_fn(rid, FnTask(fn_blob, working), budget)
             if result is None:
                 result = working
             if not isinstance(result, dict):
@@ -378,13 +293,34 @@ class StateStore:
                 return dumps(value), version
         finally:
             with self._cond:
-                cell.holder, cell.holder_pid = previous
+                cell.holder, cell.holder_pid = None, 0
                 self._cond.notify_all()
+
+    def _run_fn(self, rid: str, task: FnTask, budget: float) -> Any:
+        """The function's result; abandoned (ModifyTimeoutError) past ``budget``."""
+        self._runners.submit(task)
+        deadline = time.monotonic() + budget
+        keepalive = current_keepalive()
+        step = HOLDER_CHECK_INTERVAL if keepalive is None else keepalive.interval
+        while not task.done.wait(max(0.0, min(step, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                if self._runners.abandon(task):
+                    raise ModifyTimeoutError(
+                        f"the modify_routine_state({rid!r}) function ran past its time budget of {budget:g}s; "
+                        "nothing was written and the routine state is unlocked. Make the function quicker, or "
+                        "pass modify_routine_state(..., timeout=seconds)"
+                    )
+                break  # its outcome arrived just in time
+            if keepalive is not None and keepalive.due():
+                keepalive.send()
+        if task.error is not None:
+            raise _portable_error(task.error, f"modify_routine_state({rid!r}) function raised")
+        return task.result
 
     def acquire(self, wid: str, rid: str, token: str, pid: int, timeout: float | None) -> tuple[bytes | None, int]:
         with self._cond:
             cell = self._cell(wid, rid)
-            self._wait_free(cell, rid, token, timeout)
+            self._wait_free(cell, rid, timeout)
             cell.holder, cell.holder_pid = token, pid
             return (None if cell.value is None else dumps(cell.value)), cell.version
 
@@ -458,55 +394,9 @@ EXPOSED = tuple(
     name for name, value in vars(StateStore).items() if callable(value) and not name.startswith("_")
 )
 
-_STORE: StateStore | None = None
-
-
-def _get_store() -> StateStore:
-    assert _STORE is not None, "the state store exists only in the state-server process"
-    return _STORE
-
 
 class StoreManager(managers.BaseManager):
-    """The manager serving :class:`StateStore` (typeid ``get_store``)."""
-
-
-class StoreProxy(managers.BaseProxy):
-    """Client side of :class:`StateStore`: one kept-open connection per thread, calls with deadlines."""
-
-    _exposed_ = EXPOSED
-
-    def call(self, method: str, args: tuple, timeout: float | None) -> Any:
-        """Call ``method(*args)`` in the server.
-
-        Raises what the server raised; ``_Timeout`` when no answer came in
-        time; ``_Lost`` when the connection broke.
-        """
-        tls = self._tls
-        try:
-            try:
-                conn = tls.connection
-                poller = tls.poller
-            except AttributeError:
-                self._connect()
-                conn = tls.connection
-                # One poll object per connection: Connection.poll() builds a selector per call.
-                poller = tls.poller = select.poll()
-                poller.register(conn.fileno(), select.POLLIN)
-            conn.send((self._id, method, args, {}))
-            if not poller.poll(None if timeout is None else timeout * 1000):
-                # The reply may still come; this connection is out of step for good.
-                del tls.connection, tls.poller
-                conn.close()
-                raise _Timeout(method)
-            kind, result = conn.recv()
-        except (EOFError, OSError) as exc:
-            raise _Lost(f"{type(exc).__name__}: {exc}") from exc
-        if kind == "#RETURN":
-            return result
-        raise managers.convert_to_error(kind, result)
-
-
-StoreManager.register("get_store", callable=_get_store, proxytype=StoreProxy, exposed=EXPOSED)
+    """The manager of the state server's socket: it serves one :class:`StateStore` (see ``_state_rpc``)."""
 
 
 def main() -> None:
@@ -517,7 +407,6 @@ def main() -> None:
     supervisor bound, then serves until stdin reaches EOF (the supervisor
     closed it, or died).
     """
-    global _STORE, _ADOPTED_SOCKET
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _process.set_process_name("rmp-state")
     stdin = sys.stdin.fileno()
@@ -529,7 +418,7 @@ def main() -> None:
     # EOF on stdin is both the supervisor's stop request and the sign of its death.
     _process.watch_for_eof(stdin, "routilux-mp parent watchdog", exit_code=0)
     sys.path[:] = config.sys_path
-    _ADOPTED_SOCKET = socket.socket(fileno=config.listen_fd)
-    _STORE = StateStore(config.max_state_bytes, config.strict, config.lock_timeout)
-    manager = StoreManager(address=config.address, authkey=config.authkey, serializer=SERIALIZER)
-    manager.get_server().serve_forever()
+    ADOPTED_SOCKET.append(socket.socket(fileno=config.listen_fd))
+    store = StateStore(config.max_state_bytes, config.strict, config.lock_timeout)
+    limits = {"max_request_bytes": request_limit(config.max_state_bytes), "max_state_bytes": config.max_state_bytes}
+    StoreServer(store, EXPOSED, limits, config.address, config.authkey).serve_forever()

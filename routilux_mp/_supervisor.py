@@ -40,7 +40,6 @@ import heapq
 import itertools
 import logging
 import os
-import pickle
 import selectors
 import signal
 import subprocess
@@ -55,7 +54,7 @@ import cloudpickle
 
 from . import _process
 from ._ledger import _Act, _Entry, _Instance, _Proc, _RoutineRt
-from ._messages import _Activation, _Exiting, _LoadFlow, _Ready, _Result, dumps, encode, loads, write_frame
+from ._messages import FrameError, _Activation, _Exiting, _LoadFlow, _Ready, _Result, dumps, encode, loads, write_frame
 from ._pool import MEMORY_SAMPLE_INTERVAL, STATE_STOP_TIMEOUT, TERM_GRACE, ProcessPool, _error
 from .activation_policies import IMMEDIATE_MESSAGE
 from .error_handling import ErrorStrategy
@@ -67,6 +66,7 @@ from .errors import (
     RuntimeClosedError,
     SerializationError,
     StateServerLostError,
+    WorkerCrashedError,
 )
 from .job import JobContext
 from .state import StatePusher, _StoreClient
@@ -169,6 +169,8 @@ class Supervisor(ProcessPool):
         self.client = _StoreClient(self.state_address, self._authkey, state_timeout, lock_timeout)
         # WorkerStates in this process read status and job counters from here, exactly.
         self.client.local_meta = self.local_meta
+        # A call from any thread of this process that finds the server lost breaks the runtime.
+        self.client.on_lost = self.wake
         #: Sends what workers need to know, but nobody waits for, off the dispatcher thread.
         self.pusher = StatePusher(self.client)
         self.state_popen: subprocess.Popen | None = None
@@ -246,6 +248,8 @@ class Supervisor(ProcessPool):
                 for kind, proc in ready:
                     if kind == "death" and self.procs[proc.index] is proc:
                         self._on_death(proc)
+                if self.client.lost is not None:
+                    self._state_lost(self.client.lost)
                 self._run_timers()
                 self._dispatch()
                 if self.count_deltas and not self._counts_timer:
@@ -274,7 +278,12 @@ class Supervisor(ProcessPool):
         if proc.results_closed:
             return
         reader = proc.reader
-        for frame in reader.read():
+        try:
+            frames = reader.read()
+        except FrameError as exc:
+            self._corrupt_results(proc, exc)
+            return
+        for frame in frames:
             message = loads(frame)
             if isinstance(message, _Result):
                 self._on_result(proc, message)
@@ -293,6 +302,18 @@ class Supervisor(ProcessPool):
             self._unwatch(reader.fd)
             if proc.pidfd is None:  # no pidfd on this system: EOF is how death shows
                 self._on_death(proc)
+
+    def _corrupt_results(self, proc: _Proc, exc: FrameError) -> None:
+        """``proc`` wrote bytes outside the protocol on its result pipe: it is killed and replaced."""
+        proc.results_closed = True
+        self._unwatch(proc.reader.fd)
+        why = (f"worker {proc.index} (pid {proc.pid}) wrote bytes outside the worker protocol on its result "
+               f"pipe ({exc}); logic must not write to the worker's own pipes. It was killed and replaced")
+        logger.error("routilux-mp: %s", why)
+        if proc.inflight and not proc.inflight[0].resolved:
+            self._kill_activation(proc.inflight[0], WorkerCrashedError, why, signal.SIGKILL)
+        else:
+            _process.signal_group(proc.pid, signal.SIGKILL)
 
     def _requeue(self, proc: _Proc, acts: list[_Act]) -> None:
         for act in reversed(acts):
@@ -860,6 +881,8 @@ class Supervisor(ProcessPool):
             raise cls(message)
         if self.closed:
             raise RuntimeClosedError("this runtime was shut down; start a new Runtime to run more work")
+        if self.client.lost is not None:  # found by a call; the dispatcher breaks the runtime next
+            raise StateServerLostError(self.client.lost)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -897,7 +920,6 @@ class Supervisor(ProcessPool):
             self.cond.notify_all()
 
     def _take_snapshot(self) -> None:
-        snapshot: dict[str, dict] = {}
         self.flush_counts()
         started = self.state_popen is not None
         if not started:
@@ -905,14 +927,6 @@ class Supervisor(ProcessPool):
             # listener refuses the connections waiting in its backlog, so nobody waits for it.
             self._close_state_listener()
         self.pusher.close(self.state_timeout)
-        if started and self.client.lost is None and self.broken is None:
-            try:
-                snapshot = pickle.loads(self.client.call("snapshot"))
-            except (StateServerLostError, RoutiluxError):
-                snapshot = {}
         final = "failed" if self.broken is not None else "stopped"
-        for wid, inst in self.instances.items():
-            entry = snapshot.setdefault(wid, {"meta": {"flow_id": inst.flow.flow_id, "jobs_processed": 0,
-                                                       "jobs_failed": 0}, "states": {}})
-            entry["meta"]["status"] = final
-        self.client.snapshot = snapshot
+        self.client.freeze({wid: {"flow_id": inst.flow.flow_id, "status": final}
+                            for wid, inst in self.instances.items()}, server_started=started)

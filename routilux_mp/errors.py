@@ -29,6 +29,7 @@ __all__ = [
     "ExecutionError",
     "FlowError",
     "LockTimeoutError",
+    "ModifyTimeoutError",
     "RoutiluxError",
     "RuntimeBrokenError",
     "RuntimeClosedError",
@@ -151,6 +152,10 @@ class StaleStateError(StateError):
 
 class LockTimeoutError(RoutiluxError, TimeoutError):
     """Raised when ``worker_state.lock(rid, timeout=...)`` could not get the lock in time."""
+
+
+class ModifyTimeoutError(RoutiluxError, TimeoutError):
+    """Raised when a ``modify_routine_state`` function ran past its time budget; nothing was written."""
 
 
 class StateServerLostError(RoutiluxError):

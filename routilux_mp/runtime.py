@@ -68,11 +68,13 @@ class Runtime:
         processes: number of worker processes (default: the CPUs this process may use).
         strict_state: raise :class:`~routilux_mp.errors.StaleStateError` on a lost
             update instead of warning and counting it.
-        max_state_bytes: largest routine state, as JSON (default 16 MiB).
-        state_timeout: seconds a state-server call may take before the server
-            is declared lost (it is hung or dead).
+        max_state_bytes: largest routine state, as compact JSON bytes (default 16 MiB).
+        state_timeout: seconds of silence from the state server after which a
+            call declares it lost (hung or dead); also the default time budget
+            of a ``modify_routine_state`` function.
         lock_timeout: default seconds to wait for a routine state locked by
-            someone else (``worker_state.lock()`` and writers).
+            someone else (``worker_state.lock()`` and writers), on top of
+            ``state_timeout``; the server tells waiters it is alive meanwhile.
         prefetch: activations sent ahead to a busy process (0 or more).
         max_crash_retries: a crashing activation is retried (with the ``retry``
             strategy) at most this many times.

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import logging
 import math
 import os
 import pickle
-import queue
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,147 +22,16 @@ from typing import Any
 import cloudpickle
 
 from . import _jsonvalue
+from ._state_client import StatePusher, _Held, _Lost, _StoreClient, _Timeout
 from .errors import RoutiluxError, RuntimeClosedError, SerializationError, StateServerLostError
 
 __all__ = ["WorkerState"]
 
+# The client side lives in _state_client; these names are imported from here by the
+# supervisor and the workers.
+_CLIENT_NAMES = (StatePusher, _Lost, _StoreClient, _Timeout)
+
 logger = logging.getLogger("routilux_mp.state")
-
-class _Timeout(Exception):
-    """The state server did not answer in time."""
-
-
-class _Lost(Exception):
-    """The connection to the state server broke."""
-
-
-#: Errors that mean the connection to the state server could not be made.
-_CONNECT_ERRORS = (EOFError, OSError)
-
-
-class _StoreClient:
-    """This process's link to the state server.
-
-    One connection per thread, opened on first use and kept open. After the
-    server is lost every call fails fast with ``StateServerLostError`` (no
-    retry loop, no log flood).
-    """
-
-    def __init__(self, address: str, authkey: bytes, timeout: float, lock_timeout: float) -> None:
-        self.address = address
-        self._authkey = authkey
-        self.timeout = timeout
-        self.lock_timeout = lock_timeout
-        self._proxy: Any = None  # a _state_server.StoreProxy, made on first use
-        self._lock = threading.Lock()
-        self.lost: str | None = None
-        #: Set by the runtime at shutdown: reads are served from it afterwards.
-        self.snapshot: dict[str, dict] | None = None
-        #: In the supervisor: ``fn(worker_id) -> meta dict | None`` giving exact local counters.
-        self.local_meta: Callable[[str], dict | None] | None = None
-        self.local = threading.local()
-
-    # -- per-thread bookkeeping for lost-update detection and lock ownership --
-
-    def reads(self) -> dict[tuple[str, str], int]:
-        reads = getattr(self.local, "reads", None)
-        if reads is None:
-            reads = self.local.reads = {}
-        return reads
-
-    def held(self) -> dict[tuple[str, str], str]:
-        held = getattr(self.local, "held", None)
-        if held is None:
-            held = self.local.held = {}
-        return held
-
-    def begin_activation(self) -> None:
-        """Forget what the previous activation read (workers call this)."""
-        self.local.reads = {}
-
-    # -- calls -----------------------------------------------------------------
-
-    def _connect(self) -> Any:
-        # Imported here: multiprocess (and dill) cost a worker ~100 ms of start-up,
-        # paid only by processes whose logic touches state.
-        from ._state_server import SERIALIZER, StoreManager
-
-        with self._lock:
-            if self._proxy is None:
-                manager = StoreManager(address=self.address, authkey=self._authkey, serializer=SERIALIZER)
-                manager.connect()
-                self._proxy = manager.get_store()  # type: ignore[attr-defined]
-            return self._proxy
-
-    def mark_lost(self, why: str) -> None:
-        if self.lost is None:
-            self.lost = why
-
-    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
-        if self.lost is not None:
-            raise StateServerLostError(self.lost)
-        deadline = self.timeout if timeout is None else timeout
-        try:
-            proxy = self._proxy or self._connect()
-        except _CONNECT_ERRORS as exc:
-            error: Exception = _Lost(f"{type(exc).__name__}: {exc}")
-        else:
-            try:
-                return proxy.call(method, args, deadline)
-            except (_Timeout, _Lost) as exc:
-                error = exc
-        if isinstance(error, _Timeout):
-            self.mark_lost(
-                f"the state server did not answer {method}() within {deadline:g}s; it is hung or "
-                "overloaded, so shared worker state is no longer available"
-            )
-        else:
-            if self.snapshot is not None:
-                raise RuntimeClosedError("the runtime was shut down; its worker state is read-only") from None
-            self.mark_lost(
-                f"the state server is gone ({error}); shared worker state was lost "
-                "with it. Jobs in flight fail; start a new Runtime to go on"
-            )
-        raise StateServerLostError(self.lost) from error
-
-
-class StatePusher:
-    """Sends fire-and-forget updates to the state server from its own thread.
-
-    The supervisor's dispatcher must never wait on the state server (it may
-    still be starting, or be slow): job counters, worker registrations and
-    lock releases of dead processes go through here, in order.
-    """
-
-    def __init__(self, client: _StoreClient) -> None:
-        self._client = client
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="routilux-mp state pusher", daemon=True)
-        self._thread.start()
-
-    def push(self, method: str, *args: Any) -> None:
-        self._queue.put((method, args))
-
-    def close(self, timeout: float) -> None:
-        """Send what is queued (within ``timeout``), then stop."""
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._client.lost is not None:
-                continue
-            method, args = item
-            try:
-                self._client.call(method, *args)
-            except StateServerLostError:
-                pass  # the dispatcher notices (the server's pidfd) and reports it once
-            except Exception:
-                logger.exception("the state server refused %s()", method)
-
 
 def _check_rid(routine_id: Any) -> str:
     if not isinstance(routine_id, str):
@@ -183,9 +52,26 @@ class WorkerState:
     """Shared state of one worker (one ``runtime.exec``), held by the state server.
 
     Every routine of the worker, in every process, sees the same state. Values
-    are JSON only; every operation is atomic with respect to every other, from
-    any process. Reads return copies: mutating one changes nothing until it is
+    are JSON only, each routine state at most ``max_state_bytes`` as compact
+    JSON; every operation is atomic with respect to every other, from any
+    process. Reads return copies: mutating one changes nothing until it is
     written back.
+
+    Deadlines: every call ends within ``state_timeout`` seconds of the state
+    server's last sign of life, or raises
+    :class:`~routilux_mp.errors.StateServerLostError`. A write to a routine
+    state locked by someone else first waits for the lock, at most
+    ``lock_timeout`` (:class:`~routilux_mp.errors.LockTimeoutError`); a
+    ``modify_routine_state`` function has its own budget
+    (:class:`~routilux_mp.errors.ModifyTimeoutError`). While the server waits
+    on those, it tells the caller it is alive, so a hung server is still found
+    within ``state_timeout``.
+
+    Trust: a WorkerState is not a security boundary. All flows of a runtime
+    share one trust domain: logic runs as your user with the state server's key
+    in its process, so logic of one flow can build a handle on another flow's
+    worker and read or write its state. Run flows that must not see each
+    other in separate runtimes.
 
     Attributes:
         worker_id: this worker's id.
@@ -249,18 +135,20 @@ class WorkerState:
                 "(start a new Runtime to change state)"
             )
 
-    def _token(self, rid: str) -> str | None:
+    def _held(self, rid: str) -> _Held | None:
+        """The lock this thread holds on ``rid`` (its calls on ``rid`` then act on the held dict)."""
         return self._client.held().get((self.worker_id, rid))
 
     def _meta(self) -> dict:
         snap = self._snapshot()
         if snap is not None:
             return snap["meta"]
-        if self._client.local_meta is not None:
-            meta = self._client.local_meta(self.worker_id)
-            if meta is not None:
-                return meta
-        return self._client.call("meta", self.worker_id)
+        meta = None if self._client.local_meta is None else self._client.local_meta(self.worker_id)
+        if meta is None:
+            meta = self._client.call("meta", self.worker_id)
+        if self._client.lost is not None:
+            meta = dict(meta, status="failed")
+        return meta
 
     def _saw(self, rid: str, version: int) -> None:
         """This activation read version ``version`` of the state."""
@@ -281,7 +169,7 @@ class WorkerState:
 
     @property
     def status(self) -> str:
-        """``"starting"`` -> ``"running"`` -> ``"stopped"`` (or ``"failed"``)."""
+        """``"starting"`` -> ``"running"`` -> ``"stopped"`` (or ``"failed"``: the runtime broke, or its state was lost)."""
         return self._meta().get("status", "stopped")
 
     @property
@@ -296,18 +184,38 @@ class WorkerState:
 
     @property
     def routine_states(self) -> dict[str, dict]:
-        """A deep copy of every routine state of this worker."""
+        """A deep copy of every routine state of this worker.
+
+        Raises:
+            StateServerLostError: the state server was lost (also after shutdown:
+                lost state is never reported as empty).
+        """
         snap = self._snapshot()
         if snap is not None:
             return _jsonvalue.normalize(snap["states"])[0]
         blob, versions = self._client.call("get_all", self.worker_id)
         for rid, version in versions.items():
             self._saw(rid, version)
-        return pickle.loads(blob)
+        states = pickle.loads(blob)
+        for (wid, rid), held in self._client.held().items():
+            if wid == self.worker_id:
+                states[rid] = copy.deepcopy(held.state)
+        return states
 
     def get_routine_state(self, routine_id: str) -> dict | None:
-        """A deep copy of ``routine_id``'s state, or ``None`` if it was never set."""
+        """A deep copy of ``routine_id``'s state, or ``None`` if it was never set.
+
+        Inside this thread's ``with lock(routine_id) as state:`` block it is a
+        copy of ``state``, changes made so far included.
+
+        Raises:
+            StateServerLostError: the state server was lost (also after shutdown:
+                lost state is never reported as ``None``).
+        """
         rid = _check_rid(routine_id)
+        held = self._held(rid)
+        if held is not None:
+            return copy.deepcopy(held.state)
         snap = self._snapshot()
         if snap is not None:
             value = snap["states"].get(rid)
@@ -331,11 +239,15 @@ class WorkerState:
         if not isinstance(state, dict):
             raise TypeError(f"a routine state must be a dict, got {type(state).__name__}")
         value, size = _jsonvalue.normalize(state)
+        held = self._held(rid)
+        if held is not None:
+            held.state.clear()
+            held.state.update(value)
+            return
         key = (self.worker_id, rid)
         expected = self._client.reads().get(key)
         version, lost = self._client.call(
-            "replace", self.worker_id, rid, value, size, expected, self._token(rid),
-            timeout=self._client.lock_timeout + self._client.timeout,
+            "replace", self.worker_id, rid, value, size, expected, patience=self._client.lock_timeout
         )
         self._moved(rid, version)
         if lost == 1:
@@ -354,27 +266,30 @@ class WorkerState:
         if not isinstance(partial, dict):
             raise TypeError(f"merge_routine_state() needs a dict, got {type(partial).__name__}")
         value, _ = _jsonvalue.normalize(partial)
-        blob, version = self._client.call(
-            "merge", self.worker_id, rid, value, self._token(rid),
-            timeout=self._client.lock_timeout + self._client.timeout,
-        )
+        held = self._held(rid)
+        if held is not None:
+            held.state.update(value)
+            return copy.deepcopy(held.state)
+        blob, version = self._client.call("merge", self.worker_id, rid, value, patience=self._client.lock_timeout)
         self._saw(rid, version)
         return pickle.loads(blob)
 
     def increment(self, routine_id: str, key: str, amount: float = 1) -> int | float:
-        """Atomically add ``amount`` to ``state[key]`` (a missing key counts as 0); return the new value."""
-        rid = _check_rid(routine_id)
-        self._write_guard()
-        _check_amount(key, amount)
-        result, version = self._client.call(
-            "increment", self.worker_id, rid, {key: amount}, self._token(rid),
-            timeout=self._client.lock_timeout + self._client.timeout,
-        )
-        self._moved(rid, version)
-        return result[key]
+        """Atomically add ``amount`` to ``state[key]`` (a missing key counts as 0); return the new value.
+
+        Raises:
+            TypeError: ``state[key]`` is not a number, or ``amount`` is not a finite number.
+            StateNotSerializableError: the sum JSON cannot hold (an infinite
+                float, an int over Python's 4,300-digit limit); nothing written.
+            StateTooLargeError: the state would grow past ``max_state_bytes``.
+        """
+        return self.increment_many(routine_id, {key: amount})[key]
 
     def increment_many(self, routine_id: str, amounts: dict[str, int | float]) -> dict[str, int | float]:
-        """Atomically add several amounts at once, in one call; return the new values by key."""
+        """Atomically add several amounts at once, in one call; return the new values by key.
+
+        All or nothing: if one key fails (see :meth:`increment`), none is changed.
+        """
         rid = _check_rid(routine_id)
         self._write_guard()
         if not isinstance(amounts, dict):
@@ -383,32 +298,59 @@ class WorkerState:
             _check_amount(key, amount)
         if not amounts:
             return {}
+        held = self._held(rid)
+        if held is not None:
+            totals = {
+                key: _jsonvalue.add_number(held.state.get(key, 0), amount, f"state[{key!r}] of routine {rid!r}")[0]
+                for key, amount in amounts.items()
+            }
+            held.state.update(totals)
+            return totals
         result, version = self._client.call(
-            "increment", self.worker_id, rid, amounts, self._token(rid),
-            timeout=self._client.lock_timeout + self._client.timeout,
+            "increment", self.worker_id, rid, amounts, patience=self._client.lock_timeout
         )
         self._moved(rid, version)
         return result
 
-    def modify_routine_state(self, routine_id: str, fn: Callable[[dict], dict | None]) -> dict:
+    def modify_routine_state(self, routine_id: str, fn: Callable[[dict], dict | None],
+                             timeout: float | None = None) -> dict:
         """Atomic read-modify-write: ``fn(copy) -> new_state`` runs in the state server under the lock.
 
         ``fn`` gets a copy of the state (``{}`` if never set) and returns the
         new state, or ``None`` to keep the changes it made to the copy. It is
-        shipped with cloudpickle, so a closure or lambda works; keep it quick,
-        it blocks other writers of this routine state.
+        shipped with cloudpickle, so a closure or lambda works. It holds this
+        routine state's lock while it runs, so it has a time budget:
+        ``timeout`` seconds (default: the runtime's ``state_timeout``). Past
+        it the call raises :class:`~routilux_mp.errors.ModifyTimeoutError`,
+        nothing is written and the lock is released at once; the function is
+        stopped at its next Python instruction (one blocked in a C call such as
+        ``time.sleep`` finishes that call first) and its result discarded.
+        Other routine states, and the server, carry on meanwhile.
+
+        Inside this thread's ``with lock(routine_id)`` block, ``fn`` runs here
+        on the held dict instead (the lock is already held), without a budget.
         """
         rid = _check_rid(routine_id)
         self._write_guard()
         if not callable(fn):
             raise TypeError(f"modify_routine_state() needs a callable, got {fn!r}")
+        budget = self._client.timeout if timeout is None else timeout
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise ValueError(f"modify_routine_state() timeout must be a positive number of seconds, got {timeout!r}")
+        held = self._held(rid)
+        if held is not None:
+            working = copy.deepcopy(held.state)
+            result = fn(working)
+            value, _ = _jsonvalue.normalize(working if result is None else _check_new_state(rid, result))
+            held.state.clear()
+            held.state.update(value)
+            return copy.deepcopy(value)
         try:
             blob = cloudpickle.dumps(fn)
         except Exception as exc:
             raise SerializationError(f"the function given to modify_routine_state({rid!r}) cannot be pickled: {exc}") from exc
         result, version = self._client.call(
-            "modify", self.worker_id, rid, blob, self._token(rid),
-            timeout=2 * self._client.lock_timeout + self._client.timeout,
+            "modify", self.worker_id, rid, blob, float(budget), patience=self._client.lock_timeout + budget
         )
         self._saw(rid, version)
         return pickle.loads(result)
@@ -417,13 +359,18 @@ class WorkerState:
     def lock(self, routine_id: str, timeout: float | None = None) -> Iterator[dict]:
         """Hold ``routine_id``'s lock; the yielded dict is written back on normal exit.
 
-        Other writers of this routine state (in any process) wait meanwhile;
-        this thread's own calls on it go through. The changes are discarded if
-        the block raises. If the holder dies, the lock is released.
+        Other writers of this routine state (in any process) wait meanwhile.
+        The block is a transaction on the yielded dict: this thread's own
+        calls on ``routine_id`` inside it (``increment``, ``merge``, ``update``,
+        ``modify``, ``get``) act on that dict, so they are written back with it
+        on normal exit, and discarded with it if the block raises. If the
+        holder dies, the lock is released and nothing is written.
 
         Raises:
             LockTimeoutError: the lock was not free within ``timeout`` seconds
                 (default: the runtime's ``lock_timeout``).
+            StateNotSerializableError, StateTooLargeError: at exit, the dict is
+                not JSON or too large; nothing was written, the lock is released.
         """
         rid = _check_rid(routine_id)
         self._write_guard()
@@ -433,11 +380,9 @@ class WorkerState:
             raise RoutiluxError(f"this thread already holds the lock on routine state {rid!r} (locks are not reentrant)")
         token = uuid.uuid4().hex
         wait = self._client.lock_timeout if timeout is None else float(timeout)
-        blob, version = self._client.call(
-            "acquire", self.worker_id, rid, token, os.getpid(), wait, timeout=wait + self._client.timeout
-        )
-        held[key] = token
+        blob, version = self._client.call("acquire", self.worker_id, rid, token, os.getpid(), wait, patience=wait)
         state = pickle.loads(blob) if blob is not None else {}
+        held[key] = _Held(token, state)
         try:
             yield state
         except BaseException:
@@ -466,6 +411,15 @@ class WorkerState:
         state" pattern: state holds only JSON.
         """
         return get_resource(name, factory)
+
+
+def _check_new_state(rid: str, result: Any) -> dict:
+    if not isinstance(result, dict):
+        raise TypeError(
+            f"modify_routine_state({rid!r}) function returned {type(result).__name__}; "
+            "it must return the new state (a dict) or None to keep its changes to the copy"
+        )
+    return result
 
 
 _resources: dict[str, Any] = {}

@@ -14,6 +14,7 @@ import ctypes
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -93,8 +94,38 @@ def _grandchild_then_spin(ws):
         pass
 
 
+def _modify_forever(state):  # runs in the state server
+    while True:
+        pass
+
+
+def _increment_past_jsons_int_limit(ws):
+    ws.increment("huge", "n", 9 * 10**4299)  # 4,300 digits: still encodable
+    ws.increment("huge", "n", 9 * 10**4299)  # 4,301 digits: not
+
+
+def _increment_wide_keys(ws):
+    for i in range(10):
+        ws.increment("wide", "ключ" * 50 + str(i))  # 1,200 bytes of escaped JSON per key
+
+
+def _nested(depth):
+    value = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _fake_frame_header(ws):
+    # The worker's result pipe is its third argument; a header announcing 2 GiB, then nothing.
+    os.write(int(sys.argv[3]), struct.pack("!i", 0x7FFFFFFF))
+    while True:
+        pass
+
+
 CRASH = "routilux_mp.errors.WorkerCrashedError"
 TIMEOUT = "routilux_mp.errors.ActivationTimeoutError"
+NOT_JSON = "routilux_mp.errors.StateNotSerializableError"
 
 #: id, what the faulty logic does, Runtime options, routine options, error type, message regex, replaced
 FAULTS = [
@@ -120,6 +151,17 @@ FAULTS = [
     ("rss-past-hard-limit", _leak_past_limit, {"max_worker_rss": 150 * MiB}, {},
      "routilux_mp.errors.WorkerMemoryError", r"over the hard limit of 225 MiB", True),
     ("killed-holding-lock", _die_holding_lock, {}, {}, CRASH, r"killed by SIGKILL", True),
+    ("modify-past-its-budget", lambda ws: ws.modify_routine_state("slow", _modify_forever, timeout=0.5), {}, {},
+     "routilux_mp.errors.ModifyTimeoutError", r"ran past its time budget of 0\.5s; nothing was written", False),
+    ("increment-past-jsons-int-limit", _increment_past_jsons_int_limit, {}, {}, NOT_JSON,
+     r"state\['n'\] of routine 'huge' would become an int of about 4301 digits", False),
+    ("non-ascii-keys-past-max-state-bytes", _increment_wide_keys, {"max_state_bytes": 4000}, {},
+     "routilux_mp.errors.StateTooLargeError", r"state of routine 'wide' would be \d+ bytes .*max_state_bytes=4000",
+     False),
+    ("deeply-nested-state", lambda ws: ws.update_routine_state("deep", _nested(100_000)), {}, {}, NOT_JSON,
+     r"nested 100000 levels deep", False),
+    ("fake-frame-header", _fake_frame_header, {}, {}, CRASH,
+     r"wrote bytes outside the worker protocol on its result pipe \(a frame header announces 2147483647 bytes", True),
 ]
 
 
@@ -245,6 +287,61 @@ def test_losing_the_state_server_fails_jobs_in_flight_promptly(make_runtime, how
     with pytest.raises(StateServerLostError):
         ws.get_routine_state("progress")
     runtime.shutdown()
+
+
+#: Seconds past state_timeout within which a call must notice a lost server (a loaded machine is slow).
+NOTICE_MARGIN = 20.0
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigstop"])
+def test_a_lost_state_server_breaks_the_runtime_and_is_never_reported_as_empty(make_runtime, how) -> None:
+    single_flow("lost", lambda *a: None)
+    state_timeout = 3.0
+    runtime = make_runtime(processes=1, state_timeout=state_timeout, lock_timeout=WAIT)
+    ws = runtime.exec("lost")
+    ws.update_routine_state("r", {"kept": 1})
+    holding, release = threading.Event(), threading.Event()
+    outcomes: dict = {}
+
+    def hold() -> None:
+        try:
+            with ws.lock("held"):
+                holding.set()
+                release.wait(WAIT)
+        except StateServerLostError as exc:
+            outcomes["holder"] = exc
+
+    def write() -> None:
+        try:
+            ws.increment("held", "n")  # waits in the server for the lock `hold` has
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcomes["writer"] = exc
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holding.wait(WAIT)
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    os.kill(runtime._sup.state_popen.pid, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+    writer.join(state_timeout + NOTICE_MARGIN)
+    release.set()
+    holder.join(WAIT)
+    assert not writer.is_alive(), "a write waiting for a lock must notice a hung server within state_timeout"
+    assert isinstance(outcomes["writer"], StateServerLostError), outcomes
+
+    # The loss breaks the runtime visibly, although no job was in flight.
+    for call in (lambda: runtime.post("lost", "r", "in", {}), lambda: runtime.exec("lost"),
+                 lambda: ws.get_routine_state("r")):
+        with pytest.raises(StateServerLostError):
+            call()
+    assert ws.status == "failed"
+    runtime.shutdown()
+    # Lost state is never reported as empty, not even after shutdown.
+    with pytest.raises(StateServerLostError, match="shared worker state"):
+        ws.get_routine_state("r")
+    with pytest.raises(StateServerLostError):
+        ws.routine_states  # noqa: B018 - the property raises
+    assert ws.status == "failed"
 
 
 def test_workers_that_keep_failing_at_start_up_break_the_runtime_clearly(make_runtime, tmp_path, monkeypatch) -> None:

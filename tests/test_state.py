@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
+import threading
+import time
 
 import pytest
 from helpers import WAIT, by_value, single_flow, wait_until
@@ -256,7 +259,8 @@ def test_resource_is_made_once_per_process(make_runtime, tmp_path) -> None:
 def test_state_server_socket_is_private_and_rejects_a_wrong_key(make_runtime) -> None:
     from multiprocess import AuthenticationError
 
-    from routilux_mp._state_server import SERIALIZER, StoreManager
+    from routilux_mp._state_rpc import SERIALIZER
+    from routilux_mp._state_server import StoreManager
 
     single_flow("sec", lambda *a: None)
     runtime = make_runtime(processes=1)
@@ -305,3 +309,457 @@ def test_blind_writes_are_never_counted_as_lost_updates(make_runtime) -> None:
     assert all(j.wait(WAIT) for j in jobs) and [j.status for j in jobs] == ["completed"] * 2
     assert ws.get_routine_state("r") == {"second": True}
     assert runtime.stats()["routines"]["r"]["lost_updates"] == 0
+
+
+# -- deadlines: a server that stops mid-reply, or sends what no server of ours would ------------
+
+
+class _Relay:
+    """A unix-socket relay to the real state server that can tamper with the next reply once armed.
+
+    ``mode``: "stall" forwards the first bytes of the reply and nothing after;
+    "huge" and "absurd" rewrite its header to announce 2 GiB or 2**50 bytes;
+    "silent" never forwards anything (not even the handshake).
+    """
+
+    def __init__(self, target: str, path: str, mode: str) -> None:
+        import socket
+
+        self.target, self.mode = target, mode
+        self.armed = threading.Event()
+        self.sockets: list = []
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.path = path
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.target)
+            self.sockets += [client, server]
+            if self.mode != "silent":
+                threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+                threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source, sink, replies: bool) -> None:
+        import struct
+
+        while True:
+            try:
+                data = source.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            if replies and self.armed.is_set():
+                if self.mode == "stall":
+                    sink.sendall(data[:1000])
+                    return  # the rest of the reply never comes; the connection stays open
+                header = struct.pack("!i", 0x7FFFFFFF) if self.mode == "huge" else struct.pack("!iQ", -1, 1 << 50)
+                data = header + data[4:]
+                self.armed.clear()
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+#: id, what the relay does to the reply; a call must fail with StateServerLostError within state_timeout
+BAD_REPLIES = [("stops-mid-reply", "stall"), ("header-claims-2-GiB", "huge"), ("header-claims-2**50-bytes", "absurd"),
+               ("never-answers-the-handshake", "silent")]
+CLIENT_TIMEOUT = 2.0
+
+
+@pytest.mark.parametrize("mode", [row[1] for row in BAD_REPLIES], ids=[row[0] for row in BAD_REPLIES])
+def test_a_state_call_ends_within_its_deadline_whatever_the_server_sends(make_runtime, tmp_path, mode) -> None:
+    from routilux_mp.errors import StateServerLostError
+    from routilux_mp.state import WorkerState, _StoreClient
+
+    single_flow("relay", lambda *a: None)
+    runtime = make_runtime(processes=1)
+    ws = runtime.exec("relay")
+    ws.update_routine_state("big", {"blob": "x" * 500_000})  # a reply of many socket buffers
+    relay = _Relay(runtime._sup.state_address, str(tmp_path / "relay.sock"), mode)
+    client = _StoreClient(relay.path, runtime._sup._authkey, CLIENT_TIMEOUT, CLIENT_TIMEOUT)
+    other = WorkerState(ws.worker_id, ws.flow_id, client)
+    if mode != "silent":
+        assert other.get_routine_state("big")["blob"] == "x" * 500_000, "the relay passes replies through"
+        relay.armed.set()
+    outcome: dict = {}
+
+    def read() -> None:
+        started = time.monotonic()
+        try:
+            other.get_routine_state("big")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcome["error"] = exc
+        outcome["seconds"] = time.monotonic() - started
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(CLIENT_TIMEOUT + 30)  # the connect deadline is at least 10 s
+    try:
+        assert not reader.is_alive(), "the call is still blocked: its deadline did not hold"
+        assert isinstance(outcome["error"], StateServerLostError), outcome
+        assert ws.get_routine_state("big")["blob"] == "x" * 500_000, "the real server and its clients are fine"
+    finally:
+        relay.close()
+
+
+def _authenticated_peer(address: str, authkey: bytes):
+    import socket
+    import struct
+
+    from multiprocess import connection
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(address)
+    bound = struct.pack("ll", int(WAIT), 0)  # no wait in this test may block for longer
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
+    conn = connection.Connection(sock.detach())
+    connection.answer_challenge(conn, authkey)
+    connection.deliver_challenge(conn, authkey)
+    return conn
+
+
+def _read_until_eof(fd: int, timeout: float) -> bool:
+    import select
+
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return False
+        if not os.read(fd, 1 << 16):
+            return True
+
+
+#: id, when the bogus header comes, the header's bytes
+BOGUS_REQUESTS = [
+    ("first-message-2-GiB", "first", struct.pack("!i", 0x7FFFFFFF)),
+    ("request-2-GiB", "serving", struct.pack("!i", 0x7FFFFFFF)),
+    ("request-negative-size", "serving", struct.pack("!i", -5)),
+    ("request-2**40-bytes", "serving", struct.pack("!iQ", -1, 1 << 40)),
+]
+
+
+@pytest.mark.parametrize(("phase", "header"), [row[1:] for row in BOGUS_REQUESTS], ids=[row[0] for row in BOGUS_REQUESTS])
+def test_a_bogus_frame_header_from_an_authenticated_peer_closes_that_connection_only(make_runtime, capfd, phase,
+                                                                                      header) -> None:
+    import psutil
+
+    from routilux_mp._messages import dumps
+
+    single_flow("bogus", lambda *a: None)
+    runtime = make_runtime(processes=1)
+    ws = runtime.exec("bogus")
+    ws.update_routine_state("r", {"v": 1})
+    server = psutil.Process(runtime._sup.state_popen.pid)
+    vms_before = server.memory_info().vms
+    peer = _authenticated_peer(runtime._sup.state_address, runtime._sup._authkey)
+    if phase == "serving":
+        peer.send_bytes(dumps((None, "accept_connection", ("peer",), {})))
+        assert peer.recv_bytes(1 << 16)
+    os.write(peer.fileno(), header)
+    try:
+        assert _read_until_eof(peer.fileno(), 30.0), "the server kept the connection open, waiting for the body"
+    finally:
+        peer.close()
+    assert server.memory_info().vms - vms_before < 512 * 2**20, "the server allocated what the header announced"
+    assert ws.get_routine_state("r") == {"v": 1}, "the server serves everyone else"
+    assert ws.increment("r", "n") == 1
+    if phase == "serving":
+        assert "closed a client connection: a frame header announces" in capfd.readouterr().err
+
+
+def test_frame_readers_refuse_an_absurd_header_without_waiting_or_allocating() -> None:
+    from routilux_mp._messages import FrameError, FrameReader, read_frame
+
+    for header in (struct.pack("!i", 0x7FFFFFFF), struct.pack("!i", -2), struct.pack("!iQ", -1, 1 << 40)):
+        r, w = os.pipe()
+        try:
+            os.write(w, header)
+            with pytest.raises(FrameError, match="not written by routilux-mp's protocol"):
+                FrameReader(r).read()
+            os.set_blocking(r, True)
+            os.write(w, header)
+            with pytest.raises(FrameError):
+                read_frame(r)
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+# -- modify_routine_state functions have a time budget ------------------------------------------
+
+
+def _mark_then_spin(marker: str):
+    def fn(state):
+        with open(marker, "w"):
+            pass
+        while True:
+            pass
+
+    return fn
+
+
+def _modify_slowly(routine, slot_data, message, ws):
+    item = slot_data["in"][0]
+    if "marker" in item:
+        ws.modify_routine_state("slow", _mark_then_spin(item["marker"]))
+    ws.increment("slow", "after")
+
+
+def test_a_modify_function_past_its_budget_fails_alone_and_the_server_lives_on(make_runtime, tmp_path) -> None:
+    import routilux_mp
+    from routilux_mp import errors
+
+    assert routilux_mp.ModifyTimeoutError is errors.ModifyTimeoutError
+    assert issubclass(errors.ModifyTimeoutError, TimeoutError) and issubclass(errors.ModifyTimeoutError,
+                                                                              errors.RoutiluxError)
+    single_flow("slow", _modify_slowly)
+    # The old client gave up after 2 x lock_timeout + state_timeout = 5 s and declared the server lost.
+    runtime = make_runtime(processes=1, state_timeout=3.0, lock_timeout=1.0)
+    ws = runtime.exec("slow")
+    ws.update_routine_state("slow", {"v": 1})
+    server = runtime._sup.state_popen
+    marker = str(tmp_path / "running")
+    _, job = runtime.post("slow", "r", "in", {"marker": marker})
+    wait_until(lambda: os.path.exists(marker), "the modify function to start", job=job)
+    assert ws.increment("other", "n") == 1, "other routine states are served while the function runs"
+    assert ws.get_routine_state("slow") == {"v": 1}, "reads do not wait for the lock"
+    assert job.wait(WAIT)
+    assert job.status == "failed" and job.error["type"] == "routilux_mp.errors.ModifyTimeoutError", job.error
+    assert "ran past its time budget of 3s; nothing was written" in job.error["message"]
+    assert ws.increment("slow", "n") == 1, "the routine state was unlocked"
+    assert ws.get_routine_state("slow") == {"v": 1, "n": 1}
+    _, after = runtime.post("slow", "r", "in", {})
+    assert after.wait(WAIT) and after.status == "completed", after.error
+    assert runtime._sup.state_popen is server and server.poll() is None, "the state server was not replaced"
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        ws.modify_routine_state("slow", lambda s: s, timeout=0)
+
+
+def _start_then_spin(box):
+    box["started"].set()
+    while True:
+        pass
+
+
+def _start_then_block(box):
+    box["started"].set()
+    box["release"].wait()  # one C call: the asynchronous exception waits for it to return
+    return {"late": True}
+
+
+def test_an_abandoned_modify_function_is_stopped_and_its_runner_reused(monkeypatch) -> None:
+    import cloudpickle
+
+    from routilux_mp import _state_fn
+    from routilux_mp.errors import ModifyTimeoutError
+
+    runners = _state_fn.FnRunners()
+    box = {"started": threading.Event()}
+    spinning = _state_fn.FnTask(cloudpickle.dumps(_start_then_spin), box)
+    runners.submit(spinning)
+    assert box["started"].wait(WAIT)
+    assert runners.abandon(spinning) and runners.overdue == 1
+    wait_until(lambda: runners.overdue == 0, "the abandoned Python loop to stop")
+    assert not spinning.done.is_set(), "an abandoned function has no outcome"
+
+    monkeypatch.setattr(_state_fn, "MAX_OVERDUE", 1)
+    box = {"started": threading.Event(), "release": threading.Event()}
+    blocked = _state_fn.FnTask(cloudpickle.dumps(_start_then_block), box)
+    runners.submit(blocked)
+    assert box["started"].wait(WAIT)
+    assert runners.abandon(blocked)
+    with pytest.raises(ModifyTimeoutError, match="1 modify_routine_state functions that ran past"):
+        runners.submit(_state_fn.FnTask(cloudpickle.dumps(lambda s: s), {}))
+    box["release"].set()
+    wait_until(lambda: runners.overdue == 0, "the blocked function to return")
+    assert blocked.result is None and not blocked.done.is_set(), "its late result was discarded"
+    quick = _state_fn.FnTask(cloudpickle.dumps(lambda s: dict(s, x=1)), {})
+    runners.submit(quick)
+    assert quick.done.wait(WAIT) and quick.result == {"x": 1} and quick.error is None
+
+
+# -- a lock block is a transaction on the held dict -----------------------------------------------
+
+
+def _transaction(routine, slot_data, message, ws):
+    with ws.lock("tx") as state:
+        state["seen"] = state.get("seen", 0) + 1
+        assert ws.increment("tx", "n") == state["n"] == 1
+        assert ws.increment_many("tx", {"n": 1, "m": 5}) == {"n": 2, "m": 5}
+        assert ws.merge_routine_state("tx", {"merged": True})["n"] == 2
+        assert ws.modify_routine_state("tx", lambda s: dict(s, modified=True))["modified"] is True
+        assert ws.get_routine_state("tx") == state
+        if slot_data["in"][0]["fail"]:
+            raise RuntimeError("roll back")
+
+
+def test_a_lock_holders_own_calls_commit_with_the_block_or_not_at_all(make_runtime) -> None:
+    single_flow("tx", _transaction)
+    runtime = make_runtime(processes=1)
+    ws = runtime.exec("tx")
+    committed = {"seen": 1, "n": 2, "m": 5, "merged": True, "modified": True}
+    _, job = runtime.post("tx", "r", "in", {"fail": False})
+    assert job.wait(WAIT) and job.status == "completed", job.error
+    assert ws.get_routine_state("tx") == committed, "the holder's increments were not overwritten by the write-back"
+    _, job = runtime.post("tx", "r", "in", {"fail": True})
+    assert job.wait(WAIT) and job.status == "failed"
+    assert ws.get_routine_state("tx") == committed, "a block that raised wrote nothing, its increments included"
+    with ws.lock("tx") as state:
+        ws.update_routine_state("tx", {"replaced": True})
+        assert state == {"replaced": True}
+    assert ws.get_routine_state("tx") == {"replaced": True}
+
+
+# -- the size rule and the JSON-only rule hold for every operation ------------------------------------
+
+
+def _grow_under_lock(ws):
+    with ws.lock("r") as state:
+        state["more"] = "y" * 500
+
+
+def _huge_int_under_lock(ws):
+    with ws.lock("r") as state:
+        state["n"] = 10**5000
+
+
+#: id, an operation on routine state 'r' ({"pad": "x" * 600}) that would take it past max_state_bytes=1000
+TOO_LARGE = [
+    ("update", lambda ws: ws.update_routine_state("r", {"pad": "x" * 1000})),
+    ("merge", lambda ws: ws.merge_routine_state("r", {"more": "y" * 500})),
+    ("increment-non-ascii-key", lambda ws: ws.increment("r", "é" * 80)),  # 480 bytes as escaped JSON
+    ("increment-long-number", lambda ws: ws.increment("r", "n", 10**400)),
+    ("increment_many-non-ascii-keys", lambda ws: ws.increment_many("r", {"ü" * 40: 1, "ß" * 40: 1})),
+    ("modify", lambda ws: ws.modify_routine_state("r", lambda s: dict(s, more="y" * 500))),
+    ("lock-write-back", _grow_under_lock),
+]
+
+
+@pytest.mark.parametrize("operation", [row[1] for row in TOO_LARGE], ids=[row[0] for row in TOO_LARGE])
+def test_no_operation_grows_a_state_past_max_state_bytes(make_runtime, operation) -> None:
+    import json
+
+    single_flow("size", lambda *a: None)
+    runtime = make_runtime(processes=1, max_state_bytes=1000)
+    ws = runtime.exec("size")
+    ws.update_routine_state("r", {"pad": "x" * 600})
+    with pytest.raises(StateTooLargeError, match=r"state of routine 'r' would be \d+ bytes as JSON, over max_state_bytes=1000"):
+        operation(ws)
+    state = ws.get_routine_state("r")
+    assert state == {"pad": "x" * 600}, "nothing was written"
+    assert len(json.dumps(state, separators=(",", ":"))) <= 1000
+    assert ws.increment("r", "fits") == 1, "the size is still counted right afterwards"
+
+
+#: id, an operation storing a value JSON cannot encode, the path its error names
+NOT_JSON = [
+    ("update", lambda ws: ws.update_routine_state("r", {"n": 10**5000}), r"state\['n'\]"),
+    ("merge", lambda ws: ws.merge_routine_state("r", {"n": 10**5000}), r"state\['n'\]"),
+    ("increment", lambda ws: ws.increment("r", "n", 10**5000), r"state\['n'\] of routine 'r'"),
+    ("increment-sum", lambda ws: [ws.increment("r", "big", 9 * 10**4299) for _ in range(2)],
+     r"state\['big'\] of routine 'r' would become an int of about 4301 digits"),
+    ("increment_many", lambda ws: ws.increment_many("r", {"ok": 1, "n": 10**5000}), r"state\['n'\] of routine 'r'"),
+    ("modify", lambda ws: ws.modify_routine_state("r", lambda s: dict(s, n=10**5000)), r"state\['n'\]"),
+    ("lock-write-back", _huge_int_under_lock, r"state\['n'\]"),
+]
+
+
+@pytest.mark.parametrize(("operation", "path"), [row[1:] for row in NOT_JSON], ids=[row[0] for row in NOT_JSON])
+def test_no_operation_stores_a_number_json_cannot_encode(make_runtime, operation, path) -> None:
+    single_flow("json", lambda *a: None)
+    runtime = make_runtime(processes=1)
+    ws = runtime.exec("json")
+    ws.update_routine_state("r", {"pad": 1})
+    before = None
+    with pytest.raises(StateNotSerializableError, match=path):
+        try:
+            operation(ws)
+        finally:
+            before = ws.get_routine_state("r")
+    assert "n" not in before and "ok" not in before, "nothing was written"
+    assert ws.merge_routine_state("r", {"after": 1})["after"] == 1, "the state stays encodable"
+
+
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def _nest_under_lock(ws):
+    with ws.lock("r") as state:
+        state["deep"] = _nested(DEPTH)
+
+
+DEPTH = 100_000
+#: Seconds refusing DEPTH levels may take: linear work takes well under one; quadratic took minutes.
+REFUSE_WITHIN = 20.0
+
+#: id, an operation storing DEPTH levels of nesting
+DEEP = [
+    ("update", lambda ws, runtime: ws.update_routine_state("r", _nested(DEPTH))),
+    ("merge", lambda ws, runtime: ws.merge_routine_state("r", {"deep": _nested(DEPTH)})),
+    ("modify", lambda ws, runtime: ws.modify_routine_state("r", lambda s: _nested(DEPTH))),
+    ("lock-write-back", lambda ws, runtime: _nest_under_lock(ws)),
+    ("post-metadata", lambda ws, runtime: runtime.post("deep", "r", "in", {}, metadata=_nested(DEPTH))),
+]
+
+
+@pytest.mark.parametrize("operation", [row[1] for row in DEEP], ids=[row[0] for row in DEEP])
+def test_deep_nesting_is_refused_in_linear_time_with_a_path(make_runtime, operation) -> None:
+    single_flow("deep", lambda *a: None)
+    runtime = make_runtime(processes=1)
+    ws = runtime.exec("deep")
+    ws.update_routine_state("r", {"v": 1})
+    started = time.monotonic()
+    with pytest.raises(StateNotSerializableError, match=r"\['a'\]\.\.\.\d+ levels\.\.\.\['a'\].*levels deep") as info:
+        operation(ws, runtime)
+    assert time.monotonic() - started < REFUSE_WITHIN
+    assert len(str(info.value)) < 1000, "the path is shortened, not 100,000 steps long"
+    assert ws.get_routine_state("r") == {"v": 1}
+
+
+# -- trust: all flows of a runtime share one trust domain -----------------------------------------
+
+
+def _reach_into_another_flow(routine, slot_data, message, ws):
+    other = type(ws)(slot_data["in"][0]["victim"], "b", ws._client)
+    routine.emit("out", seen=other.get_routine_state("r"))
+    other.merge_routine_state("r", {"written_by": ws.flow_id})
+
+
+def test_flows_of_one_runtime_share_one_trust_domain(make_runtime) -> None:
+    """Pinned on purpose (README, WorkerState docstring): a handle is not a security boundary.
+
+    Logic holds the state server's key in its process, so refusing handles in
+    the client would only pretend to isolate flows; separate runtimes do.
+    """
+    single_flow("a", _reach_into_another_flow)
+    single_flow("b", lambda *a: None)
+    runtime = make_runtime(processes=1)
+    victim = runtime.exec("b")
+    victim.update_routine_state("r", {"secret": 1})
+    _, job = runtime.post("a", "r", "in", {"victim": victim.worker_id})
+    assert job.wait(WAIT) and job.status == "completed", job.error
+    assert job.outputs[0]["data"]["seen"] == {"secret": 1}
+    assert victim.get_routine_state("r") == {"secret": 1, "written_by": "a"}
