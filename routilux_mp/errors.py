@@ -154,7 +154,7 @@ class LockTimeoutError(RoutiluxError, TimeoutError):
     """Raised when ``worker_state.lock(rid, timeout=...)`` could not get the lock in time."""
 
 
-class ModifyTimeoutError(RoutiluxError, TimeoutError):
+class ModifyTimeoutError(StateError, TimeoutError):
     """Raised when a ``modify_routine_state`` function ran past its time budget; nothing was written."""
 
 
