@@ -23,10 +23,11 @@
 * The dispatcher thread blocks on every result pipe, every process's pidfd
   (its death), every stdout/stderr pipe, the command pipes that have bytes
   waiting for room, a wake-up pipe and the state server's pidfd; it never
-  polls with sleeps, and never blocks on a pipe (see ``_guards``). It forwards output lines, routes
-  results, notices deaths, fires timers (retries, timeouts, interval
-  policies, kill escalation, respawns) and spawns every child process, so the
-  children's ``PR_SET_PDEATHSIG`` is tied to a thread that lives until shutdown.
+  polls with sleeps, and never blocks on a pipe (see ``_guards``). It
+  forwards output lines, routes results, notices deaths, fires timers
+  (retries, timeouts, interval policies, kill escalation, respawns, hang
+  checks) and spawns every child process, so the children's
+  ``PR_SET_PDEATHSIG`` is tied to a thread that lives until shutdown.
 * The ledger entry of an activation (which process holds it, for which jobs,
   which attempt) is written before it is sent. A process holds its
   activations in order, so when it dies the first one still held is the one
