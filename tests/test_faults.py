@@ -22,7 +22,7 @@ import time
 
 import psutil
 import pytest
-from helpers import WAIT, by_value, single_flow, wait_until
+from helpers import WAIT, by_value, pool_refilled, single_flow, wait_until
 
 from routilux_mp import ErrorHandler
 from routilux_mp.errors import RuntimeBrokenError, StateServerLostError
@@ -50,16 +50,6 @@ class NeedsTwoArgs(Exception):
 class BadStr(Exception):
     def __str__(self) -> str:
         raise RuntimeError("no string for you")
-
-
-def pool_refilled(runtime, restarts: int, timeout: float = WAIT) -> None:
-    """Wait (on the supervisor's condition, no polling) until dead workers were replaced."""
-    sup = runtime._sup
-    with sup.cond:
-        done = sup.cond.wait_for(
-            lambda: sum(sup.restarts) >= restarts and all(p is not None for p in sup.procs), timeout
-        )
-    assert done, f"the pool was not refilled within {timeout}s"
 
 
 def _leak_past_limit(ws):

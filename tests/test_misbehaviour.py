@@ -15,7 +15,7 @@ import time
 
 import psutil
 import pytest
-from helpers import WAIT, by_value, echo, single_flow
+from helpers import WAIT, by_value, echo, pool_ready, pool_refilled, single_flow
 
 from routilux_mp import Runtime, _guards, _pool, get_current_job
 from routilux_mp.errors import RoutiluxError, RuntimeBrokenError
@@ -26,22 +26,6 @@ MiB = 2**20
 CRASH = "routilux_mp.errors.WorkerCrashedError"
 #: TAKE_TIMEOUT in these tests (60 s in production).
 TAKE = 1.5
-
-
-def _pool_ready(runtime) -> None:
-    """Wait (on the supervisor's condition) until every worker process reported ready."""
-    sup = runtime._sup
-    with sup.cond:
-        ready = sup.cond.wait_for(lambda: all(p is not None and p.ready for p in sup.procs), WAIT)
-    assert ready, f"the workers were not ready within {WAIT}s"
-
-
-def _pool_refilled(runtime, restarts: int) -> None:
-    sup = runtime._sup
-    with sup.cond:
-        done = sup.cond.wait_for(lambda: sum(sup.restarts) >= restarts and all(p is not None for p in sup.procs),
-                                 WAIT)
-    assert done, f"the pool was not refilled within {WAIT}s"
 
 
 def _pid_and_size(routine, slot_data, message, ws):
@@ -73,7 +57,7 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
     single_flow("stall", _pid_and_size, concurrency=None)
     runtime = make_runtime(processes=2)
     runtime.exec("stall")
-    _pool_ready(runtime)
+    pool_ready(runtime)
     victim = runtime._sup.procs[0].pid
     os.kill(victim, signal.SIGSTOP)  # idle: the first activation goes to it
     try:
@@ -92,7 +76,7 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
         assert all(job.outputs[0]["data"] == {"pid": job.outputs[0]["data"]["pid"], "size": 200_000}
                    for job in jobs)
         assert victim not in {job.outputs[0]["data"]["pid"] for job in jobs}
-        _pool_refilled(runtime, restarts=1)
+        pool_refilled(runtime, restarts=1)
         assert victim not in {p["pid"] for p in runtime.stats()["processes"]}, "the stopped worker was replaced"
         # A stopped worker at shutdown is stopped all the same.
         other = runtime._sup.procs[1].pid
@@ -104,9 +88,8 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert alive == []
     finally:
-        for pid in (victim,):
-            if psutil.pid_exists(pid):
-                os.kill(pid, signal.SIGCONT)
+        if psutil.pid_exists(victim):  # (only when the test failed before the victim was replaced)
+            os.kill(victim, signal.SIGCONT)
 
 
 def test_a_flow_that_never_finishes_loading_fails_its_job_after_max_crash_retries(make_runtime, monkeypatch) -> None:
@@ -120,7 +103,7 @@ def test_a_flow_that_never_finishes_loading_fails_its_job_after_max_crash_retrie
     assert f"did not take its activation of routine 'r' within {TAKE:g}s (TAKE_TIMEOUT)" in job.error["message"]
     assert "stuck loading the flow" in job.error["message"]
     assert "2 processes in a row did not take it: given up" in job.error["message"]
-    _pool_refilled(runtime, restarts=2)
+    pool_refilled(runtime, restarts=2)
 
 
 # -- done-callbacks ------------------------------------------------------------------------------
@@ -347,7 +330,7 @@ def test_a_worker_whose_stdio_logic_closed_is_recycled(make_runtime) -> None:
     first_pid = closer.outputs[0]["data"]["pid"]
     assert first_pid not in {job.outputs[0]["data"]["pid"] for job in later}, "the worker was replaced"
     assert "".join(lines).splitlines() == [f"job {i} prints" for i in range(1, 4)]
-    _pool_refilled(runtime, restarts=1)
+    pool_refilled(runtime, restarts=1)
 
 
 @pytest.mark.parametrize("processes", [2, 5], ids=["fewer-than-max-start-failures", "as-many"])
