@@ -9,12 +9,14 @@ for a job's outputs and for policies that look at items.
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import subprocess
 from collections.abc import Iterable
 from typing import Any
 
-from ._messages import FrameReader
+from ._messages import FrameReader, frame
+from ._process import unread_bytes
 from .activation_policies import SlotQueueAPI
 from .error_handling import ErrorHandler
 from .job import JobContext
@@ -116,6 +118,7 @@ class _Act:
         "slot_counts",
         "slots",
         "started",
+        "wire_end",
         "wire_size",
     )
 
@@ -138,6 +141,8 @@ class _Act:
         self.deadline: float | None = None
         #: Bytes sent for it (what it occupies in its worker's pipe until started).
         self.wire_size = 0
+        #: Its process's ``sent`` count once it was queued: the worker took it when it read that far.
+        self.wire_end = 0
 
     def lead_job(self) -> JobContext | None:
         """The oldest job still open: its emits, outputs and errors go there."""
@@ -223,9 +228,11 @@ class _Proc:
         "broken_pipe",
         "commands",
         "exiting",
+        "hung",
         "index",
         "inflight",
         "loaded",
+        "outbox",
         "outputs",
         "pid",
         "pidfd",
@@ -235,9 +242,12 @@ class _Proc:
         "ready",
         "results",
         "results_closed",
+        "sent",
         "started_at",
         "stderr_tail",
         "stopping",
+        "take_timer",
+        "writing",
     )
 
     def __init__(self, index: int, popen: subprocess.Popen, commands: int, results: int, pidfd: int | None,
@@ -265,6 +275,47 @@ class _Proc:
         self.results_closed = False
         #: Reads the result pipe without ever blocking.
         self.reader = FrameReader(results)
+        #: Bytes for the command pipe that it had no room for yet (the dispatcher writes them when it has).
+        self.outbox = bytearray()
+        #: Bytes ever queued for the command pipe (written or in ``outbox``).
+        self.sent = 0
+        #: The dispatcher waits for room in the command pipe (EVENT_WRITE).
+        self.writing = False
+        #: A check that it takes its activations is scheduled.
+        self.take_timer = False
+        #: Why the supervisor killed it (hung, or it broke the protocol), if it did.
+        self.hung: str | None = None
+        os.set_blocking(commands, False)
+
+    def queue(self, data: bytes) -> None:
+        """Send one frame: write what the pipe takes now, keep the rest in ``outbox``; never block.
+
+        Raises ``OSError`` when the worker's end of the pipe is gone.
+        """
+        blob = frame(data)
+        self.sent += len(blob)
+        if self.outbox:
+            self.outbox += blob
+            return
+        try:
+            n = os.write(self.commands, blob)
+        except BlockingIOError:
+            n = 0
+        if n < len(blob):
+            self.outbox += memoryview(blob)[n:]
+
+    def flush(self) -> None:
+        """Write as much of ``outbox`` as the pipe takes now."""
+        while self.outbox:
+            try:
+                n = os.write(self.commands, self.outbox)
+            except BlockingIOError:
+                return
+            del self.outbox[:n]
+
+    def taken(self, act: _Act) -> bool:
+        """Whether the worker has read all of ``act`` off its command pipe."""
+        return self.sent - len(self.outbox) - unread_bytes(self.commands) >= act.wire_end
 
     def __repr__(self) -> str:
         return f"<_Proc {self.index} pid={self.pid} inflight={len(self.inflight)}>"

@@ -34,6 +34,17 @@ loads = pickle.loads
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
+def is_plain(data: Any) -> bool:
+    """A flat dict of str keys and plain values: its pickle always unpickles anywhere."""
+    if type(data) is not dict:
+        return False
+    plain = _PLAIN
+    for key, value in data.items():
+        if type(key) is not str or type(value) not in plain:
+            return False
+    return True
+
+
 def encode(data: Any) -> bytes:
     """Pickle user data for another process.
 
@@ -41,13 +52,8 @@ def encode(data: Any) -> bytes:
     messages) goes through the C pickler; anything else through cloudpickle,
     so classes and functions defined in ``__main__`` arrive by value.
     """
-    if type(data) is dict:
-        plain = _PLAIN
-        for key, value in data.items():
-            if type(key) is not str or type(value) not in plain:
-                break
-        else:
-            return pickle.dumps(data, PROTOCOL)
+    if is_plain(data):
+        return pickle.dumps(data, PROTOCOL)
     return cloudpickle.dumps(data, PROTOCOL)
 
 
@@ -91,12 +97,27 @@ def parse_header(buf: bytes | bytearray | memoryview, start: int, limit: int) ->
     return size, head
 
 
+class CorruptFrameError(FrameError):
+    """Bytes on a result pipe that no worker loop wrote: a bad length, or a body that is not our pickle.
+
+    ``frames`` holds the whole frames read before the corruption, in order.
+    """
+
+    def __init__(self, message: str, frames: list[bytes]) -> None:
+        super().__init__(message)
+        self.frames = frames
+
+
 class FrameReader:
     """Reads ``multiprocessing.connection`` frames from a non-blocking pipe, many per call.
 
     Never blocks: a frame written in pieces (a large result) waits in the
-    buffer until it is whole, so a slow writer cannot stall the reader. A
-    header announcing more than ``limit`` bytes raises :class:`FrameError`.
+    buffer until it is whole, so a slow writer cannot stall the reader. Bytes
+    that cannot be one of our frames (logic wrote on the pipe) raise
+    :class:`CorruptFrameError` as soon as the header is in (a size that is
+    negative or over ``limit``) or two bytes of the body are (every body
+    starts with the pickle header of ``dumps``): a garbage length is never
+    waited for.
     """
 
     __slots__ = ("_buf", "eof", "fd", "limit")
@@ -134,12 +155,22 @@ class FrameReader:
                 break
         frames = []
         start = 0
+        end = len(buf)
         while True:
-            header = parse_header(buf, start, self.limit)
+            try:
+                header = parse_header(buf, start, self.limit)
+            except FrameError as exc:
+                del buf[:]  # nothing after corruption can be trusted to start a frame
+                raise CorruptFrameError(f"bytes that are not a frame ({exc})", frames) from exc
             if header is None:
                 break
             size, head = header
-            if len(buf) - start - head < size:
+            body = end - start - head
+            if size < 2 and body >= size or (
+                    body >= 2 and (buf[start + head] != 0x80 or buf[start + head + 1] != PROTOCOL)):
+                del buf[:]
+                raise CorruptFrameError(f"a frame announcing {size} bytes whose body is not a message", frames)
+            if body < size:
                 break
             frames.append(bytes(buf[start + head : start + head + size]))
             start += head + size
@@ -148,11 +179,15 @@ class FrameReader:
         return frames
 
 
+def frame(data: bytes) -> bytes:
+    """``data`` with its frame header, ready to write."""
+    size = len(data)
+    return (_I.pack(size) if size <= 0x7FFFFFFF else _I.pack(-1) + _Q.pack(size)) + data
+
+
 def write_frame(fd: int, data: bytes) -> None:
     """Write one frame (the ``multiprocessing.connection`` format) to a blocking pipe."""
-    size = len(data)
-    header = _I.pack(size) if size <= 0x7FFFFFFF else _I.pack(-1) + _Q.pack(size)
-    view = memoryview(header + data)
+    view = memoryview(frame(data))
     while view:
         view = view[os.write(fd, view):]
 

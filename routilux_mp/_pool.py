@@ -8,14 +8,19 @@ methods run in the dispatcher thread (the one thread that spawns children, see
   and starts the state server on that socket once the first worker is ready
   (clients that connect earlier wait in the socket's backlog). Nothing waits.
 * Watch: every child's pidfd (its death), result pipe and stdout/stderr pipes
-  sit in one epoll selector; output is forwarded line by line.
+  sit in one epoll selector; output is forwarded line by line (a line longer
+  than ``OUTPUT_CHUNK`` in pieces of that size). Command pipes are written
+  without blocking: what a pipe has no room for waits in the process's outbox
+  until the selector says the pipe has room.
+* Hangs and protocol breaks: see ``_guards``.
 * Replace: a dead worker's first held activation fails with a
   ``WorkerCrashedError`` saying how it died and why that likely happened; the
   rest go back to their queues. Workers that die while starting are respawned
   with a growing delay; after ``MAX_START_FAILURES`` in a row the runtime is
   broken, with their error output in the message.
 * Stop: workers first (stop message, join, SIGTERM, SIGKILL, each group), the
-  state server last.
+  state server last (``_guards`` kills them from the caller's thread if a
+  done-callback keeps the dispatcher from doing it).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from multiprocessing.connection import wait as wait_for
 from typing import Any
@@ -53,6 +59,9 @@ MAX_START_FAILURES = 5
 MAX_RESPAWN_DELAY = 5.0
 #: How often worker RSS is sampled when a memory limit is set.
 MEMORY_SAMPLE_INTERVAL = 0.1
+#: Longest piece of output without a newline the supervisor holds; longer lines are forwarded in
+#: pieces of this size, so a flood without newlines costs no memory.
+OUTPUT_CHUNK = 64 * 1024
 
 #: What a worker's death by each signal most likely means, for the error message.
 _LIKELY_CAUSES = {
@@ -99,8 +108,11 @@ class ProcessPool:
             listener.close()
             raise
         self._state_listener = listener
-        for index in range(self.processes):
-            self._spawn_worker(index)
+        errors = [error for index in range(self.processes) if (error := self._spawn_worker(index))]
+        if len(errors) == self.processes:
+            self._break(RuntimeBrokenError, f"no worker process could be started: {errors[-1]}. Check that "
+                                            f"{sys.executable} runs, and the limits on processes (ulimit -u) "
+                                            "and memory")
         self._add_timer(time.monotonic() + STATE_START_DELAY, "state-start", None)
 
     def _start_state_server(self) -> None:
@@ -134,7 +146,8 @@ class ProcessPool:
             self._state_listener.close()
             self._state_listener = None
 
-    def _spawn_worker(self, index: int) -> None:
+    def _spawn_worker(self, index: int) -> str | None:
+        """Start worker ``index``; the error if no process could be started."""
         cmd_r, cmd_w = os.pipe()
         res_r, res_w = os.pipe()
         try:
@@ -143,8 +156,9 @@ class ProcessPool:
         except OSError as exc:
             for fd in (cmd_r, cmd_w, res_r, res_w):
                 os.close(fd)
-            self._start_failed(index, f"worker {index}: could not start a process: {exc}")
-            return
+            why = f"worker {index}: could not start a process: {type(exc).__name__}: {exc}"
+            self._start_failed(index, why)
+            return why
         os.close(cmd_r)
         os.close(res_w)
         proc = _Proc(index, popen, cmd_w, res_r, _process.open_pidfd(popen.pid), time.monotonic())
@@ -161,12 +175,13 @@ class ProcessPool:
                                self.state_timeout, self.lock_timeout, self.max_worker_rss,
                                self.max_activations_per_process)
         try:
-            write_frame(cmd_w, dumps(config))
+            proc.queue(dumps(config))  # a fresh pipe has room for it
         except OSError:
             proc.broken_pipe = True
         self.procs[index] = proc
         if self.max_worker_rss is not None and index == 0 and not any(t[2] == "memory" for t in self.timers):
             self._add_timer(time.monotonic() + MEMORY_SAMPLE_INTERVAL, "memory", None)
+        return None
 
     def _watch(self, fd: int, kind: str, proc: _Proc | None) -> None:
         self._selector.register(fd, selectors.EVENT_READ, (kind, proc))
@@ -184,16 +199,22 @@ class ProcessPool:
             self._pump_fd(proc, fd, final)
 
     def _pump_fd(self, proc: _Proc, fd: int, final: bool = False) -> None:
-        """Forward the complete lines waiting on one output pipe."""
+        """Forward the complete lines waiting on one output pipe, and a partial line past ``OUTPUT_CHUNK``.
+
+        Reads at most ``OUTPUT_CHUNK`` bytes per call (16 times that when
+        ``final``), so a flood neither grows memory nor starves the dispatcher:
+        the selector calls again while more waits.
+        """
         slot = proc.outputs.get(fd)
         if slot is None:
             return
         stream, partial, pipe = slot
         chunks = []
         eof = False
-        while True:
+        budget = OUTPUT_CHUNK * (16 if final else 1)
+        while budget > 0:
             try:
-                data = os.read(fd, 65536)
+                data = os.read(fd, budget)
             except BlockingIOError:
                 break
             except OSError:
@@ -203,25 +224,34 @@ class ProcessPool:
                 eof = True
                 break
             chunks.append(data)
+            budget -= len(data)
         if chunks:
             buf = partial + b"".join(chunks)
             cut = buf.rfind(b"\n") + 1
+            if len(buf) - cut >= OUTPUT_CHUNK:  # a long line: forward it in pieces, never half a character
+                cut = len(buf)
+                for back in range(1, min(4, len(buf)) + 1):
+                    byte = buf[-back]
+                    if byte & 0xC0 != 0x80:  # the last byte that starts a character
+                        if back < (2 if byte < 0xE0 else 3 if byte < 0xF0 else 4) and byte >= 0xC0:
+                            cut -= back  # not all its bytes are here yet: they go with the next piece
+                        break
             complete, slot[1] = buf[:cut], buf[cut:]
             if complete:
-                text = complete.decode("utf-8", "replace")
-                if stream == "stderr":
-                    proc.stderr_tail.extend(text.splitlines()[-40:])
-                self.output(stream, text)
+                self._forward(proc, stream, complete.decode("utf-8", "replace"))
         if (eof or final) and slot[1]:
             text = slot[1].decode("utf-8", "replace") + "\n"
             slot[1] = b""
-            if stream == "stderr":
-                proc.stderr_tail.append(text.rstrip("\n"))
-            self.output(stream, text)
+            self._forward(proc, stream, text)
         if eof:
             del proc.outputs[fd]
             self._unwatch(fd)
             pipe.close()
+
+    def _forward(self, proc: _Proc, stream: str, text: str) -> None:
+        if stream == "stderr":  # kept (clipped) for the message of a crash
+            proc.stderr_tail.extend(line[:2000] for line in text.splitlines()[-40:])
+        self.output(stream, text)
 
     def _on_death(self, proc: _Proc) -> None:
         self._read_results(proc)
@@ -253,10 +283,10 @@ class ProcessPool:
             return
         if not proc.ready and not planned:
             tail = "\n".join(proc.stderr_tail)
+            how = f"({'signal ' + signame if signame else 'exit code ' + str(exitcode)})"
             self._start_failed(
                 proc.index,
-                f"worker {proc.index} (pid {proc.pid}) exited during start-up "
-                f"({'signal ' + signame if signame else 'exit code ' + str(exitcode)})"
+                (proc.hung or f"worker {proc.index} (pid {proc.pid}) exited during start-up {how}")
                 + (f"; its last error output:\n{tail}" if tail else ""),
             )
         else:
@@ -264,7 +294,7 @@ class ProcessPool:
 
     def _close_proc(self, proc: _Proc) -> None:
         """Release every descriptor of a dead process (unwatched first: fd numbers are reused)."""
-        fds = [proc.results, *proc.outputs]
+        fds = [proc.results, proc.commands, *proc.outputs]
         if proc.pidfd is not None:
             fds.append(proc.pidfd)
         for fd in fds:
@@ -365,10 +395,12 @@ class ProcessPool:
 
     def _stop_children(self) -> None:
         procs = [p for p in self.procs if p is not None]
+        stop = dumps(STOP)
         for proc in procs:
             proc.stopping = True
-            try:
-                write_frame(proc.commands, dumps(STOP))
+            try:  # never blocks: a worker that does not read gets SIGTERM after the grace
+                proc.queue(stop)
+                proc.flush()
             except OSError:
                 pass
         deadline = time.monotonic() + self.stop_grace

@@ -6,27 +6,43 @@ never ``multiprocessing`` spawn), so they do not re-run the user's
 own session and process group, so a terminal's Ctrl-C does not reach it and
 ``killpg`` also stops whatever it started.
 
-Parent death is noticed twice over: a watchdog thread in the child blocks on a
-pipe whose other end only the supervisor holds (EOF -> exit), and
-``PR_SET_PDEATHSIG`` is armed as a second line. The latter fires when the
-*thread* that spawned the child exits, so the runtime spawns every child from
-its dispatcher thread, which lives until shutdown.
+Parent death is noticed twice over. A watchdog thread in the child blocks on a
+pipe whose other end only the supervisor holds (EOF -> exit). The state server
+arms ``PR_SET_PDEATHSIG`` as a second line (it fires when the *thread* that
+spawned the child exits, so the runtime spawns every child from its dispatcher
+thread, which lives until shutdown). A worker must take its whole process group
+with it (whatever logic started), which a kernel SIGKILL of the worker alone
+would prevent, so its second line is a *group guard*: a tiny process forked from
+the worker before it runs any logic, blocked on the same pipe. Either one that
+sees EOF first removes the runtime's socket directory and kills the worker's
+descendants and group (the guard is in the group; it dies with it, or with the
+worker through its own ``PR_SET_PDEATHSIG``). The guard runs even while logic
+holds the GIL in C code, where no thread of the worker could. (Workers are not
+made ``PR_SET_CHILD_SUBREAPER``: orphans of daemonizing logic would then stay
+zombies of the worker until it exits, and reaping them could steal the exit
+status of children logic waits for.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 #: Exit code of a child that noticed its supervisor died.
 EXIT_PARENT_GONE = 70
+#: Prefix of the runtime's private temporary directory (it holds the state server's socket).
+SOCKET_DIR_PREFIX = "routilux-mp-"
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
@@ -136,6 +152,16 @@ def stop_process(
     return popen.returncode
 
 
+def unread_bytes(fd: int) -> int:
+    """Bytes written to a pipe (either end) that its reader has not read yet; 0 when unknown."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+    except OSError:
+        return 0
+    return int.from_bytes(buf, sys.byteorder, signed=True)
+
+
 def describe_exit(returncode: int | None) -> tuple[int | None, str | None]:
     """``(exitcode, signal_name)`` of a finished child."""
     if returncode is None:
@@ -167,25 +193,93 @@ def arm_parent_death(parent_pid: int) -> None:
         os._exit(EXIT_PARENT_GONE)
 
 
-def watch_for_eof(fd: int, name: str, exit_code: int = EXIT_PARENT_GONE) -> threading.Thread:
-    """Exit this process (``os._exit``) as soon as ``fd`` reads EOF: the supervisor is gone."""
+def exit_if_orphaned(parent_pid: int) -> None:
+    """Exit now if the supervisor died before this process got going."""
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_PARENT_GONE)
+
+
+def _wait_eof(fd: int) -> None:
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            return
+        if not data:
+            return
+
+
+def watch_for_eof(fd: int, name: str, exit_code: int = EXIT_PARENT_GONE,
+                  on_eof: Callable[[], None] | None = None) -> threading.Thread:
+    """Exit this process (``os._exit``) as soon as ``fd`` reads EOF: the supervisor is gone.
+
+    ``on_eof`` runs first (a worker kills its process group there).
+    """
 
     def watch() -> None:
-        while True:
-            try:
-                data = os.read(fd, 4096)
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                data = b""
-            if not data:
-                os._exit(exit_code)
+        _wait_eof(fd)
+        if on_eof is not None:
+            on_eof()
+        os._exit(exit_code)
 
     thread = threading.Thread(target=watch, name=name, daemon=True)
     thread.start()
     return thread
+
+
+def kill_group_tree(cleanup_dir: str | None) -> None:
+    """The supervisor is gone: remove its socket directory, kill this worker's descendants and group.
+
+    Runs in the worker (pgid = its pid, it leads its session) or in its group
+    guard. Descendants are killed one by one first because logic may have
+    started some in a session of their own; ``killpg`` then takes the rest,
+    the caller included.
+    """
+    if cleanup_dir and os.path.basename(cleanup_dir).startswith(SOCKET_DIR_PREFIX):
+        shutil.rmtree(cleanup_dir, ignore_errors=True)
+    group = os.getpgrp()
+    # Best effort (psutil may fail in any way here): the group kill below is what must happen.
+    with contextlib.suppress(Exception):
+        import psutil
+
+        for child in psutil.Process(group).children(recursive=True):
+            if child.pid != os.getpid():
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+    os.killpg(group, signal.SIGKILL)
+
+
+def start_group_guard(life_fd: int, name: str, cleanup_dir: str | None) -> int | None:
+    """Fork this worker's group guard (see the module docstring); its pid, or None if fork failed.
+
+    Call it before any thread starts: the child of a multi-threaded fork may
+    deadlock. The guard keeps only ``life_fd``, so it never holds the
+    worker's pipes open.
+    """
+    leader = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        return None
+    if pid:
+        return pid
+    try:
+        libc = _libc()
+        if libc is not None:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the worker ended normally: so do we
+        if os.getppid() != leader:
+            os._exit(0)
+        set_process_name(name)
+        os.closerange(0, life_fd)
+        os.closerange(life_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        _wait_eof(life_fd)
+        kill_group_tree(cleanup_dir)
+    finally:
+        os._exit(EXIT_PARENT_GONE)
 
 
 def monotonic() -> float:

@@ -21,11 +21,13 @@
 * ``post()`` (any thread) queues an item, runs the routine's policy and hands
   activations to processes, all under one lock.
 * The dispatcher thread blocks on every result pipe, every process's pidfd
-  (its death), every stdout/stderr pipe, a wake-up pipe and the state
-  server's pidfd; it never polls with sleeps. It forwards output lines, routes
-  results, notices deaths, fires timers (retries, timeouts, interval
-  policies, kill escalation, respawns) and spawns every child process, so the
-  children's ``PR_SET_PDEATHSIG`` is tied to a thread that lives until shutdown.
+  (its death), every stdout/stderr pipe, the command pipes that have bytes
+  waiting for room, a wake-up pipe and the state server's pidfd; it never
+  polls with sleeps, and never blocks on a pipe (see ``_guards``). It
+  forwards output lines, routes results, notices deaths, fires timers
+  (retries, timeouts, interval policies, kill escalation, respawns, hang
+  checks) and spawns every child process, so the children's
+  ``PR_SET_PDEATHSIG`` is tied to a thread that lives until shutdown.
 * The ledger entry of an activation (which process holds it, for which jobs,
   which attempt) is written before it is sent. A process holds its
   activations in order, so when it dies the first one still held is the one
@@ -52,9 +54,10 @@ from typing import Any
 
 import cloudpickle
 
-from . import _process
+from . import _context, _process
+from ._guards import Guards, run_callbacks
 from ._ledger import _Act, _Entry, _Instance, _Proc, _RoutineRt
-from ._messages import FrameError, _Activation, _Exiting, _LoadFlow, _Ready, _Result, dumps, encode, loads, write_frame
+from ._messages import CorruptFrameError, _Activation, _Exiting, _LoadFlow, _Ready, _Result, dumps, encode, loads
 from ._pool import MEMORY_SAMPLE_INTERVAL, STATE_STOP_TIMEOUT, TERM_GRACE, ProcessPool, _error
 from .activation_policies import IMMEDIATE_MESSAGE
 from .error_handling import ErrorStrategy
@@ -66,7 +69,6 @@ from .errors import (
     RuntimeClosedError,
     SerializationError,
     StateServerLostError,
-    WorkerCrashedError,
 )
 from .job import JobContext
 from .state import StatePusher, _StoreClient
@@ -92,7 +94,7 @@ def _default_output(stream: str, text: str) -> None:
         pass
 
 
-class Supervisor(ProcessPool):
+class Supervisor(ProcessPool, Guards):
     """All mutable runtime state, guarded by ``self.lock``; see the module docstring."""
 
     def __init__(
@@ -149,6 +151,10 @@ class Supervisor(ProcessPool):
         self.stop_requested = False
         self.stop_grace = TERM_GRACE
         self.start_failures = 0
+        #: When the done-callback running now on the dispatcher thread began (None: none runs).
+        self.callback_since: float | None = None
+        #: Processes with bytes waiting in their outbox, whose pipes the dispatcher must watch for room.
+        self.want_write: set[_Proc] = set()
 
         self._seq = itertools.count(1)
         self._act_ids = itertools.count(1)
@@ -163,7 +169,7 @@ class Supervisor(ProcessPool):
         # so they see EOF the moment the supervisor dies, however it dies.
         self._life_r, self._life_w = os.pipe()
         self._counts_timer = False
-        self._tmpdir = tempfile.mkdtemp(prefix="routilux-mp-")
+        self._tmpdir = tempfile.mkdtemp(prefix=_process.SOCKET_DIR_PREFIX)
         self.state_address = os.path.join(self._tmpdir, "state.sock")
         self._authkey = os.urandom(32)
         self.client = _StoreClient(self.state_address, self._authkey, state_timeout, lock_timeout)
@@ -198,8 +204,13 @@ class Supervisor(ProcessPool):
     # ------------------------------------------------------------------ start-up
 
     def _main(self) -> None:
+        _context.mark_dispatcher()
         try:
-            self._start()
+            with self.lock:
+                self._start()
+                if self.broken is not None:
+                    cls, message = self.broken
+                    raise cls(message)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller of Runtime()
             self._start_error = exc
             self._started.set()
@@ -243,6 +254,8 @@ class Supervisor(ProcessPool):
                 for kind, proc in ready:
                     if kind == "results" and self.procs[proc.index] is proc:
                         self._read_results(proc)
+                    elif kind == "commands" and self.procs[proc.index] is proc:
+                        self._write_commands(proc)
                     elif kind == "state":
                         self._state_died()
                 for kind, proc in ready:
@@ -252,6 +265,7 @@ class Supervisor(ProcessPool):
                     self._state_lost(self.client.lost)
                 self._run_timers()
                 self._dispatch()
+                self._watch_writers()
                 if self.count_deltas and not self._counts_timer:
                     self._counts_timer = True
                     self._add_timer(time.monotonic() + COUNTS_FLUSH_INTERVAL, "counts", None)
@@ -261,16 +275,15 @@ class Supervisor(ProcessPool):
                 self._run_callback(callback)
 
     def _run_callback(self, callback: Callable[[], Any]) -> None:
+        self.callback_since = time.monotonic()
         try:
-            callback()
-        except Exception:
-            logger.exception("a job done-callback raised")
+            run_callbacks([callback])
+        finally:
+            self.callback_since = None
 
     def take_callbacks(self) -> list[Callable[[], Any]]:
         callbacks, self.callbacks = self.callbacks, []
         return callbacks
-
-    # ------------------------------------------------------------------ output
 
     # ------------------------------------------------------------------ results
 
@@ -278,15 +291,23 @@ class Supervisor(ProcessPool):
         if proc.results_closed:
             return
         reader = proc.reader
+        if proc.hung is not None:  # killed: what it still says is not to be trusted
+            self._drain(proc)
+            return
+        corrupt = None
         try:
             frames = reader.read()
-        except FrameError as exc:
-            self._corrupt_results(proc, exc)
-            return
+        except CorruptFrameError as exc:
+            frames, corrupt = exc.frames, str(exc)
         for frame in frames:
-            message = loads(frame)
+            try:
+                message = loads(frame)
+            except Exception as exc:  # noqa: BLE001 - bytes logic wrote on the pipe may fail in any way
+                corrupt = f"a message that cannot be unpickled ({type(exc).__name__}: {exc})"
+                break
             if isinstance(message, _Result):
-                self._on_result(proc, message)
+                if not self._on_result(proc, message):
+                    return
             elif isinstance(message, _Ready):
                 proc.ready = True
                 self.start_failures = 0
@@ -297,23 +318,17 @@ class Supervisor(ProcessPool):
                 # It ran everything up to here; the rest was never started.
                 self._requeue(proc, list(proc.inflight))
                 proc.inflight.clear()
+            else:
+                corrupt = f"an unexpected message ({type(message).__name__})"
+                break
+        if corrupt is not None:
+            self._protocol_broken(proc, f"sent {corrupt} on its result pipe")
+            return
         if reader.eof:
             proc.results_closed = True
             self._unwatch(reader.fd)
             if proc.pidfd is None:  # no pidfd on this system: EOF is how death shows
                 self._on_death(proc)
-
-    def _corrupt_results(self, proc: _Proc, exc: FrameError) -> None:
-        """``proc`` wrote bytes outside the protocol on its result pipe: it is killed and replaced."""
-        proc.results_closed = True
-        self._unwatch(proc.reader.fd)
-        why = (f"worker {proc.index} (pid {proc.pid}) wrote bytes outside the worker protocol on its result "
-               f"pipe ({exc}); logic must not write to the worker's own pipes. It was killed and replaced")
-        logger.error("routilux-mp: %s", why)
-        if proc.inflight and not proc.inflight[0].resolved:
-            self._kill_activation(proc.inflight[0], WorkerCrashedError, why, signal.SIGKILL)
-        else:
-            _process.signal_group(proc.pid, signal.SIGKILL)
 
     def _requeue(self, proc: _Proc, acts: list[_Act]) -> None:
         for act in reversed(acts):
@@ -332,11 +347,15 @@ class Supervisor(ProcessPool):
         if act.rt.timeout is not None:
             act.deadline = now + act.rt.timeout
             self._add_timer(act.deadline, "deadline", act)
+        assert act.proc is not None
+        self._watch_take(act.proc)
 
-    def _on_result(self, proc: _Proc, res: _Result) -> None:
-        if not proc.inflight:
-            logger.error("worker %d sent a result nobody waits for: %r", proc.index, res)
-            return
+    def _on_result(self, proc: _Proc, res: _Result) -> bool:
+        """Apply one result; False if it broke the protocol (the process is then killed)."""
+        if not proc.inflight or proc.inflight[0].act_id != res.act_id:
+            held = f"activation #{proc.inflight[0].act_id}" if proc.inflight else "no activation"
+            self._protocol_broken(proc, f"sent a result for activation #{res.act_id} while it held {held}")
+            return False
         act = proc.inflight.popleft()
         now = time.monotonic()
         self.inflight -= 1
@@ -348,24 +367,27 @@ class Supervisor(ProcessPool):
         if rt.ready:
             self.runnable.add(rt)
         if act.resolved:  # it timed out or was killed: its outcome is already decided
-            return
-        if act.act_id != res.act_id:
-            logger.error("result %r does not match the activation held first (%r)", res, act)
+            return True
         stats = rt.stats
         stats.activations += 1
         stats.busy_seconds += res.seconds
         stats.latencies.append(now - act.created)
         if res.error is None:
             lead = act.lead_job()
+            error = None
             if lead is not None:
-                self._apply_job_changes(lead, act, res)
-                self._route(act, lead, res.emits)
-            self._release(act)
+                error = self._route(act, lead, res.emits, res)
+            if error is None:
+                self._release(act)
+            else:
+                stats.errors += 1
+                self._on_failure(act, error)
         else:
             stats.errors += 1
             if res.error.get("type") == "routilux_mp.errors.StateServerLostError":
                 self._state_lost(res.error.get("message", "the state server stopped answering"))
             self._on_failure(act, res.error, res)
+        return True
 
     def _apply_job_changes(self, job: JobContext, act: _Act, res: _Result) -> None:
         job.attempts = max(job.attempts, act.attempt)
@@ -378,12 +400,28 @@ class Supervisor(ProcessPool):
             job.traces.extend(res.traces)
             del job.traces[: max(0, len(job.traces) - 1000)]
 
-    def _route(self, act: _Act, lead: JobContext, emits: list[tuple[str, bytes]]) -> None:
+    def _route(self, act: _Act, lead: JobContext, emits: list[tuple[str, bytes]], res: _Result) -> dict | None:
+        """Apply a result's job changes and route its emits; an error (as data) if an output is unreadable.
+
+        Outputs are decoded first, so an output the supervisor cannot unpickle
+        fails this activation only, before anything of it is applied.
+        """
+        outputs = {}
+        for i, (event, blob) in enumerate(emits):
+            if not act.rt.targets.get(event):
+                try:
+                    outputs[i] = loads(blob)
+                except Exception as exc:  # noqa: BLE001 - unpickling runs the data's own code
+                    return _error(SerializationError,
+                                  f"an output of emit({event!r}) from routine {act.rt.rid!r} cannot be unpickled "
+                                  f"in the supervisor ({type(exc).__name__}: {exc}); emit plain values",
+                                  routine=act.rt.rid)
+        self._apply_job_changes(lead, act, res)
         dirty: list[_RoutineRt] = []
-        for event, blob in emits:
+        for i, (event, blob) in enumerate(emits):
             targets = act.rt.targets.get(event)
             if not targets:
-                self._add_output(lead, act.rt.rid, event, blob)
+                self._add_output(lead, act.rt.rid, event, outputs[i])
                 continue
             for target, slot in targets:
                 lead._refs += 1  # type: ignore[attr-defined]
@@ -392,9 +430,10 @@ class Supervisor(ProcessPool):
                     dirty.append(target)
         for target in dirty:
             self.evaluate(target)
+        return None
 
-    def _add_output(self, job: JobContext, rid: str, event: str, blob: bytes) -> None:
-        job.outputs.append({"routine": rid, "event": event, "data": loads(blob)})
+    def _add_output(self, job: JobContext, rid: str, event: str, data: Any) -> None:
+        job.outputs.append({"routine": rid, "event": event, "data": data})
         if len(job.outputs) > self.max_outputs_per_job:
             del job.outputs[0]
             job.outputs_dropped += 1
@@ -438,9 +477,8 @@ class Supervisor(ProcessPool):
         if strategy is ErrorStrategy.CONTINUE:
             lead.error = error
             lead.trace(rt.rid, "error", {"error": error["type"], "message": error["message"][:500]})
-            if res is not None:
-                self._apply_job_changes(lead, act, res)
-                self._route(act, lead, res.emits)
+            if res is not None and self._route(act, lead, res.emits, res) is not None:
+                lead.trace(rt.rid, "outputs dropped", "an output of the failed activation cannot be unpickled")
         elif strategy is ErrorStrategy.SKIP:
             lead.trace(rt.rid, "skipped", {"error": error["type"], "message": error["message"][:500]})
         else:
@@ -583,6 +621,10 @@ class Supervisor(ProcessPool):
                 act = payload
                 proc = act.proc
                 if proc is not None and proc.inflight and proc.inflight[0] is act and not act.resolved:
+                    if not proc.taken(act):  # it has not started: its clock starts later (a hang is TAKE_TIMEOUT's)
+                        act.deadline = now + act.rt.timeout
+                        self._add_timer(act.deadline, "deadline", act)
+                        continue
                     self._kill_activation(
                         act, ActivationTimeoutError,
                         f"routine {act.rt.rid!r} ran longer than its timeout of {act.rt.timeout:g}s "
@@ -594,6 +636,8 @@ class Supervisor(ProcessPool):
                     _process.signal_group(payload.pid, signal.SIGKILL)
             elif kind == "respawn":
                 self._respawn(payload)
+            elif kind == "take":
+                self._check_taken(payload)
             elif kind == "state-start":
                 self._start_state_server()
             elif kind == "counts":
@@ -722,8 +766,9 @@ class Supervisor(ProcessPool):
         """An idle process if any, else one that may take a prefetched activation."""
         best = None
         for proc in self.procs:
-            if proc is None or proc.exiting is not None or proc.stopping or proc.broken_pipe or proc in full:
-                continue
+            if (proc is None or proc.exiting is not None or proc.hung is not None or proc.stopping
+                    or proc.broken_pipe or proc in full or (proc.outbox and proc.inflight)):
+                continue  # (a process with bytes waiting in its outbox is not reading now)
             n = len(proc.inflight)
             if n == 0 and proc.ready:
                 return proc
@@ -788,15 +833,22 @@ class Supervisor(ProcessPool):
             if queued + size > PIPE_SAFE_BYTES:
                 return False
         try:
+            # Never blocks: what the pipe has no room for waits in the process's outbox,
+            # written by the dispatcher as the worker reads (a stopped worker hangs nothing).
             if load is not None:
-                write_frame(proc.commands, load)
+                proc.queue(load)
                 proc.loaded.add(inst.flow_key)
-            write_frame(proc.commands, payload)
+            proc.queue(payload)
         except OSError:  # the process is dying; its death is handled when the pidfd fires
             proc.broken_pipe = True
             rt.ready.appendleft(act)
             self.runnable.add(rt)
             return True
+        if proc.outbox:
+            self.want_write.add(proc)
+            if threading.current_thread() is not self.thread:
+                self.wake()
+        act.wire_end = proc.sent
         act.wire_size = size
         act.proc = proc
         proc.inflight.append(act)
@@ -920,6 +972,8 @@ class Supervisor(ProcessPool):
             self.cond.notify_all()
 
     def _take_snapshot(self) -> None:
+        if self.client.snapshot is not None:  # taken already (by shutdown() while this thread was stuck)
+            return
         self.flush_counts()
         started = self.state_popen is not None
         if not started:

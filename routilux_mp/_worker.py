@@ -5,12 +5,17 @@ that never imports the user's ``__main__``; flows arrive by value
 (cloudpickle) the first time this process runs one of their activations.
 
 The main thread reads the command pipe and runs logic; EOF on that pipe means
-the supervisor is gone. A watchdog thread blocks on a second pipe that only
-the supervisor holds open, so the process also exits while logic runs if the
-supervisor dies. (The supervisor never queues more on a busy worker than the
-pipe holds, so its writes do not block.)
+the supervisor is gone. A watchdog thread and a group guard process (see
+``_process``) block on a second pipe that only the supervisor holds open, so
+the worker's whole process group goes, and the runtime's socket directory with
+it, while logic runs if the supervisor dies.
 Anything logic raises, ``SystemExit`` and ``KeyboardInterrupt`` included, fails
 that activation only and is reported as data.
+
+Only this process speaks the protocol: a child that logic forks and that
+returns into this loop exits instead (``os._exit``), and nothing it emits is
+taken. A worker whose stdin/stdout/stderr logic closed or replaced is recycled
+after that activation, so later activations never print into a reused fd.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from ._messages import (
     _WorkerConfig,
     dumps,
     encode,
+    is_plain,
     loads,
     read_frame,
     write_frame,
@@ -93,13 +99,16 @@ def _rss() -> int:
 class _ActivationContext:
     """What ``emit`` and ``get_current_job`` see while an activation runs."""
 
-    __slots__ = ("emits", "job", "routine", "routine_id")
+    __slots__ = ("earlier", "emits", "job", "routine", "routine_id", "thread")
 
     def __init__(self, routine: Any, routine_id: str, job: JobContext) -> None:
         self.routine = routine
         self.routine_id = routine_id
         self.job = job
         self.emits: list[tuple[str, bytes]] = []
+        #: Set by ``_context.set_current``: the activation's thread, and the threads alive before it.
+        self.thread: Any = None
+        self.earlier: frozenset = frozenset()
 
     def emit(self, routine: Any, event: str, data: dict) -> None:
         if routine is not self.routine:
@@ -114,6 +123,17 @@ class _ActivationContext:
                 f"emit({event!r}) from routine {self.routine_id!r}: the data cannot be pickled "
                 f"({type(exc).__name__}: {exc}); emit only picklable values"
             ) from exc
+        if not is_plain(data):
+            # An object that pickles but does not unpickle (an exception whose __init__
+            # wants other arguments) would fail wherever it lands: fail this emit instead.
+            try:
+                loads(blob)
+            except Exception as exc:
+                raise SerializationError(
+                    f"emit({event!r}) from routine {self.routine_id!r}: the data cannot be unpickled "
+                    f"({type(exc).__name__}: {exc}); emit plain values (e.g. an exception's type and "
+                    "message as strings)"
+                ) from exc
         self.emits.append((event, blob))
 
 
@@ -127,8 +147,12 @@ class _Worker:
         self.flows: dict[int, Any] = {}
         self.states: dict[str, WorkerState] = {}
         self.activations = 0
+        self.pid = os.getpid()
+        self.std_fds = _std_fds()
 
     def send(self, message: Any) -> None:
+        if os.getpid() != self.pid:
+            _forked_child_exit(1)
         write_frame(self.results, dumps(message))
 
     def step(self, message: Any) -> str | None:
@@ -155,6 +179,11 @@ class _Worker:
 
     def recycle_reason(self) -> str | None:
         cfg = self.config
+        fds = _std_fds()
+        if fds != self.std_fds:
+            changed = [name for name, a, b in zip(("stdin", "stdout", "stderr"), self.std_fds, fds, strict=True)
+                       if a != b]
+            return f"recycled: logic closed or replaced its {' and '.join(changed)}"
         if cfg.max_activations is not None and self.activations >= cfg.max_activations:
             return f"recycled after {self.activations} activations (max_activations_per_process)"
         if cfg.max_rss is not None:
@@ -192,6 +221,8 @@ class _Worker:
             error = describe_exception(exc, act.routine_id)
         finally:
             _context.set_current(None)
+        if os.getpid() != self.pid:  # a child that logic forked came back here: it must not go on
+            _forked_child_exit(0 if error is None else 1)
         seconds = time.perf_counter() - started
         data_set, data_deleted = None, None
         if job.data != before:
@@ -214,11 +245,34 @@ class _Worker:
         return result
 
 
+def _std_fds() -> tuple:
+    """What fds 0, 1 and 2 are now (device and inode, or None when closed)."""
+    found = []
+    for fd in (0, 1, 2):
+        try:
+            st = os.fstat(fd)
+            found.append((st.st_dev, st.st_ino))
+        except OSError:
+            found.append(None)
+    return tuple(found)
+
+
+def _forked_child_exit(code: int) -> None:
+    """End a child that logic forked and that came back into the worker loop."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"routilux-mp: process {os.getpid()}, forked by logic, returned into the worker loop; "
+                         "it exits (a forked child must end with os._exit())\n")
+        sys.stderr.flush()
+    os._exit(code)
+
+
 def run_worker(commands: int, results: int, life_fd: int, config: _WorkerConfig) -> None:
     """Serve activations until told to stop (or the supervisor disappears)."""
-    _process.arm_parent_death(config.parent_pid)
-    _process.watch_for_eof(life_fd, "routilux-mp parent watchdog")
+    cleanup_dir = os.path.dirname(config.state_address)
+    _process.watch_for_eof(life_fd, "routilux-mp parent watchdog",
+                           on_eof=lambda: _process.kill_group_tree(cleanup_dir))
     _process.set_process_name(f"rmp-worker-{config.index}")
+    _context.enter_worker()
     sys.path[:] = config.sys_path
     faulthandler.enable()
     if hasattr(sys.stdout, "reconfigure"):
@@ -229,7 +283,8 @@ def run_worker(commands: int, results: int, life_fd: int, config: _WorkerConfig)
     while reason is None:
         try:
             raw = read_frame(commands)
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # only the supervisor's end of this pipe is gone: so is the supervisor
+            _process.kill_group_tree(cleanup_dir)
             os._exit(_process.EXIT_PARENT_GONE)
         reason = worker.step(loads(raw))
     close_resources()
@@ -248,6 +303,9 @@ def main() -> None:
         config = loads(read_frame(commands))
     except (EOFError, OSError):
         os._exit(_process.EXIT_PARENT_GONE)
+    _process.exit_if_orphaned(config.parent_pid)
+    # Before any thread starts (forking a threaded process is unsafe).
+    _process.start_group_guard(life_fd, f"rmp-guard-{config.index}", os.path.dirname(config.state_address))
     run_worker(commands, results, life_fd, config)
 
 

@@ -48,7 +48,7 @@ from ._cli_output import check_files, open_output
 from ._cli_run import BatchRun, RunSinks
 from .errors import RoutiluxError
 from .monitoring.flow_registry import FlowRegistry
-from .runtime import Runtime
+from .runtime import MAX_PROCESSES_PER_CPU, Runtime
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -62,10 +62,6 @@ __all__ = [
 #: Finished jobs the runtime keeps for ``get_job()``. The CLI never looks them up: it keeps
 #: fewer than the runtime's default (10,000, with their outputs) to keep memory low.
 LEDGER_FINISHED_JOBS = 1000
-#: ``--processes`` above this many per usable CPU is refused: that many processes only compete
-#: for the same cores (and thousands of forks can exhaust the machine); I/O-bound logic rarely
-#: gains past a few dozen per core.
-MAX_PROCESSES_PER_CPU = 64
 #: The smallest ``--max-worker-rss``: an idle worker process alone takes about 16-20 MiB, so a
 #: lower limit would recycle (or kill) every worker after every activation.
 MIN_WORKER_RSS = 32 * 2**20

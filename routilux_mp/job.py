@@ -169,6 +169,12 @@ class JobContext:
             raise RoutiluxError(
                 "job.wait() cannot be called inside logic: the job includes the running activation"
             )
+        if _context.on_dispatcher():
+            raise RoutiluxError(
+                f"job.wait() on job {self.job_id!r} was called from a job done-callback: callbacks run in the "
+                "runtime's dispatcher thread, the thread that finishes jobs, so it would wait forever. "
+                "Use add_done_callback() on that job, or wait from another thread"
+            )
         with _finish_lock:
             if self.status in TERMINAL:
                 return True

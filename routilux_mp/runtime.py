@@ -20,6 +20,7 @@ import copy
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from . import _jsonvalue
 from ._ledger import _Instance, _RoutineRt, percentile
 from ._messages import encode
 from ._pool import _error
-from ._supervisor import TERM_GRACE, Supervisor
+from ._supervisor import TERM_GRACE, Supervisor, run_callbacks
 from .activation_policies import ImmediatePolicy
 from .error_handling import ErrorHandler
 from .errors import FlowError, RoutiluxError, SerializationError, SlotQueueFullError, WorkerNotRunningError
@@ -46,8 +47,14 @@ __all__ = ["Runtime"]
 
 logger = logging.getLogger("routilux_mp.runtime")
 
-#: Seconds ``shutdown()`` waits for the dispatcher to finish stopping processes.
-SHUTDOWN_JOIN_TIMEOUT = 60.0
+#: Seconds ``shutdown()`` gives the dispatcher to stop every process (its own escalation takes a few
+#: seconds, more when the state server hangs) before it kills them all from the calling thread.
+SHUTDOWN_JOIN_TIMEOUT = 30.0
+#: Most worker processes per CPU this process may use. Each worker is a Python interpreter (about
+#: 17 MB) competing for those CPUs: past a few per CPU, CPU-bound work only gets slower, and
+#: thousands of processes exhaust memory and the process table. I/O-bound logic that needs more
+#: concurrency than this should use threads or asyncio inside its logic.
+MAX_PROCESSES_PER_CPU = 32
 
 _live: set[Runtime] = set()
 _live_lock = threading.Lock()
@@ -117,6 +124,14 @@ class Runtime:
             count = _cpu_count()
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"processes must be a positive int, got {count!r}")
+        cpus = _cpu_count()
+        if count > MAX_PROCESSES_PER_CPU * cpus:
+            raise ValueError(
+                f"processes={count} is more than {MAX_PROCESSES_PER_CPU} per CPU ({MAX_PROCESSES_PER_CPU * cpus} "
+                f"on the {cpus} CPUs this process may use): each worker is a Python interpreter competing for "
+                "those CPUs and memory. Use fewer processes; for I/O-bound logic, use threads or asyncio inside "
+                "the logic"
+            )
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if max_worker_rss is not None and kill_worker_rss is None:
@@ -275,6 +290,10 @@ class Runtime:
             metadata = _jsonvalue.normalize(metadata, root="metadata")[0]
         if job_id is not None and (not isinstance(job_id, str) or not job_id):
             raise TypeError(f"job_id must be a non-empty string, got {job_id!r}")
+        try:  # before anything is created (a worker on demand)
+            blob = encode(data)
+        except Exception as exc:
+            raise SerializationError(f"post() data cannot be pickled: {type(exc).__name__}: {exc}") from exc
         inst = self._resolve_worker(flow_name, worker_id)
         if inst is None:
             self.exec(flow_name)
@@ -282,10 +301,6 @@ class Runtime:
             assert inst is not None
         if inst.flow is not flow:
             inst.flow.check_slot(routine_id, slot_name)
-        try:
-            blob = encode(data)
-        except Exception as exc:
-            raise SerializationError(f"post() data cannot be pickled: {type(exc).__name__}: {exc}") from exc
         deadline = None if timeout is None else time.monotonic() + timeout
         with sup.lock:
             sup.check_usable()
@@ -301,8 +316,7 @@ class Runtime:
             callbacks = sup.take_callbacks()
             if callbacks:
                 sup.cond.notify_all()
-        for callback in callbacks:
-            callback()
+        run_callbacks(callbacks)
         return inst.ws, job
 
     def _wait_for_room(self, rt: _RoutineRt, queue: Any, block: bool, deadline: float | None) -> None:
@@ -391,8 +405,7 @@ class Runtime:
                     break
                 sup.cond.wait(remaining)
             callbacks = sup.take_callbacks()
-        for callback in callbacks:
-            callback()
+        run_callbacks(callbacks)
         return result
 
     def flush(self, flow_name: str | None = None) -> None:
@@ -405,8 +418,7 @@ class Runtime:
             insts = [i for i in sup.instances.values() if flow_name is None or i.flow_name == flow_name]
             sup.flush(insts)
             callbacks = sup.take_callbacks()
-        for callback in callbacks:
-            callback()
+        run_callbacks(callbacks)
 
     # ------------------------------------------------------------------ jobs and stats
 
@@ -449,8 +461,7 @@ class Runtime:
                 details = _error(RoutiluxError, str(error), routine=None)
             sup.end_job(job, status, details)
             callbacks = sup.take_callbacks()
-        for callback in callbacks:
-            callback()
+        run_callbacks(callbacks)
         return True
 
     def stats(self) -> dict:
@@ -529,31 +540,48 @@ class Runtime:
 
         Calling it again while a call is waiting (say from a second Ctrl-C
         handler, in another thread) is safe: the new call skips the wait and
-        stops everything now; both return once every process is gone.
+        stops everything now; both return once every process is gone. A
+        KeyboardInterrupt during the wait stops everything at once, then
+        propagates.
+
+        It always returns, within ``timeout`` plus the time to stop processes:
+        if a done-callback keeps the dispatcher thread busy, the processes are
+        killed from this thread after a short grace.
         """
         sup = self._sup
         if threading.current_thread() is sup.thread:
             # From a job done-callback: the dispatcher stops once the callback returns.
             sup.request_stop(grace=TERM_GRACE)
             return
+        interrupt = None
         if sup.thread.is_alive():
             with sup.lock:
                 already = sup.closed
                 sup.closed = True
-            if cancel_pending:
-                with sup.lock:
-                    sup.cancel_pending()
-                    callbacks = sup.take_callbacks()
-                for callback in callbacks:
-                    callback()
-            if wait and not already:
-                self.wait_until_all_jobs_finished(timeout)
+            try:
+                if cancel_pending:
+                    with sup.lock:
+                        sup.cancel_pending()
+                        callbacks = sup.take_callbacks()
+                    run_callbacks(callbacks)
+                if wait and not already:
+                    self.wait_until_all_jobs_finished(timeout)
+            except KeyboardInterrupt as exc:  # Ctrl-C while waiting: stop now, then let it propagate
+                interrupt = exc
             sup.request_stop(grace=TERM_GRACE)
-            sup.thread.join(SHUTDOWN_JOIN_TIMEOUT)
-            if sup.thread.is_alive():
-                logger.error("the routilux-mp dispatcher did not stop within %ss", SHUTDOWN_JOIN_TIMEOUT)
+            sup.join_or_kill(SHUTDOWN_JOIN_TIMEOUT)
         with _live_lock:
             _live.discard(self)
+        if interrupt is not None:
+            raise interrupt
+
+
+def _died_of_ctrl_c() -> bool:
+    """Whether the interpreter exits because a script did not catch a KeyboardInterrupt."""
+    last = getattr(sys, "last_exc", None)  # Python >= 3.12
+    last_type = type(last) if last is not None else getattr(sys, "last_type", None)
+    # (In an interactive session, last_type is whatever the user last saw fail.)
+    return last_type is not None and issubclass(last_type, KeyboardInterrupt) and not hasattr(sys, "ps1")
 
 
 def _runtime_of(worker_state: WorkerState) -> Runtime | None:
@@ -568,12 +596,20 @@ def _runtime_of(worker_state: WorkerState) -> Runtime | None:
 
 
 def _shutdown_all() -> None:
-    """At interpreter exit: finish and stop every runtime that was not shut down."""
+    """At interpreter exit: stop every runtime that was not shut down.
+
+    Queued work is finished first, unless the script dies of Ctrl-C: then it
+    is cancelled and running activations get the short grace of
+    ``shutdown(wait=False)``, as when leaving a ``with`` block by Ctrl-C.
+    """
     with _live_lock:
         runtimes = list(_live)
+    interrupted = _died_of_ctrl_c()
     for runtime in runtimes:
         try:
-            runtime.shutdown(wait=True)
+            runtime.shutdown(wait=not interrupted)
+        except KeyboardInterrupt:  # Ctrl-C while the exit waits: the runtime stopped; stop the others now
+            interrupted = True
         except BaseException:
             logger.exception("stopping a routilux-mp runtime at exit failed")
 

@@ -42,6 +42,7 @@ from routilux_mp import cli as cli_module
 from routilux_mp._cli_exit import usable_cpus
 from routilux_mp._cli_run import MAX_UNWRITTEN_JOBS
 from routilux_mp._cli_ui import ETA_MIN_JOBS, ETA_MIN_SECONDS, Tally, bottleneck_hint
+from routilux_mp.runtime import MAX_PROCESSES_PER_CPU
 
 
 @pytest.fixture
@@ -228,16 +229,16 @@ def test_max_worker_rss_sizes(text, expected, capsys) -> None:
         assert re.search(expected, capsys.readouterr().err)
 
 
-def test_processes_beyond_64_per_cpu_are_a_usage_error(flow_file, python_env) -> None:
+def test_processes_beyond_the_cap_per_cpu_are_a_usage_error(flow_file, python_env) -> None:
     cpus = usable_cpus()
     parser = cli_module.build_parser()
-    assert parser.parse_args(["run", "x.py", "--processes", str(64 * cpus)]).processes == 64 * cpus
-    result = cli("run", flow_file, "--processes", str(64 * cpus + 1), env=python_env)
+    assert parser.parse_args(["run", "x.py", "--processes", str(MAX_PROCESSES_PER_CPU * cpus)]).processes == MAX_PROCESSES_PER_CPU * cpus
+    result = cli("run", flow_file, "--processes", str(MAX_PROCESSES_PER_CPU * cpus + 1), env=python_env)
     assert result.returncode == 2
-    assert f"more than 64 x the {cpus} CPUs this process may use (at most {64 * cpus})" in result.stderr
+    assert f"more than {MAX_PROCESSES_PER_CPU} x the {cpus} CPUs this process may use (at most {MAX_PROCESSES_PER_CPU * cpus})" in result.stderr
     assert "Traceback" not in result.stderr
     huge = cli("run", flow_file, "--processes", "10000", env=python_env)
-    assert huge.returncode == 2 and "more than 64 x" in huge.stderr
+    assert huge.returncode == 2 and f"more than {MAX_PROCESSES_PER_CPU} x" in huge.stderr
 
 
 def test_help_shows_the_options_and_their_bounds(python_env) -> None:
@@ -245,7 +246,7 @@ def test_help_shows_the_options_and_their_bounds(python_env) -> None:
     assert result.returncode == 0
     text = " ".join(result.stdout.split())  # argparse wraps lines
     for expected in ("--failed-out FILE", "--state-out FILE", "--order {input,completion}", "--max-worker-rss SIZE",
-                     "at most 64 per CPU", "gzip, bzip2 and xz", "examples:", "exit codes:"):
+                     f"at most {MAX_PROCESSES_PER_CPU} per CPU", "gzip, bzip2 and xz", "examples:", "exit codes:"):
         assert expected in text, text
     for absent in ("--resume", "--retry-failed", "--backend", "--address", "--debug", "--state DB"):
         assert absent not in text

@@ -23,7 +23,7 @@ import time
 
 import psutil
 import pytest
-from helpers import WAIT, by_value, single_flow, wait_until
+from helpers import WAIT, by_value, pool_refilled, single_flow, wait_until
 
 from routilux_mp import ErrorHandler
 from routilux_mp.errors import RuntimeBrokenError, StateServerLostError
@@ -53,16 +53,6 @@ class BadStr(Exception):
         raise RuntimeError("no string for you")
 
 
-def pool_refilled(runtime, restarts: int, timeout: float = WAIT) -> None:
-    """Wait (on the supervisor's condition, no polling) until dead workers were replaced."""
-    sup = runtime._sup
-    with sup.cond:
-        done = sup.cond.wait_for(
-            lambda: sum(sup.restarts) >= restarts and all(p is not None for p in sup.procs), timeout
-        )
-    assert done, f"the pool was not refilled within {timeout}s"
-
-
 def _leak_past_limit(ws):
     hoard = []
     for _ in range(400):  # up to ~4 GiB, far past any limit used here
@@ -85,6 +75,40 @@ def _ignore_sigterm(ws):
 def _spin(ws):
     while True:
         pass
+
+
+def _result_fd() -> int:
+    """The worker's result pipe (argv: -c, title, command fd, result fd, life fd)."""
+    return int(sys.argv[3])
+
+
+def _write_result_pipe(data: bytes):
+    def fault(ws):
+        os.write(_result_fd(), data)
+        _spin(ws)  # the supervisor kills the process as soon as it reads that
+
+    return fault
+
+
+def _forge_result(ws):
+    from routilux_mp._messages import _Result, dumps
+
+    message = dumps(_Result(10**9, None, [], None, None, None, 0.0))
+    os.write(_result_fd(), len(message).to_bytes(4, "big") + message)
+    _spin(ws)
+
+
+def _only_here(pid):
+    if os.getpid() != pid:
+        raise RuntimeError("this object unpickles only in the process that made it")
+    return "fine"
+
+
+class OnlyInWorker:
+    """Pickles anywhere, unpickles only in the process that pickled it."""
+
+    def __reduce__(self):
+        return _only_here, (os.getpid(),)
 
 
 def _grandchild_then_spin(ws):
@@ -126,6 +150,8 @@ def _fake_frame_header(ws):
 CRASH = "routilux_mp.errors.WorkerCrashedError"
 TIMEOUT = "routilux_mp.errors.ActivationTimeoutError"
 NOT_JSON = "routilux_mp.errors.StateNotSerializableError"
+SERIALIZATION = "routilux_mp.errors.SerializationError"
+BROKEN_PROTOCOL = r"worker \d \(pid \d+\) sent .*: its protocol with the supervisor is broken"
 
 #: id, what the faulty logic does, Runtime options, routine options, error type, message regex, replaced
 FAULTS = [
@@ -143,8 +169,20 @@ FAULTS = [
      "test_faults.NeedsTwoArgs", "ab", False),
     ("exception-str-raises", lambda ws: (_ for _ in ()).throw(BadStr()), {}, {}, "test_faults.BadStr",
      "<unprintable BadStr>", False),
-    ("unpicklable-emit", "emit-lock", {}, {}, "routilux_mp.errors.SerializationError",
+    ("unpicklable-emit", "emit-lock", {}, {}, SERIALIZATION,
      r"emit\('out'\) from routine 'r': the data cannot be pickled", False),
+    ("emit-fails-to-unpickle", "emit-needs-two-args", {}, {}, SERIALIZATION,
+     r"emit\('out'\) from routine 'r': the data cannot be unpickled \(TypeError", False),
+    ("emit-fails-to-unpickle-in-the-supervisor", "emit-only-in-worker", {}, {}, SERIALIZATION,
+     r"an output of emit\('out'\) from routine 'r' cannot be unpickled in the supervisor", False),
+    ("garbage-on-the-result-pipe", _write_result_pipe(b"garbage!"), {}, {}, CRASH,
+     BROKEN_PROTOCOL + r" .*did logic write to the worker's pipes", True),
+    ("non-pickle-frame-on-the-result-pipe", _write_result_pipe(b"\x00\x00\x00\x05junk!"), {}, {}, CRASH,
+     BROKEN_PROTOCOL, True),
+    ("pickle-that-is-no-message", _write_result_pipe(b"\x00\x00\x00\x05\x80\x05K\x07."), {}, {}, CRASH,
+     r"sent an unexpected message \(int\) on its result pipe", True),
+    ("result-for-another-activation", _forge_result, {}, {}, CRASH,
+     r"sent a result for activation #1000000000 while it held activation #\d+: its protocol", True),
     ("infinite-loop-timeout", _spin, {}, {"timeout": 1.0}, TIMEOUT, r"ran longer than its timeout of 1s", True),
     ("ignores-sigterm", _ignore_sigterm, {}, {"timeout": 1.0}, TIMEOUT, r"ran longer than its timeout", True),
     ("grandchild-and-timeout", _grandchild_then_spin, {}, {"timeout": 1.0}, TIMEOUT, r"timeout", True),
@@ -161,7 +199,8 @@ FAULTS = [
     ("deeply-nested-state", lambda ws: ws.update_routine_state("deep", _nested(100_000)), {}, {}, NOT_JSON,
      r"nested 100000 levels deep", False),
     ("fake-frame-header", _fake_frame_header, {}, {}, CRASH,
-     r"wrote bytes outside the worker protocol on its result pipe \(a frame header announces 2147483647 bytes", True),
+     (r"sent bytes that are not a frame \(a frame header announces 2147483647 bytes.*its protocol with the "
+     r"supervisor is broken"), True),
 ]
 
 
@@ -171,6 +210,11 @@ def _faulty(routine, slot_data, message, ws):
         fault = FAULT_FUNCS[item["fault"]]
         if fault == "emit-lock":
             routine.emit("out", lock=threading.Lock())
+        elif fault == "emit-needs-two-args":
+            routine.emit("out", error=NeedsTwoArgs("a", "b"))
+        elif fault == "emit-only-in-worker":
+            routine.emit("out", value=OnlyInWorker())
+            return  # the activation succeeds here; the supervisor cannot read its output
         else:
             fault(ws)
     with ws.lock("shared") as state:
@@ -367,14 +411,20 @@ def test_workers_that_keep_failing_at_start_up_break_the_runtime_clearly(make_ru
 
 SUPERVISOR_SCRIPT = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, subprocess, sys, time
     from routilux_mp import Routine, Flow, Runtime, FlowRegistry
+
+    GRANDCHILDREN = {grandchildren}
 
     class Busy(Routine):
         def __init__(self):
             super().__init__()
             self.add_slot("in")
             def logic(slot_data, message, worker_state):
+                if GRANDCHILDREN:  # one in the worker's process group, one in a session of its own
+                    sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
+                    pids = [subprocess.Popen(sleep).pid, subprocess.Popen(sleep, start_new_session=True).pid]
+                    worker_state.merge_routine_state("grandchildren", {str(os.getpid()): pids})
                 worker_state.increment("busy", "started")
                 while True:
                     pass
@@ -384,7 +434,8 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
     flow = Flow("busy")
     flow.add_routine(Busy(), "busy")
     FlowRegistry.get_instance().register_by_name("busy", flow)
-    with Runtime(processes=2) as runtime:
+
+    def main(runtime):
         ws = runtime.exec("busy")
         for _ in range(4):
             runtime.post("busy", "busy", "in", {})
@@ -392,45 +443,83 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
         while (ws.get_routine_state("busy") or {}).get("started") != 2:
             if time.monotonic() > deadline:
                 sys.exit("the busy activations never started")
-        pids = [p["pid"] for p in runtime.stats()["processes"]] + [runtime._sup.state_popen.pid]
-        print(json.dumps(pids), flush=True)
+        grandchildren = [pid for pids in (ws.get_routine_state("grandchildren") or {}).values() for pid in pids]
+        pids = [p["pid"] for p in runtime.stats()["processes"]] + [runtime._sup.state_popen.pid] + grandchildren
+        print(json.dumps({"pids": pids, "socket_dir": runtime._sup._tmpdir}), flush=True)
         {then}
+
+    {run}
     """
 )
+#: How the script runs ``main``: in a ``with`` block, or in the seed page's style (no ``with``).
+WITH_BLOCK = "with Runtime(processes=2) as runtime:\n    main(runtime)"
+NO_WITH = "main(Runtime(processes=2))"
 
 
-def _start_supervisor(tmp_path, env, then: str) -> tuple[subprocess.Popen, list[int]]:
+def _start_supervisor(tmp_path, env, then: str, *, run: str = WITH_BLOCK,
+                      grandchildren: bool = False) -> tuple[subprocess.Popen, dict]:
+    import json
+
     script = tmp_path / "supervisor.py"
-    script.write_text(SUPERVISOR_SCRIPT.replace("{then}", then))
+    script.write_text(SUPERVISOR_SCRIPT.replace("{then}", then).replace("{run}", run)
+                      .replace("{grandchildren}", str(grandchildren)))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env, cwd=tmp_path, start_new_session=True)
     line = proc.stdout.readline()
     assert line, proc.stderr.read()
-    import json
-
     return proc, json.loads(line)
 
 
-def test_sigkill_of_the_supervisor_leaves_no_process_of_ours(tmp_path, python_env) -> None:
-    proc, pids = _start_supervisor(tmp_path, python_env, "runtime.wait_until_all_jobs_finished()")
-    children = [psutil.Process(pid) for pid in pids]
+def _still_running(pids: list[int], timeout: float) -> list[int]:
+    """The pids still running (zombies count as gone) after waiting up to ``timeout``."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    running = []
+    for proc in alive:
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                running.append(proc.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return running
+
+
+def test_sigkill_of_the_supervisor_leaves_no_process_of_ours_nor_its_socket_directory(tmp_path, python_env) -> None:
+    proc, info = _start_supervisor(tmp_path, python_env, "runtime.wait_until_all_jobs_finished()",
+                                   grandchildren=True)
+    assert len(info["pids"]) == 2 + 1 + 4, "2 workers, the state server, 2 grandchildren each"
+    assert os.path.isdir(info["socket_dir"])
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(WAIT)
     proc.stdout.close()
     proc.stderr.close()
-    _gone, alive = psutil.wait_procs(children, timeout=5)
-    assert alive == [], f"survived the supervisor's SIGKILL by 5s: {alive}"
+    try:
+        alive = _still_running(info["pids"], timeout=5)
+        assert alive == [], f"survived the supervisor's SIGKILL by 5s (grandchildren included): {alive}"
+        assert not os.path.exists(info["socket_dir"]), "the socket directory was removed"
+    finally:
+        for pid in _still_running(info["pids"], timeout=0):
+            os.kill(pid, signal.SIGKILL)
 
 
-def test_ctrl_c_in_a_script_stops_everything_without_a_traceback_storm(tmp_path, python_env) -> None:
-    proc, pids = _start_supervisor(tmp_path, python_env, "runtime.wait_until_all_jobs_finished()")
-    children = [psutil.Process(pid) for pid in pids]
+@pytest.mark.parametrize("run", [WITH_BLOCK, NO_WITH], ids=["with-block", "no-with-block"])
+def test_ctrl_c_in_a_script_cancels_queued_work_and_stops_everything_promptly(tmp_path, python_env, run) -> None:
+    proc, info = _start_supervisor(tmp_path, python_env, "runtime.wait_until_all_jobs_finished()", run=run)
+    started = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the foreground group
     _, err = proc.communicate(timeout=WAIT)
+    elapsed = time.monotonic() - started
     assert proc.returncode != 0
     assert err.count("Traceback") == 1 and err.rstrip().endswith("KeyboardInterrupt"), err
-    _gone, alive = psutil.wait_procs(children, timeout=10)
-    assert alive == []
+    # The 2 running activations never end: waiting for the 2 queued ones would take shutdown's 30 s timeout.
+    assert elapsed < 20, f"the script took {elapsed:.1f}s to exit after Ctrl-C"
+    assert _still_running(info["pids"], timeout=10) == []
+    assert not os.path.exists(info["socket_dir"])
 
 
 def test_soak_script_loses_and_duplicates_nothing_while_workers_are_killed(python_env) -> None:
