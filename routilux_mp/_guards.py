@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import shutil
 import signal
 import subprocess
 import time
@@ -209,8 +208,8 @@ class Guards:
             finally:
                 self.lock.release()
         popens = [p.popen for p in list(self.procs) if p is not None]
-        if self.state_popen is not None:
-            popens.append(self.state_popen)
+        if self.state_server.popen is not None:
+            popens.append(self.state_server.popen)
         for popen in popens:
             if popen.poll() is None:
                 _process.signal_group(popen.pid, signal.SIGKILL)
@@ -219,4 +218,4 @@ class Guards:
                 popen.wait(TERM_GRACE)
             except subprocess.TimeoutExpired:
                 logger.error("process %d survived SIGKILL", popen.pid)
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        self.state_server.cleanup()

@@ -28,9 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +37,9 @@ from typing import Any
 
 from . import _process
 from ._ledger import _Act, _Proc
-from ._messages import STOP, ServerConfig, _WorkerConfig, dumps, write_frame
+from ._messages import STOP, _WorkerConfig, dumps
+from ._state.launcher import START_DELAY as STATE_START_DELAY
+from ._state.protocol import Method
 from .errors import (
     RoutiluxError,
     RuntimeBrokenError,
@@ -47,10 +47,6 @@ from .errors import (
     WorkerMemoryError,
 )
 
-#: Seconds the state server gets to exit after its stdin closes, before SIGTERM / SIGKILL.
-STATE_STOP_TIMEOUT = 5.0
-#: Seconds after the workers' start at which the state server starts, if no worker was ready sooner.
-STATE_START_DELAY = 0.3
 #: Seconds a worker gets after SIGTERM before SIGKILL (shutdown and timeouts).
 TERM_GRACE = 2.0
 #: Consecutive start-up failures of worker processes before the runtime gives up.
@@ -99,15 +95,7 @@ class ProcessPool:
         the first worker is ready (or after ``STATE_START_DELAY``), so on a
         small machine it does not compete with the workers' start-up for CPU.
         """
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(self.state_address)
-            os.chmod(self.state_address, 0o600)
-            listener.listen(128)
-        except OSError:
-            listener.close()
-            raise
-        self._state_listener = listener
+        self.state_server.listen()
         errors = [error for index in range(self.processes) if (error := self._spawn_worker(index))]
         if len(errors) == self.processes:
             self._break(RuntimeBrokenError, f"no worker process could be started: {errors[-1]}. Check that "
@@ -116,35 +104,14 @@ class ProcessPool:
         self._add_timer(time.monotonic() + STATE_START_DELAY, "state-start", None)
 
     def _start_state_server(self) -> None:
-        """Spawn the state server on the bound socket (once)."""
-        listener = self._state_listener
-        if listener is None:
-            return
-        self._state_listener = None
+        """Spawn the state server on the bound socket (once) and watch for its death."""
         try:
-            popen = _process.spawn(
-                "routilux_mp._state_server", "routilux-mp state-server", pass_fds=(listener.fileno(),),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
-            )
-            config = ServerConfig(self.state_address, listener.fileno(), self._authkey, os.getpid(),
-                                  self._sys_path, self.max_state_bytes, self.strict_state, self.lock_timeout)
+            sentinel = self.state_server.start()
         except OSError as exc:
             self._state_lost(f"the state server could not be started ({exc})")
             return
-        finally:
-            listener.close()
-        self.state_popen = popen
-        assert popen.stdin is not None and popen.stdout is not None
-        write_frame(popen.stdin.fileno(), dumps(config))
-        # Its death shows on its pidfd, or (without pidfd support) as EOF on its stdout.
-        self._state_pidfd = _process.open_pidfd(popen.pid)
-        self._watch(self._state_pidfd if self._state_pidfd is not None else popen.stdout.fileno(), "state", None)
-
-    def _close_state_listener(self) -> None:
-        """Close the state server's socket if the server never started to take it over."""
-        if self._state_listener is not None:
-            self._state_listener.close()
-            self._state_listener = None
+        if sentinel is not None:
+            self._watch(sentinel, "state", None)
 
     def _spawn_worker(self, index: int) -> str | None:
         """Start worker ``index``; the error if no process could be started."""
@@ -171,7 +138,7 @@ class ProcessPool:
         self._watch(res_r, "results", proc)
         if proc.pidfd is not None:
             self._watch(proc.pidfd, "death", proc)
-        config = _WorkerConfig(index, os.getpid(), self._sys_path, self.state_address, self._authkey,
+        config = _WorkerConfig(index, os.getpid(), self._sys_path, self.state_server.address, self.state_server.authkey,
                                self.state_timeout, self.lock_timeout, self.max_worker_rss,
                                self.max_activations_per_process)
         try:
@@ -266,7 +233,7 @@ class ProcessPool:
         self.procs[proc.index] = None
         self._close_proc(proc)
         if self.broken is None:
-            self.pusher.push("release_pid", proc.pid)
+            self.pusher.push(Method.RELEASE_PID, proc.pid)
         planned = proc.exiting is not None or proc.stopping
         exitcode, signame = _process.describe_exit(code)
         inflight = list(proc.inflight)
@@ -351,22 +318,13 @@ class ProcessPool:
         self._on_failure(act, _error(cls, message, pid=proc.pid, process=proc.index))
 
     def _state_died(self) -> None:
-        popen = self.state_popen
-        assert popen is not None
-        fd = self._state_pidfd if self._state_pidfd is not None else popen.stdout.fileno()
-        self._unwatch(fd)
-        if self._state_pidfd is not None:
-            os.close(self._state_pidfd)
-            self._state_pidfd = None
-        try:
-            code = popen.wait(TERM_GRACE)
-        except subprocess.TimeoutExpired:
-            code = None  # it closed its stdout but lives on: treat it as lost all the same
-        if self.stop_requested:
-            return
-        exitcode, signame = _process.describe_exit(code)
-        how = f"was killed by {signame}" if signame else f"exited with code {exitcode}"
-        self._state_lost(f"the state server (pid {popen.pid}) {how}")
+        """The state server's sentinel fired: reap it and, unless we are stopping, declare its state lost."""
+        sentinel = self.state_server.sentinel
+        if sentinel is not None:
+            self._unwatch(sentinel)
+        how = self.state_server.reap()
+        if not self.stop_requested:
+            self._state_lost(how)
 
     def _check_memory(self) -> None:
         import psutil
@@ -422,27 +380,16 @@ class ProcessPool:
             self._pump(proc, final=True)
             self._close_proc(proc)
             self.procs[proc.index] = None
-        self._close_state_listener()
-        popen = self.state_popen
-        if popen is not None:
-            def close_stdin() -> None:
-                if popen.stdin is not None:
-                    popen.stdin.close()
-
-            _process.stop_process(popen, join_timeout=STATE_STOP_TIMEOUT, term_timeout=TERM_GRACE, ask=close_stdin)
-            if popen.stdout is not None:
-                popen.stdout.close()
-        if self._state_pidfd is not None:
-            self._unwatch(self._state_pidfd)
-            os.close(self._state_pidfd)
-            self._state_pidfd = None
+        if self.state_server.sentinel is not None:
+            self._unwatch(self.state_server.sentinel)
+        self.state_server.stop()
         self._selector.close()
         for fd in (self._wake_r, self._wake_w, self._life_r, self._life_w):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        self.state_server.cleanup()
 
     def _wait_exit(self, procs: list[_Proc], deadline: float) -> None:
         """Wait until ``procs`` exit or ``deadline`` passes, forwarding their output meanwhile."""

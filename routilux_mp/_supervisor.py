@@ -44,9 +44,7 @@ import logging
 import os
 import selectors
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -58,7 +56,11 @@ from . import _context, _process
 from ._guards import Guards, run_callbacks
 from ._ledger import _Act, _Entry, _Instance, _Proc, _RoutineRt
 from ._messages import CorruptFrameError, _Activation, _Exiting, _LoadFlow, _Ready, _Result, dumps, encode, loads
-from ._pool import MEMORY_SAMPLE_INTERVAL, STATE_STOP_TIMEOUT, TERM_GRACE, ProcessPool, _error
+from ._pool import MEMORY_SAMPLE_INTERVAL, TERM_GRACE, ProcessPool, _error
+from ._state.client import StatePusher, StoreClient
+from ._state.launcher import STOP_TIMEOUT as STATE_STOP_TIMEOUT
+from ._state.launcher import StateServerLauncher
+from ._state.protocol import Method
 from .activation_policies import IMMEDIATE_MESSAGE
 from .error_handling import ErrorStrategy
 from .errors import (
@@ -71,7 +73,6 @@ from .errors import (
     StateServerLostError,
 )
 from .job import JobContext
-from .state import StatePusher, _StoreClient
 
 logger = logging.getLogger("routilux_mp.runtime")
 
@@ -169,19 +170,16 @@ class Supervisor(ProcessPool, Guards):
         # so they see EOF the moment the supervisor dies, however it dies.
         self._life_r, self._life_w = os.pipe()
         self._counts_timer = False
-        self._tmpdir = tempfile.mkdtemp(prefix=_process.SOCKET_DIR_PREFIX)
-        self.state_address = os.path.join(self._tmpdir, "state.sock")
-        self._authkey = os.urandom(32)
-        self.client = _StoreClient(self.state_address, self._authkey, state_timeout, lock_timeout)
+        #: The state server's socket, key and process (started later, by the dispatcher thread).
+        self.state_server = StateServerLauncher(max_state_bytes=max_state_bytes, strict=strict_state,
+                                                lock_timeout=lock_timeout)
+        self.client = StoreClient(self.state_server.address, self.state_server.authkey, state_timeout, lock_timeout)
         # WorkerStates in this process read status and job counters from here, exactly.
         self.client.local_meta = self.local_meta
         # A call from any thread of this process that finds the server lost breaks the runtime.
         self.client.on_lost = self.wake
         #: Sends what workers need to know, but nobody waits for, off the dispatcher thread.
         self.pusher = StatePusher(self.client)
-        self.state_popen: subprocess.Popen | None = None
-        self._state_listener: Any = None
-        self._state_pidfd: int | None = None
         self._sys_path = list(sys.path)
 
         self._started = threading.Event()
@@ -572,8 +570,7 @@ class Supervisor(ProcessPool, Guards):
         )
         self.client.mark_lost(message)
         logger.error("routilux-mp: %s", message)
-        if self.state_popen is not None and self.state_popen.poll() is None:
-            _process.signal_group(self.state_popen.pid, signal.SIGKILL)
+        self.state_server.kill()
         self._break(StateServerLostError, message)
 
     def _break(self, cls: type[RoutiluxError], message: str) -> None:
@@ -916,7 +913,7 @@ class Supervisor(ProcessPool, Guards):
             return
         deltas = {wid: (p, f) for wid, (p, f) in self.count_deltas.items()}
         self.count_deltas.clear()
-        self.pusher.push("add_job_counts", deltas)
+        self.pusher.push(Method.ADD_JOB_COUNTS, deltas)
 
     def local_meta(self, worker_id: str) -> dict | None:
         """Status and job counters of a worker, as this process knows them (exactly)."""
@@ -975,11 +972,11 @@ class Supervisor(ProcessPool, Guards):
         if self.client.snapshot is not None:  # taken already (by shutdown() while this thread was stuck)
             return
         self.flush_counts()
-        started = self.state_popen is not None
+        started = self.state_server.started
         if not started:
             # Stopped before the state server started: nothing was ever stored. Closing the
             # listener refuses the connections waiting in its backlog, so nobody waits for it.
-            self._close_state_listener()
+            self.state_server.close_listener()
         self.pusher.close(self.state_timeout)
         final = "failed" if self.broken is not None else "stopped"
         self.client.freeze({wid: {"flow_id": inst.flow.flow_id, "status": final}

@@ -31,6 +31,7 @@ from . import _jsonvalue
 from ._ledger import _Instance, _RoutineRt, percentile
 from ._messages import encode
 from ._pool import _error
+from ._state.protocol import Method
 from ._supervisor import TERM_GRACE, Supervisor, run_callbacks
 from .activation_policies import ImmediatePolicy
 from .error_handling import ErrorHandler
@@ -209,7 +210,7 @@ class Runtime:
                 sup.instances[worker_id] = inst
                 sup.current[flow_name] = worker_id
             # Workers may read status and flow_id; nobody needs to wait for it to arrive.
-            sup.pusher.push("register_worker", worker_id, flow.flow_id, "running")
+            sup.pusher.push(Method.REGISTER_WORKER, worker_id, flow.flow_id, "running")
         finally:
             with sup.lock:
                 self._reserved.discard(worker_id)
@@ -494,7 +495,7 @@ class Runtime:
             lost = None if sup.client.lost is not None or sup.closed else {}
         if lost is not None:
             try:
-                lost = sup.client.call("lost_updates")
+                lost = sup.client.call(Method.LOST_UPDATES)
             except RoutiluxError:
                 lost = {}
         for rid, agg in routines.items():

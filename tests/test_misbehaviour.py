@@ -181,7 +181,7 @@ def test_a_blocking_done_callback_cannot_keep_shutdown_from_stopping_every_proce
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert alive == [], "every process was stopped from the caller's thread"
         assert all(job.done for job in queued), [job.status for job in queued]
-        assert not os.path.exists(runtime._sup._tmpdir)
+        assert not os.path.exists(runtime._sup.state_server.socket_dir)
     finally:
         release.set()
     runtime._sup.thread.join(WAIT)

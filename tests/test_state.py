@@ -259,14 +259,14 @@ def test_resource_is_made_once_per_process(make_runtime, tmp_path) -> None:
 def test_state_server_socket_is_private_and_rejects_a_wrong_key(make_runtime) -> None:
     from multiprocess import AuthenticationError
 
-    from routilux_mp._state_rpc import SERIALIZER
-    from routilux_mp._state_server import StoreManager
+    from routilux_mp._state.protocol import SERIALIZER
+    from routilux_mp._state.server import StoreManager
 
     single_flow("sec", lambda *a: None)
     runtime = make_runtime(processes=1)
     ws = runtime.exec("sec")
     ws.update_routine_state("r", {"v": 1})
-    address = runtime._sup.state_address
+    address = runtime._sup.state_server.address
     assert stat.S_IMODE(os.stat(os.path.dirname(address)).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(address).st_mode) & 0o077 == 0
     intruder = StoreManager(address=address, authkey=os.urandom(32), serializer=SERIALIZER)
@@ -385,15 +385,16 @@ CLIENT_TIMEOUT = 2.0
 
 @pytest.mark.parametrize("mode", [row[1] for row in BAD_REPLIES], ids=[row[0] for row in BAD_REPLIES])
 def test_a_state_call_ends_within_its_deadline_whatever_the_server_sends(make_runtime, tmp_path, mode) -> None:
+    from routilux_mp._state.client import StoreClient
     from routilux_mp.errors import StateServerLostError
-    from routilux_mp.state import WorkerState, _StoreClient
+    from routilux_mp.state import WorkerState
 
     single_flow("relay", lambda *a: None)
     runtime = make_runtime(processes=1)
     ws = runtime.exec("relay")
     ws.update_routine_state("big", {"blob": "x" * 500_000})  # a reply of many socket buffers
-    relay = _Relay(runtime._sup.state_address, str(tmp_path / "relay.sock"), mode)
-    client = _StoreClient(relay.path, runtime._sup._authkey, CLIENT_TIMEOUT, CLIENT_TIMEOUT)
+    relay = _Relay(runtime._sup.state_server.address, str(tmp_path / "relay.sock"), mode)
+    client = StoreClient(relay.path, runtime._sup.state_server.authkey, CLIENT_TIMEOUT, CLIENT_TIMEOUT)
     other = WorkerState(ws.worker_id, ws.flow_id, client)
     if mode != "silent":
         assert other.get_routine_state("big")["blob"] == "x" * 500_000, "the relay passes replies through"
@@ -468,9 +469,9 @@ def test_a_bogus_frame_header_from_an_authenticated_peer_closes_that_connection_
     runtime = make_runtime(processes=1)
     ws = runtime.exec("bogus")
     ws.update_routine_state("r", {"v": 1})
-    server = psutil.Process(runtime._sup.state_popen.pid)
+    server = psutil.Process(runtime._sup.state_server.popen.pid)
     vms_before = server.memory_info().vms
-    peer = _authenticated_peer(runtime._sup.state_address, runtime._sup._authkey)
+    peer = _authenticated_peer(runtime._sup.state_server.address, runtime._sup.state_server.authkey)
     if phase == "serving":
         peer.send_bytes(dumps((None, "accept_connection", ("peer",), {})))
         assert peer.recv_bytes(1 << 16)
@@ -536,7 +537,7 @@ def test_a_modify_function_past_its_budget_fails_alone_and_the_server_lives_on(m
     runtime = make_runtime(processes=1, state_timeout=3.0, lock_timeout=1.0)
     ws = runtime.exec("slow")
     ws.update_routine_state("slow", {"v": 1})
-    server = runtime._sup.state_popen
+    server = runtime._sup.state_server.popen
     marker = str(tmp_path / "running")
     _, job = runtime.post("slow", "r", "in", {"marker": marker})
     wait_until(lambda: os.path.exists(marker), "the modify function to start", job=job)
@@ -549,7 +550,7 @@ def test_a_modify_function_past_its_budget_fails_alone_and_the_server_lives_on(m
     assert ws.get_routine_state("slow") == {"v": 1, "n": 1}
     _, after = runtime.post("slow", "r", "in", {})
     assert after.wait(WAIT) and after.status == "completed", after.error
-    assert runtime._sup.state_popen is server and server.poll() is None, "the state server was not replaced"
+    assert runtime._sup.state_server.popen is server and server.poll() is None, "the state server was not replaced"
     with pytest.raises(ValueError, match="timeout must be a positive number"):
         ws.modify_routine_state("slow", lambda s: s, timeout=0)
 
@@ -569,7 +570,7 @@ def _start_then_block(box):
 def test_an_abandoned_modify_function_is_stopped_and_its_runner_reused(monkeypatch) -> None:
     import cloudpickle
 
-    from routilux_mp import _state_fn
+    from routilux_mp._state import modify as _state_fn
     from routilux_mp.errors import ModifyTimeoutError
 
     runners = _state_fn.FnRunners()
