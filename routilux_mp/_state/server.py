@@ -137,14 +137,13 @@ class StoreServer(managers.Server):
             except (EOFError, OSError):
                 break
             try:
-                _write_all(fd, self._answer(fd, request))
+                _write_all(fd, self.answer(fd, request))
             except OSError:
                 break
         sys.exit(0)  # the manager's handle_request() closes the connection
 
-    def _answer(self, fd: int, request: bytes) -> bytes:
-        """The reply frame to one request: the result, or error data."""
-        method = "?"
+    def answer(self, fd: int, request: bytes) -> bytes:
+        """The reply frame to one request (from connection ``fd``): the result, or error data."""
         try:
             method, args, alive_every = pickle.loads(request)
             handler = self.handlers.get(method)
