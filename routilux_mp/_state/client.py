@@ -194,6 +194,7 @@ class _Held:
     __slots__ = ("state", "token")
 
     def __init__(self, token: str, state: dict) -> None:
+        """The lock ``token`` holds, and the dict the block works on."""
         self.token = token
         self.state = state
 

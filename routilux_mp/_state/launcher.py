@@ -194,6 +194,7 @@ class StateServerLauncher:
         code = None
         if popen is not None:
             def close_stdin() -> None:
+                """The stop request: EOF on the server's stdin."""
                 if popen.stdin is not None:
                     popen.stdin.close()
 

@@ -98,6 +98,7 @@ class Lease:
     __slots__ = ("pid", "token")
 
     def __init__(self, token: str, pid: int) -> None:
+        """A lease for ``token``, held by process ``pid``."""
         self.token = token
         self.pid = pid
 
@@ -110,6 +111,7 @@ class FnRaised(Exception):
     """A ``modify`` function raised ``error``: the server reports ``error`` itself, as data."""
 
     def __init__(self, error: BaseException) -> None:
+        """Carry the function's ``error``."""
         super().__init__(f"{type(error).__name__}: {error}")
         self.error = error
 
