@@ -46,15 +46,20 @@ Backends are chosen by name from :data:`BACKENDS` (``open_backend``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 
-class StoredCell(NamedTuple):
+class StoredCell:
     """One routine state as kept: ``value`` (JSON dict), ``version`` and ``size`` (compact JSON bytes)."""
 
-    value: dict
-    version: int
-    size: int
+    __slots__ = ("size", "value", "version")
+
+    def __init__(self, value: dict, version: int, size: int) -> None:
+        """A cell holding ``value`` at ``version``."""
+        self.value, self.version, self.size = value, version, size
+
+    def __repr__(self) -> str:
+        return f"StoredCell(version={self.version}, size={self.size})"
 
 
 @dataclasses.dataclass
@@ -158,12 +163,16 @@ class MemoryBackend(StateBackend):
         return None if cells is None else cells.get(routine_id)
 
     def save(self, worker_id: str, routine_id: str, value: dict, version: int, size: int) -> int:
-        """Keep the new cell (``value`` itself, no copy); nothing to sync."""
+        """Update the kept cell in place, or add it (``value`` itself, no copy); nothing to sync."""
         cells = self._cells.get(worker_id)
         if cells is None:
             cells = self._cells[worker_id] = {}
             self._workers[worker_id] = None
-        cells[routine_id] = StoredCell(value, version, size)
+        cell = cells.get(routine_id)
+        if cell is None:
+            cells[routine_id] = StoredCell(value, version, size)
+        else:
+            cell.value, cell.version, cell.size = value, version, size
         return 0
 
     def load_worker(self, worker_id: str) -> dict[str, StoredCell]:

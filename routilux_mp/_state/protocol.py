@@ -86,7 +86,7 @@ def request_limit(max_state_bytes: int) -> int:
 
 def encode_request(method: Method, args: tuple, alive_every: float) -> bytes:
     """The body of a request frame (unframed, so its size can be checked before sending)."""
-    return dumps((method.value, args, alive_every))
+    return dumps((method._value_, args, alive_every))  # _value_: a plain attribute, 3x quicker than .value
 
 
 def encode_reply(kind: str, payload: Any) -> bytes:

@@ -52,15 +52,20 @@ if TYPE_CHECKING:
 
 
 class Keepalive:
-    """Tells the client of one call that the server is alive (the store's heartbeat while a call waits)."""
+    """Tells a connection's client that the server is alive (the store's heartbeat while a call waits)."""
 
     __slots__ = ("_fd", "_last", "interval")
 
     _FRAME = encode_reply(ALIVE, None)
 
-    def __init__(self, fd: int, interval: float) -> None:
-        """A keepalive on connection ``fd``, at the interval the client asked for (within bounds)."""
+    def __init__(self, fd: int) -> None:
+        """A keepalive on connection ``fd``; :meth:`begin` sets it up for each call."""
         self._fd = fd
+        self.interval = KEEPALIVE_MAX
+        self._last = time.monotonic()
+
+    def begin(self, interval: float) -> None:
+        """A call begins: keep alive at the interval its client asked for (within bounds)."""
         self.interval = min(max(interval, KEEPALIVE_MIN), KEEPALIVE_MAX)
         self._last = time.monotonic()
 
@@ -128,6 +133,8 @@ class StoreServer(managers.Server):
         """Answer the connection's requests one by one until it closes or sends a bogus header."""
         fd = conn.fileno()
         reader = _FrameSocketReader(fd, self.limits["max_request_bytes"])
+        keepalive = Keepalive(fd)
+        set_heartbeat(keepalive)  # this thread serves this one connection, one call at a time
         while not self.stop_event.is_set():
             try:
                 request = reader.read()
@@ -137,27 +144,25 @@ class StoreServer(managers.Server):
             except (EOFError, OSError):
                 break
             try:
-                _write_all(fd, self.answer(fd, request))
+                _write_all(fd, self.answer(request, keepalive))
             except OSError:
                 break
         sys.exit(0)  # the manager's handle_request() closes the connection
 
-    def answer(self, fd: int, request: bytes) -> bytes:
-        """The reply frame to one request (from connection ``fd``): the result, or error data."""
+    def answer(self, request: bytes, keepalive: Keepalive | None = None) -> bytes:
+        """The reply frame to one request: the result, or error data (``keepalive``: the connection's)."""
         try:
             method, args, alive_every = pickle.loads(request)
             handler = self.handlers.get(method)
             if handler is None:
                 raise AttributeError(f"the state server has no method {method!r} (it serves {', '.join(EXPOSED)})")
-            set_heartbeat(Keepalive(fd, alive_every))
-            reply = encode_reply(RETURN, handler(*args))
+            if keepalive is not None:
+                keepalive.begin(alive_every)
+            return encode_reply(RETURN, handler(*args))
         except FnRaised as exc:  # the user's modify function raised: report its error, not ours
-            reply = encode_reply(ERROR, error_data(exc.error, keep_args=True))
+            return encode_reply(ERROR, error_data(exc.error, keep_args=True))
         except Exception as exc:  # noqa: BLE001 - every error goes back to the caller, as data
-            reply = encode_reply(ERROR, error_data(exc, keep_args=True))
-        finally:
-            set_heartbeat(None)
-        return reply
+            return encode_reply(ERROR, error_data(exc, keep_args=True))
 
 
 # -- the manager's connections (handshake phase) --------------------------------

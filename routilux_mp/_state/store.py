@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from .. import _jsonvalue
 from .._messages import dumps
 from ..errors import LockTimeoutError, ModifyTimeoutError, RoutiluxError, StaleStateError, StateTooLargeError
-from .backend import StateBackend, StoredCell, WorkerMeta
+from .backend import StateBackend, WorkerMeta
 from .modify import FnRunners, FnTask
 
 #: How often a writer waiting on a lock checks that the holder is still alive.
@@ -139,9 +139,16 @@ class StateStore:
         self._runners = FnRunners()
 
     # -- helpers (call with self._cond held, except _sync) --------------------
+    #
+    # Every write: load the cell, check, ``backend.save(...)`` the next version
+    # (``cell.version + 1``, or 1), release the condition, then ``_sync`` the
+    # ticket before returning: a write is acknowledged once it is durable.
 
     def _wait_free(self, key: tuple[str, str], timeout: float | None) -> None:
-        """Wait until nobody holds ``key``'s lease, at most ``timeout`` (default ``lock_timeout``)."""
+        """Wait until nobody holds ``key``'s lease, at most ``timeout`` (default ``lock_timeout``).
+
+        The hot paths call it only ``if self._leases`` (most stores hold none).
+        """
         lease = self._leases.get(key)
         if lease is None:
             return
@@ -180,13 +187,12 @@ class StateStore:
                 f"{self._max_bytes}; nothing was written. Trim it, or raise Runtime(max_state_bytes=...)"
             )
 
-    def _save(self, wid: str, rid: str, cell: StoredCell | None, value: dict, size: int) -> tuple[int, int]:
-        """Save ``value`` as the next version of ``cell``; return ``(version, durability ticket)``."""
-        version = (0 if cell is None else cell.version) + 1
-        return version, self._backend.save(wid, rid, value, version, size)
-
     def _sync(self, ticket: int) -> None:
-        """Wait until the write of ``ticket`` is durable (call it without the condition held)."""
+        """Wait until the write of ``ticket`` is durable (call it without the condition held).
+
+        The hot paths test ``if ticket:`` themselves (a memory backend's
+        tickets are all 0), saving a call per operation.
+        """
         if ticket:
             self._backend.sync(ticket)
 
@@ -239,7 +245,8 @@ class StateStore:
         """
         key = (wid, rid)
         with self._cond:
-            self._wait_free(key, None)
+            if self._leases:
+                self._wait_free(key, None)
             self._check_size(rid, size)
             cell = self._backend.load(wid, rid)
             current = 0 if cell is None else cell.version
@@ -253,22 +260,27 @@ class StateStore:
                         "worker_state.lock() for read-modify-write"
                     )
                 lost = self._lost[key] = self._lost.get(key, 0) + 1
-            version, ticket = self._save(wid, rid, cell, value, size)
-        self._sync(ticket)
+            version = current + 1
+            ticket = self._backend.save(wid, rid, value, version, size)
+        if ticket:
+            self._sync(ticket)
         return version, lost
 
     def merge(self, wid: str, rid: str, partial: dict) -> tuple[bytes, int]:
         """Merge ``partial`` into the state (shallow); return ``(pickled new state, version)``."""
         with self._cond:
-            self._wait_free((wid, rid), None)
+            if self._leases:
+                self._wait_free((wid, rid), None)
             cell = self._backend.load(wid, rid)
             merged = dict(cell.value) if cell is not None else {}
             merged.update(partial)
             size = _jsonvalue.encoded_size(merged)
             self._check_size(rid, size)
-            version, ticket = self._save(wid, rid, cell, merged, size)
+            version = 1 if cell is None else cell.version + 1
+            ticket = self._backend.save(wid, rid, merged, version, size)
             blob = dumps(merged)
-        self._sync(ticket)
+        if ticket:
+            self._sync(ticket)
         return blob, version
 
     def increment(self, wid: str, rid: str, amounts: dict[str, int | float]) -> tuple[dict[str, int | float], int]:
@@ -279,7 +291,8 @@ class StateStore:
         the whole state.
         """
         with self._cond:
-            self._wait_free((wid, rid), None)
+            if self._leases:
+                self._wait_free((wid, rid), None)
             cell = self._backend.load(wid, rid)
             old = cell.value if cell is not None else {}
             result = {}
@@ -298,8 +311,10 @@ class StateStore:
                 result[key] = total
             self._check_size(rid, size)
             old.update(result)  # in place, saved at once (see backend's calling rules)
-            version, ticket = self._save(wid, rid, cell, old, size)
-        self._sync(ticket)
+            version = 1 if cell is None else cell.version + 1
+            ticket = self._backend.save(wid, rid, old, version, size)
+        if ticket:
+            self._sync(ticket)
         return result, version
 
     def modify(self, wid: str, rid: str, fn_blob: bytes, budget: float) -> tuple[bytes, int]:
@@ -322,7 +337,9 @@ class StateStore:
             value, size = _jsonvalue.normalize(result)
             with self._cond:
                 self._check_size(rid, size)
-                version, ticket = self._save(wid, rid, self._backend.load(wid, rid), value, size)
+                cell = self._backend.load(wid, rid)
+                version = 1 if cell is None else cell.version + 1
+                ticket = self._backend.save(wid, rid, value, version, size)
                 blob = dumps(value)
         finally:
             with self._cond:
@@ -383,7 +400,8 @@ class StateStore:
                 version = 0 if cell is None else cell.version
                 if value is not None:
                     self._check_size(rid, size)
-                    version, ticket = self._save(wid, rid, cell, value, size)
+                    version += 1
+                    ticket = self._backend.save(wid, rid, value, version, size)
             finally:
                 del self._leases[key]
                 self._cond.notify_all()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -408,17 +407,14 @@ def test_the_server_answers_failures_with_plain_data_that_the_client_raises_agai
     store = make_store()
     _write(store, "r", {"s": "text"})
     server = StoreServer(store, {"max_request_bytes": 1 << 20}, str(tmp_path / "s.sock"), b"k" * 32)
-    left, right = socket.socketpair()
     try:
         if len(request_) == 2:
             method, args = request_
             body = encode_request(method, args, 1.0) if isinstance(method, Method) else pickle.dumps((method, args, 1.0))
         else:
             body = pickle.dumps(request_)
-        reply, _ = take_frame(bytearray(server.answer(left.fileno(), body)), 1 << 30)
+        reply, _ = take_frame(bytearray(server.answer(body)), 1 << 30)
     finally:
-        left.close()
-        right.close()
         server.listener.close()
     kind, data = pickle.loads(reply)
     assert kind == ERROR
