@@ -21,7 +21,7 @@ def _launcher() -> StateServerLauncher:
     return StateServerLauncher(max_state_bytes=1000, strict=False, lock_timeout=1.0)
 
 
-def test_a_client_that_connects_before_the_start_is_served_and_a_death_shows_on_the_sentinel() -> None:
+def test_a_client_that_connects_before_the_start_is_served_a_death_shows_and_a_restart_serves_again() -> None:
     launcher = _launcher()
     try:
         assert stat.S_IMODE(os.stat(launcher.socket_dir).st_mode) == 0o700
@@ -41,6 +41,10 @@ def test_a_client_that_connects_before_the_start_is_served_and_a_death_shows_on_
         assert select.select([sentinel], [], [], WAIT)[0], "its death shows on the sentinel"
         assert launcher.reap() == f"the state server (pid {pid}) was killed by SIGKILL"
         assert launcher.sentinel is None
+        launcher.listen()  # a restart: same address and key, a new (empty) server
+        assert launcher.start() is not None and launcher.pid != pid
+        again = StoreClient(launcher.address, launcher.authkey, WAIT, 1.0)
+        assert again.call(Method.INCREMENT, "w", "r", {"n": 1}) == ({"n": 1}, 1)
     finally:
         launcher.stop()
         launcher.cleanup()

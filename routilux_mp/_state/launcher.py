@@ -10,6 +10,10 @@ dispatcher thread (the one thread that spawns children, see ``_process``)::
     launcher.stop()                # stop request -> join -> SIGTERM -> SIGKILL
     launcher.cleanup()             # remove the private directory
 
+After ``reap()``, ``listen()`` and ``start()`` again start a new server on
+the same address with the same key, so clients reconnect to it (a restart;
+with the memory backend the new server starts empty).
+
 * **Create**: a private 0700 directory (``tempfile.mkdtemp``) holding the
   socket ``state.sock`` (0600), and a random 32-byte authkey. Nothing listens
   on TCP. (A cluster needs the server on a node's address: that would be a
@@ -102,9 +106,16 @@ class StateServerLauncher:
     def listen(self) -> None:
         """Bind the socket (mode 0600) and listen: clients may connect from now on.
 
+        Also after :meth:`reap`, for a restart: the dead server's socket file is replaced.
+
         Raises:
             OSError: the socket could not be bound.
+            RuntimeError: a server still runs on it, or the socket is bound already.
         """
+        if self._listener is not None or (self.popen is not None and self.popen.poll() is None):
+            raise RuntimeError("the state server's socket is bound already, or its server still runs")
+        if self.popen is not None and os.path.exists(self.address):
+            os.unlink(self.address)  # the dead server's; clients connect to the new one at the same path
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.address)

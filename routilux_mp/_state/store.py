@@ -93,7 +93,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Lease:
-    """Who holds a routine state's lock: a token and the owner's pid (on this machine)."""
+    """Who holds a routine state's lock: a token and the owner's pid (on this machine).
+
+    Owners are processes of this machine, alive while ``/proc`` says so. On a
+    cluster an owner is ``(node, pid)`` and its liveness is its node's to
+    tell: that changes this class and the ``acquire`` / ``release_pid``
+    arguments, nothing else in the store.
+    """
 
     __slots__ = ("pid", "token")
 
