@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import sys
 import threading
 import time
 
@@ -764,3 +765,37 @@ def test_flows_of_one_runtime_share_one_trust_domain(make_runtime) -> None:
     assert job.wait(WAIT) and job.status == "completed", job.error
     assert job.outputs[0]["data"]["seen"] == {"secret": 1}
     assert victim.get_routine_state("r") == {"secret": 1, "written_by": "a"}
+
+
+# -- a modify function's own error reaches its caller, as data ----------------------------------
+
+
+class _CallersError(Exception):
+    """Defined here: the state server gets it by value, the caller has it by name."""
+
+
+def _raise_callers_error(state):
+    raise _CallersError("mine")
+
+
+#: id, a modify_routine_state function that raises, what its caller gets, the message
+MODIFY_RAISES = [
+    ("system-exit", lambda s: sys.exit(3), SystemExit, "^3$"),
+    ("key-error", lambda s: s["missing"], KeyError, "^'missing'$"),
+    ("a-class-of-the-callers", _raise_callers_error, _CallersError, "^mine$"),
+]
+
+
+@pytest.mark.parametrize(("fn", "error", "message"), [row[1:] for row in MODIFY_RAISES],
+                         ids=[row[0] for row in MODIFY_RAISES])
+def test_a_modify_function_that_raises_fails_that_call_alone_with_its_own_error(make_runtime, fn, error,
+                                                                                message) -> None:
+    single_flow("raising", lambda *a: None)
+    runtime = make_runtime(processes=1)
+    ws = runtime.exec("raising")
+    ws.update_routine_state("r", {"v": 1})
+    with pytest.raises(error, match=message) as info:
+        ws.modify_routine_state("r", fn)
+    assert "Traceback" in info.value.remote_traceback, "the function's traceback, from the state server"
+    assert ws.get_routine_state("r") == {"v": 1}, "nothing was written"
+    assert ws.increment("r", "n") == 1, "the server, and the routine state's lock, carry on"
