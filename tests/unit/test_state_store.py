@@ -4,11 +4,14 @@ The first part is a conformance test every backend of ``BACKENDS`` must pass
 (a backend on disk joins by adding its options to ``BACKEND_OPTIONS``). The
 rest drives a ``StateStore`` directly, over each backend: versions, lost
 updates, the size and JSON rules, lock leases and their waiters, ``modify``
-with its budget, and the server's answers as error data.
+with its budget, and the server's answers as error data. Last, the layout:
+no import cycle in the package, and the client side never imports the
+server side.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pickle
@@ -450,3 +453,86 @@ def test_error_data_is_raised_again_as_its_class_or_a_stand_in_that_names_it(dat
     assert type(raised) is error
     with pytest.raises(error, match=message):
         raise raised
+
+
+# -- layout: the client side never pulls in the server side; no import cycle ------------------------
+
+PACKAGE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _package_modules() -> dict[str, str]:
+    """``{dotted module name: file}`` of every module of the package."""
+    modules = {}
+    for folder, _, files in os.walk(os.path.join(PACKAGE, "routilux_mp")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                modules[os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".").removesuffix(".__init__")] = path
+    return modules
+
+
+def _module_imports(module: str, modules: dict[str, str]) -> set[str]:
+    """What ``module`` imports at module level (``TYPE_CHECKING`` blocks aside), resolved to module names.
+
+    ``from . import x`` names the submodule ``x``, not the package itself.
+    """
+    path = modules[module]
+    package = module.split(".") if path.endswith("__init__.py") else module.split(".")[:-1]
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    statements = list(tree.body)
+    found: set[str] = set()
+    while statements:
+        sub = statements.pop()
+        if isinstance(sub, ast.If) and "TYPE_CHECKING" not in ast.dump(sub.test) or isinstance(sub, ast.Try):
+            statements.extend(ast.iter_child_nodes(sub))  # their bodies run at import; functions' do not
+        elif isinstance(sub, ast.Import):
+            found.update(alias.name for alias in sub.names)
+        elif isinstance(sub, ast.ImportFrom):
+            base = package[: len(package) - sub.level + 1] if sub.level else []
+            target = ".".join(base + ([sub.module] if sub.module else []))
+            submodules = {f"{target}.{alias.name}" for alias in sub.names} & modules.keys()
+            found |= submodules
+            if len(submodules) < len(sub.names):
+                found.add(target)
+    return found
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """``{module: the package's modules it imports at module level}``."""
+    modules = _package_modules()
+    return {module: (_module_imports(module, modules) & modules.keys()) - {module} for module in modules}
+
+
+def test_no_module_level_import_cycle_in_the_package() -> None:
+    graph = _package_graph()
+    done: set[str] = set()
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for dep in sorted(graph[module]):
+            if dep in path:
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in done:
+                visit(dep, path + [dep])
+        done.add(module)
+
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_client_side_never_imports_the_server_side() -> None:
+    graph = _package_graph()
+    server_side = {"routilux_mp._state.server", "routilux_mp._state.store", "routilux_mp._state.backend",
+                   "routilux_mp._state.modify", "routilux_mp._state.launcher"}
+    for client in ("routilux_mp.state", "routilux_mp._state.client", "routilux_mp._state.protocol"):
+        reached, todo = set(), [client]
+        while todo:
+            for dep in graph[todo.pop()] - reached:
+                reached.add(dep)
+                todo.append(dep)
+        assert not reached & server_side, f"{client} imports {sorted(reached & server_side)}"
+        imported = _module_imports(client, _package_modules())
+        assert "multiprocess" not in imported, f"{client} imports multiprocess at start-up (~100 ms per worker)"
