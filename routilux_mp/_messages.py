@@ -103,35 +103,41 @@ def type_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def error_data(exc: BaseException, *, keep_args: bool = False, **extra: Any) -> ErrorData:
-    """``exc`` as :class:`ErrorData`; never raises, whatever ``exc``'s ``__str__`` does.
+def error_data(error: BaseException | type[BaseException], message: str | None = None, *, keep_args: bool = False,
+               **extra: Any) -> ErrorData:
+    """An error as :class:`ErrorData`: ``type``, ``mro``, ``message``, ``traceback``, then ``extra``.
 
-    Args:
-        exc: the exception (its traceback, if any, is formatted as text).
-        keep_args: also carry ``exc.args`` when every one is a plain value, so
-            :func:`exception_from` rebuilds an equal exception (``KeyError('k')``).
-        **extra: further keys (``routine=...``).
+    ``error`` is an exception (its message and traceback are taken from it;
+    this never raises, whatever its ``__str__`` does) or an exception class
+    (for errors of ours: ``message`` says what happened, ``traceback`` is empty
+    unless ``extra`` gives one). With ``keep_args``, an exception's ``args``
+    are carried too when every one is a plain value, so :func:`exception_from`
+    rebuilds an equal exception (``KeyError('k')``). Keys in ``extra`` are
+    added as given (``routine=...``, ``exitcode=...``).
     """
-    cls = type(exc)
-    try:
-        message = str(exc)
-    except BaseException:  # noqa: BLE001 - a user's __str__ may raise anything
-        message = f"<unprintable {cls.__qualname__}>"
-    try:
-        text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    except BaseException:  # noqa: BLE001 - so may the objects in a user's traceback
-        text = f"{type_name(cls)}: {message}\n(traceback could not be formatted)\n"
+    if isinstance(error, BaseException):
+        cls: type[BaseException] = type(error)
+        if message is None:
+            try:
+                message = str(error)
+            except BaseException:  # noqa: BLE001 - a user's __str__ may raise anything
+                message = f"<unprintable {cls.__qualname__}>"
+        try:
+            text = "".join(traceback.format_exception(cls, error, error.__traceback__))
+        except BaseException:  # noqa: BLE001 - so may the objects in a user's traceback
+            text = f"{type_name(cls)}: {message}\n(traceback could not be formatted)\n"
+    else:
+        cls, text = error, ""
     data: ErrorData = {
         "type": type_name(cls),
         "mro": [type_name(c) for c in cls.__mro__ if c is not object],
-        "message": message[:MAX_ERROR_TEXT],
+        "message": (message or "")[:MAX_ERROR_TEXT],
         "traceback": text[-MAX_ERROR_TEXT:],
     }
-    if keep_args:
-        args = getattr(exc, "args", ())
-        if isinstance(args, tuple) and all(type(a) in _PLAIN_ARG for a in args) and (
-                sum(len(a) for a in args if isinstance(a, str)) <= MAX_ERROR_TEXT):
-            data["args"] = list(args)
+    args = getattr(error, "args", None)
+    if keep_args and isinstance(args, tuple) and all(type(a) in _PLAIN_ARG for a in args) and (
+            sum(len(a) for a in args if isinstance(a, str)) <= MAX_ERROR_TEXT):
+        data["args"] = list(args)
     data.update(extra)  # type: ignore[typeddict-item]
     return data
 
