@@ -318,13 +318,13 @@ class ProcessPool:
         self._on_failure(act, _error(cls, message, pid=proc.pid, process=proc.index))
 
     def _state_died(self) -> None:
-        """The state server's sentinel fired: reap it and, unless we are stopping, declare its state lost."""
+        """The state server's sentinel fired: reap it and, unless we are stopping, restart it or declare its state lost."""
         sentinel = self.state_server.sentinel
         if sentinel is not None:
             self._unwatch(sentinel)
         how = self.state_server.reap()
         if not self.stop_requested:
-            self._state_lost(how)
+            self._state_lost(how, died=True)
 
     def _check_memory(self) -> None:
         import psutil

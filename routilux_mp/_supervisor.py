@@ -114,6 +114,9 @@ class Supervisor(ProcessPool, Guards):
         max_outputs_per_job: int,
         max_finished_jobs: int,
         worker_output: Callable[[str, str], None] | None,
+        state_path: str | None = None,
+        state_sync: str = "normal",
+        state_backend: str | None = None,
     ) -> None:
         self.processes = processes
         self.prefetch = prefetch
@@ -170,14 +173,18 @@ class Supervisor(ProcessPool, Guards):
         # so they see EOF the moment the supervisor dies, however it dies.
         self._life_r, self._life_w = os.pipe()
         self._counts_timer = False
-        #: The state server's socket, key and process (started later, by the dispatcher thread).
+        #: The state server's socket, key, state file and process (started later, by the dispatcher thread).
         self.state_server = StateServerLauncher(max_state_bytes=max_state_bytes, strict=strict_state,
-                                                lock_timeout=lock_timeout)
+                                                lock_timeout=lock_timeout, backend=state_backend,
+                                                state_path=state_path, state_sync=state_sync)
+        #: Why a call of this process found the server hung or gone (the dispatcher restarts it or breaks).
+        self.state_trouble: str | None = None
         self.client = StoreClient(self.state_server.address, self.state_server.authkey, state_timeout, lock_timeout)
         # WorkerStates in this process read status and job counters from here, exactly.
         self.client.local_meta = self.local_meta
         # A call from any thread of this process that finds the server lost breaks the runtime.
         self.client.on_lost = self.wake
+        self.client.on_failure = self._state_failed
         #: Sends what workers need to know, but nobody waits for, off the dispatcher thread.
         self.pusher = StatePusher(self.client)
         self._sys_path = list(sys.path)
@@ -261,6 +268,9 @@ class Supervisor(ProcessPool, Guards):
                         self._on_death(proc)
                 if self.client.lost is not None:
                     self._state_lost(self.client.lost)
+                if self.state_trouble is not None:
+                    trouble, self.state_trouble = self.state_trouble, None
+                    self._state_lost(trouble)
                 self._run_timers()
                 self._dispatch()
                 self._watch_writers()
@@ -561,9 +571,30 @@ class Supervisor(ProcessPool, Guards):
 
     # ------------------------------------------------------------------ deaths
 
-    def _state_lost(self, why: str) -> None:
+    def _state_failed(self, why: str) -> None:
+        """A call of this process found the state server hung or gone (any thread): the dispatcher acts."""
+        self.state_trouble = why
+        self.wake()
+
+    def _state_lost(self, why: str, died: bool = False) -> None:
+        """The state server hung (a call timed out) or ``died``: restart it if its state is in a file, else break."""
         if self.broken is not None:
             return
+        if self.state_server.restartable and not self.stop_requested:
+            if not died:  # hung: kill it, and its death restarts it; gone: its death is (being) handled
+                self.state_server.kill_if_hung(why, self.state_timeout)
+                return
+            try:
+                sentinel, refused = self.state_server.restart()
+            except OSError as exc:
+                sentinel, refused = None, f"it could not be started again ({exc})"
+            if sentinel is not None:
+                self._watch(sentinel, "state", None)
+                logger.warning("routilux-mp: %s; restarted it from %s (calls in flight are sent again, held "
+                               "worker_state.lock() blocks fail with LockLostError)", why,
+                               self.state_server.state_path or "its private state file")
+                return
+            why = f"{why}; {refused}"
         message = (
             f"{why}: all shared worker state is lost. Jobs in flight failed with StateServerLostError; "
             "this runtime accepts no more work: shut it down and start a new one"

@@ -182,7 +182,8 @@ class _Worker:
         # A deep copy: logic may change nested values of job.data in place.
         before = pickle.loads(pickle.dumps(act.job_data)) if act.job_data else {}
         ctx = _ActivationContext(routine, act.routine_id, job)
-        self.client.begin_activation()
+        # Names this activation's state writes: an exactly-once run replays them if it runs again.
+        self.client.begin_activation(act.job_id, act.routine_id, act.slots, act.message)
         error = None
         started = time.perf_counter()
         _context.set_current(ctx)

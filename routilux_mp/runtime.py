@@ -96,6 +96,18 @@ class Runtime:
         worker_output: ``fn(stream, text)`` receiving complete lines workers
             print (``stream`` is ``"stdout"`` or ``"stderr"``); default: this
             process's ``sys.stdout``/``sys.stderr``.
+        state_path: keep every WorkerState in this SQLite file (created if
+            missing): a write is acknowledged once committed, so it survives
+            the SIGKILL of any process, and a later runtime on the file gets a
+            worker's states back with ``exec(flow, worker_id=...)``
+            (``list_workers(stored=True)`` lists them). One runtime at a time:
+            a file held by a live runtime is refused with
+            :class:`~routilux_mp.errors.StateFileError`. Without it, state is
+            kept in a private temporary file, removed at shutdown; either way
+            a state server that dies is restarted with everything acknowledged.
+        state_sync: ``"normal"`` (default): commits survive any process
+            dying, not a power cut; ``"full"``: each commit is also
+            ``fsync``'d (survives a power cut; slower).
 
     Use it as a context manager; leaving the block calls ``shutdown()``.
     """
@@ -117,6 +129,8 @@ class Runtime:
         max_outputs_per_job: int = 10_000,
         max_finished_jobs: int = 10_000,
         worker_output: Callable[[str, str], None] | None = None,
+        state_path: str | os.PathLike | None = None,
+        state_sync: str = "normal",
     ) -> None:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
             raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
@@ -147,6 +161,7 @@ class Runtime:
             max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
             max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
             max_finished_jobs=max_finished_jobs, worker_output=worker_output,
+            state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
         )
         with _live_lock:
             _live.add(self)
@@ -184,7 +199,11 @@ class Runtime:
         """Start a worker: a live instance of flow ``flow_name`` with its own WorkerState.
 
         It becomes the flow's current worker (where ``post`` without
-        ``worker_id`` goes). Unknown flow -> ``ValueError``.
+        ``worker_id`` goes). Unknown flow -> ``ValueError``. With
+        ``state_path``, a ``worker_id`` the file holds resumes that worker:
+        its routine states and job counters are those last acknowledged
+        (a worker of another flow in the file is refused with ``FlowError``);
+        ids made up for ``worker_id=None`` skip the ones the file holds.
         """
         sup = self._sup
         sup.check_usable()
@@ -195,16 +214,25 @@ class Runtime:
         with sup.lock:
             sup.check_usable()
             key = sup.ship(flow)
+            stored = sup.state_server.stored_workers
             if worker_id is None:
                 worker_id = f"{flow_name}-{next(self._worker_numbers)}"
-                while worker_id in sup.instances or worker_id in self._reserved:
+                while worker_id in sup.instances or worker_id in self._reserved or worker_id in stored:
                     worker_id = f"{flow_name}-{next(self._worker_numbers)}"
             elif worker_id in sup.instances or worker_id in self._reserved:
                 raise FlowError(f"a worker {worker_id!r} already exists in this runtime; pick another worker_id")
+            elif stored.get(worker_id, flow.flow_id) not in (flow.flow_id, ""):
+                raise FlowError(
+                    f"worker {worker_id!r} in the state file {sup.state_server.state_path} ran flow "
+                    f"{stored[worker_id]!r}, not {flow.flow_id!r}: its routine states belong to that flow. Exec "
+                    "that flow to resume it, or pick another worker_id"
+                )
             self._reserved.add(worker_id)
         try:
             ws = WorkerState(worker_id, flow.flow_id, sup.client)
             inst = self._build_instance(worker_id, flow_name, flow, key, ws)
+            # A resumed worker's counters go on from what the state file held.
+            inst.jobs_processed, inst.jobs_failed = sup.state_server.stored_counts.get(worker_id, (0, 0))
             with sup.lock:
                 sup.check_usable()
                 sup.instances[worker_id] = inst
@@ -237,10 +265,18 @@ class Runtime:
             raise WorkerNotRunningError(f"no worker {worker_id!r} in this runtime (workers: {known})")
         return inst.ws
 
-    def list_workers(self) -> list[str]:
-        """Ids of the workers started with ``exec`` (or on demand by ``post``)."""
+    def list_workers(self, stored: bool = False) -> list[str]:
+        """Ids of the workers started with ``exec`` (or on demand by ``post``).
+
+        With ``stored=True``: every worker the ``state_path`` file holds, those
+        of earlier runtimes first (resume one with ``exec(flow, worker_id=...)``),
+        then the ones started here.
+        """
         with self._sup.lock:
-            return list(self._sup.instances)
+            live = list(self._sup.instances)
+        if not stored:
+            return live
+        return list(dict.fromkeys([*self._sup.state_server.stored_workers, *live]))
 
     # ------------------------------------------------------------------ posting
 
