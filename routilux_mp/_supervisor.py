@@ -132,6 +132,11 @@ class Supervisor(ProcessPool, Guards):
         self.max_finished_jobs = max_finished_jobs
         self.output = worker_output or _default_output
 
+        # First: a state file in use or unusable refuses the runtime before anything is made.
+        #: The state server's socket, key, state file and process (started later, by the dispatcher thread).
+        self.state_server = StateServerLauncher(max_state_bytes=max_state_bytes, strict=strict_state,
+                                                lock_timeout=lock_timeout, backend=state_backend,
+                                                state_path=state_path, state_sync=state_sync)
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.procs: list[_Proc | None] = [None] * processes
@@ -173,10 +178,6 @@ class Supervisor(ProcessPool, Guards):
         # so they see EOF the moment the supervisor dies, however it dies.
         self._life_r, self._life_w = os.pipe()
         self._counts_timer = False
-        #: The state server's socket, key, state file and process (started later, by the dispatcher thread).
-        self.state_server = StateServerLauncher(max_state_bytes=max_state_bytes, strict=strict_state,
-                                                lock_timeout=lock_timeout, backend=state_backend,
-                                                state_path=state_path, state_sync=state_sync)
         #: Why a call of this process found the server hung or gone (the dispatcher restarts it or breaks).
         self.state_trouble: str | None = None
         self.client = StoreClient(self.state_server.address, self.state_server.authkey, state_timeout, lock_timeout)

@@ -278,6 +278,10 @@ class Runtime:
             return live
         return list(dict.fromkeys([*self._sup.state_server.stored_workers, *live]))
 
+    def _state_call(self, method: Method, *args: Any) -> Any:
+        """Call the state server directly (the CLI journals a resumable run in the state file this way)."""
+        return self._sup.client.call(method, *args)
+
     # ------------------------------------------------------------------ posting
 
     def post(

@@ -34,6 +34,7 @@ died: a SIGKILLed run never blocks the next one. SQLite's own locks are
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 import time
@@ -120,6 +121,10 @@ def _explain(path: str, exc: sqlite3.DatabaseError) -> str:
 
 
 def _prepare(conn: sqlite3.Connection, path: str, synchronous: str) -> None:
+    # Look before touching: switching to WAL rewrites the header of someone else's database too.
+    tables = _tables(conn)
+    if tables:
+        _check_format(conn, path, tables, migrate=False)
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise StateFileError(
@@ -131,7 +136,7 @@ def _prepare(conn: sqlite3.Connection, path: str, synchronous: str) -> None:
     conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     conn.execute("BEGIN IMMEDIATE")  # the check and the creation are one step, whoever else opens the file
     try:
-        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        tables = _tables(conn)
         if not tables:
             # One statement at a time: executescript() would commit the open transaction first.
             for statement in SCHEMA.split(";"):
@@ -140,15 +145,19 @@ def _prepare(conn: sqlite3.Connection, path: str, synchronous: str) -> None:
             conn.executemany("INSERT INTO routilux_mp VALUES (?, ?)",
                              [("format", FORMAT_NAME), ("version", str(SCHEMA_VERSION))])
         else:
-            _check_format(conn, path, tables)
+            _check_format(conn, path, tables, migrate=True)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
 
 
-def _check_format(conn: sqlite3.Connection, path: str, tables: set[str]) -> None:
-    """Refuse a database of another program or of an unknown version; migrate an older one."""
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _check_format(conn: sqlite3.Connection, path: str, tables: set[str], migrate: bool) -> None:
+    """Refuse a database of another program or of an unknown version; migrate an older one (``migrate``)."""
     meta = dict(conn.execute("SELECT key, value FROM routilux_mp")) if "routilux_mp" in tables else {}
     if meta.get("format") != FORMAT_NAME:
         shown = ", ".join(sorted(tables)[:6])
@@ -166,13 +175,15 @@ def _check_format(conn: sqlite3.Connection, path: str, tables: set[str]) -> None
             f"{SCHEMA_VERSION}): upgrade routilux-mp to use it"
         )
     while version < SCHEMA_VERSION:
-        migrate = MIGRATIONS.get(version)
-        if migrate is None:
+        step = MIGRATIONS.get(version)
+        if step is None:
             raise StateFileError(
                 f"{path!r} has state format {version}, which this routilux-mp cannot read or migrate (it reads "
                 f"format {SCHEMA_VERSION}); open it with the routilux-mp version that wrote it"
             )
-        migrate(conn)
+        if not migrate:
+            return  # checked only: it is migrated inside the transaction
+        step(conn)
         version += 1
         conn.execute("UPDATE routilux_mp SET value = ? WHERE key = 'version'", (str(version),))
 
@@ -246,6 +257,30 @@ def _lock(fd: int, path: str) -> None:
                 "runtime at a time: stop that one first, or give this runtime another state_path"
             )
         time.sleep(LOCK_RETRY)  # the lock's taker died: its state server exits within seconds
+
+
+def read_journal(path: str) -> tuple[dict, dict[str, int], list[int], list[int]] | None:
+    """``(run, offsets, completed lines, failed lines)`` of the run journaled in ``path``, or ``None``.
+
+    Read directly (no runtime holds the file yet): a missing file, or one
+    that journals no run, gives ``None``.
+
+    Raises:
+        StateFileError: the file cannot be used (see :func:`connect`).
+    """
+    if not os.path.exists(path):
+        return None
+    conn = connect(path)
+    try:
+        rows = dict(conn.execute("SELECT key, value FROM journal"))
+        if "run" not in rows:
+            return None
+        offsets = {key[len("offset:"):]: int(value) for key, value in rows.items() if key.startswith("offset:")}
+        completed = [n for (n,) in conn.execute("SELECT line FROM journal_lines WHERE status = 'completed' ORDER BY line")]
+        failed = [n for (n,) in conn.execute("SELECT line FROM journal_lines WHERE status = 'failed' ORDER BY line")]
+        return json.loads(rows["run"]), offsets, completed, failed
+    finally:
+        conn.close()
 
 
 def lock_holder(fd: int) -> int | None:
