@@ -86,8 +86,8 @@ def _garbage(path: str) -> None:
 REFUSED = [
     ("not-sqlite", _garbage, r"is not a routilux-mp state file \(SQLite says: file is not a database\)"),
     ("another-program", _other_program, r"is an SQLite database of another program \(its tables: invoices\)"),
-    ("newer-format", _newer, rf"written by a newer routilux-mp \(state format {SCHEMA_VERSION + 1}; this version "
-                             rf"reads format {SCHEMA_VERSION}\): upgrade"),
+    ("newer-format", _newer, (rf"written by a newer routilux-mp \(state format {SCHEMA_VERSION + 1}; this "
+                              rf"version reads format {SCHEMA_VERSION}\): upgrade")),
     ("a-directory", os.mkdir, r"is a directory; give a file name"),
 ]
 
