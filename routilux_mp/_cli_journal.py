@@ -1,4 +1,4 @@
-"""Resumable runs: ``routilux-mp run --state FILE [--resume [--retry-failed]]``.
+"""Resumable runs: ``routilux-mp run --state DB [--resume [--retry-failed]]``.
 
 The run journals every input line whose job ended (line number, job id,
 ``completed`` or ``failed``, the error) in FILE, the state file that also
@@ -84,7 +84,7 @@ def check_usage(args: Any, source: InputSource) -> None:
     if args.state is None:
         if args.resume or args.retry_failed:
             option = "--resume" if args.resume else "--retry-failed"
-            raise CliError(EXIT_USAGE, f"{option} needs --state FILE: the state file the interrupted run journaled in")
+            raise CliError(EXIT_USAGE, f"{option} needs --state DB: the state file the interrupted run journaled in")
         return
     if args.retry_failed and not args.resume:
         raise CliError(EXIT_USAGE, "--retry-failed goes with --resume: it re-runs the lines that failed in the "

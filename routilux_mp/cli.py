@@ -4,7 +4,7 @@
 
     routilux-mp run TARGET [--flow NAME] [--entry ROUTINE.SLOT] [--input FILE|-] [--output FILE|-]
                            [--processes N] [--max-failures K] [--no-progress] [--order input|completion]
-                           [--state FILE [--resume [--retry-failed]]] [--failed-out FILE] [--state-out FILE]
+                           [--state DB [--resume [--retry-failed]]] [--failed-out FILE] [--state-out FILE]
                            [--max-worker-rss SIZE]
     routilux-mp flows TARGET
 
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write every failed line as JSONL: line, job_id, input, error (type, message, traceback)")
     run.add_argument("--state-out", type=_file_name, metavar="FILE",
                      help="write every worker's final WorkerState as JSON (also when interrupted)")
-    run.add_argument("--state", type=_file_name, metavar="FILE",
+    run.add_argument("--state", type=_file_name, metavar="DB",
                      help="keep WorkerState in this SQLite file and journal every input line's job in it, so an "
                           "interrupted run can be resumed (needs --output FILE and an input file)")
     run.add_argument("--resume", action="store_true",

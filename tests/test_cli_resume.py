@@ -1,4 +1,4 @@
-"""Resumable runs of ``routilux-mp run --state FILE [--resume [--retry-failed]]``, as real subprocesses.
+"""Resumable runs of ``routilux-mp run --state DB [--resume [--retry-failed]]``, as real subprocesses.
 
 The README's main job is SIGKILLed at five random moments (a seeded RNG picks
 them as progress through the output, never as times) and resumed each time:
@@ -182,7 +182,7 @@ def test_failed_lines_are_kept_failed_on_resume_and_run_again_with_retry_failed(
 
 #: id, options ({out}: an output file, {db}: a state file), what the refusal says (exit 2)
 REFUSALS = [
-    ("resume-without-state", ["--output", "{out}", "--resume"], r"--resume needs --state FILE"),
+    ("resume-without-state", ["--output", "{out}", "--resume"], r"--resume needs --state DB"),
     ("retry-without-resume", ["--output", "{out}", "--state", "{db}", "--retry-failed"],
      r"--retry-failed goes with --resume"),
     ("state-to-stdout", ["--state", "{db}"], r"--state needs --output FILE: a resumed run appends"),
