@@ -135,8 +135,9 @@ class SqliteBackend(StateBackend):
         self._cell_requests: dict[tuple[str, str], dict[str, tuple[int, int, bytes]]] = {}
         #: Processes that died: their requests are dropped from a cell's record when it is next written.
         self._dead_pids: set[int] = set()
-        #: The cell the store operation running now wrote (its request is kept in that row).
+        #: The cell the store operation running now wrote (its request is kept in that row), and its staged op.
         self._written: tuple[str, str] | None = None
+        self._written_at = 0
         self._effects: dict[str, dict[tuple[str, bytes, int], bytes]] = {}
         self._load()
         #: Changes staged by the store operation running now (sealed at its end).
@@ -197,6 +198,7 @@ class SqliteBackend(StateBackend):
         else:
             cell.value, cell.version, cell.size = value, version, size
         key = self._written = (worker_id, routine_id)
+        self._written_at = len(self._open)
         self._open.append((_CELL, key, (value, version, size, None)))
 
     def load_worker(self, worker_id: str) -> dict[str, StoredCell]:
@@ -264,11 +266,8 @@ class SqliteBackend(StateBackend):
             for gone in [c for c, request in kept.items() if request[0] in self._dead_pids]:
                 del kept[gone]
         kept[client] = staged
-        for i in range(len(self._open) - 1, -1, -1):  # the cell's staged row carries a copy of the record
-            op = self._open[i]
-            if op[0] == _CELL and op[1] == key:
-                self._open[i] = (_CELL, key, (*op[2][:3], dict(kept)))
-                break
+        value, version, size, _ = self._open[self._written_at][2]  # the row carries a copy of the record
+        self._open[self._written_at] = (_CELL, key, (value, version, size, dict(kept)))
 
     def drop_requests(self, pid: int) -> None:
         """Forget them in memory, and stage their deletion."""
@@ -323,14 +322,44 @@ class SqliteBackend(StateBackend):
     # -- durability ------------------------------------------------------------
 
     def seal(self) -> int:
-        """Queue what this operation staged for the next commit; its ticket (the last one if it staged nothing)."""
+        """Queue what this operation staged for the next commit; its ticket (the last one if it staged nothing).
+
+        Without group commit, the common operation (one cell, its request
+        record in the row) is committed right here, as one statement.
+        """
         self._written = None
-        with self._stage_lock:
-            if self._open:
-                self._pending += self._open
-                self._open = []
-                self._sealed += 1
+        ops = self._open
+        if not ops:
             return self._sealed
+        self._open = []
+        if not self.group_commit and len(ops) == 1 and ops[0][0] == _CELL:
+            return self._commit_cell(ops[0])
+        with self._stage_lock:
+            self._pending += ops
+            self._sealed += 1
+            return self._sealed
+
+    def _commit_cell(self, op: tuple) -> int:
+        """Commit one staged cell now (nothing else may be pending: the store syncs every operation at once)."""
+        with self._commit_lock:
+            if self._failed is not None:
+                raise BackendFailed(self._failed)
+            with self._stage_lock:
+                if self._pending:  # not expected without group commit; keep the order all the same
+                    self._pending.append(op)
+                    self._sealed += 1
+                    return self._sealed
+                self._sealed += 1
+                ticket = self._sealed
+            (wid, rid), (value, version, size, requests) = op[1], op[2]
+            try:
+                self._conn.execute(_INSERT_CELL, (wid, rid, _encode(value), version, size,
+                                                  None if requests is None else pickle.dumps(requests)))
+            except Exception as exc:
+                self._failed = f"the state file {self.path!r} could not be written ({type(exc).__name__}: {exc})"
+                raise BackendFailed(self._failed) from exc
+            self._durable = ticket
+            return ticket
 
     def read_ticket(self) -> int:
         """The last ticket handed out, or 0 when everything is committed."""

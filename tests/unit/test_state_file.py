@@ -181,16 +181,16 @@ def test_a_retried_write_that_was_committed_before_a_restart_gets_its_reply_and_
     store.close()
 
 
-def test_a_write_staged_but_never_committed_is_not_in_the_file(tmp_path) -> None:
+def test_a_write_sealed_but_never_committed_is_not_in_the_file(tmp_path) -> None:
     path = str(tmp_path / "run.db")
-    backend = SqliteBackend(path)
+    backend = SqliteBackend(path, synchronous="FULL")  # group commit: sealed operations wait for a sync
     backend.save("w", "r", {"kept": True}, 1, 13)
     backend.sync(backend.seal())
     backend.save("w", "r", {"kept": False}, 2, 14)
     backend.save_request("client-1", 1, 1, b"reply")
     backend.seal()
     backend._conn.close()  # the server is killed before the commit
-    reopened = SqliteBackend(path)
+    reopened = SqliteBackend(path, synchronous="FULL")
     try:
         assert (reopened.load("w", "r").value, reopened.load_request("client-1")) == ({"kept": True}, None)
     finally:
