@@ -999,11 +999,19 @@ def memory_child(processes: int, items: int, timeout: float) -> None:
     print(json.dumps(result), flush=True)
 
 
+def scenario_durable(cfg: Config) -> Scenario:
+    """Durable WorkerState (``state_path``) vs in memory: see ``_bench_durable``."""
+    from _bench_durable import durable_scenario  # it builds on this module: imported when run
+
+    return durable_scenario(cfg)
+
+
 SCENARIOS: dict[str, Callable[[Config], Scenario]] = {
     "cpu": scenario_cpu,
     "tiny": scenario_tiny,
     "pipeline": scenario_pipeline,
     "state": scenario_state,
+    "durable": scenario_durable,
     "startup": scenario_startup,
     "memory": scenario_memory,
 }
