@@ -347,6 +347,11 @@ class BatchRun:
         assert self.journal is not None
         try:
             self.journal.record(ended)
+        except RuntimeClosedError:
+            if not self.stopping:
+                raise
+            # Our own stop shut the runtime down before these were journaled: a resume runs them again
+            # (their outputs past the journaled offset are dropped then, their state writes replayed).
         except RoutiluxError as exc:
             problem = f"cannot journal the run in --state: {type(exc).__name__}: {exc}"
             if problem not in self.sink_errors:

@@ -262,25 +262,33 @@ def _lock(fd: int, path: str) -> None:
 def read_journal(path: str) -> tuple[dict, dict[str, int], list[int], list[int]] | None:
     """``(run, offsets, completed lines, failed lines)`` of the run journaled in ``path``, or ``None``.
 
-    Read directly (no runtime holds the file yet): a missing file, or one
-    that journals no run, gives ``None``.
+    Read before a runtime holds the file, under its lock (so a file in use
+    by a live runtime is refused as :class:`StateFile` refuses it). A
+    missing file, or one that journals no run, gives ``None``.
 
     Raises:
-        StateFileError: the file cannot be used (see :func:`connect`).
+        StateFileError: the file is in use, or cannot be used (see :func:`connect`).
     """
     if not os.path.exists(path):
         return None
-    conn = connect(path)
+    held = StateFile(path)
     try:
-        rows = dict(conn.execute("SELECT key, value FROM journal"))
-        if "run" not in rows:
-            return None
-        offsets = {key[len("offset:"):]: int(value) for key, value in rows.items() if key.startswith("offset:")}
-        completed = [n for (n,) in conn.execute("SELECT line FROM journal_lines WHERE status = 'completed' ORDER BY line")]
-        failed = [n for (n,) in conn.execute("SELECT line FROM journal_lines WHERE status = 'failed' ORDER BY line")]
-        return json.loads(rows["run"]), offsets, completed, failed
+        conn = connect(held.path)
+        try:
+            rows = dict(conn.execute("SELECT key, value FROM journal"))
+            if "run" not in rows:
+                return None
+            offsets = {key[len("offset:"):]: int(value) for key, value in rows.items()
+                       if key.startswith("offset:")}
+            completed = [n for (n,) in conn.execute(
+                "SELECT line FROM journal_lines WHERE status = 'completed' ORDER BY line")]
+            failed = [n for (n,) in conn.execute(
+                "SELECT line FROM journal_lines WHERE status = 'failed' ORDER BY line")]
+            return json.loads(rows["run"]), offsets, completed, failed
+        finally:
+            conn.close()
     finally:
-        conn.close()
+        held.close()
 
 
 def lock_holder(fd: int) -> int | None:
