@@ -31,7 +31,7 @@ import pickle
 import sqlite3
 import threading
 
-from .backend import BackendFailed, EffectKey, JournalLine, JournalView, StateBackend, StoredCell, WorkerMeta
+from .backend import BackendFailed, EffectKey, JournalLine, JournalView, MemoryBackend, StoredCell, WorkerMeta
 from .statefile import connect
 
 #: ``(flow_id, status, jobs_processed, jobs_failed)``: worker meta as staged (a snapshot, never mutated).
@@ -106,11 +106,17 @@ class _Batch:
             self.offsets.update(offsets)
 
 
-class SqliteBackend(StateBackend):
-    """Routine states, worker meta, requests, effects and a run journal in an SQLite file; see the module doc."""
+class SqliteBackend(MemoryBackend):
+    """Routine states, worker meta, requests, effects and a run journal in an SQLite file; see the module doc.
+
+    What the file holds is mirrored in a :class:`MemoryBackend` (this class
+    extends it): loads are answered from memory, writes change the mirror
+    and stage the same change for the file.
+    """
 
     name = "sqlite"
     durable = True
+    in_place = False  # a saved value may be encoded by a commit outside the store's condition (group commit)
     survives_restart = True
 
     def __init__(self, path: str, synchronous: str = "NORMAL") -> None:
@@ -119,18 +125,13 @@ class SqliteBackend(StateBackend):
         Raises:
             StateFileError: the file cannot be used (see ``statefile.connect``).
         """
+        super().__init__()
         self.path = path
         self._conn = connect(path, synchronous.upper(), exclusive=True)
         # Only a commit that waits for fsync is worth grouping (see ``backend``).
         self.group_commit = synchronous.upper() in ("FULL", "EXTRA")
-        #: ``{worker_id: {routine_id: StoredCell}}``
-        self._cells: dict[str, dict[str, StoredCell]] = {}
-        #: ``{worker_id: WorkerMeta}`` (workers saved with meta)
-        self._metas: dict[str, WorkerMeta] = {}
-        #: ``{worker_id: position}``: every worker, by first save
+        #: ``{worker_id: position}``: every worker's row, by first save
         self._positions: dict[str, int] = {}
-        #: ``{client: (pid, seq, reply)}``: the last write of every client (kept in a cell row, or in ``requests``)
-        self._requests: dict[str, tuple[int, int, bytes]] = {}
         #: ``{(worker_id, routine_id): {client: (pid, seq, reply)}}``: the clients that wrote each cell last
         self._cell_requests: dict[tuple[str, str], dict[str, tuple[int, int, bytes]]] = {}
         #: Processes that died: their requests are dropped from a cell's record when it is next written.
@@ -138,10 +139,9 @@ class SqliteBackend(StateBackend):
         #: The cell the store operation running now wrote (its request is kept in that row), and its staged op.
         self._written: tuple[str, str] | None = None
         self._written_at = 0
-        self._effects: dict[str, dict[tuple[str, bytes, int], bytes]] = {}
-        self._load()
         #: Changes staged by the store operation running now (sealed at its end).
         self._open: list[tuple] = []
+        self._load()
         #: Sealed changes waiting for a commit, in order.
         self._pending: list[tuple] = []
         self._sealed = 0  # the last ticket handed out
@@ -151,27 +151,29 @@ class SqliteBackend(StateBackend):
         self._failed: str | None = None
 
     def _load(self) -> None:
+        """Fill the mirror from the file."""
         conn = self._conn
         for wid, position, flow_id, status, processed, failed, has_meta in conn.execute(
                 "SELECT worker_id, position, flow_id, status, jobs_processed, jobs_failed, has_meta "
                 "FROM workers ORDER BY position"):
             self._positions[wid] = position
+            self._workers[wid] = None
             if has_meta:
                 self._metas[wid] = WorkerMeta(flow_id, status, processed, failed)
         for wid, rid, text, version, size, requests in conn.execute(
                 "SELECT worker_id, routine_id, value, version, size, requests FROM cells"):
             self._cells.setdefault(wid, {})[rid] = StoredCell(json.loads(text), version, size)
-            self._positions.setdefault(wid, len(self._positions))
+            self._add_worker(wid)
             if requests is not None:
                 kept = self._cell_requests[(wid, rid)] = pickle.loads(requests)
                 for client, request in kept.items():
                     self._keep_latest(client, request)
         for client, pid, seq, reply in conn.execute("SELECT client, pid, seq, reply FROM requests"):
             self._keep_latest(client, (pid, seq, bytes(reply)))
-
         for job_id, rid, activation, op, reply in conn.execute(
                 "SELECT job_id, routine_id, activation, op, reply FROM effects"):
             self._effects.setdefault(job_id, {})[(rid, bytes(activation), op)] = bytes(reply)
+        self._open.clear()  # what was loaded is in the file already
 
     def _keep_latest(self, client: str, request: tuple[int, int, bytes]) -> None:
         """A client's last write is its highest numbered one (older ones may linger in other cells' rows)."""
@@ -179,78 +181,39 @@ class SqliteBackend(StateBackend):
         if known is None or known[1] < request[1]:
             self._requests[client] = request
 
-    # -- cells -----------------------------------------------------------------
-
-    def load(self, worker_id: str, routine_id: str) -> StoredCell | None:
-        """The cell from memory."""
-        cells = self._cells.get(worker_id)
-        return None if cells is None else cells.get(routine_id)
-
-    def save(self, worker_id: str, routine_id: str, value: dict, version: int, size: int) -> None:
-        """Keep the cell in memory and stage it."""
-        cells = self._cells.get(worker_id)
-        if cells is None:
-            cells = self._cells[worker_id] = {}
-            self._add_worker(worker_id)
-        cell = cells.get(routine_id)
-        if cell is None:
-            cells[routine_id] = StoredCell(value, version, size)
-        else:
-            cell.value, cell.version, cell.size = value, version, size
-        key = self._written = (worker_id, routine_id)
-        self._written_at = len(self._open)
-        self._open.append((_CELL, key, (value, version, size, None)))
-
-    def load_worker(self, worker_id: str) -> dict[str, StoredCell]:
-        """The worker's cells from memory."""
-        return self._cells.get(worker_id) or {}
-
-    # -- workers ---------------------------------------------------------------
+    # -- writes: the mirror's, staged for the file as well ---------------------
 
     def _add_worker(self, worker_id: str) -> None:
         if worker_id not in self._positions:
             position = self._positions[worker_id] = len(self._positions)
+            self._workers[worker_id] = None
             self._open.append((_WORKER, worker_id, (position, None)))
 
     def _stage_meta(self, worker_id: str, meta: WorkerMeta) -> None:
         row = (meta.flow_id, meta.status, meta.jobs_processed, meta.jobs_failed)
         self._open.append((_WORKER, worker_id, (self._positions[worker_id], row)))
 
-    def load_meta(self, worker_id: str) -> WorkerMeta | None:
-        """The meta from memory."""
-        return self._metas.get(worker_id)
+    def save(self, worker_id: str, routine_id: str, value: dict, version: int, size: int) -> None:
+        """Keep the cell in memory and stage it."""
+        self._add_worker(worker_id)
+        super().save(worker_id, routine_id, value, version, size)
+        key = self._written = (worker_id, routine_id)
+        self._written_at = len(self._open)
+        self._open.append((_CELL, key, (value, version, size, None)))
 
     def save_meta(self, worker_id: str, meta: WorkerMeta) -> None:
         """Keep ``meta`` and stage a snapshot of it."""
         self._add_worker(worker_id)
-        self._metas[worker_id] = meta
+        super().save_meta(worker_id, meta)
         self._stage_meta(worker_id, meta)
 
     def add_job_counts(self, deltas: dict[str, tuple[int, int]]) -> None:
         """Add to the counters in memory and stage them."""
-        for worker_id, (processed, failed) in deltas.items():
-            meta = self._metas.get(worker_id)
-            if meta is None:
-                self._add_worker(worker_id)
-                meta = self._metas[worker_id] = WorkerMeta()
-            meta.jobs_processed += processed
-            meta.jobs_failed += failed
-            self._stage_meta(worker_id, meta)
-
-    def list_workers(self) -> list[str]:
-        """Every worker id, by first save."""
-        return list(self._positions)
-
-    def snapshot(self) -> dict[str, tuple[WorkerMeta | None, dict[str, StoredCell]]]:
-        """The memory copy, by worker."""
-        return {wid: (self._metas.get(wid), self._cells.get(wid) or {}) for wid in self._positions}
-
-    # -- retried calls ---------------------------------------------------------
-
-    def load_request(self, client: str) -> tuple[int, bytes] | None:
-        """From memory."""
-        kept = self._requests.get(client)
-        return None if kept is None else kept[1:]
+        for worker_id in deltas:
+            self._add_worker(worker_id)
+        super().add_job_counts(deltas)
+        for worker_id in deltas:
+            self._stage_meta(worker_id, self._metas[worker_id])
 
     def save_request(self, client: str, pid: int, seq: int, reply: bytes) -> None:
         """Keep it and stage it: in the row of the cell this operation wrote, else in the ``requests`` table."""
@@ -271,26 +234,19 @@ class SqliteBackend(StateBackend):
 
     def drop_requests(self, pid: int) -> None:
         """Forget them in memory, and stage their deletion."""
-        for client in [c for c, kept in self._requests.items() if kept[0] == pid]:
-            del self._requests[client]
+        super().drop_requests(pid)
         self._dead_pids.add(pid)  # dropped from the cells' records as they are written
         self._open.append((_DROP_PID, pid))
 
-    # -- exactly-once effects --------------------------------------------------
-
-    def load_effect(self, key: EffectKey) -> bytes | None:
-        """From memory."""
-        effects = self._effects.get(key[0])
-        return None if effects is None else effects.get(key[1:])
-
     def save_effect(self, key: EffectKey, reply: bytes) -> None:
         """Keep it and stage it."""
-        self._effects.setdefault(key[0], {})[key[1:]] = reply
+        super().save_effect(key, reply)
         self._open.append((_EFFECT, key, reply))
 
     def drop_effects(self, job_ids: list[str]) -> None:
         """Forget them in memory, and stage their deletion."""
-        dropped = [job_id for job_id in job_ids if self._effects.pop(job_id, None) is not None]
+        dropped = [job_id for job_id in job_ids if job_id in self._effects]
+        super().drop_effects(dropped)
         if dropped:
             self._open.append((_DROP_JOBS, dropped))
 

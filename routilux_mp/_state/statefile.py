@@ -199,8 +199,10 @@ class StateFile:
         counts: ``{worker_id: (jobs_processed, jobs_failed)}`` of those workers then.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, forget_requests: bool = True) -> None:
         """Lock ``path`` (created if missing) and check its format; forget requests of dead clients.
+
+        ``forget_requests=False``: only look (the file is not written).
 
         Raises:
             StateFileError: another live runtime holds it, or it cannot be used (see :func:`connect`).
@@ -217,11 +219,11 @@ class StateFile:
             _lock(self.fd, self.path)
             conn = connect(self.path)
             try:
-                # Every client of an earlier runtime is gone: none will retry a call.
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("DELETE FROM requests")
-                conn.execute("UPDATE cells SET requests = NULL WHERE requests IS NOT NULL")
-                conn.execute("COMMIT")
+                if forget_requests:  # every client of an earlier runtime is gone: none will retry a call
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("DELETE FROM requests")
+                    conn.execute("UPDATE cells SET requests = NULL WHERE requests IS NOT NULL")
+                    conn.execute("COMMIT")
                 rows = conn.execute("SELECT worker_id, flow_id, jobs_processed, jobs_failed FROM workers "
                                     "ORDER BY position").fetchall()
             finally:
@@ -271,7 +273,7 @@ def read_journal(path: str) -> tuple[dict, dict[str, int], list[int], list[int]]
     """
     if not os.path.exists(path):
         return None
-    held = StateFile(path)
+    held = StateFile(path, forget_requests=False)
     try:
         conn = connect(held.path)
         try:
