@@ -35,7 +35,8 @@ from typing import Any
 
 from . import _context, _process
 from ._ledger import _Act, _Proc
-from ._pool import TERM_GRACE, _error
+from ._messages import error_data
+from ._pool import TERM_GRACE
 from .errors import WorkerCrashedError
 
 #: Seconds a worker may leave an activation unread on its command pipe before it counts as hung
@@ -154,7 +155,7 @@ class Guards:
             self.inflight -= 1
             act.rt.running -= 1
             act.rt.stats.errors += 1
-            self._on_failure(act, _error(WorkerCrashedError, why, traceback="\n".join(proc.stderr_tail),
+            self._on_failure(act, error_data(WorkerCrashedError, why, traceback="\n".join(proc.stderr_tail),
                                          pid=proc.pid, process=proc.index, crashed=True))
         self._requeue(proc, acts)
 

@@ -10,14 +10,18 @@ Envelopes are pickled with the C pickler. User data (items, emits, policy
 messages) travels inside them as cloudpickle blobs made once where the data is
 produced, so classes and closures defined in ``__main__`` arrive by value and
 nothing is serialized twice. Failures travel as data (type names, message,
-traceback text), never as exception objects.
+traceback text), never as exception objects: this module is the one owner of
+that data (:func:`error_data`, :func:`describe_exception`, :class:`ExitInfo`),
+used by workers, the supervisor, the execution backends and the state server.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import signal
 import struct
+import traceback
 from typing import Any, NamedTuple
 
 import cloudpickle
@@ -349,3 +353,115 @@ class _Stop:
 
 
 STOP = _Stop()
+
+
+# -- errors as data: the one owner --------------------------------------------------------------------
+
+#: Longest error message / traceback text carried in error data (characters).
+MAX_ERROR_TEXT = 20_000
+
+#: What a worker's death by each signal most likely means, for the error message.
+LIKELY_CAUSES = {
+    "SIGKILL": "possibly the out-of-memory killer (see `dmesg`), or a `kill -9` from outside",
+    "SIGSEGV": "a segmentation fault: C code (an extension module or ctypes) crashed",
+    "SIGBUS": "a bus error: C code crashed, or a memory-mapped file was truncated",
+    "SIGABRT": "abort(): a C library or extension hit a fatal error",
+    "SIGFPE": "a floating-point exception in C code",
+    "SIGILL": "an illegal instruction in C code",
+    "SIGTERM": "a SIGTERM from outside routilux-mp",
+}
+
+
+def type_name(cls: type) -> str:
+    """``ValueError`` for builtins, ``package.module.Class`` for everything else."""
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def error_data(error: BaseException | type[BaseException], message: str | None = None, **extra: Any) -> dict:
+    """An error as the plain data a job carries: ``type``, ``mro``, ``message``, ``traceback``, then ``extra``.
+
+    ``error`` is an exception (its message and traceback are taken from it;
+    this never raises, whatever its ``__str__`` does) or an exception class
+    (for errors of ours: ``message`` says what happened, ``traceback`` is empty
+    unless ``extra`` gives one). Keys in ``extra`` are added as given, e.g.
+    ``routine``, ``exitcode``, ``signal``, ``pid``, ``process``, ``crashed``.
+    """
+    if isinstance(error, BaseException):
+        cls: type[BaseException] = type(error)
+        if message is None:
+            try:
+                message = str(error)
+            except BaseException:  # noqa: BLE001 - a user's __str__ may raise anything
+                message = f"<unprintable {cls.__qualname__}>"
+        try:
+            text = "".join(traceback.format_exception(cls, error, error.__traceback__))
+        except BaseException:  # noqa: BLE001 - so may the objects in a user's traceback
+            text = f"{type_name(cls)}: {message}\n(traceback could not be formatted)\n"
+    else:
+        cls, text = error, ""
+    data = {
+        "type": type_name(cls),
+        "mro": [type_name(c) for c in cls.__mro__ if c is not object],
+        "message": (message or "")[:MAX_ERROR_TEXT],
+        "traceback": text[-MAX_ERROR_TEXT:],
+    }
+    data.update(extra)
+    return data
+
+
+def describe_exception(exc: BaseException, routine_id: str | None) -> dict:
+    """An exception raised while running ``routine_id`` as plain data (see :func:`error_data`)."""
+    return error_data(exc, routine=routine_id)
+
+
+class ExitInfo:
+    """How a worker process ended: exit code or signal, the likely cause, its last error output."""
+
+    __slots__ = ("cause", "exitcode", "pid", "signal", "stderr_tail")
+
+    def __init__(self, pid: int | None, exitcode: int | None, signal: str | None, cause: str,
+                 stderr_tail: str = "") -> None:
+        #: The process id, when the backend knew it.
+        self.pid = pid
+        #: The exit status (negative: the signal number), ``None`` when unknown.
+        self.exitcode = exitcode
+        #: The name of the signal that killed it (``"SIGKILL"``), ``None`` if it exited.
+        self.signal = signal
+        #: What most likely ended it, in words (see ``LIKELY_CAUSES``).
+        self.cause = cause
+        #: Its last lines of error output (each clipped), for the error message.
+        self.stderr_tail = stderr_tail
+
+    @classmethod
+    def from_returncode(cls, pid: int | None, returncode: int | None, stderr_tail: str = "") -> ExitInfo:
+        """The exit of a child process whose ``Popen.returncode`` is ``returncode``."""
+        exitcode, signame = describe_exit(returncode)
+        return cls(pid, exitcode, signame, likely_cause(exitcode, signame), stderr_tail)
+
+    def how(self) -> str:
+        """``"was killed by SIGKILL"`` or ``"exited with code 3"``."""
+        return f"was killed by {self.signal}" if self.signal else f"exited with code {self.exitcode}"
+
+    def __repr__(self) -> str:
+        return f"ExitInfo(pid={self.pid}, exitcode={self.exitcode}, signal={self.signal!r})"
+
+
+def describe_exit(returncode: int | None) -> tuple[int | None, str | None]:
+    """``(exitcode, signal_name)`` of a finished child (``Popen.returncode``)."""
+    if returncode is None:
+        return None, None
+    if returncode < 0:
+        try:
+            return returncode, signal.Signals(-returncode).name
+        except ValueError:
+            return returncode, f"signal {-returncode}"
+    return returncode, None
+
+
+def likely_cause(exitcode: int | None, signame: str | None) -> str:
+    """What a worker's exit most likely means, for the message of the activation it was running."""
+    if signame:
+        return LIKELY_CAUSES.get(signame, "a signal from outside")
+    return "the logic (or a library it called) ended the process, e.g. with os._exit()"

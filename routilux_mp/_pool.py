@@ -35,11 +35,10 @@ import subprocess
 import sys
 import time
 from multiprocessing.connection import wait as wait_for
-from typing import Any
 
 from . import _process
 from ._ledger import _Act, _Proc
-from ._messages import STOP, ServerConfig, _WorkerConfig, dumps, write_frame
+from ._messages import STOP, ServerConfig, _WorkerConfig, describe_exit, dumps, error_data, likely_cause, write_frame
 from .errors import (
     RoutiluxError,
     RuntimeBrokenError,
@@ -63,28 +62,7 @@ MEMORY_SAMPLE_INTERVAL = 0.1
 #: pieces of this size, so a flood without newlines costs no memory.
 OUTPUT_CHUNK = 64 * 1024
 
-#: What a worker's death by each signal most likely means, for the error message.
-_LIKELY_CAUSES = {
-    "SIGKILL": "possibly the out-of-memory killer (see `dmesg`), or a `kill -9` from outside",
-    "SIGSEGV": "a segmentation fault: C code (an extension module or ctypes) crashed",
-    "SIGBUS": "a bus error: C code crashed, or a memory-mapped file was truncated",
-    "SIGABRT": "abort(): a C library or extension hit a fatal error",
-    "SIGFPE": "a floating-point exception in C code",
-    "SIGILL": "an illegal instruction in C code",
-    "SIGTERM": "a SIGTERM from outside routilux-mp",
-}
-
 logger = logging.getLogger("routilux_mp.runtime")
-
-
-def _error(cls: type[BaseException], message: str, **extra: Any) -> dict:
-    """An error of ours as the data a job carries (``type``, ``mro``, ``message``, ...)."""
-    mro = []
-    for c in cls.__mro__:
-        if c is object:
-            continue
-        mro.append(c.__qualname__ if c.__module__ == "builtins" else f"{c.__module__}.{c.__qualname__}")
-    return dict({"type": mro[0], "mro": mro, "message": message, "traceback": ""}, **extra)
 
 
 class ProcessPool:
@@ -268,7 +246,7 @@ class ProcessPool:
         if self.broken is None:
             self.pusher.push("release_pid", proc.pid)
         planned = proc.exiting is not None or proc.stopping
-        exitcode, signame = _process.describe_exit(code)
+        exitcode, signame = describe_exit(code)
         inflight = list(proc.inflight)
         proc.inflight.clear()
         if inflight and proc.ready and not planned and not inflight[0].resolved:
@@ -277,7 +255,7 @@ class ProcessPool:
             running.rt.running -= 1
             running.crashes += 1
             running.rt.stats.errors += 1
-            self._on_failure(running, self._crash_error(proc, running, exitcode, signame))
+            self._on_failure(running, self._crasherror_data(proc, running, exitcode, signame))
         self._requeue(proc, inflight)
         if self.stop_requested or self.closed and self.active_jobs == 0:
             return
@@ -323,19 +301,15 @@ class ProcessPool:
             delay = min(MAX_RESPAWN_DELAY, 0.1 * 2 ** (self.start_failures - 1))
             self._add_timer(time.monotonic() + delay, "respawn", index)
 
-    def _crash_error(self, proc: _Proc, act: _Act, exitcode: int | None, signame: str | None) -> dict:
-        if signame:
-            how = f"was killed by {signame}"
-            cause = _LIKELY_CAUSES.get(signame, "a signal from outside")
-        else:
-            how = f"exited with code {exitcode}"
-            cause = "the logic (or a library it called) ended the process, e.g. with os._exit()"
+    def _crasherror_data(self, proc: _Proc, act: _Act, exitcode: int | None, signame: str | None) -> dict:
+        how = f"was killed by {signame}" if signame else f"exited with code {exitcode}"
+        cause = likely_cause(exitcode, signame)
         message = (
             f"worker {proc.index} (pid {proc.pid}) {how} while running routine {act.rt.rid!r} "
             f"of worker {act.rt.inst.worker_id!r}: {cause}. The process was replaced; other jobs carry on"
         )
         tail = "\n".join(proc.stderr_tail)
-        return _error(WorkerCrashedError, message, traceback=tail, exitcode=exitcode, signal=signame,
+        return error_data(WorkerCrashedError, message, traceback=tail, exitcode=exitcode, signal=signame,
                       pid=proc.pid, process=proc.index, crashed=True)
 
     def _kill_activation(self, act: _Act, cls: type[RoutiluxError], message: str, sig: int) -> None:
@@ -348,7 +322,7 @@ class ProcessPool:
         _process.signal_group(proc.pid, sig)
         if sig != signal.SIGKILL:
             self._add_timer(time.monotonic() + TERM_GRACE, "kill", proc)
-        self._on_failure(act, _error(cls, message, pid=proc.pid, process=proc.index))
+        self._on_failure(act, error_data(cls, message, pid=proc.pid, process=proc.index))
 
     def _state_died(self) -> None:
         popen = self.state_popen
@@ -364,7 +338,7 @@ class ProcessPool:
             code = None  # it closed its stdout but lives on: treat it as lost all the same
         if self.stop_requested:
             return
-        exitcode, signame = _process.describe_exit(code)
+        exitcode, signame = describe_exit(code)
         how = f"was killed by {signame}" if signame else f"exited with code {exitcode}"
         self._state_lost(f"the state server (pid {popen.pid}) {how}")
 

@@ -57,8 +57,20 @@ import cloudpickle
 from . import _context, _process
 from ._guards import Guards, run_callbacks
 from ._ledger import _Act, _Entry, _Instance, _Proc, _RoutineRt
-from ._messages import CorruptFrameError, _Activation, _Exiting, _LoadFlow, _Ready, _Result, dumps, encode, loads
-from ._pool import MEMORY_SAMPLE_INTERVAL, STATE_STOP_TIMEOUT, TERM_GRACE, ProcessPool, _error
+from ._messages import (
+    CorruptFrameError,
+    _Activation,
+    _Exiting,
+    _LoadFlow,
+    _Ready,
+    _Result,
+    describe_exception,
+    dumps,
+    encode,
+    error_data,
+    loads,
+)
+from ._pool import MEMORY_SAMPLE_INTERVAL, STATE_STOP_TIMEOUT, TERM_GRACE, ProcessPool
 from .activation_policies import IMMEDIATE_MESSAGE
 from .error_handling import ErrorStrategy
 from .errors import (
@@ -412,7 +424,7 @@ class Supervisor(ProcessPool, Guards):
                 try:
                     outputs[i] = loads(blob)
                 except Exception as exc:  # noqa: BLE001 - unpickling runs the data's own code
-                    return _error(SerializationError,
+                    return error_data(SerializationError,
                                   f"an output of emit({event!r}) from routine {act.rt.rid!r} cannot be unpickled "
                                   f"in the supervisor ({type(exc).__name__}: {exc}); emit plain values",
                                   routine=act.rt.rid)
@@ -581,7 +593,7 @@ class Supervisor(ProcessPool, Guards):
         if self.broken is not None:
             return
         self.broken = (cls, message)
-        error = _error(cls, message)
+        error = error_data(cls, message)
         for rt in list(self.runnable):
             rt.ready.clear()
         self.runnable.clear()
@@ -688,8 +700,6 @@ class Supervisor(ProcessPool, Guards):
     def _policy_failed(self, rt: _RoutineRt, exc: Exception) -> None:
         logger.error("the activation policy of routine %r raised %s: %s; the jobs waiting in its slots fail",
                      rt.rid, type(exc).__name__, exc)
-        from ._worker import describe_exception
-
         error = describe_exception(exc, rt.rid)
         error["message"] = f"the activation policy of routine {rt.rid!r} raised: {error['message']}"
         jobs = {id(e.job): e.job for q in rt.slots.values() for e in q._entries}

@@ -28,7 +28,6 @@ import pickle
 import signal
 import sys
 import time
-import traceback
 from typing import Any
 
 import cloudpickle
@@ -43,6 +42,7 @@ from ._messages import (
     _Result,
     _Stop,
     _WorkerConfig,
+    describe_exception,
     dumps,
     encode,
     is_plain,
@@ -54,36 +54,7 @@ from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
 from .state import WorkerState, _StoreClient, close_resources
 
-#: Longest error message / traceback text sent back (characters).
-MAX_ERROR_TEXT = 20_000
-
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def type_name(cls: type) -> str:
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def describe_exception(exc: BaseException, routine_id: str | None) -> dict:
-    """An exception as plain data; never raises, whatever ``exc``'s ``__str__`` does."""
-    cls = type(exc)
-    try:
-        message = str(exc)
-    except BaseException:  # noqa: BLE001 - a user's __str__ may raise anything
-        message = f"<unprintable {cls.__qualname__}>"
-    try:
-        text = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    except BaseException:  # noqa: BLE001 - so may the objects in a user's traceback
-        text = f"{type_name(cls)}: {message}\n(traceback could not be formatted)\n"
-    return {
-        "type": type_name(cls),
-        "mro": [type_name(c) for c in cls.__mro__ if c is not object],
-        "message": message[:MAX_ERROR_TEXT],
-        "traceback": text[-MAX_ERROR_TEXT:],
-        "routine": routine_id,
-    }
 
 
 def _rss() -> int:

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _jsonvalue
 from ._ledger import _Instance, _RoutineRt, percentile
-from ._messages import encode
-from ._pool import _error
+from ._messages import encode, error_data
 from ._supervisor import TERM_GRACE, Supervisor, run_callbacks
 from .activation_policies import ImmediatePolicy
 from .error_handling import ErrorHandler
@@ -458,7 +457,7 @@ class Runtime:
                 return False
             details = None
             if error is not None:
-                details = _error(RoutiluxError, str(error), routine=None)
+                details = error_data(RoutiluxError, str(error), routine=None)
             sup.end_job(job, status, details)
             callbacks = sup.take_callbacks()
         run_callbacks(callbacks)
