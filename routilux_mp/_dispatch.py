@@ -19,12 +19,13 @@ import collections
 import itertools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cloudpickle
 
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
 from ._ledger import Ledger, Retry
+from ._lifecycle import Lifecycle
 from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, type_name
 from ._records import JobRecord, _Act
 from ._routing import Router
@@ -39,9 +40,6 @@ from .errors import (
     WorkerMemoryError,
 )
 
-if TYPE_CHECKING:
-    from ._supervisor import Supervisor
-
 logger = logging.getLogger("routilux_mp.runtime")
 
 #: Consecutive start-up failures of worker processes before the runtime gives up.
@@ -50,6 +48,27 @@ MAX_START_FAILURES = 5
 MAX_RESPAWN_DELAY = 5.0
 #: The type name a result's error carries when the state server was lost under a worker.
 _STATE_LOST = type_name(StateServerLostError)
+
+
+class Owner(Protocol):
+    """What the dispatcher reports to: the dispatcher thread's loop (``_loop.DispatchLoop``)."""
+
+    flags: Lifecycle
+
+    def worker_ready(self) -> None:
+        """A worker is ready: the state server may start."""
+
+    def room_made(self) -> None:
+        """An activation left its slot queue: posts waiting for room may go on."""
+
+    def push_state(self, method: str, *args: Any) -> None:
+        """Tell the state server something nobody waits for."""
+
+    def state_lost(self, why: str) -> None:
+        """The state server is gone: break the runtime."""
+
+    def break_runtime(self, cls: type[RoutiluxError], message: str) -> None:
+        """The runtime cannot go on: fail every open job with ``cls``."""
 
 
 class WorkerSlot:
@@ -90,9 +109,9 @@ class WorkerSlot:
 class Dispatcher:
     """Places activations on worker lanes and applies what the lanes report (supervisor lock held)."""
 
-    def __init__(self, owner: Supervisor, backend: WorkerBackend, ledger: Ledger, router: Router, timers: Timers,
+    def __init__(self, owner: Owner, backend: WorkerBackend, ledger: Ledger, router: Router, timers: Timers,
                  *, prefetch: int, kill_worker_rss: int | None) -> None:
-        #: The supervisor: told when a worker is ready, when state is lost, when the runtime must break.
+        #: The loop: told when a worker is ready, when state is lost, when the runtime must break.
         self.owner = owner
         #: The worker lanes (see ``_exec.base``).
         self.backend = backend
@@ -111,7 +130,9 @@ class Dispatcher:
         self.start_failures = 0
         #: flow key -> (flow, its ``_LoadFlow`` message): each flow is pickled once for every lane.
         self.ships: dict[int, tuple[Any, _LoadFlow]] = {}
+        #: Keys for newly shipped flows.
         self._flow_keys = itertools.count(1)
+        #: Event type -> what it means for the ledger.
         self._handlers: dict[type, Callable[[Any], None]] = {
             Ready: self._on_ready, Finished: self._on_finished, Exiting: self._on_exiting, Died: self._on_died,
             Stalled: self._on_stalled, Broken: self._on_broken,
@@ -220,6 +241,7 @@ class Dispatcher:
                 handler(event)
 
     def _on_ready(self, event: Ready) -> None:
+        """The lane's worker serves: its start-up succeeded (the state server may start now)."""
         slot = self.slots[event.slot]
         if not slot.alive:
             return
@@ -335,6 +357,7 @@ class Dispatcher:
         self._kill_worker(slot, why, blame=give_up)
 
     def _on_broken(self, event: Broken) -> None:
+        """The backend read something from the worker that is not a message of ours."""
         self._protocol_broken(self.slots[event.slot], event.what)
 
     def _protocol_broken(self, slot: WorkerSlot, what: str) -> None:

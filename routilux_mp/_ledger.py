@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._records import JobRecord, SlotQueue, _Act, _Entry, _Instance, _RoutineRt, percentile
 from .error_handling import ErrorStrategy
@@ -25,14 +25,11 @@ from .job import JobContext
 TRACE_MESSAGE_CHARS = 500
 
 
-class Retry:
+class Retry(NamedTuple):
     """The error strategy says: run ``act`` (a new attempt) again after ``delay`` seconds."""
 
-    __slots__ = ("act", "delay")
-
-    def __init__(self, act: _Act, delay: float) -> None:
-        self.act = act
-        self.delay = delay
+    act: _Act
+    delay: float
 
 
 class Ledger:
@@ -66,6 +63,7 @@ class Ledger:
         self.count_deltas: dict[str, list[int]] = {}
         #: Done-callbacks of jobs that finished, to run once the lock is released.
         self.callbacks: list[Callable[[], Any]] = []
+        #: Arrival numbers (items, jobs, activations: the oldest goes first) and activation ids.
         self._seq = itertools.count(1)
         self._act_ids = itertools.count(1)
 

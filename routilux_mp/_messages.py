@@ -30,6 +30,7 @@ PROTOCOL = 5
 
 
 def dumps(message: Any) -> bytes:
+    """Pickle a wire message (the C pickler, protocol 5)."""
     return pickle.dumps(message, PROTOCOL)
 
 
@@ -197,6 +198,7 @@ def write_frame(fd: int, data: bytes) -> None:
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
+    """Read exactly ``size`` bytes from a blocking pipe; ``EOFError`` if it ends first."""
     parts = []
     while size:
         # Never os.read(fd, size) at once: that allocates ``size`` bytes before any arrive.
@@ -416,23 +418,19 @@ def describe_exception(exc: BaseException, routine_id: str | None) -> dict:
     return error_data(exc, routine=routine_id)
 
 
-class ExitInfo:
+class ExitInfo(NamedTuple):
     """How a worker process ended: exit code or signal, the likely cause, its last error output."""
 
-    __slots__ = ("cause", "exitcode", "pid", "signal", "stderr_tail")
-
-    def __init__(self, pid: int | None, exitcode: int | None, signal: str | None, cause: str,
-                 stderr_tail: str = "") -> None:
-        #: The process id, when the backend knew it.
-        self.pid = pid
-        #: The exit status (negative: the signal number), ``None`` when unknown.
-        self.exitcode = exitcode
-        #: The name of the signal that killed it (``"SIGKILL"``), ``None`` if it exited.
-        self.signal = signal
-        #: What most likely ended it, in words (see ``LIKELY_CAUSES``).
-        self.cause = cause
-        #: Its last lines of error output (each clipped), for the error message.
-        self.stderr_tail = stderr_tail
+    #: The process id, when the backend knew it.
+    pid: int | None
+    #: The exit status (negative: the signal number), ``None`` when unknown.
+    exitcode: int | None
+    #: The name of the signal that killed it (``"SIGKILL"``), ``None`` if it exited.
+    signal: str | None
+    #: What most likely ended it, in words (see ``LIKELY_CAUSES``).
+    cause: str
+    #: Its last lines of error output (each clipped), for the error message.
+    stderr_tail: str = ""
 
     @classmethod
     def from_returncode(cls, pid: int | None, returncode: int | None, stderr_tail: str = "") -> ExitInfo:
@@ -443,9 +441,6 @@ class ExitInfo:
     def how(self) -> str:
         """``"was killed by SIGKILL"`` or ``"exited with code 3"``."""
         return f"was killed by {self.signal}" if self.signal else f"exited with code {self.exitcode}"
-
-    def __repr__(self) -> str:
-        return f"ExitInfo(pid={self.pid}, exitcode={self.exitcode}, signal={self.signal!r})"
 
 
 def describe_exit(returncode: int | None) -> tuple[int | None, str | None]:

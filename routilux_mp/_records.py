@@ -10,9 +10,10 @@ for a job's outputs and for policies that look at items.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import pickle
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .activation_policies import SlotQueueAPI
 from .error_handling import ErrorHandler
@@ -22,6 +23,7 @@ from .job import JobContext
 LATENCY_SAMPLES = 2048
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class JobRecord:
     """The ledger's side of one job: the public :class:`JobContext` and what holds it open.
 
@@ -29,31 +31,19 @@ class JobRecord:
     be retried: ``refs`` counts those holds (queued items, activations).
     """
 
-    __slots__ = ("job", "refs", "seq")
-
-    def __init__(self, job: JobContext, seq: int) -> None:
-        self.job = job
-        #: Queued items and activations that belong to the job (it finishes when this drops to 0).
-        self.refs = 0
-        #: Arrival order: a multi-job activation lists its jobs oldest first.
-        self.seq = seq
-
-    def __repr__(self) -> str:
-        return f"<JobRecord {self.job.job_id!r} refs={self.refs}>"
+    job: JobContext
+    #: Arrival order: a multi-job activation lists its jobs oldest first.
+    seq: int
+    #: Queued items and activations that belong to the job (it finishes when this drops to 0).
+    refs: int = 0
 
 
-class _Entry:
+class _Entry(NamedTuple):
     """One queued item: its arrival order, its job, and its data as a pickle."""
 
-    __slots__ = ("blob", "job", "seq")
-
-    def __init__(self, seq: int, job: JobRecord, blob: bytes) -> None:
-        self.seq = seq
-        self.job = job
-        self.blob = blob
-
-    def __repr__(self) -> str:
-        return f"_Entry(#{self.seq} job={self.job!r})"
+    seq: int
+    job: JobRecord
+    blob: bytes
 
 
 class SlotQueue(SlotQueueAPI):
@@ -84,6 +74,7 @@ class SlotQueue(SlotQueueAPI):
         return self.pending
 
     def _head_seq(self) -> int | None:
+        """Arrival number of the oldest waiting item (``None`` when empty)."""
         return self._entries[0].seq if self._entries else None
 
     def _take(self, n: int | None) -> list[_Entry]:
@@ -96,6 +87,7 @@ class SlotQueue(SlotQueueAPI):
 
     @staticmethod
     def _item(entry: _Entry) -> Any:
+        """A fresh copy of an entry's item."""
         return pickle.loads(entry.blob)
 
     def _put_back(self, entries: Iterable[_Entry]) -> None:

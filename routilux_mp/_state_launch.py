@@ -176,6 +176,7 @@ class StateServerLauncher:
         popen = self._popen
         if popen is not None:
             def close_stdin() -> None:
+                """The server's stop request: EOF on its stdin."""
                 if popen.stdin is not None:
                     popen.stdin.close()
 

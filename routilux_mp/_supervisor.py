@@ -132,6 +132,7 @@ class Supervisor:
                                  prefetch=settings.prefetch, kill_worker_rss=settings.kill_worker_rss,
                                  state_timeout=settings.state_timeout,
                                  output=settings.worker_output or _default_output)
+        #: Policies and routing of results (posts run policies at once), and placement on worker lanes.
         self.router = self.loop.router
         self.dispatcher = self.loop.dispatcher
         #: Time (injectable: unit tests drive a fake clock).
@@ -157,11 +158,6 @@ class Supervisor:
     def close(self) -> None:
         """Stop everything from this thread (unit tests without a dispatcher thread)."""
         self.loop.close()
-
-    @property
-    def processes(self) -> int:
-        """Number of worker lanes."""
-        return self.settings.processes
 
     @property
     def closed(self) -> bool:
@@ -489,6 +485,7 @@ class TestHooks:
         sup = self._sup
 
         def refilled() -> bool:
+            """Enough replacements, and a worker in every lane."""
             slots = sup.dispatcher.slots
             return sum(s.restarts for s in slots) >= restarts and all(s.alive for s in slots)
 

@@ -1,6 +1,6 @@
 """The supervisor's timers: typed, on one heap, read from an injectable clock.
 
-Each kind of timer is a small class; the supervisor dispatches a due timer by
+Each kind of timer is a small named tuple; the supervisor dispatches a due timer by
 its type (``Supervisor._fire_timers``). The clock is ``time.monotonic`` in a
 runtime and a fake one in the dispatcher's unit tests (huey's ``loop(now)``,
 trio's ``MockClock``).
@@ -11,72 +11,49 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple, Union
 
 
-class Timer:
-    """Something the dispatcher must do at a given time."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-
-class PolicyWakeup(Timer):
+class PolicyWakeup(NamedTuple):
     """Run a routine's (interval) policy again."""
 
-    __slots__ = ("rt",)
-
-    def __init__(self, rt: Any) -> None:
-        self.rt = rt
+    rt: Any
 
 
-class RetryDue(Timer):
+class RetryDue(NamedTuple):
     """A failed activation's retry delay is over: queue its new attempt."""
 
-    __slots__ = ("act",)
-
-    def __init__(self, act: Any) -> None:
-        self.act = act
+    act: Any
 
 
-class ActivationDeadline(Timer):
+class ActivationDeadline(NamedTuple):
     """An activation may be running past its routine's timeout (``when``: the deadline it was set for)."""
 
-    __slots__ = ("act", "when")
-
-    def __init__(self, act: Any, when: float) -> None:
-        self.act = act
-        self.when = when
+    act: Any
+    when: float
 
 
-class RespawnDue(Timer):
+class RespawnDue(NamedTuple):
     """Start a worker again in a slot whose worker failed to start."""
 
-    __slots__ = ("slot",)
-
-    def __init__(self, slot: int) -> None:
-        self.slot = slot
+    slot: int
 
 
-class StartStateServer(Timer):
+class StartStateServer(NamedTuple):
     """Start the state server, if no worker got ready sooner."""
 
-    __slots__ = ()
 
-
-class FlushCounts(Timer):
+class FlushCounts(NamedTuple):
     """Send the job counters collected since the last flush to the state server."""
 
-    __slots__ = ()
 
-
-class CheckMemory(Timer):
+class CheckMemory(NamedTuple):
     """Sample the RSS of workers running an activation (hard memory limit)."""
 
-    __slots__ = ()
+
+#: Any timer (dispatched by its type).
+Timer = Union[PolicyWakeup, RetryDue, ActivationDeadline, RespawnDue, StartStateServer, FlushCounts,  # noqa: UP007
+              CheckMemory]
 
 
 class Timers:

@@ -38,6 +38,7 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _rss() -> int:
+    """This process's resident memory in bytes (from /proc, cheaply)."""
     try:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * _PAGE_SIZE
@@ -62,6 +63,7 @@ class _ActivationContext:
         self.earlier: frozenset = frozenset()
 
     def emit(self, routine: Any, event: str, data: dict) -> None:
+        """Record an emit of the running routine (pickled now, so later changes to ``data`` do not count)."""
         if routine is not self.routine:
             raise RoutiluxError(
                 f"emit({event!r}) was called on another routine ({type(routine).__name__}) while "

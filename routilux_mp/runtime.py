@@ -50,6 +50,7 @@ _live_lock = threading.Lock()
 
 
 def _cpu_count() -> int:
+    """The CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -126,6 +127,7 @@ class Runtime:
         if max_worker_rss is not None and kill_worker_rss is None:
             kill_worker_rss = int(max_worker_rss * 1.5)
         self._registry = FlowRegistry.get_instance()
+        self._processes = count
         self._sup = Supervisor(Settings(
             processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
             state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
@@ -144,7 +146,7 @@ class Runtime:
     @property
     def processes(self) -> int:
         """Number of worker processes."""
-        return self._sup.processes
+        return self._processes
 
     @property
     def closed(self) -> bool:

@@ -41,6 +41,7 @@ def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig) -> N
     me = os.getpid()
 
     def reply(message: Any) -> None:
+        """Write a message on the result pipe (only this process may)."""
         if os.getpid() != me:  # a child that logic forked came back here: it must not speak for us
             forked_child_exit(1)
         write_frame(results, dumps(message))

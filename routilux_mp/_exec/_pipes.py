@@ -201,6 +201,7 @@ class Child:
             entry[2].close()
 
     def _forward(self, stream: str, text: str, events: list) -> None:
+        """Report ``text`` as output; keep the last lines of stderr for a crash message."""
         if stream == "stderr":  # kept (clipped) for the message of a crash
             self.stderr_tail.extend(line[:TAIL_LINE_CHARS] for line in text.splitlines()[-TAIL_LINES:])
         events.append(Output(self.slot, stream, text))

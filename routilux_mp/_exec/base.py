@@ -29,14 +29,13 @@ Events for one slot come out of ``poll`` in the order they happened, and
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Union
 
 from .._messages import ExitInfo, _Result
 
 __all__ = [
     "Broken",
     "Died",
-    "Event",
     "ExitInfo",
     "Exiting",
     "Finished",
@@ -45,144 +44,104 @@ __all__ = [
     "Stalled",
     "Usage",
     "WorkerBackend",
+    "WorkerEvent",
     "WorkerSettings",
 ]
 
 
-class WorkerSettings:
+class WorkerSettings(NamedTuple):
     """What every worker process needs to know, whatever backend runs it."""
 
-    __slots__ = ("authkey", "lock_timeout", "max_activations", "max_rss", "state_address", "state_timeout",
-                 "sys_path")
+    #: Where the state server listens, and the key its clients authenticate with.
+    state_address: str
+    authkey: bytes
+    #: Deadlines of the worker's state calls (see ``Runtime``).
+    state_timeout: float
+    lock_timeout: float
+    #: Recycle the worker between activations past this RSS (bytes), or after this many activations.
+    max_rss: int | None
+    max_activations: int | None
+    #: The supervisor's ``sys.path``, so flows shipped by reference import the same modules.
+    sys_path: list[str]
 
-    def __init__(self, *, state_address: str, authkey: bytes, state_timeout: float, lock_timeout: float,
-                 max_rss: int | None, max_activations: int | None, sys_path: list[str]) -> None:
-        #: Where the state server listens, and the key its clients authenticate with.
-        self.state_address = state_address
-        self.authkey = authkey
-        #: Deadlines of the worker's state calls (see ``Runtime``).
-        self.state_timeout = state_timeout
-        self.lock_timeout = lock_timeout
-        #: Recycle the worker between activations past this RSS (bytes), or after this many activations.
-        self.max_rss = max_rss
-        self.max_activations = max_activations
-        #: The supervisor's ``sys.path``, so flows shipped by reference import the same modules.
-        self.sys_path = sys_path
-
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # never the authkey
         return f"WorkerSettings(state_address={self.state_address!r})"
 
 
-class Usage:
+class Usage(NamedTuple):
     """What one worker process uses now (``Runtime.stats()["processes"]``)."""
 
-    __slots__ = ("cpu_percent", "pid", "rss")
-
-    def __init__(self, pid: int | None, rss: int | None, cpu_percent: float | None) -> None:
-        #: Its process id (``None`` when the backend has none to show).
-        self.pid = pid
-        #: Resident memory in bytes, ``None`` when it could not be read (it just died).
-        self.rss = rss
-        #: CPU use since the previous ``usage()`` call, in percent of one CPU.
-        self.cpu_percent = cpu_percent
-
-    def __repr__(self) -> str:
-        return f"Usage(pid={self.pid}, rss={self.rss}, cpu_percent={self.cpu_percent})"
+    #: Its process id (``None`` when the backend has none to show).
+    pid: int | None
+    #: Resident memory in bytes, ``None`` when it could not be read (it just died).
+    rss: int | None
+    #: CPU use since the previous ``usage()`` call, in percent of one CPU.
+    cpu_percent: float | None
 
 
-# -- events ------------------------------------------------------------------------------------------
+# -- events: what ``poll`` returns, dispatched by type -------------------------------------------------
 
 
-class Event:
-    """Something that happened to the worker in ``slot``."""
+class Ready(NamedTuple):
+    """The worker in ``slot`` started and serves: messages sent to it from now on are read promptly."""
 
-    __slots__ = ("slot",)
-
-    def __init__(self, slot: int) -> None:
-        self.slot = slot
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"{type(self).__name__}(slot={self.slot}, {fields})"
+    slot: int
+    pid: int | None
 
 
-class Ready(Event):
-    """The worker started and serves: messages sent to it from now on are read promptly."""
+class Finished(NamedTuple):
+    """The worker in ``slot`` sent the result of the activation it held first."""
 
-    __slots__ = ("pid",)
-
-    def __init__(self, slot: int, pid: int | None) -> None:
-        super().__init__(slot)
-        self.pid = pid
+    slot: int
+    result: _Result
 
 
-class Finished(Event):
-    """The worker sent the result of the activation it held first."""
+class Exiting(NamedTuple):
+    """The worker in ``slot`` exits on purpose (stop, recycling): it ran nothing it holds after its last result."""
 
-    __slots__ = ("result",)
-
-    def __init__(self, slot: int, result: _Result) -> None:
-        super().__init__(slot)
-        self.result = result
+    slot: int
+    reason: str
 
 
-class Exiting(Event):
-    """The worker exits on purpose (stop, recycling): it ran nothing it holds after its last result."""
+class Died(NamedTuple):
+    """The process of the worker in ``slot`` is gone (always its last event): how it ended."""
 
-    __slots__ = ("reason",)
-
-    def __init__(self, slot: int, reason: str) -> None:
-        super().__init__(slot)
-        self.reason = reason
+    slot: int
+    info: ExitInfo
 
 
-class Died(Event):
-    """The worker's process is gone (always the last event of a process): how it ended."""
+class Output(NamedTuple):
+    """Text the worker in ``slot`` wrote to ``stream`` (``"stdout"``/``"stderr"``): whole lines, or a long line's piece."""
 
-    __slots__ = ("info",)
-
-    def __init__(self, slot: int, info: ExitInfo) -> None:
-        super().__init__(slot)
-        self.info = info
+    slot: int
+    stream: str
+    text: str
 
 
-class Output(Event):
-    """Text the worker wrote to its ``stream`` (``"stdout"`` or ``"stderr"``): whole lines, or a long line's piece."""
-
-    __slots__ = ("stream", "text")
-
-    def __init__(self, slot: int, stream: str, text: str) -> None:
-        super().__init__(slot)
-        self.stream = stream
-        self.text = text
-
-
-class Stalled(Event):
-    """The worker has not taken the activation it holds first ``seconds`` after it went first.
+class Stalled(NamedTuple):
+    """The worker in ``slot`` has not taken the activation it holds first ``seconds`` after it went first.
 
     It is stopped (SIGSTOP), frozen, or stuck loading the flow; the backend
     leaves it alone: the supervisor decides (it kills and replaces it).
     """
 
-    __slots__ = ("seconds",)
-
-    def __init__(self, slot: int, seconds: float) -> None:
-        super().__init__(slot)
-        self.seconds = seconds
+    slot: int
+    seconds: float
 
 
-class Broken(Event):
-    """The worker wrote something that is not a message of the protocol; ``what`` says what.
+class Broken(NamedTuple):
+    """The worker in ``slot`` wrote something that is not a message of the protocol; ``what`` says what.
 
     The backend reads nothing more from it (the stream is out of step); the
     supervisor kills it.
     """
 
-    __slots__ = ("what",)
+    slot: int
+    what: str
 
-    def __init__(self, slot: int, what: str) -> None:
-        super().__init__(slot)
-        self.what = what
+
+#: Any event ``poll`` returns (each has the ``slot`` it happened to first).
+WorkerEvent = Union[Ready, Finished, Exiting, Died, Output, Stalled, Broken]  # noqa: UP007 - a runtime alias on 3.10
 
 
 # -- the protocol ------------------------------------------------------------------------------------
@@ -216,7 +175,7 @@ class WorkerBackend:
         """
         raise NotImplementedError
 
-    def poll(self, timeout: float | None) -> list[Event]:
+    def poll(self, timeout: float | None) -> list[WorkerEvent]:
         """Wait up to ``timeout`` seconds (``None``: no limit) for events, and return them.
 
         Returns early, possibly with no event, when :meth:`wake` is called or

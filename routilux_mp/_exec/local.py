@@ -61,7 +61,19 @@ from .._messages import (
     loads,
 )
 from ._pipes import Child
-from .base import Broken, Died, Event, Exiting, Finished, Output, Ready, Stalled, Usage, WorkerBackend, WorkerSettings
+from .base import (
+    Broken,
+    Died,
+    Exiting,
+    Finished,
+    Output,
+    Ready,
+    Stalled,
+    Usage,
+    WorkerBackend,
+    WorkerEvent,
+    WorkerSettings,
+)
 
 logger = logging.getLogger("routilux_mp.runtime")
 
@@ -99,6 +111,7 @@ class LocalProcessBackend(WorkerBackend):
     """Worker processes on this machine (see the module docstring)."""
 
     def __init__(self, slots: int, settings: WorkerSettings) -> None:
+        #: Worker lanes, numbered 0 .. slots - 1.
         self.slots = slots
         #: What every worker is told at start (state address and key, limits, sys.path).
         self.settings = settings
@@ -120,6 +133,7 @@ class LocalProcessBackend(WorkerBackend):
         self._want_write: set[Child] = set()
         #: Heap of (when, seq, deadline) for kill escalations and take checks.
         self._deadlines: list[tuple[float, int, Any]] = []
+        #: Tie-breaker for deadlines due at the same time.
         self._seq = itertools.count()
         #: The thread that polls: a send() from any other thread wakes it when bytes wait in an outbox.
         self._poller: threading.Thread | None = None
@@ -210,6 +224,7 @@ class LocalProcessBackend(WorkerBackend):
             self._add_deadline(child.first_since + TAKE_TIMEOUT, _TakeCheck(child))
 
     def _add_deadline(self, when: float, deadline: Any) -> None:
+        """Schedule a kill escalation or a take check (lock held)."""
         heapq.heappush(self._deadlines, (when, next(self._seq), deadline))
 
     # -- poll ----------------------------------------------------------------------------------------
@@ -221,14 +236,14 @@ class LocalProcessBackend(WorkerBackend):
         except OSError:  # full (plenty of wake-ups pending), or closed by stop()
             pass
 
-    def poll(self, timeout: float | None) -> list[Event]:
+    def poll(self, timeout: float | None) -> list[WorkerEvent]:
         """Wait for events (see :meth:`WorkerBackend.poll`); never longer than the next own deadline."""
         self._poller = threading.current_thread()
         with self._lock:
             if self._deadlines:
                 wait = max(0.0, self._deadlines[0][0] - time.monotonic())
                 timeout = wait if timeout is None else min(timeout, wait)
-        events: list[Event] = []
+        events: list[WorkerEvent] = []
         exits = []
         for key, _mask in self._selector.select(timeout):
             handler, child = key.data
@@ -242,19 +257,20 @@ class LocalProcessBackend(WorkerBackend):
         self._watch_writers()
         return events
 
-    def _on_wake(self, _child: None, fd: int, _events: list[Event]) -> None:
+    def _on_wake(self, _child: None, fd: int, _events: list[WorkerEvent]) -> None:
+        """Empty the wake-up pipe (its only job was to end the select)."""
         try:
             os.read(fd, 65536)
         except BlockingIOError:
             pass
 
-    def _on_output(self, child: Child, fd: int, events: list[Event]) -> None:
+    def _on_output(self, child: Child, fd: int, events: list[WorkerEvent]) -> None:
         """Forward what ``child`` wrote to stdout/stderr."""
         if child.pump(fd, events):
             self._unwatch(fd)
             child.close_output(fd)
 
-    def _on_results(self, child: Child, _fd: int, events: list[Event]) -> None:
+    def _on_results(self, child: Child, _fd: int, events: list[WorkerEvent]) -> None:
         """Turn what ``child`` wrote on its result pipe into events; report bytes that are not ours."""
         if child.results_closed or child.closed:
             return
@@ -300,7 +316,7 @@ class LocalProcessBackend(WorkerBackend):
                 if child.acts:
                     self._went_first(child)
 
-    def _drain(self, child: Child, events: list[Event]) -> None:
+    def _drain(self, child: Child, events: list[WorkerEvent]) -> None:
         """Read and drop what ``child`` writes on its result pipe, until EOF."""
         while True:
             try:
@@ -313,13 +329,14 @@ class LocalProcessBackend(WorkerBackend):
                 self._results_closed(child, events)
                 return
 
-    def _results_closed(self, child: Child, events: list[Event]) -> None:
+    def _results_closed(self, child: Child, events: list[WorkerEvent]) -> None:
+        """EOF on the result pipe: stop watching it; without a pidfd, that is how death shows."""
         child.results_closed = True
         self._unwatch(child.results)
         if child.pidfd is None:  # no pidfd on this system: EOF is how death shows
             self._on_exit(child, None, events)
 
-    def _on_exit(self, child: Child, _fd: int | None, events: list[Event]) -> None:
+    def _on_exit(self, child: Child, _fd: int | None, events: list[WorkerEvent]) -> None:
         """``child``'s process ended: report what it wrote, then its death."""
         if child.closed:
             return
@@ -347,7 +364,7 @@ class LocalProcessBackend(WorkerBackend):
             self._unwatch(fd)
         child.close()
 
-    def _on_writable(self, child: Child, _fd: int, _events: list[Event]) -> None:
+    def _on_writable(self, child: Child, _fd: int, _events: list[WorkerEvent]) -> None:
         """The command pipe has room: write what waits in the outbox."""
         with self._lock:
             if child.closed:
@@ -379,7 +396,7 @@ class LocalProcessBackend(WorkerBackend):
 
     # -- deadlines -----------------------------------------------------------------------------------
 
-    def _fire_deadlines(self, events: list[Event]) -> None:
+    def _fire_deadlines(self, events: list[WorkerEvent]) -> None:
         """Escalate kills and check takes that are due."""
         now = time.monotonic()
         while True:
@@ -394,7 +411,7 @@ class LocalProcessBackend(WorkerBackend):
             else:
                 self._check_taken(child, now, events)
 
-    def _check_taken(self, child: Child, now: float, events: list[Event]) -> None:
+    def _check_taken(self, child: Child, now: float, events: list[WorkerEvent]) -> None:
         """Report ``child`` as stalled if it has not taken its first activation ``TAKE_TIMEOUT`` after it went first."""
         with self._lock:
             child.take_armed = False
@@ -478,15 +495,7 @@ class LocalProcessBackend(WorkerBackend):
 
     def abort(self) -> None:
         """SIGKILL every worker's group now and wait for them (any thread)."""
-        children = [c for c in list(self._children) if c is not None]
-        for child in children:
-            if child.popen.poll() is None:
-                _process.signal_group(child.pid, signal.SIGKILL)
-        for child in children:
-            try:
-                child.popen.wait(TERM_GRACE)
-            except subprocess.TimeoutExpired:
-                logger.error("worker %d (pid %d) survived SIGKILL", child.slot, child.pid)
+        _kill_and_reap([c for c in list(self._children) if c is not None])
 
 
 def _escalate(children: list[Child], grace: float, output: Callable[[Output], None],
@@ -502,8 +511,14 @@ def _escalate(children: list[Child], grace: float, output: Callable[[Output], No
                 _process.signal_group(child.pid, sig)
             deadline = time.monotonic() + TERM_GRACE
         _wait_exit(alive, deadline, output, unwatch)
+    _kill_and_reap(children)
+
+
+def _kill_and_reap(children: list[Child]) -> None:
+    """SIGKILL the groups of ``children`` (whatever they started goes too) and wait for each."""
     for child in children:
-        _process.signal_group(child.pid, signal.SIGKILL)  # whatever it started goes too
+        _process.signal_group(child.pid, signal.SIGKILL)
+    for child in children:
         try:
             child.popen.wait(TERM_GRACE)
         except subprocess.TimeoutExpired:

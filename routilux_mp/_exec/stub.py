@@ -32,7 +32,8 @@ from typing import Any
 from .._messages import ExitInfo, _Activation, dumps, loads
 from .._worker import ActivationRunner
 from ..state import _StoreClient
-from .base import Broken, Died, Event, Exiting, Finished, Output, Ready, Stalled, Usage, WorkerBackend, WorkerSettings
+from . import base
+from .base import Usage, WorkerBackend, WorkerEvent, WorkerSettings
 
 #: Where StubState's stores are found by address (as workers find the state server by its socket).
 _STORES: dict[str, Any] = {}
@@ -57,6 +58,7 @@ class StubBackend(WorkerBackend):
     """In-thread worker lanes running the real activation code (see the module docstring)."""
 
     def __init__(self, slots: int, settings: WorkerSettings, *, capacity: int = 2) -> None:
+        #: Worker lanes, numbered 0 .. slots - 1.
         self.slots = slots
         #: What a worker is told at start: its state client comes from the StubState at ``state_address``.
         self.settings = settings
@@ -71,9 +73,11 @@ class StubBackend(WorkerBackend):
         self.wakes = 0
         #: Set by a test to make :meth:`respawn` fail with this reason (until it is set back to None).
         self.spawn_error: str | None = None
+        #: The lane in each slot (None: none now); events to report at the next poll; fake pids.
         self._lanes: list[_Lane | None] = [None] * slots
-        self._events: list[Event] = []
+        self._events: list[WorkerEvent] = []
         self._pids = itertools.count(1_000_001)  # never a real process of ours
+        #: stop() was called: nothing more is accepted.
         self._stopped = False
 
     # -- the protocol ---------------------------------------------------------------------------------
@@ -97,7 +101,7 @@ class StubBackend(WorkerBackend):
         lane = _Lane(next(self._pids), ActivationRunner(client, max_rss=None,
                                                          max_activations=self.settings.max_activations))
         self._lanes[slot] = lane
-        self._events.append(Ready(slot, lane.pid))
+        self._events.append(base.Ready(slot, lane.pid))
 
     def send(self, slot: int, message: Any) -> bool:
         """Queue ``message`` on the lane (after a pickle round trip); False past ``capacity`` activations."""
@@ -111,7 +115,7 @@ class StubBackend(WorkerBackend):
         self.sent.append((slot, message))
         return True
 
-    def poll(self, timeout: float | None) -> list[Event]:
+    def poll(self, timeout: float | None) -> list[WorkerEvent]:
         """Run what every lane that is not held holds, and return what happened (never waits)."""
         events, self._events = self._events, []
         for slot, lane in enumerate(self._lanes):
@@ -119,17 +123,18 @@ class StubBackend(WorkerBackend):
                 self._run(slot, lane, events)
         return events
 
-    def _run(self, slot: int, lane: _Lane, events: list[Event]) -> None:
+    def _run(self, slot: int, lane: _Lane, events: list[WorkerEvent]) -> None:
         """Hand every message the lane holds to its runner, in order."""
         def reply(result: Any) -> None:
-            events.append(Finished(slot, loads(dumps(result))))
+            """The result, as the supervisor would read it off the wire."""
+            events.append(base.Finished(slot, loads(dumps(result))))
 
         while lane.inbox and self._lanes[slot] is lane:
             reason = lane.runner.step(lane.inbox.popleft(), reply)
             if reason is not None:  # recycled: it exits, having run nothing it held after this
                 self._lanes[slot] = None
-                events.append(Exiting(slot, reason))
-                events.append(Died(slot, ExitInfo.from_returncode(lane.pid, 0)))
+                events.append(base.Exiting(slot, reason))
+                events.append(base.Died(slot, ExitInfo.from_returncode(lane.pid, 0)))
 
     def wake(self) -> None:
         """Count the wake-up (``poll`` never waits)."""
@@ -159,7 +164,7 @@ class StubBackend(WorkerBackend):
         """What the test set in ``rss_by_slot`` (``None`` when the slot is empty)."""
         return None if self._lanes[slot] is None else self.rss_by_slot.get(slot, 0)
 
-    def stop(self, grace: float, output: Callable[[Output], None]) -> None:
+    def stop(self, grace: float, output: Callable[[base.Output], None]) -> None:
         """Drop every lane (what they hold never runs)."""
         self._stopped = True
         self._lanes = [None] * self.slots
@@ -200,7 +205,7 @@ class StubBackend(WorkerBackend):
         lane = self._lanes[slot]
         assert lane is not None, f"no lane in slot {slot}"
         lane.held = lane.stalled = True
-        self._events.append(Stalled(slot, seconds))
+        self._events.append(base.Stalled(slot, seconds))
 
     def loading(self, slot: int, still: bool = True) -> None:
         """The lane has not taken its first activation yet (still loading the flow), or has now."""
@@ -210,7 +215,7 @@ class StubBackend(WorkerBackend):
 
     def corrupt(self, slot: int, what: str) -> None:
         """Report that the lane's worker broke the protocol (``what`` it did)."""
-        self._events.append(Broken(slot, what))
+        self._events.append(base.Broken(slot, what))
 
     def _die(self, slot: int, returncode: int, stderr: str = "") -> None:
         """The lane is gone: its Died event shows at the next poll."""
@@ -218,7 +223,7 @@ class StubBackend(WorkerBackend):
         if lane is None:
             return
         self._lanes[slot] = None
-        self._events.append(Died(slot, ExitInfo.from_returncode(lane.pid, returncode, stderr)))
+        self._events.append(base.Died(slot, ExitInfo.from_returncode(lane.pid, returncode, stderr)))
 
 
 class _InProcessClient(_StoreClient):

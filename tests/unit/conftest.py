@@ -91,6 +91,13 @@ class Harness:
                                metadata=None, timeout=None, **kwargs)
         return job
 
+    def post_held(self, flow: Any, data: dict, lane: int = 0) -> Any:
+        """Post ``data`` while ``lane`` holds what it gets (as if busy running it); the job."""
+        self.stub.hold(lane)
+        job = self.post(flow, data)
+        self.settle()
+        return job
+
     def activations(self, slot: int | None = None) -> list[Any]:
         """Every activation sent so far (to ``slot``), in order."""
         return [m for s, m in self.stub.sent if type(m).__name__ == "_Activation" and (slot is None or s == slot)]

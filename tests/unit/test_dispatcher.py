@@ -177,9 +177,7 @@ def test_a_crashing_activation_is_retried_then_given_up_as_poison(harness) -> No
     h = harness(processes=1, max_crash_retries=2)
     handler = ErrorHandler(ErrorStrategy.RETRY, max_retries=5, retry_delay=1.0, retry_backoff=1.0)
     flow = _flow("poison", handler=handler)
-    h.stub.hold(0)
-    job = h.post(flow, {"i": 0})
-    h.settle()
+    job = h.post_held(flow, {"i": 0})
     h.stub.crash(0)
     h.settle()  # attempt 1 crashed: retried in 1 s; the lane is refilled
     h.stub.hold(0)
@@ -210,9 +208,7 @@ def test_a_stalled_worker_is_killed_and_its_activations_run_elsewhere(harness) -
 def test_a_worker_that_breaks_the_protocol_is_killed_and_fails_what_it_ran(harness) -> None:
     h = harness(processes=2)
     flow = _flow("broken", concurrency=None)
-    h.stub.hold(0)
-    job = h.post(flow, {"i": 0})
-    h.settle()
+    job = h.post_held(flow, {"i": 0})
     h.stub.corrupt(0, "sent bytes that are not a frame")
     h.settle()
     assert job.status == "failed" and job.error["type"] == CRASH
@@ -222,9 +218,7 @@ def test_a_worker_that_breaks_the_protocol_is_killed_and_fails_what_it_ran(harne
 def test_workers_that_keep_failing_to_start_break_the_runtime(harness) -> None:
     h = harness(processes=1)
     flow = _flow("never")
-    h.stub.hold(0)
-    running = h.post(flow, {"i": 0})
-    h.settle()
+    running = h.post_held(flow, {"i": 0})
     h.stub.spawn_error = "worker 0: could not start a process: OSError: out of processes"
     h.stub.crash(0)
     h.settle()
@@ -246,9 +240,7 @@ def test_workers_that_keep_failing_to_start_break_the_runtime(harness) -> None:
 def test_an_activation_past_its_timeout_is_killed_and_fails(harness) -> None:
     h = harness(processes=1)
     flow = _flow("slow", timeout=5.0)
-    h.stub.hold(0)
-    job = h.post(flow, {"i": 0})
-    h.settle()
+    job = h.post_held(flow, {"i": 0})
     h.advance(4.9)
     assert not h.stub.kills and job.status == "running"
     h.advance(0.2)
@@ -262,9 +254,7 @@ def test_an_activation_past_its_timeout_is_killed_and_fails(harness) -> None:
 def test_a_stalled_activation_does_not_time_out_until_it_is_taken(harness) -> None:
     h = harness(processes=1, max_crash_retries=5)
     flow = _flow("late", timeout=5.0)
-    h.stub.hold(0)
-    job = h.post(flow, {"i": 0})
-    h.settle()
+    job = h.post_held(flow, {"i": 0})
     h.stub.loading(0)  # still loading the flow: it has not taken the activation
     h.advance(6)
     assert not h.stub.kills and job.status == "running", "the timeout counts from when it is taken"
@@ -299,9 +289,7 @@ def test_retries_wait_with_backoff_then_give_up(harness) -> None:
 def test_a_lost_state_server_fails_open_jobs_and_breaks_the_runtime(harness) -> None:
     h = harness(processes=1)
     flow = _flow("lost")
-    h.stub.hold(0)
-    job = h.post(flow, {"i": 0})
-    h.settle()
+    job = h.post_held(flow, {"i": 0})
     h.sup.state.lose("the state server (pid 1) was killed by SIGKILL")
     h.settle()
     assert job.status == "failed" and job.error["type"] == "routilux_mp.errors.StateServerLostError"
