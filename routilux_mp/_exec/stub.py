@@ -3,7 +3,9 @@
 Like dramatiq's stub broker: the real thing minus the processes. Each lane
 runs the real :class:`~routilux_mp._worker.ActivationRunner` (the code a worker
 process runs) inside :meth:`StubBackend.poll`, in the caller's thread, one
-message after another: deterministic, no process, no pipe, no wait.
+message after another: deterministic, no process, no pipe. ``poll(0)`` never
+waits (unit tests drive the loop pass by pass); with a longer timeout it
+waits for a send or a wake-up, so a dispatcher thread can run over it too.
 Messages and results go through a pickle round trip, as on the wire.
 :class:`StubState` stands in for the state server's launcher: WorkerState
 calls are served in this process by a real ``StateStore``.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import collections
 import itertools
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +82,11 @@ class StubBackend(WorkerBackend):
         self._pids = itertools.count(1_000_001)  # never a real process of ours
         #: stop() was called: nothing more is accepted.
         self._stopped = False
+        #: Guards the lanes and events (a dispatcher thread may poll while posting threads send);
+        #: notified when there is something to poll.
+        self._cond = threading.Condition()
+        #: wake() was called since the last poll.
+        self._woken = False
 
     # -- the protocol ---------------------------------------------------------------------------------
 
@@ -100,45 +108,64 @@ class StubBackend(WorkerBackend):
             self.settings.lock_timeout)
         lane = _Lane(next(self._pids), ActivationRunner(client, max_rss=None,
                                                          max_activations=self.settings.max_activations))
-        self._lanes[slot] = lane
-        self._events.append(base.Ready(slot, lane.pid))
+        self._report(slot, lane, base.Ready(slot, lane.pid))
 
     def send(self, slot: int, message: Any) -> bool:
         """Queue ``message`` on the lane (after a pickle round trip); False past ``capacity`` activations."""
-        lane = self._lanes[slot]
-        if lane is None or self._stopped:
-            return False
-        if type(message) is _Activation and sum(type(m) is _Activation for m in lane.inbox) >= self.capacity:
-            return False
         message = loads(dumps(message))
-        lane.inbox.append(message)
-        self.sent.append((slot, message))
+        with self._cond:
+            lane = self._lanes[slot]
+            if lane is None or self._stopped:
+                return False
+            if type(message) is _Activation and sum(type(m) is _Activation for m in lane.inbox) >= self.capacity:
+                return False
+            lane.inbox.append(message)
+            self.sent.append((slot, message))
+            self._cond.notify_all()
         return True
 
     def poll(self, timeout: float | None) -> list[WorkerEvent]:
-        """Run what every lane that is not held holds, and return what happened (never waits)."""
-        events, self._events = self._events, []
-        for slot, lane in enumerate(self._lanes):
-            if lane is not None and not lane.held:
-                self._run(slot, lane, events)
+        """Run what every lane that is not held holds, and return what happened.
+
+        Waits up to ``timeout`` (``None``: until a send or wake-up) only when
+        there is nothing to report or run; ``poll(0)`` never waits.
+        """
+        with self._cond:
+            if timeout != 0 and not self._woken and self.idle():
+                self._cond.wait(timeout)
+            self._woken = False
+            events, self._events = self._events, []
+            lanes = [(slot, lane) for slot, lane in enumerate(self._lanes) if lane is not None and not lane.held]
+        for slot, lane in lanes:
+            self._run(slot, lane, events)
         return events
 
     def _run(self, slot: int, lane: _Lane, events: list[WorkerEvent]) -> None:
-        """Hand every message the lane holds to its runner, in order."""
+        """Hand every message the lane holds to its runner, in order (the runner runs unlocked)."""
         def reply(result: Any) -> None:
             """The result, as the supervisor would read it off the wire."""
             events.append(base.Finished(slot, loads(dumps(result))))
 
-        while lane.inbox and self._lanes[slot] is lane:
-            reason = lane.runner.step(lane.inbox.popleft(), reply)
+        while True:
+            with self._cond:
+                if self._lanes[slot] is not lane or lane.held or not lane.inbox:
+                    return
+                message = lane.inbox.popleft()
+            reason = lane.runner.step(message, reply)
             if reason is not None:  # recycled: it exits, having run nothing it held after this
-                self._lanes[slot] = None
+                with self._cond:
+                    if self._lanes[slot] is lane:
+                        self._lanes[slot] = None
                 events.append(base.Exiting(slot, reason))
                 events.append(base.Died(slot, ExitInfo.from_returncode(lane.pid, 0)))
+                return
 
     def wake(self) -> None:
-        """Count the wake-up (``poll`` never waits)."""
-        self.wakes += 1
+        """Make a waiting ``poll`` return (any thread)."""
+        with self._cond:
+            self.wakes += 1
+            self._woken = True
+            self._cond.notify_all()
 
     def kill(self, slot: int, reason: str, hard: bool) -> None:
         """Kill the lane now: it dies by SIGKILL (``hard``) or SIGTERM; nothing it holds runs."""
@@ -166,26 +193,47 @@ class StubBackend(WorkerBackend):
 
     def stop(self, grace: float, output: Callable[[base.Output], None]) -> None:
         """Drop every lane (what they hold never runs)."""
-        self._stopped = True
-        self._lanes = [None] * self.slots
+        with self._cond:
+            self._stopped = True
+            self._lanes = [None] * self.slots
+            self._cond.notify_all()
 
     def abort(self) -> None:
         """Drop every lane."""
         self.stop(0.0, lambda piece: None)
 
-    # -- test controls --------------------------------------------------------------------------------
+    # -- test controls (any thread) --------------------------------------------------------------------
+
+    def _lane(self, slot: int) -> _Lane:
+        """The lane in ``slot`` (a test control on an empty slot is a mistake in the test)."""
+        lane = self._lanes[slot]
+        assert lane is not None, f"no lane in slot {slot}"
+        return lane
+
+    def _report(self, slot: int, lane: _Lane | None, event: WorkerEvent) -> None:
+        """Put ``lane`` in ``slot`` (``None``: empty it) and report ``event`` at the next poll."""
+        with self._cond:
+            self._lanes[slot] = lane
+            self._events.append(event)
+            self._cond.notify_all()
 
     def hold(self, slot: int) -> None:
         """The lane's worker is busy with its first activation (taken) until :meth:`release`."""
-        lane = self._lanes[slot]
-        assert lane is not None, f"no lane in slot {slot}"
-        lane.held = True
+        with self._cond:
+            self._lane(slot).held = True
 
     def release(self, slot: int) -> None:
         """Let a held lane run what it holds at the next poll."""
-        lane = self._lanes[slot]
-        if lane is not None:
-            lane.held = False
+        with self._cond:
+            lane = self._lanes[slot]
+            if lane is not None:
+                lane.held = False
+            self._cond.notify_all()
+
+    def loading(self, slot: int, still: bool = True) -> None:
+        """The lane has not taken its first activation yet (still loading the flow), or has now."""
+        with self._cond:
+            self._lane(slot).stalled = still
 
     def idle(self) -> bool:
         """Nothing to report and nothing to run: another poll would change nothing."""
@@ -193,8 +241,9 @@ class StubBackend(WorkerBackend):
 
     def holding(self, slot: int) -> list[Any]:
         """The messages the lane in ``slot`` holds, in order."""
-        lane = self._lanes[slot]
-        return [] if lane is None else list(lane.inbox)
+        with self._cond:
+            lane = self._lanes[slot]
+            return [] if lane is None else list(lane.inbox)
 
     def crash(self, slot: int, *, sig: int | None = signal.SIGKILL, exitcode: int = 1, stderr: str = "") -> None:
         """The lane's worker dies now, killed by ``sig`` (or exiting with ``exitcode`` when ``sig`` is None)."""
@@ -202,28 +251,22 @@ class StubBackend(WorkerBackend):
 
     def stall(self, slot: int, seconds: float = 60.0) -> None:
         """Report the lane stalled (it did not take its first activation in ``seconds``)."""
-        lane = self._lanes[slot]
-        assert lane is not None, f"no lane in slot {slot}"
-        lane.held = lane.stalled = True
-        self._events.append(base.Stalled(slot, seconds))
-
-    def loading(self, slot: int, still: bool = True) -> None:
-        """The lane has not taken its first activation yet (still loading the flow), or has now."""
-        lane = self._lanes[slot]
-        assert lane is not None, f"no lane in slot {slot}"
-        lane.stalled = still
+        with self._cond:
+            lane = self._lane(slot)
+            lane.held = lane.stalled = True
+        self._report(slot, lane, base.Stalled(slot, seconds))
 
     def corrupt(self, slot: int, what: str) -> None:
         """Report that the lane's worker broke the protocol (``what`` it did)."""
-        self._events.append(base.Broken(slot, what))
+        self._report(slot, self._lane(slot), base.Broken(slot, what))
 
     def _die(self, slot: int, returncode: int, stderr: str = "") -> None:
         """The lane is gone: its Died event shows at the next poll."""
-        lane = self._lanes[slot]
-        if lane is None:
-            return
-        self._lanes[slot] = None
-        self._events.append(base.Died(slot, ExitInfo.from_returncode(lane.pid, returncode, stderr)))
+        with self._cond:
+            lane = self._lanes[slot]
+            if lane is None:
+                return
+            self._report(slot, None, base.Died(slot, ExitInfo.from_returncode(lane.pid, returncode, stderr)))
 
 
 class _InProcessClient(_StoreClient):

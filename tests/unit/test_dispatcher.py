@@ -297,6 +297,36 @@ def test_a_lost_state_server_fails_open_jobs_and_breaks_the_runtime(harness) -> 
         h.post(flow, {"i": 1})
 
 
+# -- with a dispatcher thread ------------------------------------------------------------------------
+
+
+def test_the_dispatcher_thread_runs_over_stub_lanes_and_shuts_down() -> None:
+    import functools
+
+    from routilux_mp._exec.stub import StubBackend, StubState
+    from routilux_mp._messages import encode
+    from routilux_mp._supervisor import Settings, Supervisor
+
+    sup = Supervisor(Settings(processes=2), backend=functools.partial(StubBackend, capacity=2), state=StubState)
+    sup.start()
+    flow = _flow("threaded", _increment, concurrency=None)
+    flow.validate()
+    sup.add_worker("threaded", flow, None)
+    done = []
+    jobs = []
+    for i in range(20):
+        _, job = sup.post("threaded", "r", "in", encode({"i": i}), worker_id=None, job_id=None, metadata=None,
+                          block=True, timeout=5.0)
+        job.add_done_callback(done.append)
+        jobs.append(job)
+    assert sup.wait_idle(5.0), "the dispatcher thread ran every activation"
+    assert sorted(_outputs(job)[0]["seen"] for job in jobs) == list(range(1, 21))
+    assert len(done) == 20, "every done-callback ran"
+    sup.shutdown(wait=True, timeout=5.0, cancel_pending=False)
+    assert sup.testing().join_dispatcher(5.0)
+    assert sup.worker_state("threaded-1").get_routine_state("r") == {"seen": 20}, "read from the final snapshot"
+
+
 # -- the harness itself -----------------------------------------------------------------------------
 
 
