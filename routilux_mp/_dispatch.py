@@ -111,8 +111,9 @@ class Dispatcher:
 
     def __init__(self, owner: Owner, backend: WorkerBackend, ledger: Ledger, router: Router, timers: Timers,
                  *, prefetch: int, kill_worker_rss: int | None) -> None:
-        #: The loop: told when a worker is ready, when state is lost, when the runtime must break.
+        #: The loop: told when a worker is ready, when state is lost, when the runtime must break; its flags.
         self.owner = owner
+        self.flags = owner.flags
         #: The worker lanes (see ``_exec.base``).
         self.backend = backend
         #: The books, and the policies and routing of results.
@@ -169,7 +170,7 @@ class Dispatcher:
 
     def dispatch(self) -> None:
         """Hand ready activations to lanes with room, oldest first, within each routine's limit."""
-        if self.owner.flags.broken is not None:
+        if self.flags.broken is not None:
             return
         ledger = self.ledger
         full: set[int] = set()
@@ -193,8 +194,8 @@ class Dispatcher:
         """An idle lane if any, else one that may take a prefetched activation."""
         best = None
         for slot in self.slots:
-            if not slot.usable() or slot.index in full:
-                continue
+            if not slot.alive or slot.exiting is not None or slot.hung is not None or slot.index in full:
+                continue  # (slot.usable(), inlined: this runs for every activation)
             n = len(slot.inflight)
             if n == 0 and slot.ready:
                 return slot
@@ -304,7 +305,7 @@ class Dispatcher:
             return
         slot.alive = False
         info = event.info
-        if self.owner.flags.broken is None and info.pid is not None:
+        if self.flags.broken is None and info.pid is not None:
             self.owner.push_state("release_pid", info.pid)
         acts = list(slot.inflight)
         slot.inflight.clear()
@@ -323,7 +324,7 @@ class Dispatcher:
             first.rt.stats.errors += 1
             self._failed(first, error)
         self.ledger.requeue(acts)
-        flags = self.owner.flags
+        flags = self.flags
         if flags.stop_requested or flags.closed and self.ledger.open_jobs == 0:
             return
         if not slot.ready and slot.exiting is None:
@@ -433,7 +434,7 @@ class Dispatcher:
     def respawn(self, index: int) -> None:
         """Start a new worker in lane ``index`` (its old one is gone)."""
         old = self.slots[index]
-        flags = self.owner.flags
+        flags = self.flags
         if old.alive or flags.stop_requested or flags.broken is not None:
             return
         slot = self.slots[index] = WorkerSlot(index, old.restarts + 1)

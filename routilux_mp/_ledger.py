@@ -47,8 +47,10 @@ class Ledger:
         #: worker_id -> the live flow instance (one per ``exec``), and flow name -> its current worker_id.
         self.instances: dict[str, _Instance] = {}
         self.current: dict[str, str] = {}
-        #: job_id -> record, open and finished (the oldest finished dropped past ``max_finished_jobs``).
-        self.jobs: dict[str, JobRecord] = {}
+        #: job_id -> job, open and finished (the oldest finished dropped past ``max_finished_jobs``).
+        self.jobs: dict[str, JobContext] = {}
+        #: job_id -> record of each open job (a finished job keeps no record: fewer objects for the GC).
+        self.records: dict[str, JobRecord] = {}
         #: job_ids of finished jobs, oldest first.
         self.finished: collections.deque[str] = collections.deque()
         #: Jobs per status, and how many are open.
@@ -72,7 +74,8 @@ class Ledger:
     def open_job(self, job: JobContext) -> JobRecord:
         """Enter a new (pending) job."""
         rec = JobRecord(job, next(self._seq))
-        self.jobs[job.job_id] = rec
+        self.jobs[job.job_id] = job
+        self.records[job.job_id] = rec
         self.status_counts["pending"] += 1
         self.open_jobs += 1
         return rec
@@ -84,18 +87,17 @@ class Ledger:
 
     def job(self, job_id: str) -> JobContext | None:
         """The job with this id, open or kept finished."""
-        rec = self.jobs.get(job_id)
-        return None if rec is None else rec.job
+        return self.jobs.get(job_id)
 
     def list_jobs(self, worker_id: str | None) -> list[JobContext]:
         """Jobs in the ledger, oldest first (of one worker, or all)."""
-        return [r.job for r in self.jobs.values() if worker_id is None or r.job.worker_id == worker_id]
+        return [j for j in self.jobs.values() if worker_id is None or j.worker_id == worker_id]
 
     def busy(self, worker_id: str | None) -> bool:
         """Whether any job (of ``worker_id``, or of anyone) is still open."""
         if worker_id is None:
             return self.open_jobs != 0
-        return any(r.job.worker_id == worker_id and not r.job.done for r in self.jobs.values())
+        return any(r.job.worker_id == worker_id for r in self.records.values())
 
     def release(self, act: _Act) -> None:
         """``act`` is over: drop its hold on its jobs; a job nothing holds any more completes."""
@@ -107,6 +109,7 @@ class Ledger:
     def finish(self, rec: JobRecord, status: str, error: dict | None = None) -> None:
         """Move an open job to ``status`` (its done-callbacks are queued) and count it for its worker."""
         job = rec.job
+        del self.records[job.job_id]
         self.status_counts[job.status] -= 1
         self.status_counts[status] += 1
         self.callbacks.extend(job._finish(status, error))
@@ -122,8 +125,8 @@ class Ledger:
         self.finished.append(job.job_id)
         while len(self.finished) > self.max_finished_jobs:
             old = self.jobs.get(self.finished.popleft())
-            if old is not None and old.job.done:
-                del self.jobs[old.job.job_id]
+            if old is not None and old.done:
+                del self.jobs[old.job_id]
 
     def fail(self, rec: JobRecord, error: dict) -> None:
         """Fail an open job: drop its queued items and the activations left with no open job."""
@@ -132,8 +135,8 @@ class Ledger:
 
     def end(self, job_id: str, status: str, error: dict | None) -> bool:
         """End an open job now (``Runtime.complete_job``); False if there is none. Running ones no longer count."""
-        rec = self.jobs.get(job_id)
-        if rec is None or rec.job.done:
+        rec = self.records.get(job_id)
+        if rec is None:
             return False
         self.finish(rec, status, error)
         self.purge({id(rec)}, rec.job.worker_id)
@@ -141,7 +144,7 @@ class Ledger:
 
     def cancel_pending(self) -> int:
         """Cancel every job none of whose activations has started; return how many."""
-        cancelled = [rec for rec in self.jobs.values() if rec.job.status == "pending"]
+        cancelled = [rec for rec in self.records.values() if rec.job.status == "pending"]
         for rec in cancelled:
             self.finish(rec, "cancelled")
         if cancelled:
@@ -153,9 +156,8 @@ class Ledger:
         for rt in self.runnable:
             rt.ready.clear()
         self.runnable.clear()
-        for rec in list(self.jobs.values()):
-            if not rec.job.done:
-                self.finish(rec, status, None if error is None else dict(error))
+        for rec in list(self.records.values()):
+            self.finish(rec, status, None if error is None else dict(error))
         for inst in self.instances.values():
             for rt in inst.routines.values():
                 for queue in rt.slots.values():

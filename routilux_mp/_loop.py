@@ -187,8 +187,7 @@ class DispatchLoop:
 
     def _wait_time(self, timeout: float | None) -> float | None:
         """How long the next poll may wait: until the next timer, at most ``timeout``."""
-        with self.lock:
-            due = self.timers.next_due()
+        due = self.timers.next_due()  # (unlocked: a timer another thread adds later wakes the poll)
         if due is not None:
             wait = max(0.0, due - self.clock())
             timeout = wait if timeout is None else min(timeout, wait)
@@ -211,6 +210,9 @@ class DispatchLoop:
     def _fire_timers(self) -> None:
         """Run every timer that is due, dispatched by its type."""
         now = self.clock()
+        due = self.timers.next_due()
+        if due is None or due > now:
+            return
         handlers = self._timer_handlers
         for timer in self.timers.pop_due(now):
             handlers[type(timer)](timer, now)

@@ -257,15 +257,19 @@ class Supervisor:
 
     # -- posting -------------------------------------------------------------------------------------
 
-    def post(self, flow_name: str, routine_id: str, slot_name: str, blob: bytes, *, worker_id: str | None,
-             job_id: str | None, metadata: dict | None, block: bool,
+    def post(self, flow_name: str, flow: Any, routine_id: str, slot_name: str, blob: bytes, *,
+             worker_id: str | None, job_id: str | None, metadata: dict | None, block: bool,
              timeout: float | None) -> tuple[WorkerState, JobContext]:
-        """A new job: the pickled item ``blob`` on ``routine_id.slot_name`` of the worker (see ``Runtime.post``)."""
+        """A new job: the pickled item ``blob`` on ``routine_id.slot_name`` (checked on ``flow``, the flow
+        registered as ``flow_name`` now) of ``worker_id``, or the flow's current worker (see ``Runtime.post``)."""
         inst = self._resolve_worker(flow_name, worker_id)
-        inst.flow.check_slot(routine_id, slot_name)
+        if inst.flow is not flow:  # (the flow was registered again since this worker started)
+            inst.flow.check_slot(routine_id, slot_name)
         deadline = None if timeout is None else self.clock() + timeout
+        flags = self.flags
         with self.lock:
-            self.check_usable()
+            if flags.broken is not None or flags.closed or self.state.lost is not None:
+                self.check_usable()
             if job_id is not None and job_id in self.ledger.jobs:
                 raise FlowError(f"a job {job_id!r} already exists; job ids must be unique")
             rt = inst.routines[routine_id]
@@ -491,6 +495,18 @@ class TestHooks:
 
         with sup.cond:
             return sup.cond.wait_for(refilled, timeout)
+
+    def wait_no_timers(self, timeout: float) -> bool:
+        """Wait until neither the dispatcher nor the backend has a timer pending (the dispatcher then
+        sleeps until something happens)."""
+        sup = self._sup
+
+        def quiet() -> bool:
+            """No timer of the loop, no deadline of the backend."""
+            return len(sup.loop.timers) == 0 and getattr(sup.backend, "pending_deadlines", 0) == 0
+
+        with sup.cond:
+            return sup.cond.wait_for(quiet, timeout)
 
     def join_dispatcher(self, timeout: float) -> bool:
         """Wait until the dispatcher thread finished; whether it did."""

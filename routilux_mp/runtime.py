@@ -246,7 +246,7 @@ class Runtime:
             raise SerializationError(f"post() data cannot be pickled: {type(exc).__name__}: {exc}") from exc
         if worker_id is None and not sup.has_current(flow_name):
             self.exec(flow_name)
-        return sup.post(flow_name, routine_id, slot_name, blob, worker_id=worker_id, job_id=job_id,
+        return sup.post(flow_name, flow, routine_id, slot_name, blob, worker_id=worker_id, job_id=job_id,
                         metadata=metadata, block=block, timeout=timeout)
 
     # ------------------------------------------------------------------ waiting

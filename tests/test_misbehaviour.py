@@ -93,6 +93,25 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
             os.kill(victim, signal.SIGCONT)
 
 
+def test_a_stopped_worker_is_replaced_when_nothing_else_happens(make_runtime, monkeypatch) -> None:
+    monkeypatch.setattr(local, "TAKE_TIMEOUT", TAKE)
+    single_flow("quiet", _pid_and_size)
+    runtime = make_runtime(processes=1)
+    _, first = runtime.post("quiet", "r", "in", {"pad": ""})  # the worker has the flow from now on
+    assert first.wait(WAIT) and first.status == "completed", first.error
+    victim = first.outputs[0]["data"]["pid"]
+    assert runtime._testing.wait_no_timers(WAIT), "counters flushed, the first activation's take check done"
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        # A small activation fits in the pipe: nothing but the take check can wake the dispatcher now.
+        _, job = runtime.post("quiet", "r", "in", {"pad": ""})
+        assert job.wait(WAIT) and job.status == "completed", job.error
+        assert job.outputs[0]["data"]["pid"] != victim
+    finally:
+        if psutil.pid_exists(victim):
+            os.kill(victim, signal.SIGCONT)
+
+
 def test_a_flow_that_never_finishes_loading_fails_its_job_after_max_crash_retries(make_runtime, monkeypatch) -> None:
     monkeypatch.setattr(local, "TAKE_TIMEOUT", TAKE)
     flow = single_flow("stuck", _pid_and_size)

@@ -205,23 +205,29 @@ class LocalProcessBackend(WorkerBackend):
             if activation:
                 child.acts.append((child.sent, len(data) + child.extra))
                 child.extra = 0
-                if len(child.acts) == 1:
-                    self._went_first(child)
+                # A poll waiting now computed its timeout without this check's deadline.
+                wake = len(child.acts) == 1 and self._went_first(child)
             else:
                 child.extra += len(data)
             if child.outbox and child not in self._want_write:
                 self._want_write.add(child)
-                wake = threading.current_thread() is not self._poller
+                wake = True
+            wake = wake and threading.current_thread() is not self._poller
         if wake:
             self.wake()
         return True
 
-    def _went_first(self, child: Child) -> None:
-        """``child.acts[0]`` just went first: it must be taken within ``TAKE_TIMEOUT`` (lock held)."""
+    def _went_first(self, child: Child) -> bool:
+        """``child.acts[0]`` just went first: it must be taken within ``TAKE_TIMEOUT`` (lock held).
+
+        Returns True when a new take check was scheduled.
+        """
         child.first_since = time.monotonic()
-        if not child.take_armed:
-            child.take_armed = True
-            self._add_deadline(child.first_since + TAKE_TIMEOUT, _TakeCheck(child))
+        if child.take_armed:
+            return False
+        child.take_armed = True
+        self._add_deadline(child.first_since + TAKE_TIMEOUT, _TakeCheck(child))
+        return True
 
     def _add_deadline(self, when: float, deadline: Any) -> None:
         """Schedule a kill escalation or a take check (lock held)."""
@@ -238,11 +244,12 @@ class LocalProcessBackend(WorkerBackend):
 
     def poll(self, timeout: float | None) -> list[WorkerEvent]:
         """Wait for events (see :meth:`WorkerBackend.poll`); never longer than the next own deadline."""
-        self._poller = threading.current_thread()
-        with self._lock:
-            if self._deadlines:
-                wait = max(0.0, self._deadlines[0][0] - time.monotonic())
-                timeout = wait if timeout is None else min(timeout, wait)
+        if self._poller is None:
+            self._poller = threading.current_thread()
+        deadlines = self._deadlines  # (only poll pops; a send that pushes an earlier one wakes this thread)
+        if deadlines:
+            wait = max(0.0, deadlines[0][0] - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
         events: list[WorkerEvent] = []
         exits = []
         for key, _mask in self._selector.select(timeout):
@@ -380,6 +387,8 @@ class LocalProcessBackend(WorkerBackend):
 
     def _watch_writers(self) -> None:
         """Wait for room in the command pipes of children with bytes in their outbox."""
+        if not self._want_write:  # (a send that adds one wakes this thread)
+            return
         with self._lock:
             for child in self._want_write:
                 if child.outbox and not child.writing and not child.closed:
@@ -399,6 +408,9 @@ class LocalProcessBackend(WorkerBackend):
     def _fire_deadlines(self, events: list[WorkerEvent]) -> None:
         """Escalate kills and check takes that are due."""
         now = time.monotonic()
+        deadlines = self._deadlines
+        if not deadlines or deadlines[0][0] > now:  # the common case, without the lock (only poll pops)
+            return
         while True:
             with self._lock:
                 if not self._deadlines or self._deadlines[0][0] > now:
@@ -448,6 +460,11 @@ class LocalProcessBackend(WorkerBackend):
             if child is None or not child.acts:
                 return True
             return child.taken(child.acts[0][0])
+
+    @property
+    def pending_deadlines(self) -> int:
+        """Kill escalations and take checks scheduled now (for tests)."""
+        return len(self._deadlines)
 
     def pid(self, slot: int) -> int | None:
         """The worker's process id (any thread)."""

@@ -87,7 +87,7 @@ class Harness:
             flow.validate()
             self.sup.add_worker(flow.flow_id, flow, None)
         kwargs.setdefault("block", False)
-        _, job = self.sup.post(flow.flow_id, routine, slot, encode(data), worker_id=None, job_id=None,
+        _, job = self.sup.post(flow.flow_id, flow, routine, slot, encode(data), worker_id=None, job_id=None,
                                metadata=None, timeout=None, **kwargs)
         return job
 

@@ -315,8 +315,8 @@ def test_the_dispatcher_thread_runs_over_stub_lanes_and_shuts_down() -> None:
     done = []
     jobs = []
     for i in range(20):
-        _, job = sup.post("threaded", "r", "in", encode({"i": i}), worker_id=None, job_id=None, metadata=None,
-                          block=True, timeout=5.0)
+        _, job = sup.post("threaded", flow, "r", "in", encode({"i": i}), worker_id=None, job_id=None,
+                          metadata=None, block=True, timeout=5.0)
         job.add_done_callback(done.append)
         jobs.append(job)
     assert sup.wait_idle(5.0), "the dispatcher thread ran every activation"
