@@ -27,7 +27,7 @@ from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerB
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
 from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, type_name
-from ._records import JobRecord, _Act
+from ._records import _Act
 from ._routing import Router
 from ._timers import ActivationDeadline, RespawnDue, RetryDue, Timers
 from .errors import (
@@ -39,6 +39,7 @@ from .errors import (
     WorkerCrashedError,
     WorkerMemoryError,
 )
+from .job import JobContext
 
 logger = logging.getLogger("routilux_mp.runtime")
 
@@ -203,7 +204,7 @@ class Dispatcher:
                 best = slot
         return best
 
-    def _send(self, slot: WorkerSlot, act: _Act, lead: JobRecord) -> bool:
+    def _send(self, slot: WorkerSlot, act: _Act, job: JobContext) -> bool:
         """Send ``act`` (and its flow, the first time) to ``slot``; False if it has no room."""
         rt = act.rt
         inst = rt.inst
@@ -211,7 +212,6 @@ class Dispatcher:
             if not self.backend.send(slot.index, self.ships[inst.flow_key][1]):
                 return False
             slot.loaded.add(inst.flow_key)
-        job = lead.job
         message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
                               act.message, job.job_id, job.metadata, job.data, act.attempt)
         if not self.backend.send(slot.index, message):
@@ -470,5 +470,5 @@ class Dispatcher:
             self.timers.add(RetryDue(outcome.act), self.timers.clock() + outcome.delay)
         elif outcome is not None:  # CONTINUE: what it emitted before failing still counts
             if res is not None and self.router.route(act, outcome, res) is not None:
-                outcome.job.trace(act.rt.rid, "outputs dropped", "an output of the failed activation cannot be unpickled")
+                outcome.trace(act.rt.rid, "outputs dropped", "an output of the failed activation cannot be unpickled")
             self.ledger.release(act)

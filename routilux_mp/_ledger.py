@@ -1,8 +1,10 @@
 """The supervisor's books: which jobs are open, what holds them, what runs, what waits to retry.
 
 A job is open while anything it caused is queued, running or waiting to be
-retried; :class:`~routilux_mp._records.JobRecord` counts those holds (never
-the public ``JobContext``). When the last hold goes, the job completes.
+retried: the ledger counts those holds, and each open job's arrival order, in
+dicts of its own (never on the public ``JobContext``; no object per job, so
+nothing more for the garbage collector to walk). When the last hold goes, the
+job completes.
 Failures go through the routine's error strategy here (:meth:`Ledger.fail_activation`).
 
 Every method runs with the supervisor's lock held. The ledger never waits,
@@ -17,7 +19,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ._records import JobRecord, SlotQueue, _Act, _Entry, _Instance, _RoutineRt, percentile
+from ._records import SlotQueue, _Act, _Entry, _Instance, _RoutineRt, percentile
 from .error_handling import ErrorStrategy
 from .job import JobContext
 
@@ -49,8 +51,10 @@ class Ledger:
         self.current: dict[str, str] = {}
         #: job_id -> job, open and finished (the oldest finished dropped past ``max_finished_jobs``).
         self.jobs: dict[str, JobContext] = {}
-        #: job_id -> record of each open job (a finished job keeps no record: fewer objects for the GC).
-        self.records: dict[str, JobRecord] = {}
+        #: Open job -> its holds (queued items, activations, retries: it completes when they drop to 0),
+        #: and its arrival number (a multi-job activation lists its jobs oldest first).
+        self.holds: dict[JobContext, int] = {}
+        self.arrival: dict[JobContext, int] = {}
         #: job_ids of finished jobs, oldest first.
         self.finished: collections.deque[str] = collections.deque()
         #: Jobs per status, and how many are open.
@@ -71,19 +75,18 @@ class Ledger:
 
     # -- jobs ----------------------------------------------------------------------------------------
 
-    def open_job(self, job: JobContext) -> JobRecord:
+    def open_job(self, job: JobContext) -> None:
         """Enter a new (pending) job."""
-        rec = JobRecord(job, next(self._seq))
         self.jobs[job.job_id] = job
-        self.records[job.job_id] = rec
+        self.holds[job] = 0
+        self.arrival[job] = next(self._seq)
         self.status_counts["pending"] += 1
         self.open_jobs += 1
-        return rec
 
-    def enqueue(self, rt: _RoutineRt, slot: str, rec: JobRecord, blob: bytes) -> None:
-        """Queue one item of ``rec``'s job on ``rt``'s ``slot`` (the item holds the job open)."""
-        rec.refs += 1
-        rt.slots[slot]._entries.append(_Entry(next(self._seq), rec, blob))
+    def enqueue(self, rt: _RoutineRt, slot: str, job: JobContext, blob: bytes) -> None:
+        """Queue one item of ``job`` on ``rt``'s ``slot`` (the item holds the job open)."""
+        self.holds[job] += 1
+        rt.slots[slot]._entries.append(_Entry(next(self._seq), job, blob))
 
     def job(self, job_id: str) -> JobContext | None:
         """The job with this id, open or kept finished."""
@@ -97,19 +100,24 @@ class Ledger:
         """Whether any job (of ``worker_id``, or of anyone) is still open."""
         if worker_id is None:
             return self.open_jobs != 0
-        return any(r.job.worker_id == worker_id for r in self.records.values())
+        return any(job.worker_id == worker_id for job in self.holds)
 
     def release(self, act: _Act) -> None:
         """``act`` is over: drop its hold on its jobs; a job nothing holds any more completes."""
-        for rec in act.jobs:
-            rec.refs -= 1
-            if rec.refs <= 0 and not rec.job.done:
-                self.finish(rec, "completed")
+        holds = self.holds
+        for job in act.jobs:
+            left = holds.get(job)
+            if left is None:  # finished meanwhile (failed, cancelled, completed by hand)
+                continue
+            if left <= 1:
+                self.finish(job, "completed")
+            else:
+                holds[job] = left - 1
 
-    def finish(self, rec: JobRecord, status: str, error: dict | None = None) -> None:
+    def finish(self, job: JobContext, status: str, error: dict | None = None) -> None:
         """Move an open job to ``status`` (its done-callbacks are queued) and count it for its worker."""
-        job = rec.job
-        del self.records[job.job_id]
+        del self.holds[job]
+        del self.arrival[job]
         self.status_counts[job.status] -= 1
         self.status_counts[status] += 1
         self.callbacks.extend(job._finish(status, error))
@@ -128,27 +136,27 @@ class Ledger:
             if old is not None and old.done:
                 del self.jobs[old.job_id]
 
-    def fail(self, rec: JobRecord, error: dict) -> None:
+    def fail(self, job: JobContext, error: dict) -> None:
         """Fail an open job: drop its queued items and the activations left with no open job."""
-        self.finish(rec, "failed", error)
-        self.purge({id(rec)}, rec.job.worker_id)
+        self.finish(job, "failed", error)
+        self.purge({id(job)}, job.worker_id)
 
     def end(self, job_id: str, status: str, error: dict | None) -> bool:
         """End an open job now (``Runtime.complete_job``); False if there is none. Running ones no longer count."""
-        rec = self.records.get(job_id)
-        if rec is None:
+        job = self.jobs.get(job_id)
+        if job is None or job not in self.holds:
             return False
-        self.finish(rec, status, error)
-        self.purge({id(rec)}, rec.job.worker_id)
+        self.finish(job, status, error)
+        self.purge({id(job)}, job.worker_id)
         return True
 
     def cancel_pending(self) -> int:
         """Cancel every job none of whose activations has started; return how many."""
-        cancelled = [rec for rec in self.records.values() if rec.job.status == "pending"]
-        for rec in cancelled:
-            self.finish(rec, "cancelled")
+        cancelled = [job for job in self.holds if job.status == "pending"]
+        for job in cancelled:
+            self.finish(job, "cancelled")
         if cancelled:
-            self.purge({id(rec) for rec in cancelled})
+            self.purge({id(job) for job in cancelled})
         return len(cancelled)
 
     def end_all(self, status: str, error: dict | None = None) -> None:
@@ -156,23 +164,23 @@ class Ledger:
         for rt in self.runnable:
             rt.ready.clear()
         self.runnable.clear()
-        for rec in list(self.records.values()):
-            self.finish(rec, status, None if error is None else dict(error))
+        for job in list(self.holds):
+            self.finish(job, status, None if error is None else dict(error))
         for inst in self.instances.values():
             for rt in inst.routines.values():
                 for queue in rt.slots.values():
                     queue._entries.clear()
                     queue.held = 0
 
-    def purge(self, recs: set[int], worker_id: str | None = None) -> None:
+    def purge(self, job_ids: set[int], worker_id: str | None = None) -> None:
         """Drop queued items of these (finished) jobs, and activations left with no open job."""
         for inst in self.instances.values():
             if worker_id is not None and inst.worker_id != worker_id:
                 continue
             for rt in inst.routines.values():
                 for queue in rt.slots.values():
-                    if any(id(e.job) in recs for e in queue._entries):
-                        queue._entries = collections.deque(e for e in queue._entries if id(e.job) not in recs)
+                    if any(id(e.job) in job_ids for e in queue._entries):
+                        queue._entries = collections.deque(e for e in queue._entries if id(e.job) not in job_ids)
                 if rt.ready and any(act.lead_job() is None for act in rt.ready):
                     keep: collections.deque[_Act] = collections.deque()
                     for act in rt.ready:
@@ -199,14 +207,12 @@ class Ledger:
         if len(consumed) == 1:
             jobs = [consumed[0].job]  # the item's hold on its job passes to the activation
         else:
-            by_id: dict[int, JobRecord] = {}
+            holds = self.holds
+            jobs = sorted({id(e.job): e.job for e in consumed}.values(), key=self.arrival.__getitem__)
+            for job in jobs:
+                holds[job] += 1
             for entry in consumed:
-                by_id.setdefault(id(entry.job), entry.job)
-            jobs = sorted(by_id.values(), key=lambda r: r.seq)
-            for rec in jobs:
-                rec.refs += 1
-            for entry in consumed:
-                entry.job.refs -= 1
+                holds[entry.job] -= 1
         act = _Act(next(self._act_ids), next(self._seq), rt, slots, counts, message, jobs, self.clock())
         rt.ready.append(act)
         self.runnable.add(rt)
@@ -252,8 +258,7 @@ class Ledger:
                 rt.slots[name].held -= n
             act.slot_counts = {}
             room = True
-        for rec in act.jobs:
-            job = rec.job
+        for job in act.jobs:
             if job.status == "pending":
                 self.status_counts["pending"] -= 1
                 self.status_counts["running"] += 1
@@ -289,7 +294,7 @@ class Ledger:
 
     # -- the error strategy --------------------------------------------------------------------------
 
-    def fail_activation(self, act: _Act, error: dict) -> Retry | JobRecord | None:
+    def fail_activation(self, act: _Act, error: dict) -> Retry | JobContext | None:
         """Apply the routine's error strategy to a failed activation.
 
         Returns a :class:`Retry` to schedule (the new attempt holds the jobs
@@ -302,11 +307,10 @@ class Ledger:
         error.setdefault("routine", rt.rid)
         error["worker_id"] = rt.inst.worker_id
         error["attempt"] = act.attempt
-        lead = act.lead_job()
-        if lead is None:
+        job = act.lead_job()
+        if job is None:
             self.release(act)
             return None
-        job = lead.job
         job.attempts = max(job.attempts, act.attempt)
         handler = rt.handler
         strategy = handler.strategy
@@ -333,13 +337,13 @@ class Ledger:
         if strategy is ErrorStrategy.CONTINUE:
             job.error = error
             job.trace(rt.rid, "error", summary)
-            return lead
+            return job
         if strategy is ErrorStrategy.SKIP:
             job.trace(rt.rid, "skipped", summary)
         else:
-            for rec in act.jobs:
-                if not rec.job.done:
-                    self.fail(rec, error)
+            for each in act.jobs:
+                if not each.done:
+                    self.fail(each, error)
         self.release(act)
         return None
 
@@ -397,4 +401,4 @@ class Ledger:
         return found
 
 
-__all__ = ["JobRecord", "Ledger", "Retry", "SlotQueue"]
+__all__ = ["Ledger", "Retry", "SlotQueue"]

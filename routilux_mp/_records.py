@@ -1,4 +1,4 @@
-"""The records the supervisor's ledger keeps: jobs, queued items, slot queues, activations, routines, workers.
+"""The records the supervisor's ledger keeps: queued items, slot queues, activations, routines, workers.
 
 Plain data with ``__slots__``; the ledger (``_ledger``) and the router
 (``_routing``) change them, always with the supervisor's lock held. Item data
@@ -10,7 +10,6 @@ for a job's outputs and for policies that look at items.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import pickle
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -23,26 +22,11 @@ from .job import JobContext
 LATENCY_SAMPLES = 2048
 
 
-@dataclasses.dataclass(slots=True, eq=False)
-class JobRecord:
-    """The ledger's side of one job: the public :class:`JobContext` and what holds it open.
-
-    A job is open while anything it caused is queued, running or waiting to
-    be retried: ``refs`` counts those holds (queued items, activations).
-    """
-
-    job: JobContext
-    #: Arrival order: a multi-job activation lists its jobs oldest first.
-    seq: int
-    #: Queued items and activations that belong to the job (it finishes when this drops to 0).
-    refs: int = 0
-
-
 class _Entry(NamedTuple):
     """One queued item: its arrival order, its job, and its data as a pickle."""
 
     seq: int
-    job: JobRecord
+    job: JobContext
     blob: bytes
 
 
@@ -132,7 +116,7 @@ class _Act:
     )
 
     def __init__(self, act_id: int, seq: int, rt: _RoutineRt, slots: dict[str, list[bytes]],
-                 slot_counts: dict[str, int], message: bytes, jobs: list[JobRecord], created: float) -> None:
+                 slot_counts: dict[str, int], message: bytes, jobs: list[JobContext], created: float) -> None:
         self.act_id = act_id
         self.seq = seq
         self.rt = rt
@@ -150,11 +134,11 @@ class _Act:
         self.resolved = False
         self.deadline: float | None = None
 
-    def lead_job(self) -> JobRecord | None:
+    def lead_job(self) -> JobContext | None:
         """The oldest job still open: its emits, outputs and errors go there."""
-        for rec in self.jobs:
-            if not rec.job.done:
-                return rec
+        for job in self.jobs:
+            if not job.done:
+                return job
         return None
 
     def __repr__(self) -> str:

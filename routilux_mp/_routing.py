@@ -13,11 +13,12 @@ from typing import Any
 
 from ._ledger import Ledger
 from ._messages import _Result, describe_exception, encode, error_data, loads
-from ._records import JobRecord, _Act, _Entry, _Instance, _RoutineRt
+from ._records import _Act, _Entry, _Instance, _RoutineRt
 from ._timers import PolicyWakeup, Timers
 from .activation_policies import IMMEDIATE_MESSAGE, ImmediatePolicy
 from .error_handling import ErrorHandler
 from .errors import FlowError, SerializationError
+from .job import JobContext
 
 logger = logging.getLogger("routilux_mp.runtime")
 
@@ -126,10 +127,10 @@ class Router:
                      rt.rid, type(exc).__name__, exc)
         error = describe_exception(exc, rt.rid)
         error["message"] = f"the activation policy of routine {rt.rid!r} raised: {error['message']}"
-        recs = {id(e.job): e.job for q in rt.slots.values() for e in q._entries}
-        for rec in recs.values():
-            if not rec.job.done:
-                self.ledger.fail(rec, dict(error))
+        jobs = {id(e.job): e.job for q in rt.slots.values() for e in q._entries}
+        for job in jobs.values():
+            if not job.done:
+                self.ledger.fail(job, dict(error))
 
     def _activation(self, rt: _RoutineRt, data_slice: dict, message: Any, consumed: list[_Entry]) -> None:
         """Queue an activation on what a policy returned (items stay pickled; new items are pickled here)."""
@@ -153,7 +154,7 @@ class Router:
 
     # -- results -------------------------------------------------------------------------------------
 
-    def route(self, act: _Act, lead: JobRecord, res: _Result) -> dict | None:
+    def route(self, act: _Act, lead: JobContext, res: _Result) -> dict | None:
         """Apply a result's job changes and route its emits; an error (as data) if an output is unreadable.
 
         Outputs are decoded first, so an output the supervisor cannot unpickle
@@ -185,9 +186,8 @@ class Router:
             self.evaluate(target)
         return None
 
-    def _apply_job_changes(self, lead: JobRecord, act: _Act, res: _Result) -> None:
+    def _apply_job_changes(self, job: JobContext, act: _Act, res: _Result) -> None:
         """What logic changed on its job (``job.data``, traces) and the attempt it reached."""
-        job = lead.job
         job.attempts = max(job.attempts, act.attempt)
         if res.data_set:
             job.data.update(res.data_set)
@@ -198,9 +198,8 @@ class Router:
             job.traces.extend(res.traces)
             del job.traces[: max(0, len(job.traces) - MAX_JOB_TRACES)]
 
-    def _add_output(self, lead: JobRecord, rid: str, event: str, data: Any) -> None:
+    def _add_output(self, job: JobContext, rid: str, event: str, data: Any) -> None:
         """Keep an emit nobody listens to as an output of the job (the oldest dropped past the limit)."""
-        job = lead.job
         job.outputs.append({"routine": rid, "event": event, "data": data})
         if len(job.outputs) > self.ledger.max_outputs_per_job:
             del job.outputs[0]

@@ -277,8 +277,8 @@ class Supervisor:
             while queue.pending >= queue.max_queue_length:
                 self._wait_for_room(rt, queue, block, deadline)
             job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata)
-            rec = self.ledger.open_job(job)
-            self.ledger.enqueue(rt, slot_name, rec, blob)
+            self.ledger.open_job(job)
+            self.ledger.enqueue(rt, slot_name, job, blob)
             self.router.evaluate(rt)
             self.dispatcher.dispatch()
             callbacks = self.ledger.take_callbacks()
