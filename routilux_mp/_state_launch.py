@@ -127,9 +127,11 @@ class StateServerLauncher:
 
     def _watch(self, popen: subprocess.Popen, fd: int) -> None:
         """Wait (watcher thread) for the server to die; record how and wake the dispatcher."""
+        poller = select.poll()  # (not select(): a descriptor number may be over FD_SETSIZE)
+        poller.register(fd, select.POLLIN)
         try:
             while True:
-                select.select([fd], [], [])
+                poller.poll()
                 if fd == self._pidfd or not os.read(fd, 65536):  # its pidfd, or (without) EOF on its stdout
                     break
         except (OSError, ValueError):  # closed under us by stop(): it is gone
