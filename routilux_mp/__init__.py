@@ -10,6 +10,19 @@ Code written for routilux 1.1.0 runs with the import prefix changed:
 decorator. ``docs/migrating.md`` lists the deliberate differences.
 """
 
+# How the code is laid out (three processes, two seams):
+# - The public model: routine, flow, activation_policies, job, error_handling, errors, monitoring/,
+#   state (WorkerState), runtime (Runtime: a facade over the supervisor), cli. This file pulls them together.
+# - The supervisor, in your process: _supervisor (what Runtime calls) composes _ledger (jobs, holds, retries;
+#   its records in _records) and _loop (the dispatcher thread: _routing runs policies and routes emits,
+#   _dispatch places activations on worker lanes, _timers, _lifecycle).
+# - _exec/, the execution seam: base (WorkerBackend and its events), local (worker processes fed through
+#   pipes; _child is such a process's loop), stub (lanes in the calling thread, for unit tests).
+# - The worker side: _worker (ActivationRunner: runs logic, no transport of its own), _context.
+# - _state/, the state seam: protocol, client (what WorkerState calls), server and store (the state-server
+#   process), backend (StateBackend: where states are kept), launcher and service (the supervisor's side).
+# - Shared: _messages (wire messages; the one owner of error data), _process (spawning, signals, parent death).
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

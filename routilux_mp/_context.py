@@ -25,6 +25,8 @@ logger = logging.getLogger("routilux_mp.worker")
 _current: Any = None
 #: Why nobody may act for an activation now, when no activation runs in a worker process.
 _idle_reason: str | None = None
+#: This process is a worker process (an in-thread stub lane runs activations in other processes too).
+_in_worker = False
 _local = threading.local()
 #: Threads already warned about (one warning each, not one per emit).
 _warned: set[int] = set()
@@ -55,7 +57,7 @@ def set_current(ctx: Any) -> None:
         me = threading.current_thread()
         ctx.thread = me
         ctx.earlier = frozenset(t for t in threading.enumerate() if t is not me)
-    else:
+    elif _in_worker:
         _idle_reason = "a thread that an earlier activation left running"
     _current = ctx
 
@@ -90,6 +92,8 @@ def _forked() -> None:
 
 def enter_worker() -> None:
     """Called once by a worker process: from now on, emits outside an activation are refused with a reason."""
+    global _in_worker
+    _in_worker = True
     os.register_at_fork(after_in_child=_forked)
 
 

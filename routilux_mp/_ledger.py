@@ -1,332 +1,404 @@
-"""The supervisor's bookkeeping: slot queues, activations, routines, worker processes.
+"""The supervisor's books: which jobs are open, what holds them, what runs, what waits to retry.
 
-Everything here is touched only with the supervisor's lock held. Item data
-stays a pickled blob from where it was produced (``post`` or a worker's
-``emit``) to the worker that consumes it; it is decoded in the supervisor only
-for a job's outputs and for policies that look at items.
+A job is open while anything it caused is queued, running or waiting to be
+retried: the ledger counts those holds, and each open job's arrival order, in
+dicts of its own (never on the public ``JobContext``; no object per job, so
+nothing more for the garbage collector to walk). When the last hold goes, the
+job completes.
+Failures go through the routine's error strategy here (:meth:`Ledger.fail_activation`).
+
+Every method runs with the supervisor's lock held. The ledger never waits,
+sends, or calls user code: done-callbacks are collected (``take_callbacks``)
+and run by the supervisor once the lock is released.
 """
 
 from __future__ import annotations
 
 import collections
-import os
-import pickle
-import subprocess
-from collections.abc import Iterable
-from typing import Any
+import itertools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from ._messages import FrameReader, frame
-from ._process import unread_bytes
-from .activation_policies import SlotQueueAPI
-from .error_handling import ErrorHandler
+from ._records import SlotQueue, _Act, _Entry, _Instance, _RoutineRt, percentile
+from .error_handling import ErrorStrategy
 from .job import JobContext
 
-#: Latency samples kept per routine for the p50/p99 in ``stats()``.
-LATENCY_SAMPLES = 2048
+#: Characters of an error message copied into a job's trace entries.
+TRACE_MESSAGE_CHARS = 500
 
 
-class _Entry:
-    """One queued item: its arrival order, its job, and its data as a pickle."""
+class Retry(NamedTuple):
+    """The error strategy says: run ``act`` (a new attempt) again after ``delay`` seconds."""
 
-    __slots__ = ("blob", "job", "seq")
-
-    def __init__(self, seq: int, job: JobContext, blob: bytes) -> None:
-        self.seq = seq
-        self.job = job
-        self.blob = blob
-
-    def __repr__(self) -> str:
-        return f"_Entry(#{self.seq} job={self.job.job_id})"
+    act: _Act
+    delay: float
 
 
-class SlotQueue(SlotQueueAPI):
-    """A routine's input queue as policies see it (one per routine per worker).
+class Ledger:
+    """Jobs and activations of one runtime, as the supervisor accounts for them."""
 
-    The ``consume_*``/``peek_*`` methods (:class:`SlotQueueAPI`) return copies of
-    the items. Built-in policies use ``_take``, which moves the pickled items
-    without decoding them.
-    """
+    def __init__(self, *, max_finished_jobs: int, max_outputs_per_job: int, max_crash_retries: int,
+                 clock: Callable[[], float]) -> None:
+        #: Finished jobs kept for ``get_job``/``list_jobs``; outputs kept per job.
+        self.max_finished_jobs = max_finished_jobs
+        self.max_outputs_per_job = max_outputs_per_job
+        #: A crashing activation is given up after this many crashes.
+        self.max_crash_retries = max_crash_retries
+        #: The supervisor's clock (injectable for tests).
+        self.clock = clock
+        #: worker_id -> the live flow instance (one per ``exec``), and flow name -> its current worker_id.
+        self.instances: dict[str, _Instance] = {}
+        self.current: dict[str, str] = {}
+        #: job_id -> job, open and finished (the oldest finished dropped past ``max_finished_jobs``).
+        self.jobs: dict[str, JobContext] = {}
+        #: Open job -> its holds (queued items, activations, retries: it completes when they drop to 0),
+        #: and its arrival number (a multi-job activation lists its jobs oldest first).
+        self.holds: dict[JobContext, int] = {}
+        self.arrival: dict[JobContext, int] = {}
+        #: job_ids of finished jobs, oldest first.
+        self.finished: collections.deque[str] = collections.deque()
+        #: Jobs per status, and how many are open.
+        self.status_counts: collections.Counter[str] = collections.Counter()
+        self.open_jobs = 0
+        #: Routines with activations ready to be sent.
+        self.runnable: set[_RoutineRt] = set()
+        #: Activations held by workers now, and activations waiting for their retry delay.
+        self.inflight = 0
+        self.retrying = 0
+        #: worker_id -> [jobs processed, jobs failed] not yet sent to the state server.
+        self.count_deltas: dict[str, list[int]] = {}
+        #: Done-callbacks of jobs that finished, to run once the lock is released.
+        self.callbacks: list[Callable[[], Any]] = []
+        #: Arrival numbers (items, jobs, activations: the oldest goes first) and activation ids.
+        self._seq = itertools.count(1)
+        self._act_ids = itertools.count(1)
 
-    __slots__ = ("_consumed", "_entries", "held", "max_queue_length", "name")
+    # -- jobs ----------------------------------------------------------------------------------------
 
-    def __init__(self, name: str, max_queue_length: int) -> None:
-        self.name = name
-        self.max_queue_length = max_queue_length
-        self._entries: collections.deque[_Entry] = collections.deque()
-        #: Items consumed into activations that no process has received yet.
-        self.held = 0
-        self._consumed: list[_Entry] = []
+    def open_job(self, job: JobContext) -> None:
+        """Enter a new (pending) job."""
+        self.jobs[job.job_id] = job
+        self.holds[job] = 0
+        self.arrival[job] = next(self._seq)
+        self.status_counts["pending"] += 1
+        self.open_jobs += 1
 
-    @property
-    def pending(self) -> int:
-        """Items counted against ``max_queue_length``."""
-        return len(self._entries) + self.held
+    def enqueue(self, rt: _RoutineRt, slot: str, job: JobContext, blob: bytes) -> None:
+        """Queue one item of ``job`` on ``rt``'s ``slot`` (the item holds the job open)."""
+        self.holds[job] += 1
+        rt.slots[slot]._entries.append(_Entry(next(self._seq), job, blob))
 
-    def get_total_count(self) -> int:
-        """Items counted against ``max_queue_length``: waiting, plus consumed but not yet running."""
-        return self.pending
+    def job(self, job_id: str) -> JobContext | None:
+        """The job with this id, open or kept finished."""
+        return self.jobs.get(job_id)
 
-    def _head_seq(self) -> int | None:
-        return self._entries[0].seq if self._entries else None
+    def list_jobs(self, worker_id: str | None) -> list[JobContext]:
+        """Jobs in the ledger, oldest first (of one worker, or all)."""
+        return [j for j in self.jobs.values() if worker_id is None or j.worker_id == worker_id]
 
-    def _take(self, n: int | None) -> list[_Entry]:
-        """Consume up to ``n`` items (all when ``None``), oldest first."""
-        entries = self._entries
-        count = len(entries) if n is None else min(n, len(entries))
-        taken = [entries.popleft() for _ in range(count)]
-        self._consumed.extend(taken)
-        return taken
+    def busy(self, worker_id: str | None) -> bool:
+        """Whether any job (of ``worker_id``, or of anyone) is still open."""
+        if worker_id is None:
+            return self.open_jobs != 0
+        return any(job.worker_id == worker_id for job in self.holds)
 
-    @staticmethod
-    def _item(entry: _Entry) -> Any:
-        return pickle.loads(entry.blob)
+    def release(self, act: _Act) -> None:
+        """``act`` is over: drop its hold on its jobs; a job nothing holds any more completes."""
+        holds = self.holds
+        for job in act.jobs:
+            left = holds.get(job)
+            if left is None:  # finished meanwhile (failed, cancelled, completed by hand)
+                continue
+            if left <= 1:
+                self.finish(job, "completed")
+            else:
+                holds[job] = left - 1
 
-    def _put_back(self, entries: Iterable[_Entry]) -> None:
-        """Return consumed items to the front, in their original order."""
-        for entry in sorted(entries, key=lambda e: e.seq, reverse=True):
-            self._entries.appendleft(entry)
+    def finish(self, job: JobContext, status: str, error: dict | None = None) -> None:
+        """Move an open job to ``status`` (its done-callbacks are queued) and count it for its worker."""
+        del self.holds[job]
+        del self.arrival[job]
+        self.status_counts[job.status] -= 1
+        self.status_counts[status] += 1
+        self.callbacks.extend(job._finish(status, error))
+        self.open_jobs -= 1
+        if status != "cancelled":
+            delta = self.count_deltas.setdefault(job.worker_id, [0, 0])
+            delta[0] += 1
+            delta[1] += status == "failed"
+            inst = self.instances.get(job.worker_id)
+            if inst is not None:
+                inst.jobs_processed += 1
+                inst.jobs_failed += status == "failed"
+        self.finished.append(job.job_id)
+        while len(self.finished) > self.max_finished_jobs:
+            old = self.jobs.get(self.finished.popleft())
+            if old is not None and old.done:
+                del self.jobs[old.job_id]
 
-    def __repr__(self) -> str:
-        return f"<SlotQueue {self.name!r} waiting={len(self._entries)} held={self.held}>"
+    def fail(self, job: JobContext, error: dict) -> None:
+        """Fail an open job: drop its queued items and the activations left with no open job."""
+        self.finish(job, "failed", error)
+        self.purge({id(job)}, job.worker_id)
 
+    def end(self, job_id: str, status: str, error: dict | None) -> bool:
+        """End an open job now (``Runtime.complete_job``); False if there is none. Running ones no longer count."""
+        job = self.jobs.get(job_id)
+        if job is None or job not in self.holds:
+            return False
+        self.finish(job, status, error)
+        self.purge({id(job)}, job.worker_id)
+        return True
 
-class _RoutineStats:
-    __slots__ = ("activations", "busy_seconds", "errors", "latencies")
+    def cancel_pending(self) -> int:
+        """Cancel every job none of whose activations has started; return how many."""
+        cancelled = [job for job in self.holds if job.status == "pending"]
+        for job in cancelled:
+            self.finish(job, "cancelled")
+        if cancelled:
+            self.purge({id(job) for job in cancelled})
+        return len(cancelled)
 
-    def __init__(self) -> None:
-        self.activations = 0
-        self.errors = 0
-        self.busy_seconds = 0.0
-        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+    def end_all(self, status: str, error: dict | None = None) -> None:
+        """End every open job with ``status`` and drop everything queued (shutdown, or a broken runtime)."""
+        for rt in self.runnable:
+            rt.ready.clear()
+        self.runnable.clear()
+        for job in list(self.holds):
+            self.finish(job, status, None if error is None else dict(error))
+        for inst in self.instances.values():
+            for rt in inst.routines.values():
+                for queue in rt.slots.values():
+                    queue._entries.clear()
+                    queue.held = 0
 
+    def purge(self, job_ids: set[int], worker_id: str | None = None) -> None:
+        """Drop queued items of these (finished) jobs, and activations left with no open job."""
+        for inst in self.instances.values():
+            if worker_id is not None and inst.worker_id != worker_id:
+                continue
+            for rt in inst.routines.values():
+                for queue in rt.slots.values():
+                    if any(id(e.job) in job_ids for e in queue._entries):
+                        queue._entries = collections.deque(e for e in queue._entries if id(e.job) not in job_ids)
+                if rt.ready and any(act.lead_job() is None for act in rt.ready):
+                    keep: collections.deque[_Act] = collections.deque()
+                    for act in rt.ready:
+                        if act.lead_job() is None:
+                            for name, n in act.slot_counts.items():
+                                rt.slots[name].held -= n
+                            self.release(act)
+                        else:
+                            keep.append(act)
+                    rt.ready = keep
+                    if not keep:
+                        self.runnable.discard(rt)
 
-class _Act:
-    """One activation in the ledger: queued, in flight on a process, or waiting to retry."""
+    # -- activations ---------------------------------------------------------------------------------
 
-    __slots__ = (
-        "act_id",
-        "attempt",
-        "crashes",
-        "created",
-        "deadline",
-        "jobs",
-        "message",
-        "proc",
-        "resolved",
-        "rt",
-        "seq",
-        "slot_counts",
-        "slots",
-        "started",
-        "wire_end",
-        "wire_size",
-    )
+    def new_activation(self, rt: _RoutineRt, slots: dict[str, list[bytes]], message: bytes,
+                       consumed: list[_Entry]) -> _Act:
+        """Queue an activation of ``rt`` on the items a policy consumed; it takes over their holds."""
+        counts = {}
+        for name, queue in rt.slots.items():
+            if queue._consumed:
+                counts[name] = len(queue._consumed)
+                queue.held += len(queue._consumed)
+        if len(consumed) == 1:
+            jobs = [consumed[0].job]  # the item's hold on its job passes to the activation
+        else:
+            holds = self.holds
+            jobs = sorted({id(e.job): e.job for e in consumed}.values(), key=self.arrival.__getitem__)
+            for job in jobs:
+                holds[job] += 1
+            for entry in consumed:
+                holds[entry.job] -= 1
+        act = _Act(next(self._act_ids), next(self._seq), rt, slots, counts, message, jobs, self.clock())
+        rt.ready.append(act)
+        self.runnable.add(rt)
+        return act
 
-    def __init__(self, act_id: int, seq: int, rt: _RoutineRt, slots: dict[str, list[bytes]],
-                 slot_counts: dict[str, int], message: bytes, jobs: list[JobContext], created: float) -> None:
-        self.act_id = act_id
-        self.seq = seq
-        self.rt = rt
-        self.slots = slots
-        self.slot_counts = slot_counts
-        self.message = message
-        self.jobs = jobs
-        self.attempt = 1
-        self.crashes = 0
-        self.created = created
-        self.started: float | None = None
-        self.proc: _Proc | None = None
-        #: Set once the activation's outcome is decided while its process still holds it.
-        self.resolved = False
-        self.deadline: float | None = None
-        #: Bytes sent for it (what it occupies in its worker's pipe until started).
-        self.wire_size = 0
-        #: Its process's ``sent`` count once it was queued: the worker took it when it read that far.
-        self.wire_end = 0
+    def pick(self) -> _RoutineRt | None:
+        """The routine whose oldest ready activation should go next (concurrency limits, back-pressure)."""
+        best = None
+        blocked = None
+        for rt in self.runnable:
+            if rt.running >= rt.limit or not rt.ready:
+                continue
+            if rt.targets and rt.backpressured():
+                if blocked is None or rt.ready[0].seq < blocked.ready[0].seq:
+                    blocked = rt
+                continue
+            if best is None or rt.ready[0].seq < best.ready[0].seq:
+                best = rt
+        if best is None and self.inflight == 0:
+            return blocked  # nothing runs that could drain the full slots: go anyway
+        return best
 
-    def lead_job(self) -> JobContext | None:
-        """The oldest job still open: its emits, outputs and errors go there."""
-        for job in self.jobs:
-            if not job.done:
-                return job
-        return None
+    def take_next(self, rt: _RoutineRt) -> _Act:
+        """Take ``rt``'s oldest ready activation out of its queue."""
+        act = rt.ready.popleft()
+        if not rt.ready:
+            self.runnable.discard(rt)
+        return act
 
-    def __repr__(self) -> str:
-        return f"<_Act #{self.act_id} {self.rt.inst.worker_id}/{self.rt.rid} attempt={self.attempt}>"
+    def put_back(self, act: _Act) -> None:
+        """Return an activation that could not be sent to the front of its routine's queue."""
+        act.rt.ready.appendleft(act)
+        self.runnable.add(act.rt)
 
+    def started(self, act: _Act) -> bool:
+        """``act`` was handed to a worker: count it; True if that made room in a slot queue."""
+        rt = act.rt
+        rt.running += 1
+        self.inflight += 1
+        room = False
+        if act.slot_counts:
+            for name, n in act.slot_counts.items():
+                rt.slots[name].held -= n
+            act.slot_counts = {}
+            room = True
+        for job in act.jobs:
+            if job.status == "pending":
+                self.status_counts["pending"] -= 1
+                self.status_counts["running"] += 1
+                job.status = "running"
+        return room
 
-class _RoutineRt:
-    """One routine of one worker: its slot queues, policy copy, queue of activations."""
+    def left(self, act: _Act) -> None:
+        """``act`` is no longer held by a worker (its result came, or its worker died running it)."""
+        self.inflight -= 1
+        act.rt.running -= 1
+        if act.rt.ready:
+            self.runnable.add(act.rt)
 
-    __slots__ = (
-        "handler",
-        "inst",
-        "limit",
-        "policy",
-        "ready",
-        "rid",
-        "routine",
-        "running",
-        "slots",
-        "stats",
-        "targets",
-        "timeout",
-        "timer_at",
-    )
+    def requeue(self, acts: list[_Act]) -> None:
+        """A worker gave these back unstarted: they go to the front of their queues, in order."""
+        for act in reversed(acts):
+            self.inflight -= 1
+            act.rt.running -= 1
+            if act.resolved:
+                continue
+            act.slot = None
+            act.started = None
+            act.deadline = None
+            self.put_back(act)
 
-    def __init__(self, inst: _Instance, rid: str, routine: Any, policy: Any, limit: int,
-                 handler: ErrorHandler) -> None:
-        self.inst = inst
-        self.rid = rid
-        self.routine = routine
-        self.policy = policy
-        self.slots = {name: SlotQueue(name, spec.max_queue_length) for name, spec in routine._slots.items()}
-        self.ready: collections.deque[_Act] = collections.deque()
-        self.running = 0
-        self.limit = limit
-        self.handler = handler
-        self.timeout: float | None = routine._timeout
-        #: event name -> [(target routine runtime, slot name)]
-        self.targets: dict[str, list[tuple[_RoutineRt, str]]] = {}
-        self.stats = _RoutineStats()
-        self.timer_at: float | None = None
+    def retry_due(self, act: _Act, broken: bool) -> None:
+        """A retry's delay is over: queue it (or drop it when its jobs ended meanwhile)."""
+        self.retrying -= 1
+        if broken or act.lead_job() is None:
+            self.release(act)
+        else:
+            self.put_back(act)
 
-    def backpressured(self) -> bool:
-        """True when a slot this routine feeds is full."""
-        for targets in self.targets.values():
-            for target, slot in targets:
-                queue = target.slots[slot]
-                if queue.pending >= queue.max_queue_length:
-                    return True
-        return False
+    # -- the error strategy --------------------------------------------------------------------------
 
-    def __repr__(self) -> str:
-        return f"<_RoutineRt {self.inst.worker_id}/{self.rid} ready={len(self.ready)} running={self.running}>"
+    def fail_activation(self, act: _Act, error: dict) -> Retry | JobContext | None:
+        """Apply the routine's error strategy to a failed activation.
 
-
-class _Instance:
-    """One worker (one ``exec``): a live instance of a flow with its own WorkerState."""
-
-    __slots__ = ("flow", "flow_key", "flow_name", "jobs_failed", "jobs_processed", "routines", "worker_id", "ws")
-
-    def __init__(self, worker_id: str, flow_name: str, flow: Any, flow_key: int, ws: Any) -> None:
-        self.worker_id = worker_id
-        self.flow_name = flow_name
-        self.flow = flow
-        self.flow_key = flow_key
-        self.ws = ws
-        self.routines: dict[str, _RoutineRt] = {}
-        self.jobs_processed = 0
-        self.jobs_failed = 0
-
-
-class _Proc:
-    """One worker process and what it holds, in the order it will run them."""
-
-    __slots__ = (
-        "activations",
-        "broken_pipe",
-        "commands",
-        "exiting",
-        "hung",
-        "index",
-        "inflight",
-        "loaded",
-        "outbox",
-        "outputs",
-        "pid",
-        "pidfd",
-        "popen",
-        "ps",
-        "reader",
-        "ready",
-        "results",
-        "results_closed",
-        "sent",
-        "started_at",
-        "stderr_tail",
-        "stopping",
-        "take_timer",
-        "writing",
-    )
-
-    def __init__(self, index: int, popen: subprocess.Popen, commands: int, results: int, pidfd: int | None,
-                 started_at: float) -> None:
-        self.index = index
-        self.popen = popen
-        self.pid = popen.pid
-        #: Write end of the command pipe, read end of the result pipe.
-        self.commands = commands
-        self.results = results
-        self.pidfd = pidfd
-        #: fd -> (stream name, partial line)
-        self.outputs: dict[int, list] = {}
-        self.inflight: collections.deque[_Act] = collections.deque()
-        self.ready = False
-        self.loaded: set[int] = set()
-        self.activations = 0
-        #: The reason the worker gave for exiting on purpose, if it did.
-        self.exiting: str | None = None
-        self.stopping = False
-        self.broken_pipe = False
-        self.ps: Any = None
-        self.started_at = started_at
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
-        self.results_closed = False
-        #: Reads the result pipe without ever blocking.
-        self.reader = FrameReader(results)
-        #: Bytes for the command pipe that it had no room for yet (the dispatcher writes them when it has).
-        self.outbox = bytearray()
-        #: Bytes ever queued for the command pipe (written or in ``outbox``).
-        self.sent = 0
-        #: The dispatcher waits for room in the command pipe (EVENT_WRITE).
-        self.writing = False
-        #: A check that it takes its activations is scheduled.
-        self.take_timer = False
-        #: Why the supervisor killed it (hung, or it broke the protocol), if it did.
-        self.hung: str | None = None
-        os.set_blocking(commands, False)
-
-    def queue(self, data: bytes) -> None:
-        """Send one frame: write what the pipe takes now, keep the rest in ``outbox``; never block.
-
-        Raises ``OSError`` when the worker's end of the pipe is gone.
+        Returns a :class:`Retry` to schedule (the new attempt holds the jobs
+        now); the lead job when the strategy is ``CONTINUE`` (the caller routes
+        the activation's emits to it, then releases ``act``); or ``None`` when
+        ``act`` was released here (its jobs failed, or it was skipped).
         """
-        blob = frame(data)
-        self.sent += len(blob)
-        if self.outbox:
-            self.outbox += blob
-            return
-        try:
-            n = os.write(self.commands, blob)
-        except BlockingIOError:
-            n = 0
-        if n < len(blob):
-            self.outbox += memoryview(blob)[n:]
-
-    def flush(self) -> None:
-        """Write as much of ``outbox`` as the pipe takes now."""
-        while self.outbox:
-            try:
-                n = os.write(self.commands, self.outbox)
-            except BlockingIOError:
-                return
-            del self.outbox[:n]
-
-    def taken(self, act: _Act) -> bool:
-        """Whether the worker has read all of ``act`` off its command pipe."""
-        return self.sent - len(self.outbox) - unread_bytes(self.commands) >= act.wire_end
-
-    def __repr__(self) -> str:
-        return f"<_Proc {self.index} pid={self.pid} inflight={len(self.inflight)}>"
-
-
-def percentile(samples: Iterable[float], q: float) -> float | None:
-    import statistics
-
-    data = sorted(samples)
-    if not data:
+        rt = act.rt
+        error = dict(error)
+        error.setdefault("routine", rt.rid)
+        error["worker_id"] = rt.inst.worker_id
+        error["attempt"] = act.attempt
+        job = act.lead_job()
+        if job is None:
+            self.release(act)
+            return None
+        job.attempts = max(job.attempts, act.attempt)
+        handler = rt.handler
+        strategy = handler.strategy
+        if strategy is ErrorStrategy.RETRY:
+            if not handler.is_retryable(error.get("mro") or [error["type"]]):
+                strategy = ErrorStrategy.STOP
+            elif act.attempt > handler.max_retries:
+                error["message"] += f" (gave up after {act.attempt} attempts; max_retries={handler.max_retries})"
+                strategy = ErrorStrategy.STOP
+            elif error.get("crashed") and act.crashes >= self.max_crash_retries:
+                error["message"] += (
+                    f" (it crashed a worker {act.crashes} times: given up as a poison activation; "
+                    f"max_crash_retries={self.max_crash_retries})"
+                )
+                strategy = ErrorStrategy.STOP
+            else:
+                retry = self._next_attempt(act)
+                delay = handler.delay_before(retry.attempt)
+                job.trace(rt.rid, "retry", {"attempt": retry.attempt, "delay": delay, "error": error["type"],
+                                            "message": error["message"][:TRACE_MESSAGE_CHARS]})
+                self.retrying += 1
+                return Retry(retry, delay)
+        summary = {"error": error["type"], "message": error["message"][:TRACE_MESSAGE_CHARS]}
+        if strategy is ErrorStrategy.CONTINUE:
+            job.error = error
+            job.trace(rt.rid, "error", summary)
+            return job
+        if strategy is ErrorStrategy.SKIP:
+            job.trace(rt.rid, "skipped", summary)
+        else:
+            for each in act.jobs:
+                if not each.done:
+                    self.fail(each, error)
+        self.release(act)
         return None
-    if len(data) == 1:
-        return data[0]
-    return statistics.quantiles(data, n=100, method="inclusive")[int(q) - 1]
+
+    def _next_attempt(self, act: _Act) -> _Act:
+        """A new attempt of ``act``; it takes over ``act``'s hold on its jobs."""
+        clone = _Act(next(self._act_ids), act.seq, act.rt, act.slots, {}, act.message, act.jobs, act.created)
+        clone.attempt = act.attempt + 1
+        clone.crashes = act.crashes
+        return clone
+
+    # -- what the supervisor asks --------------------------------------------------------------------
+
+    def quiescent(self) -> bool:
+        """Nothing runs, nothing is queued to run, nothing waits to be retried."""
+        return self.inflight == 0 and not self.runnable and self.retrying == 0
+
+    def take_callbacks(self) -> list[Callable[[], Any]]:
+        """The done-callbacks collected so far (to run with the lock released)."""
+        callbacks, self.callbacks = self.callbacks, []
+        return callbacks
+
+    def take_counts(self) -> dict[str, tuple[int, int]]:
+        """Job counters per worker not yet sent to the state server (and forget them)."""
+        deltas = {wid: (p, f) for wid, (p, f) in self.count_deltas.items()}
+        self.count_deltas.clear()
+        return deltas
+
+    def routine_stats(self) -> dict[str, dict]:
+        """Per routine id, over every worker: activations, errors, busy seconds, latency percentiles."""
+        routines: dict[str, dict] = {}
+        latencies: dict[str, list[float]] = {}
+        for inst in self.instances.values():
+            for rid, rt in inst.routines.items():
+                agg = routines.setdefault(rid, {"activations": 0, "errors": 0, "busy_seconds": 0.0,
+                                                "max_concurrency": rt.limit})
+                agg["activations"] += rt.stats.activations
+                agg["errors"] += rt.stats.errors
+                agg["busy_seconds"] += rt.stats.busy_seconds
+                latencies.setdefault(rid, []).extend(rt.stats.latencies)
+        for rid, agg in routines.items():
+            agg["busy_seconds"] = round(agg["busy_seconds"], 6)
+            agg["p50_latency"] = percentile(latencies[rid], 50)
+            agg["p99_latency"] = percentile(latencies[rid], 99)
+        return routines
+
+    def waiting(self) -> list[dict]:
+        """Every slot queue holding items: where, and how many."""
+        found = []
+        for inst in self.instances.values():
+            for rid, rt in inst.routines.items():
+                for name, queue in rt.slots.items():
+                    if queue.pending:
+                        found.append({"worker_id": inst.worker_id, "routine": rid, "slot": name,
+                                      "items": queue.pending})
+        return found
+
+
+__all__ = ["Ledger", "Retry", "SlotQueue"]

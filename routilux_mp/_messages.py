@@ -12,13 +12,15 @@ produced, so classes and closures defined in ``__main__`` arrive by value and
 nothing is serialized twice. Failures travel as data (type names, message,
 traceback text), never as exception objects: :class:`ErrorData`, made by
 :func:`error_data` / :func:`describe_exception` (worker, supervisor, state
-server alike) and turned back into an exception by :func:`exception_from`.
+server alike) and turned back into an exception by :func:`exception_from`;
+how a process ended travels as :class:`ExitInfo` (execution backends).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import signal
 import struct
 import sys
 import traceback
@@ -32,6 +34,7 @@ PROTOCOL = 5
 
 
 def dumps(message: Any) -> bytes:
+    """Pickle a wire message (the C pickler, protocol 5)."""
     return pickle.dumps(message, PROTOCOL)
 
 
@@ -318,6 +321,7 @@ def write_frame(fd: int, data: bytes) -> None:
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
+    """Read exactly ``size`` bytes from a blocking pipe; ``EOFError`` if it ends first."""
     parts = []
     while size:
         # Never os.read(fd, size) at once: that allocates ``size`` bytes before any arrive.
@@ -445,3 +449,65 @@ class _Stop:
 
 
 STOP = _Stop()
+
+
+# -- how a process ended ---------------------------------------------------------
+
+#: What a worker's death by each signal most likely means, for the error message.
+LIKELY_CAUSES = {
+    "SIGKILL": "possibly the out-of-memory killer (see `dmesg`), or a `kill -9` from outside",
+    "SIGSEGV": "a segmentation fault: C code (an extension module or ctypes) crashed",
+    "SIGBUS": "a bus error: C code crashed, or a memory-mapped file was truncated",
+    "SIGABRT": "abort(): a C library or extension hit a fatal error",
+    "SIGFPE": "a floating-point exception in C code",
+    "SIGILL": "an illegal instruction in C code",
+    "SIGTERM": "a SIGTERM from outside routilux-mp",
+}
+
+
+class ExitInfo(NamedTuple):
+    """How a worker process ended: exit code or signal, the likely cause, its last error output."""
+
+    #: The process id, when the backend knew it.
+    pid: int | None
+    #: The exit status (negative: the signal number), ``None`` when unknown.
+    exitcode: int | None
+    #: The name of the signal that killed it (``"SIGKILL"``), ``None`` if it exited.
+    signal: str | None
+    #: What most likely ended it, in words (see ``LIKELY_CAUSES``).
+    cause: str
+    #: Its last lines of error output (each clipped), for the error message.
+    stderr_tail: str = ""
+
+    @classmethod
+    def from_returncode(cls, pid: int | None, returncode: int | None, stderr_tail: str = "") -> ExitInfo:
+        """The exit of a child process whose ``Popen.returncode`` is ``returncode``."""
+        exitcode, signame = describe_exit(returncode)
+        return cls(pid, exitcode, signame, likely_cause(exitcode, signame), stderr_tail)
+
+    def how(self) -> str:
+        """``"was killed by SIGKILL"``, ``"exited with code 3"``, or (no status known) that it stopped answering."""
+        if self.signal:
+            return f"was killed by {self.signal}"
+        if self.exitcode is None:
+            return "closed its output and stopped answering"
+        return f"exited with code {self.exitcode}"
+
+
+def describe_exit(returncode: int | None) -> tuple[int | None, str | None]:
+    """``(exitcode, signal_name)`` of a finished child (``Popen.returncode``)."""
+    if returncode is None:
+        return None, None
+    if returncode < 0:
+        try:
+            return returncode, signal.Signals(-returncode).name
+        except ValueError:
+            return returncode, f"signal {-returncode}"
+    return returncode, None
+
+
+def likely_cause(exitcode: int | None, signame: str | None) -> str:
+    """What a worker's exit most likely means, for the message of the activation it was running."""
+    if signame:
+        return LIKELY_CAUSES.get(signame, "a signal from outside")
+    return "the logic (or a library it called) ended the process, e.g. with os._exit()"

@@ -36,7 +36,6 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 #: Exit code of a child that noticed its supervisor died.
@@ -162,18 +161,6 @@ def unread_bytes(fd: int) -> int:
     return int.from_bytes(buf, sys.byteorder, signed=True)
 
 
-def describe_exit(returncode: int | None) -> tuple[int | None, str | None]:
-    """``(exitcode, signal_name)`` of a finished child."""
-    if returncode is None:
-        return None, None
-    if returncode < 0:
-        try:
-            return returncode, signal.Signals(-returncode).name
-        except ValueError:
-            return returncode, f"signal {-returncode}"
-    return returncode, None
-
-
 # -- inside a child -----------------------------------------------------------
 
 
@@ -281,6 +268,3 @@ def start_group_guard(life_fd: int, name: str, cleanup_dir: str | None) -> int |
     finally:
         os._exit(EXIT_PARENT_GONE)
 
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -1,64 +1,45 @@
-"""The worker process: receive activations, run logic, send one result each.
+"""The worker side: run activations, one result each (no transport here).
 
-Started by the supervisor as a fresh interpreter (``routilux-mp worker N``)
-that never imports the user's ``__main__``; flows arrive by value
-(cloudpickle) the first time this process runs one of their activations.
+:class:`ActivationRunner` is what every worker lane runs: it loads flows
+(cloudpickle, by value, the first time a lane runs one of their activations),
+sets the current job and activation, calls logic, collects emits and job
+changes, and reports anything logic raises (``SystemExit`` and
+``KeyboardInterrupt`` included) as data. How messages reach it is its owner's
+business: the local backend's child process (``_exec._child``) reads them from
+a pipe; the in-thread stub backend (``_exec.stub``) calls it directly.
 
-The main thread reads the command pipe and runs logic; EOF on that pipe means
-the supervisor is gone. A watchdog thread and a group guard process (see
-``_process``) block on a second pipe that only the supervisor holds open, so
-the worker's whole process group goes, and the runtime's socket directory with
-it, while logic runs if the supervisor dies.
-Anything logic raises, ``SystemExit`` and ``KeyboardInterrupt`` included, fails
-that activation only and is reported as data.
-
-Only this process speaks the protocol: a child that logic forks and that
-returns into this loop exits instead (``os._exit``), and nothing it emits is
-taken. A worker whose stdin/stdout/stderr logic closed or replaced is recycled
-after that activation, so later activations never print into a reused fd.
+Only the lane's own process speaks for an activation: a child that logic forks
+and that returns into the runner exits instead (``os._exit``), and nothing it
+emits is taken. A worker whose stdin/stdout/stderr logic closed or replaced is
+recycled after that activation, so later activations never print into a
+reused fd.
 """
 
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import gc
 import os
 import pickle
-import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-from . import _context, _jsonvalue, _process
-from ._messages import (
-    STOP,
-    _Activation,
-    _Exiting,
-    _LoadFlow,
-    _Ready,
-    _Result,
-    _Stop,
-    _WorkerConfig,
-    describe_exception,
-    dumps,
-    encode,
-    is_plain,
-    loads,
-    read_frame,
-    write_frame,
-)
+from . import _context, _jsonvalue
+from ._messages import _Activation, _LoadFlow, _Result, _Stop, describe_exception, encode, is_plain, loads
 from ._state.client import StoreClient
 from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
-from .state import WorkerState, close_resources
+from .state import WorkerState
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _rss() -> int:
+    """This process's resident memory in bytes (from /proc, cheaply)."""
     try:
         with open("/proc/self/statm", "rb") as f:
             return int(f.read().split()[1]) * _PAGE_SIZE
@@ -83,6 +64,7 @@ class _ActivationContext:
         self.earlier: frozenset = frozenset()
 
     def emit(self, routine: Any, event: str, data: dict) -> None:
+        """Record an emit of the running routine (pickled now, so later changes to ``data`` do not count)."""
         if routine is not self.routine:
             raise RoutiluxError(
                 f"emit({event!r}) was called on another routine ({type(routine).__name__}) while "
@@ -109,28 +91,33 @@ class _ActivationContext:
         self.emits.append((event, blob))
 
 
-class _Worker:
-    """State of one worker process; :meth:`step` handles one message."""
+class ActivationRunner:
+    """Runs the activations of one worker lane; it has no transport of its own.
 
-    def __init__(self, config: _WorkerConfig, results: int) -> None:
-        self.config = config
-        self.results = results
-        self.client = StoreClient(config.state_address, config.authkey, config.state_timeout, config.lock_timeout)
+    Its owner (a process's command loop, or the in-thread stub backend) hands
+    it each message with :meth:`step` and a ``reply`` function that sends the
+    result back.
+    """
+
+    def __init__(self, client: StoreClient, *, max_rss: int | None, max_activations: int | None) -> None:
+        #: This process's link to the state server (every WorkerState here uses it).
+        self.client = client
+        #: Recycle past this RSS (bytes), or after this many activations.
+        self.max_rss = max_rss
+        self.max_activations = max_activations
+        #: flow key -> the flow (loaded once), or the error data of a flow that failed to load.
         self.flows: dict[int, Any] = {}
+        #: worker_id -> its WorkerState handle.
         self.states: dict[str, WorkerState] = {}
         self.activations = 0
         self.pid = os.getpid()
+        #: What fds 0-2 were at start: logic that closes or replaces them gets the process recycled.
         self.std_fds = _std_fds()
 
-    def send(self, message: Any) -> None:
-        if os.getpid() != self.pid:
-            _forked_child_exit(1)
-        write_frame(self.results, dumps(message))
-
-    def step(self, message: Any) -> str | None:
-        """Handle one message; return a reason to exit, or ``None`` to go on."""
+    def step(self, message: Any, reply: Callable[[Any], None]) -> str | None:
+        """Handle one message (``reply`` sends a result back); return a reason to exit, or ``None`` to go on."""
         if isinstance(message, _Activation):
-            self.send(self.run(message))
+            reply(self.run(message))
             self.activations += 1
             return self.recycle_reason()
         if isinstance(message, _LoadFlow):
@@ -150,24 +137,25 @@ class _Worker:
         raise RoutiluxError(f"unexpected message {message!r}")
 
     def recycle_reason(self) -> str | None:
-        cfg = self.config
+        """Why this process should be replaced now (between activations), or ``None``."""
         fds = _std_fds()
         if fds != self.std_fds:
             changed = [name for name, a, b in zip(("stdin", "stdout", "stderr"), self.std_fds, fds, strict=True)
                        if a != b]
             return f"recycled: logic closed or replaced its {' and '.join(changed)}"
-        if cfg.max_activations is not None and self.activations >= cfg.max_activations:
+        if self.max_activations is not None and self.activations >= self.max_activations:
             return f"recycled after {self.activations} activations (max_activations_per_process)"
-        if cfg.max_rss is not None:
+        if self.max_rss is not None:
             rss = _rss()
-            if rss > cfg.max_rss:
+            if rss > self.max_rss:
                 gc.collect()
                 rss = _rss()
-                if rss > cfg.max_rss:
-                    return f"recycled: RSS {rss // 2**20} MiB over max_worker_rss {cfg.max_rss // 2**20} MiB"
+                if rss > self.max_rss:
+                    return f"recycled: RSS {rss // 2**20} MiB over max_worker_rss {self.max_rss // 2**20} MiB"
         return None
 
     def run(self, act: _Activation) -> _Result:
+        """Run one activation's logic; its outcome (emits, job changes, or the error as data)."""
         flow = self.flows.get(act.flow_key)
         if isinstance(flow, dict) or flow is None:
             error = flow or {"type": "routilux_mp.errors.RoutiluxError", "mro": [], "traceback": "",
@@ -195,7 +183,7 @@ class _Worker:
         finally:
             _context.set_current(None)
         if os.getpid() != self.pid:  # a child that logic forked came back here: it must not go on
-            _forked_child_exit(0 if error is None else 1)
+            forked_child_exit(0 if error is None else 1)
         seconds = time.perf_counter() - started
         data_set, data_deleted = None, None
         if job.data != before:
@@ -230,7 +218,7 @@ def _std_fds() -> tuple:
     return tuple(found)
 
 
-def _forked_child_exit(code: int) -> None:
+def forked_child_exit(code: int) -> None:
     """End a child that logic forked and that came back into the worker loop."""
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.write(f"routilux-mp: process {os.getpid()}, forked by logic, returned into the worker loop; "
@@ -239,47 +227,4 @@ def _forked_child_exit(code: int) -> None:
     os._exit(code)
 
 
-def run_worker(commands: int, results: int, life_fd: int, config: _WorkerConfig) -> None:
-    """Serve activations until told to stop (or the supervisor disappears)."""
-    cleanup_dir = os.path.dirname(config.state_address)
-    _process.watch_for_eof(life_fd, "routilux-mp parent watchdog",
-                           on_eof=lambda: _process.kill_group_tree(cleanup_dir))
-    _process.set_process_name(f"rmp-worker-{config.index}")
-    _context.enter_worker()
-    sys.path[:] = config.sys_path
-    faulthandler.enable()
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)
-    worker = _Worker(config, results)
-    worker.send(_Ready(os.getpid()))
-    reason = None
-    while reason is None:
-        try:
-            raw = read_frame(commands)
-        except (EOFError, OSError):  # only the supervisor's end of this pipe is gone: so is the supervisor
-            _process.kill_group_tree(cleanup_dir)
-            os._exit(_process.EXIT_PARENT_GONE)
-        reason = worker.step(loads(raw))
-    close_resources()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more to say
-            stream.flush()
-    worker.send(_Exiting(reason))
-    os._exit(0)
-
-
-def main() -> None:
-    """Entry point: ``python -c ... "routilux-mp worker N" CMD_FD RESULT_FD LIFE_FD``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    commands, results, life_fd = (int(fd) for fd in sys.argv[2:5])
-    try:
-        config = loads(read_frame(commands))
-    except (EOFError, OSError):
-        os._exit(_process.EXIT_PARENT_GONE)
-    _process.exit_if_orphaned(config.parent_pid)
-    # Before any thread starts (forking a threaded process is unsafe).
-    _process.start_group_guard(life_fd, f"rmp-guard-{config.index}", os.path.dirname(config.state_address))
-    run_worker(commands, results, life_fd, config)
-
-
-__all__ = ["STOP", "describe_exception", "main", "run_worker"]
+__all__ = ["ActivationRunner", "forked_child_exit"]

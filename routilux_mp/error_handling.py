@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
+from ._messages import type_name
+
 __all__ = ["ErrorHandler", "ErrorStrategy"]
 
 
@@ -25,12 +27,6 @@ class ErrorStrategy(str, enum.Enum):
     CONTINUE = "continue"
     RETRY = "retry"
     SKIP = "skip"
-
-
-def _type_name(exc_type: type) -> str:
-    if exc_type.__module__ == "builtins":
-        return exc_type.__qualname__
-    return f"{exc_type.__module__}.{exc_type.__qualname__}"
 
 
 class ErrorHandler:
@@ -89,7 +85,7 @@ class ErrorHandler:
                 raise TypeError(f"retryable_exceptions holds exception classes or their names, got {exc!r}")
         #: The exception classes (or names) that may be retried, as given.
         self.retryable_exceptions: tuple[type[BaseException] | str, ...] = retryable
-        self._retryable_names = frozenset(exc if isinstance(exc, str) else _type_name(exc) for exc in retryable)
+        self._retryable_names = frozenset(exc if isinstance(exc, str) else type_name(exc) for exc in retryable)
 
     def is_retryable(self, error_mro: Iterable[str]) -> bool:
         """True when an error whose class hierarchy has these names may be retried."""

@@ -16,27 +16,19 @@ cloudpickle.
 from __future__ import annotations
 
 import atexit
-import copy
-import itertools
 import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _jsonvalue
-from ._ledger import _Instance, _RoutineRt, percentile
 from ._messages import encode
-from ._pool import _error
 from ._state.protocol import Method
-from ._supervisor import TERM_GRACE, Supervisor, run_callbacks
-from .activation_policies import ImmediatePolicy
-from .error_handling import ErrorHandler
-from .errors import FlowError, RoutiluxError, SerializationError, SlotQueueFullError, WorkerNotRunningError
-from .flow import Flow
+from ._supervisor import Settings, Supervisor, TestHooks
+from .errors import SerializationError
 from .job import JobContext
 from .monitoring.flow_registry import FlowRegistry
 from .state import WorkerState
@@ -48,9 +40,6 @@ __all__ = ["Runtime"]
 
 logger = logging.getLogger("routilux_mp.runtime")
 
-#: Seconds ``shutdown()`` gives the dispatcher to stop every process (its own escalation takes a few
-#: seconds, more when the state server hangs) before it kills them all from the calling thread.
-SHUTDOWN_JOIN_TIMEOUT = 30.0
 #: Most worker processes per CPU this process may use. Each worker is a Python interpreter (about
 #: 17 MB) competing for those CPUs: past a few per CPU, CPU-bound work only gets slower, and
 #: thousands of processes exhaust memory and the process table. I/O-bound logic that needs more
@@ -62,6 +51,7 @@ _live_lock = threading.Lock()
 
 
 def _cpu_count() -> int:
+    """The CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -102,9 +92,10 @@ class Runtime:
             worker's states back with ``exec(flow, worker_id=...)``
             (``list_workers(stored=True)`` lists them). One runtime at a time:
             a file held by a live runtime is refused with
-            :class:`~routilux_mp.errors.StateFileError`. Without it, state is
-            kept in a private temporary file, removed at shutdown; either way
-            a state server that dies is restarted with everything acknowledged.
+            :class:`~routilux_mp.errors.StateFileError`. A state server that
+            dies is restarted from the file with everything acknowledged.
+            Without it, state is kept in the state server's memory (faster;
+            lost with that process: ``StateServerLostError``).
         state_sync: ``"normal"`` (default): commits survive any process
             dying, not a power cut; ``"full"``: each commit is also
             ``fsync``'d (survives a power cut; slower).
@@ -152,17 +143,18 @@ class Runtime:
         if max_worker_rss is not None and kill_worker_rss is None:
             kill_worker_rss = int(max_worker_rss * 1.5)
         self._registry = FlowRegistry.get_instance()
-        self._worker_numbers = itertools.count(1)
-        self._reserved: set[str] = set()
-        self._ps: dict[int, Any] = {}
-        self._sup = Supervisor(
+        self._processes = count
+        self._sup = Supervisor(Settings(
             processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
             state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
             max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
             max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
             max_finished_jobs=max_finished_jobs, worker_output=worker_output,
             state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
-        )
+        ))
+        self._sup.start()
+        #: Hooks for this package's tests (see :class:`~routilux_mp._supervisor.TestHooks`).
+        self._testing: TestHooks = self._sup.testing()
         with _live_lock:
             _live.add(self)
 
@@ -171,7 +163,7 @@ class Runtime:
     @property
     def processes(self) -> int:
         """Number of worker processes."""
-        return self._sup.processes
+        return self._processes
 
     @property
     def closed(self) -> bool:
@@ -191,7 +183,7 @@ class Runtime:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "running"
-        return f"<Runtime processes={self.processes} workers={len(self._sup.instances)} {state}>"
+        return f"<Runtime processes={self.processes} workers={len(self._sup.list_workers())} {state}>"
 
     # ------------------------------------------------------------------ workers
 
@@ -205,65 +197,16 @@ class Runtime:
         (a worker of another flow in the file is refused with ``FlowError``);
         ids made up for ``worker_id=None`` skip the ones the file holds.
         """
-        sup = self._sup
-        sup.check_usable()
+        self._sup.check_usable()
         flow = self._registry.get(flow_name)
         flow.validate()
         if worker_id is not None and (not isinstance(worker_id, str) or not worker_id):
             raise TypeError(f"worker_id must be a non-empty string, got {worker_id!r}")
-        with sup.lock:
-            sup.check_usable()
-            key = sup.ship(flow)
-            stored = sup.state_server.stored_workers
-            if worker_id is None:
-                worker_id = f"{flow_name}-{next(self._worker_numbers)}"
-                while worker_id in sup.instances or worker_id in self._reserved or worker_id in stored:
-                    worker_id = f"{flow_name}-{next(self._worker_numbers)}"
-            elif worker_id in sup.instances or worker_id in self._reserved:
-                raise FlowError(f"a worker {worker_id!r} already exists in this runtime; pick another worker_id")
-            elif stored.get(worker_id, flow.flow_id) not in (flow.flow_id, ""):
-                raise FlowError(
-                    f"worker {worker_id!r} in the state file {sup.state_server.state_path} ran flow "
-                    f"{stored[worker_id]!r}, not {flow.flow_id!r}: its routine states belong to that flow. Exec "
-                    "that flow to resume it, or pick another worker_id"
-                )
-            self._reserved.add(worker_id)
-        try:
-            ws = WorkerState(worker_id, flow.flow_id, sup.client)
-            inst = self._build_instance(worker_id, flow_name, flow, key, ws)
-            # A resumed worker's counters go on from what the state file held.
-            inst.jobs_processed, inst.jobs_failed = sup.state_server.stored_counts.get(worker_id, (0, 0))
-            with sup.lock:
-                sup.check_usable()
-                sup.instances[worker_id] = inst
-                sup.current[flow_name] = worker_id
-            # Workers may read status and flow_id; nobody needs to wait for it to arrive.
-            sup.pusher.push(Method.REGISTER_WORKER, worker_id, flow.flow_id, "running")
-        finally:
-            with sup.lock:
-                self._reserved.discard(worker_id)
-        return ws
-
-    def _build_instance(self, worker_id: str, flow_name: str, flow: Flow, key: int, ws: WorkerState) -> _Instance:
-        inst = _Instance(worker_id, flow_name, flow, key, ws)
-        default_handler = flow.error_handler or ErrorHandler()
-        for rid, routine in flow.routines.items():
-            policy = copy.deepcopy(routine._activation_policy) if routine._activation_policy else ImmediatePolicy()
-            limit = routine._max_concurrency or self.processes
-            handler = routine._error_handler or default_handler
-            inst.routines[rid] = _RoutineRt(inst, rid, routine, policy, limit, handler)
-        for conn in flow.connections:
-            source = inst.routines[conn.source_id]
-            source.targets.setdefault(conn.event, []).append((inst.routines[conn.target_id], conn.slot))
-        return inst
+        return self._sup.add_worker(flow_name, flow, worker_id)
 
     def get_worker_state(self, worker_id: str) -> WorkerState:
         """The WorkerState of an existing worker."""
-        inst = self._sup.instances.get(worker_id)
-        if inst is None:
-            known = ", ".join(repr(w) for w in self._sup.instances) or "none"
-            raise WorkerNotRunningError(f"no worker {worker_id!r} in this runtime (workers: {known})")
-        return inst.ws
+        return self._sup.worker_state(worker_id)
 
     def list_workers(self, stored: bool = False) -> list[str]:
         """Ids of the workers started with ``exec`` (or on demand by ``post``).
@@ -272,15 +215,11 @@ class Runtime:
         of earlier runtimes first (resume one with ``exec(flow, worker_id=...)``),
         then the ones started here.
         """
-        with self._sup.lock:
-            live = list(self._sup.instances)
-        if not stored:
-            return live
-        return list(dict.fromkeys([*self._sup.state_server.stored_workers, *live]))
+        return self._sup.list_workers(stored)
 
     def _state_call(self, method: Method, *args: Any) -> Any:
         """Call the state server directly (the CLI journals a resumable run in the state file this way)."""
-        return self._sup.client.call(method, *args)
+        return self._sup.state_call(method, *args)
 
     # ------------------------------------------------------------------ posting
 
@@ -335,72 +274,10 @@ class Runtime:
             blob = encode(data)
         except Exception as exc:
             raise SerializationError(f"post() data cannot be pickled: {type(exc).__name__}: {exc}") from exc
-        inst = self._resolve_worker(flow_name, worker_id)
-        if inst is None:
+        if worker_id is None and not sup.has_current(flow_name):
             self.exec(flow_name)
-            inst = self._resolve_worker(flow_name, None)
-            assert inst is not None
-        if inst.flow is not flow:
-            inst.flow.check_slot(routine_id, slot_name)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with sup.lock:
-            sup.check_usable()
-            if job_id is not None and job_id in sup.jobs:
-                raise FlowError(f"a job {job_id!r} already exists; job ids must be unique")
-            rt = inst.routines[routine_id]
-            queue = rt.slots[slot_name]
-            while queue.pending >= queue.max_queue_length:
-                self._wait_for_room(rt, queue, block, deadline)
-            job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata)
-            sup.new_job(job)
-            sup.enqueue(rt, slot_name, job, blob)
-            callbacks = sup.take_callbacks()
-            if callbacks:
-                sup.cond.notify_all()
-        run_callbacks(callbacks)
-        return inst.ws, job
-
-    def _wait_for_room(self, rt: _RoutineRt, queue: Any, block: bool, deadline: float | None) -> None:
-        """Wait (lock held) until ``queue`` has room, or raise ``SlotQueueFullError``."""
-        sup = self._sup
-        where = f"slot {queue.name!r} of routine {rt.rid!r} (worker {rt.inst.worker_id!r})"
-        if not block:
-            raise SlotQueueFullError(f"{where} holds {queue.pending} items, its max_queue_length; retry later")
-        if threading.current_thread() is sup.thread:
-            raise SlotQueueFullError(
-                f"{where} is full, and post() from a job done-callback cannot wait for room (the callback "
-                "runs in the thread that makes room); post from another thread, or with block=False"
-            )
-        if sup.quiescent():
-            raise SlotQueueFullError(
-                f"{where} is full ({queue.pending} items) and nothing is running that could consume them: "
-                "its activation policy is holding them (a join waiting on another slot?). Flush, feed the "
-                "other slots, or raise max_queue_length"
-            )
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise SlotQueueFullError(f"{where} stayed full ({queue.pending} items) past the post() timeout")
-        sup.post_waiters += 1
-        try:
-            sup.cond.wait(remaining)
-        finally:
-            sup.post_waiters -= 1
-        sup.check_usable()
-
-    def _resolve_worker(self, flow_name: str, worker_id: str | None) -> _Instance | None:
-        # No lock: single dict reads are atomic, and exec() publishes an instance whole.
-        sup = self._sup
-        if worker_id is None:
-            current = sup.current.get(flow_name)
-            return sup.instances.get(current) if current is not None else None
-        inst = sup.instances.get(worker_id)
-        if inst is None:
-            known = ", ".join(repr(w) for w, i in list(sup.instances.items()) if i.flow_name == flow_name)
-            raise WorkerNotRunningError(
-                f"flow {flow_name!r} has no worker {worker_id!r} in this runtime (workers: {known or 'none'})")
-        if inst.flow_name != flow_name:
-            raise FlowError(f"worker {worker_id!r} runs flow {inst.flow_name!r}, not {flow_name!r}")
-        return inst
+        return sup.post(flow_name, flow, routine_id, slot_name, blob, worker_id=worker_id, job_id=job_id,
+                        metadata=metadata, block=block, timeout=timeout)
 
     # ------------------------------------------------------------------ waiting
 
@@ -414,64 +291,24 @@ class Runtime:
         ``stats()["waiting"]`` shows what waits where. With ``worker_id``, only
         that worker's jobs are waited for (and only its policies flushed).
         """
-        sup = self._sup
-        if threading.current_thread() is sup.thread:
-            raise RoutiluxError("wait_until_all_jobs_finished() cannot be called from a job done-callback: "
-                                "the callback runs in the thread that finishes jobs")
-        if worker_id is not None:
-            self.get_worker_state(worker_id)  # unknown -> WorkerNotRunningError naming the workers
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with sup.lock:
-            while True:
-                if worker_id is None:
-                    busy = sup.active_jobs != 0
-                else:
-                    busy = any(j.worker_id == worker_id and not j.done for j in sup.jobs.values())
-                if not busy:
-                    result = True
-                    break
-                if sup.stop_requested:
-                    result = False
-                    break
-                if worker_id is None:
-                    if sup.quiescent() and sup.flush(list(sup.instances.values())):
-                        continue
-                else:
-                    inst = sup.instances[worker_id]
-                    if sup.instance_quiescent(inst) and sup.flush([inst]):
-                        continue
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    result = False
-                    break
-                sup.cond.wait(remaining)
-            callbacks = sup.take_callbacks()
-        run_callbacks(callbacks)
-        return result
+        return self._sup.wait_idle(timeout, worker_id)
 
     def flush(self, flow_name: str | None = None) -> None:
         """Deliver now what batch and interval policies hold back (of one flow, or all)."""
-        sup = self._sup
-        sup.check_usable()
+        self._sup.check_usable()
         if flow_name is not None:
             self._registry.get(flow_name)
-        with sup.lock:
-            insts = [i for i in sup.instances.values() if flow_name is None or i.flow_name == flow_name]
-            sup.flush(insts)
-            callbacks = sup.take_callbacks()
-        run_callbacks(callbacks)
+        self._sup.flush(flow_name)
 
     # ------------------------------------------------------------------ jobs and stats
 
     def get_job(self, job_id: str) -> JobContext | None:
         """The job with this id, or ``None`` (finished jobs are kept up to ``max_finished_jobs``)."""
-        with self._sup.lock:
-            return self._sup.jobs.get(job_id)
+        return self._sup.get_job(job_id)
 
     def list_jobs(self, worker_id: str | None = None) -> list[JobContext]:
         """Jobs in the ledger, oldest first (of one worker, or all)."""
-        with self._sup.lock:
-            return [j for j in self._sup.jobs.values() if worker_id is None or j.worker_id == worker_id]
+        return self._sup.list_jobs(worker_id)
 
     def wait_until_all_workers_idle(self, timeout: float | None = None, check_interval: float = 0.1) -> bool:
         """routilux 1.1.0's name for :meth:`wait_until_all_jobs_finished`.
@@ -492,78 +329,11 @@ class Runtime:
         """
         if status not in ("completed", "failed", "cancelled"):
             raise ValueError(f"complete_job() status must be 'completed', 'failed' or 'cancelled', got {status!r}")
-        sup = self._sup
-        with sup.lock:
-            job = sup.jobs.get(job_id)
-            if job is None or job.done:
-                return False
-            details = None
-            if error is not None:
-                details = _error(RoutiluxError, str(error), routine=None)
-            sup.end_job(job, status, details)
-            callbacks = sup.take_callbacks()
-        run_callbacks(callbacks)
-        return True
+        return self._sup.complete_job(job_id, status, error)
 
     def stats(self) -> dict:
         """A JSON-able snapshot: per-routine counters, per-process usage, jobs by status, waiting items."""
-        import psutil
-
-        sup = self._sup
-        routines: dict[str, dict] = {}
-        with sup.lock:
-            for inst in sup.instances.values():
-                for rid, rt in inst.routines.items():
-                    agg = routines.setdefault(rid, {"activations": 0, "errors": 0, "busy_seconds": 0.0,
-                                                    "_lat": [], "max_concurrency": rt.limit})
-                    agg["activations"] += rt.stats.activations
-                    agg["errors"] += rt.stats.errors
-                    agg["busy_seconds"] += rt.stats.busy_seconds
-                    agg["_lat"].extend(rt.stats.latencies)
-            procs = [
-                (i, p.pid if p else None, p.activations if p else 0, sup.restarts[i], p is not None and p.ready)
-                for i, p in enumerate(sup.procs)
-            ]
-            jobs = {status: n for status, n in sup.status_counts.items() if n}
-            waiting = []
-            for inst in sup.instances.values():
-                for rid, rt in inst.routines.items():
-                    for name, queue in rt.slots.items():
-                        if queue.pending:
-                            waiting.append({"worker_id": inst.worker_id, "routine": rid, "slot": name,
-                                            "items": queue.pending})
-            lost = None if sup.client.lost is not None or sup.closed else {}
-        if lost is not None:
-            try:
-                lost = sup.client.call(Method.LOST_UPDATES)
-            except RoutiluxError:
-                lost = {}
-        for rid, agg in routines.items():
-            latencies = agg.pop("_lat")
-            agg["busy_seconds"] = round(agg["busy_seconds"], 6)
-            agg["p50_latency"] = percentile(latencies, 50)
-            agg["p99_latency"] = percentile(latencies, 99)
-            agg["lost_updates"] = (lost or {}).get(rid, 0)
-        processes = []
-        for index, pid, activations, restarts, ready in procs:
-            entry: dict[str, Any] = {"index": index, "pid": pid, "alive": pid is not None, "ready": ready,
-                                     "rss": None, "cpu_percent": None, "activations": activations,
-                                     "restarts": restarts}
-            if pid is not None:
-                try:
-                    ps = self._ps.get(pid)
-                    if ps is None:
-                        ps = self._ps[pid] = psutil.Process(pid)
-                    entry["rss"] = ps.memory_info().rss
-                    entry["cpu_percent"] = ps.cpu_percent(None)
-                except psutil.Error:
-                    entry["alive"] = False
-            processes.append(entry)
-        live = {p["pid"] for p in processes}
-        for pid in list(self._ps):
-            if pid not in live:
-                del self._ps[pid]
-        return {"routines": routines, "processes": processes, "jobs": jobs, "waiting": waiting}
+        return self._sup.stats()
 
     # ------------------------------------------------------------------ shutdown
 
@@ -590,31 +360,12 @@ class Runtime:
         killed from this thread after a short grace.
         """
         sup = self._sup
-        if threading.current_thread() is sup.thread:
-            # From a job done-callback: the dispatcher stops once the callback returns.
-            sup.request_stop(grace=TERM_GRACE)
-            return
-        interrupt = None
-        if sup.thread.is_alive():
-            with sup.lock:
-                already = sup.closed
-                sup.closed = True
-            try:
-                if cancel_pending:
-                    with sup.lock:
-                        sup.cancel_pending()
-                        callbacks = sup.take_callbacks()
-                    run_callbacks(callbacks)
-                if wait and not already:
-                    self.wait_until_all_jobs_finished(timeout)
-            except KeyboardInterrupt as exc:  # Ctrl-C while waiting: stop now, then let it propagate
-                interrupt = exc
-            sup.request_stop(grace=TERM_GRACE)
-            sup.join_or_kill(SHUTDOWN_JOIN_TIMEOUT)
-        with _live_lock:
-            _live.discard(self)
-        if interrupt is not None:
-            raise interrupt
+        try:
+            sup.shutdown(wait, timeout, cancel_pending)
+        finally:
+            if not sup.on_dispatcher():  # (from a done-callback, the dispatcher stops once it returns)
+                with _live_lock:
+                    _live.discard(self)
 
 
 def _died_of_ctrl_c() -> bool:
@@ -630,8 +381,7 @@ def _runtime_of(worker_state: WorkerState) -> Runtime | None:
     with _live_lock:
         runtimes = list(_live)
     for runtime in runtimes:
-        inst = runtime._sup.instances.get(worker_state.worker_id)
-        if inst is not None and inst.ws is worker_state:
+        if runtime._sup.owns(worker_state):
             return runtime
     return None
 

@@ -80,20 +80,12 @@ def wait_until(predicate: Callable[[], Any], what: str, *, job: Any = None, time
 
 def pool_refilled(runtime: Any, restarts: int, timeout: float = WAIT) -> None:
     """Wait (on the supervisor's condition, no polling) until dead workers were replaced."""
-    sup = runtime._sup
-    with sup.cond:
-        done = sup.cond.wait_for(
-            lambda: sum(sup.restarts) >= restarts and all(p is not None for p in sup.procs), timeout
-        )
-    assert done, f"the pool was not refilled within {timeout}s"
+    assert runtime._testing.wait_pool_refilled(restarts, timeout), f"the pool was not refilled within {timeout}s"
 
 
 def pool_ready(runtime: Any, timeout: float = WAIT) -> None:
     """Wait (on the supervisor's condition) until every worker process reported ready."""
-    sup = runtime._sup
-    with sup.cond:
-        ready = sup.cond.wait_for(lambda: all(p is not None and p.ready for p in sup.procs), timeout)
-    assert ready, f"the workers were not ready within {timeout}s"
+    assert runtime._testing.wait_pool_ready(timeout), f"the workers were not ready within {timeout}s"
 
 
 def echo(routine: Routine, slot_data: dict, message: Any, worker_state: Any) -> None:

@@ -12,7 +12,7 @@ import pytest
 import routilux_mp
 from routilux_mp import ErrorHandler, ErrorStrategy, Flow, FlowRegistry, Routine
 from routilux_mp._jsonvalue import normalize
-from routilux_mp._ledger import SlotQueue, _Entry
+from routilux_mp._records import SlotQueue, _Entry
 from routilux_mp.activation_policies import (
     all_slots_ready_policy,
     batch_size_policy,

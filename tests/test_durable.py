@@ -39,12 +39,11 @@ def _count(ws) -> int:
 
 
 def _restarted(runtime, pid: int) -> bool:
-    server = runtime._sup.state_server
-    return server.pid not in (None, pid) and server.sentinel is not None
+    return runtime._testing.state_pid not in (None, pid) and runtime._testing.state_watched
 
 
 def _kill_server(runtime, sig: int = signal.SIGKILL) -> int:
-    pid = runtime._sup.state_server.pid
+    pid = runtime._testing.state_pid
     os.kill(pid, sig)
     return pid
 
@@ -134,7 +133,7 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
     with Runtime(processes=1, state_path=sys.argv[1]) as runtime:
         ws = runtime.exec("kept", worker_id="w1")
         ws.get_routine_state("count")  # the state server runs from here on
-        print(json.dumps({"server": runtime._sup.state_server.pid}), flush=True)
+        print(json.dumps({"server": runtime._testing.state_pid}), flush=True)
         i = 0
         while True:
             i += 1
@@ -252,7 +251,7 @@ def test_a_state_server_that_cannot_start_again_breaks_the_runtime_with_its_reas
     with open(path, "r+b") as f:  # the file is destroyed: the next server cannot open it
         f.write(b"\0" * 100)
     _kill_server(runtime)  # restarted once more, the server finds the file destroyed and exits
-    wait_until(lambda: runtime._sup.broken is not None, "the runtime to break")
+    wait_until(lambda: runtime._testing.broken, "the runtime to break")
     with pytest.raises(StateServerLostError, match=r"exited with code 3: .* is not a routilux-mp state file .*; it "
                                                    r"died 3 times within 60 s, so it was not restarted"):
         runtime.post("doomed", "r", "in", {"n": 1})

@@ -320,7 +320,7 @@ def test_losing_the_state_server_fails_jobs_in_flight_promptly(make_runtime, how
     _, job = runtime.post("lost", "r", "in", {})
     wait_until(lambda: (ws.get_routine_state("progress") or {}).get("started") == 1, "the activation to start",
                job=job)
-    server = runtime._sup.state_server.popen.pid
+    server = runtime._testing.state_pid
     started = time.monotonic()
     os.kill(server, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
     assert job.wait(WAIT)
@@ -366,7 +366,7 @@ def test_a_lost_state_server_breaks_the_runtime_and_is_never_reported_as_empty(m
     assert holding.wait(WAIT)
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
-    os.kill(runtime._sup.state_server.popen.pid, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
+    os.kill(runtime._testing.state_pid, signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
     writer.join(state_timeout + NOTICE_MARGIN)
     release.set()
     holder.join(WAIT)
@@ -444,8 +444,8 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
             if time.monotonic() > deadline:
                 sys.exit("the busy activations never started")
         grandchildren = [pid for pids in (ws.get_routine_state("grandchildren") or {}).values() for pid in pids]
-        pids = [p["pid"] for p in runtime.stats()["processes"]] + [runtime._sup.state_server.popen.pid] + grandchildren
-        print(json.dumps({"pids": pids, "socket_dir": runtime._sup.state_server.socket_dir}), flush=True)
+        pids = [p["pid"] for p in runtime.stats()["processes"]] + [runtime._testing.state_pid] + grandchildren
+        print(json.dumps({"pids": pids, "socket_dir": runtime._testing.socket_dir}), flush=True)
         {then}
 
     {run}

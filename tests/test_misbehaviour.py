@@ -17,7 +17,8 @@ import psutil
 import pytest
 from helpers import WAIT, by_value, echo, pool_ready, pool_refilled, single_flow
 
-from routilux_mp import Runtime, _guards, _pool, get_current_job
+from routilux_mp import Runtime, get_current_job
+from routilux_mp._exec import _pipes, local
 from routilux_mp.errors import RoutiluxError, RuntimeBrokenError
 
 by_value(__name__)
@@ -53,12 +54,12 @@ class HangsWhenLoaded:
 
 
 def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monkeypatch) -> None:
-    monkeypatch.setattr(_guards, "TAKE_TIMEOUT", TAKE)
+    monkeypatch.setattr(local, "TAKE_TIMEOUT", TAKE)
     single_flow("stall", _pid_and_size, concurrency=None)
     runtime = make_runtime(processes=2)
     runtime.exec("stall")
     pool_ready(runtime)
-    victim = runtime._sup.procs[0].pid
+    victim = runtime._testing.worker_pid(0)
     os.kill(victim, signal.SIGSTOP)  # idle: the first activation goes to it
     try:
         jobs: list = []
@@ -79,7 +80,7 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
         pool_refilled(runtime, restarts=1)
         assert victim not in {p["pid"] for p in runtime.stats()["processes"]}, "the stopped worker was replaced"
         # A stopped worker at shutdown is stopped all the same.
-        other = runtime._sup.procs[1].pid
+        other = runtime._testing.worker_pid(1)
         os.kill(other, signal.SIGSTOP)
         children = psutil.Process().children(recursive=True)
         started = time.monotonic()
@@ -92,8 +93,27 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
             os.kill(victim, signal.SIGCONT)
 
 
+def test_a_stopped_worker_is_replaced_when_nothing_else_happens(make_runtime, monkeypatch) -> None:
+    monkeypatch.setattr(local, "TAKE_TIMEOUT", TAKE)
+    single_flow("quiet", _pid_and_size)
+    runtime = make_runtime(processes=1)
+    _, first = runtime.post("quiet", "r", "in", {"pad": ""})  # the worker has the flow from now on
+    assert first.wait(WAIT) and first.status == "completed", first.error
+    victim = first.outputs[0]["data"]["pid"]
+    assert runtime._testing.wait_no_timers(WAIT), "counters flushed, the first activation's take check done"
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        # A small activation fits in the pipe: nothing but the take check can wake the dispatcher now.
+        _, job = runtime.post("quiet", "r", "in", {"pad": ""})
+        assert job.wait(WAIT) and job.status == "completed", job.error
+        assert job.outputs[0]["data"]["pid"] != victim
+    finally:
+        if psutil.pid_exists(victim):
+            os.kill(victim, signal.SIGCONT)
+
+
 def test_a_flow_that_never_finishes_loading_fails_its_job_after_max_crash_retries(make_runtime, monkeypatch) -> None:
-    monkeypatch.setattr(_guards, "TAKE_TIMEOUT", TAKE)
+    monkeypatch.setattr(local, "TAKE_TIMEOUT", TAKE)
     flow = single_flow("stuck", _pid_and_size)
     flow.routines["r"].trap = HangsWhenLoaded()
     runtime = make_runtime(processes=2, max_crash_retries=2)
@@ -181,11 +201,10 @@ def test_a_blocking_done_callback_cannot_keep_shutdown_from_stopping_every_proce
         _gone, alive = psutil.wait_procs(children, timeout=10)
         assert alive == [], "every process was stopped from the caller's thread"
         assert all(job.done for job in queued), [job.status for job in queued]
-        assert not os.path.exists(runtime._sup.state_server.socket_dir)
+        assert not os.path.exists(runtime._testing.socket_dir)
     finally:
         release.set()
-    runtime._sup.thread.join(WAIT)
-    assert not runtime._sup.thread.is_alive(), "the dispatcher finishes once the callback returns"
+    assert runtime._testing.join_dispatcher(WAIT), "the dispatcher finishes once the callback returns"
 
 
 # -- stray threads and forked children ---------------------------------------------------------------
@@ -304,7 +323,7 @@ def test_output_without_newlines_is_forwarded_in_bounded_pieces(make_runtime) ->
             got = cond.wait_for(lambda: sum(sizes) >= FLOOD_MB * MiB, timeout=25)
         assert got, f"only {sum(sizes)} bytes of a {FLOOD_MB} MiB line were forwarded while it was written"
     assert job.wait(WAIT) and job.status == "completed", job.error
-    assert max(sizes) <= 2 * _pool.OUTPUT_CHUNK, "the supervisor never held more than a piece"
+    assert max(sizes) <= 2 * _pipes.OUTPUT_CHUNK, "the supervisor never held more than a piece"
     assert bad == [], "pieces end on whole characters"
     assert sum(sizes) == FLOOD_MB * MiB + 1
 

@@ -267,7 +267,7 @@ def test_state_server_socket_is_private_and_rejects_a_wrong_key(make_runtime) ->
     runtime = make_runtime(processes=1)
     ws = runtime.exec("sec")
     ws.update_routine_state("r", {"v": 1})
-    address = runtime._sup.state_server.address
+    address = runtime._testing.state_address
     assert stat.S_IMODE(os.stat(os.path.dirname(address)).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(address).st_mode) & 0o077 == 0
     intruder = StoreManager(address=address, authkey=os.urandom(32), serializer=SERIALIZER)
@@ -394,8 +394,8 @@ def test_a_state_call_ends_within_its_deadline_whatever_the_server_sends(make_ru
     runtime = make_runtime(processes=1)
     ws = runtime.exec("relay")
     ws.update_routine_state("big", {"blob": "x" * 500_000})  # a reply of many socket buffers
-    relay = _Relay(runtime._sup.state_server.address, str(tmp_path / "relay.sock"), mode)
-    client = StoreClient(relay.path, runtime._sup.state_server.authkey, CLIENT_TIMEOUT, CLIENT_TIMEOUT)
+    relay = _Relay(runtime._testing.state_address, str(tmp_path / "relay.sock"), mode)
+    client = StoreClient(relay.path, runtime._testing.authkey, CLIENT_TIMEOUT, CLIENT_TIMEOUT)
     other = WorkerState(ws.worker_id, ws.flow_id, client)
     if mode != "silent":
         assert other.get_routine_state("big")["blob"] == "x" * 500_000, "the relay passes replies through"
@@ -470,9 +470,9 @@ def test_a_bogus_frame_header_from_an_authenticated_peer_closes_that_connection_
     runtime = make_runtime(processes=1)
     ws = runtime.exec("bogus")
     ws.update_routine_state("r", {"v": 1})
-    server = psutil.Process(runtime._sup.state_server.popen.pid)
+    server = psutil.Process(runtime._testing.state_pid)
     vms_before = server.memory_info().vms
-    peer = _authenticated_peer(runtime._sup.state_server.address, runtime._sup.state_server.authkey)
+    peer = _authenticated_peer(runtime._testing.state_address, runtime._testing.authkey)
     if phase == "serving":
         peer.send_bytes(dumps((None, "accept_connection", ("peer",), {})))
         assert peer.recv_bytes(1 << 16)
@@ -527,6 +527,8 @@ def _modify_slowly(routine, slot_data, message, ws):
 
 
 def test_a_modify_function_past_its_budget_fails_alone_and_the_server_lives_on(make_runtime, tmp_path) -> None:
+    import psutil
+
     import routilux_mp
     from routilux_mp import errors
 
@@ -538,7 +540,7 @@ def test_a_modify_function_past_its_budget_fails_alone_and_the_server_lives_on(m
     runtime = make_runtime(processes=1, state_timeout=3.0, lock_timeout=1.0)
     ws = runtime.exec("slow")
     ws.update_routine_state("slow", {"v": 1})
-    server = runtime._sup.state_server.popen
+    server = psutil.Process(runtime._testing.state_pid)
     marker = str(tmp_path / "running")
     _, job = runtime.post("slow", "r", "in", {"marker": marker})
     wait_until(lambda: os.path.exists(marker), "the modify function to start", job=job)
@@ -551,7 +553,8 @@ def test_a_modify_function_past_its_budget_fails_alone_and_the_server_lives_on(m
     assert ws.get_routine_state("slow") == {"v": 1, "n": 1}
     _, after = runtime.post("slow", "r", "in", {})
     assert after.wait(WAIT) and after.status == "completed", after.error
-    assert runtime._sup.state_server.popen is server and server.poll() is None, "the state server was not replaced"
+    assert runtime._testing.state_pid == server.pid and server.is_running() and server.status() != psutil.STATUS_ZOMBIE, (
+        "the state server was not replaced")
     with pytest.raises(ValueError, match="timeout must be a positive number"):
         ws.modify_routine_state("slow", lambda s: s, timeout=0)
 

@@ -57,7 +57,7 @@ import tempfile
 import time
 
 from .. import _process
-from .._messages import dumps, write_frame
+from .._messages import ExitInfo, dumps, write_frame
 from .backends import check_backend
 from .client import HUNG
 from .protocol import ServerConfig
@@ -166,6 +166,11 @@ class StateServerLauncher:
         """The descriptor to watch for the server's death while it runs (``None`` before start, after reap)."""
         return self._sentinel
 
+    @property
+    def sentinel_is_pidfd(self) -> bool:
+        """True when the sentinel is the server's pidfd (readable once it died), not its stdout (EOF then)."""
+        return self._pidfd is not None and self._pidfd == self._sentinel
+
     def listen(self) -> None:
         """Bind the socket (mode 0600) and listen: clients may connect from now on.
 
@@ -246,15 +251,9 @@ class StateServerLauncher:
             code = popen.wait(TERM_TIMEOUT)
         except subprocess.TimeoutExpired:
             code = None  # it closed its stdout but lives on: lost all the same
-        exitcode, signame = _process.describe_exit(code)
-        if signame:
-            how = f"was killed by {signame}"
-        elif exitcode is None:
-            how = "closed its output and stopped answering"
-        else:
-            how = f"exited with code {exitcode}"
         said = self._last_words(popen) if code is not None else ""
         self._deaths.append(time.monotonic())
+        how = ExitInfo.from_returncode(popen.pid, code).how()
         return f"the state server (pid {popen.pid}) {how}" + (f": {said}" if said else "")
 
     @staticmethod

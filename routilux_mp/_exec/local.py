@@ -1,0 +1,569 @@
+"""LocalProcessBackend: worker processes on this machine, fed through pipes.
+
+::
+
+    dispatcher thread                         worker process (``_child``)
+    ┌─────────────────────────────┐  command pipe  ┌──────────────────────┐
+    │ send() ─▶ Child.queue/outbox │──────────────▶│ ActivationRunner     │
+    │ poll(): epoll over           │  result pipe   │  (+ watchdog thread, │
+    │  results, stdout/stderr,     │◀──────────────│   group guard)       │
+    │  pidfds, command pipes with  │ stdout/stderr  └──────────────────────┘
+    │  an outbox, the wake pipe    │◀──────────────
+    └─────────────────────────────┘   life pipe: EOF when this process dies
+
+* Start: every worker is a fresh interpreter in its own session (see
+  ``_process``), handed its command pipe, its result pipe and the read end of
+  the life pipe; nothing waits for it to be ready.
+* Send: never blocks. A busy worker reads its next message only after it
+  finished the activation it runs, so it is given at most ``PIPE_BUDGET``
+  bytes of prefetch; what its pipe has no room for waits in its outbox,
+  written as it reads.
+* Poll: one epoll selector over every result pipe, stdout/stderr pipe and
+  pidfd (its death), the command pipes with bytes waiting, and a wake-up
+  pipe; it never polls with sleeps. Deaths are reported after everything the
+  process wrote before it died.
+* Hangs: a worker that has not read its first activation off the pipe
+  ``TAKE_TIMEOUT`` seconds after it went first is reported
+  (:class:`~routilux_mp._exec.base.Stalled`); one that writes bytes that are
+  not a frame of ours is reported (:class:`~routilux_mp._exec.base.Broken`).
+* Kill: SIGTERM then SIGKILL after ``TERM_GRACE`` (or SIGKILL at once), always
+  to the worker's whole process group.
+* Stop: stop message, join, SIGTERM, SIGKILL, each to the group, forwarding
+  output meanwhile.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import wait as wait_for
+from typing import Any
+
+from .. import _process
+from .._messages import (
+    STOP,
+    CorruptFrameError,
+    ExitInfo,
+    _Activation,
+    _Exiting,
+    _Ready,
+    _Result,
+    _WorkerConfig,
+    dumps,
+    loads,
+)
+from ._pipes import Child
+from .base import (
+    Broken,
+    Died,
+    Exiting,
+    Finished,
+    Output,
+    Ready,
+    Stalled,
+    Usage,
+    WorkerBackend,
+    WorkerEvent,
+    WorkerSettings,
+)
+
+logger = logging.getLogger("routilux_mp.runtime")
+
+#: Seconds a worker gets after SIGTERM before SIGKILL (kills with a grace, and shutdown).
+TERM_GRACE = 2.0
+#: Seconds a worker may leave an activation unread on its command pipe before it counts as hung
+#: (stopped, frozen, or stuck loading the flow). Generous, because loading a flow runs its imports
+#: (a large library takes seconds).
+TAKE_TIMEOUT = 60.0
+#: Bytes of prefetch a busy worker may hold in its command pipe (Linux pipes hold 64 KiB).
+PIPE_BUDGET = 48 * 1024
+#: How often exits are checked while stopping on a system without pidfds.
+EXIT_CHECK_INTERVAL = 0.05
+
+
+class _TermGrace:
+    """Deadline: SIGKILL a worker that outlived its SIGTERM by ``TERM_GRACE``."""
+
+    __slots__ = ("child",)
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+
+
+class _TakeCheck:
+    """Deadline: check that a worker took the activation it holds first."""
+
+    __slots__ = ("child",)
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+
+
+class LocalProcessBackend(WorkerBackend):
+    """Worker processes on this machine (see the module docstring)."""
+
+    def __init__(self, slots: int, settings: WorkerSettings) -> None:
+        #: Worker lanes, numbered 0 .. slots - 1.
+        self.slots = slots
+        #: What every worker is told at start (state address and key, limits, sys.path).
+        self.settings = settings
+        #: The worker in each slot (None: none now, e.g. between its death and its respawn).
+        self._children: list[Child | None] = [None] * slots
+        #: Guards the command-pipe side (outboxes, ``acts``, ``_want_write``, ``_deadlines``): send() runs
+        #: in posting threads while poll() runs in the dispatcher.
+        self._lock = threading.Lock()
+        #: epoll over results, outputs, pidfds, command pipes waiting for room, the wake pipe (dispatcher only).
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, (self._on_wake, None))
+        # Workers watch the read end; only this process holds the write end open,
+        # so they see EOF the moment the supervisor dies, however it dies.
+        self._life_r, self._life_w = os.pipe()
+        #: Children with bytes in their outbox whose command pipe poll() must watch for room.
+        self._want_write: set[Child] = set()
+        #: Heap of (when, seq, deadline) for kill escalations and take checks.
+        self._deadlines: list[tuple[float, int, Any]] = []
+        #: Tie-breaker for deadlines due at the same time.
+        self._seq = itertools.count()
+        #: The thread that polls: a send() from any other thread wakes it when bytes wait in an outbox.
+        self._poller: threading.Thread | None = None
+        #: stop() began: nothing more is sent.
+        self._stopping = False
+
+    # -- start ---------------------------------------------------------------------------------------
+
+    def start(self) -> list[str | None]:
+        """Start a worker in every slot (see :meth:`WorkerBackend.start`)."""
+        return [self._spawn(slot) for slot in range(self.slots)]
+
+    def respawn(self, slot: int) -> str | None:
+        """Start a new worker in the empty ``slot``; why it failed, or ``None``."""
+        if self._stopping or self._children[slot] is not None:
+            return None
+        return self._spawn(slot)
+
+    def _spawn(self, slot: int) -> str | None:
+        """Start the worker process of ``slot`` and queue its config; the error if no process could be started."""
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        try:
+            popen = _process.spawn("routilux_mp._exec._child", f"routilux-mp worker {slot}",
+                                   pass_fds=(cmd_r, res_w, self._life_r))
+        except OSError as exc:
+            for fd in (cmd_r, cmd_w, res_r, res_w):
+                os.close(fd)
+            return f"worker {slot}: could not start a process: {type(exc).__name__}: {exc}"
+        os.close(cmd_r)
+        os.close(res_w)
+        child = Child(slot, popen, cmd_w, res_r, _process.open_pidfd(popen.pid))
+        for fd in child.watch_output():
+            self._selector.register(fd, selectors.EVENT_READ, (self._on_output, child))
+        self._selector.register(res_r, selectors.EVENT_READ, (self._on_results, child))
+        if child.pidfd is not None:
+            self._selector.register(child.pidfd, selectors.EVENT_READ, (self._on_exit, child))
+        s = self.settings
+        config = _WorkerConfig(slot, os.getpid(), s.sys_path, s.state_address, s.authkey, s.state_timeout,
+                               s.lock_timeout, s.max_rss, s.max_activations)
+        try:
+            child.queue(dumps(config))  # a fresh pipe has room for it
+        except OSError:
+            child.pipe_broken = True
+        with self._lock:
+            self._children[slot] = child
+        return None
+
+    # -- send ----------------------------------------------------------------------------------------
+
+    def send(self, slot: int, message: Any) -> bool:
+        """Queue ``message`` on the worker's command pipe; False when it has no room (see the protocol)."""
+        data = dumps(message)
+        activation = type(message) is _Activation
+        wake = False
+        with self._lock:
+            child = self._children[slot]
+            if (child is None or child.closed or child.pipe_broken or child.broken or child.killed is not None
+                    or child.stopping or self._stopping):
+                return False
+            # Busy: it reads this only after the activation it runs, so it gets a bounded prefetch.
+            if child.acts and (child.outbox or child.queued_bytes() + len(data) > PIPE_BUDGET):
+                return False
+            try:
+                child.queue(data)
+            except OSError:  # the worker is gone; its death shows on its pidfd
+                child.pipe_broken = True
+                return False
+            if activation:
+                child.acts.append((child.sent, len(data) + child.extra))
+                child.extra = 0
+                # A poll waiting now computed its timeout without this check's deadline.
+                wake = len(child.acts) == 1 and self._went_first(child)
+            else:
+                child.extra += len(data)
+            if child.outbox and child not in self._want_write:
+                self._want_write.add(child)
+                wake = True
+            wake = wake and threading.current_thread() is not self._poller
+        if wake:
+            self.wake()
+        return True
+
+    def _went_first(self, child: Child) -> bool:
+        """``child.acts[0]`` just went first: it must be taken within ``TAKE_TIMEOUT`` (lock held).
+
+        Returns True when a new take check was scheduled.
+        """
+        child.first_since = time.monotonic()
+        if child.take_armed:
+            return False
+        child.take_armed = True
+        self._add_deadline(child.first_since + TAKE_TIMEOUT, _TakeCheck(child))
+        return True
+
+    def _add_deadline(self, when: float, deadline: Any) -> None:
+        """Schedule a kill escalation or a take check (lock held)."""
+        heapq.heappush(self._deadlines, (when, next(self._seq), deadline))
+
+    # -- poll ----------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make the dispatcher's ``poll`` return now (any thread)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # full (plenty of wake-ups pending), or closed by stop()
+            pass
+
+    def poll(self, timeout: float | None) -> list[WorkerEvent]:
+        """Wait for events (see :meth:`WorkerBackend.poll`); never longer than the next own deadline."""
+        if self._poller is None:
+            self._poller = threading.current_thread()
+        deadlines = self._deadlines  # (only poll pops; a send that pushes an earlier one wakes this thread)
+        if deadlines:
+            wait = max(0.0, deadlines[0][0] - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
+        events: list[WorkerEvent] = []
+        exits = []
+        for key, _mask in self._selector.select(timeout):
+            handler, child = key.data
+            if handler == self._on_exit:  # after what every process wrote (deaths come last)
+                exits.append(child)
+            else:
+                handler(child, key.fd, events)
+        for child in exits:
+            self._on_exit(child, child.pidfd, events)
+        self._fire_deadlines(events)
+        self._watch_writers()
+        return events
+
+    def _on_wake(self, _child: None, fd: int, _events: list[WorkerEvent]) -> None:
+        """Empty the wake-up pipe (its only job was to end the select)."""
+        try:
+            os.read(fd, 65536)
+        except BlockingIOError:
+            pass
+
+    def _on_output(self, child: Child, fd: int, events: list[WorkerEvent]) -> None:
+        """Forward what ``child`` wrote to stdout/stderr."""
+        if child.pump(fd, events):
+            self._unwatch(fd)
+            child.close_output(fd)
+
+    def _on_results(self, child: Child, _fd: int, events: list[WorkerEvent]) -> None:
+        """Turn what ``child`` wrote on its result pipe into events; report bytes that are not ours."""
+        if child.results_closed or child.closed:
+            return
+        if child.broken:  # out of step for good: drop what it still writes
+            self._drain(child, events)
+            return
+        corrupt = None
+        try:
+            frames = child.reader.read()
+        except CorruptFrameError as exc:
+            frames, corrupt = exc.frames, str(exc)
+        for blob in frames:
+            try:
+                message = loads(blob)
+            except Exception as exc:  # noqa: BLE001 - bytes logic wrote on the pipe may fail in any way
+                corrupt = f"a message that cannot be unpickled ({type(exc).__name__}: {exc})"
+                break
+            kind = type(message)
+            if kind is _Result:
+                self._finished(child)
+                events.append(Finished(child.slot, message))
+            elif kind is _Ready:
+                events.append(Ready(child.slot, message.pid))
+            elif kind is _Exiting:
+                with self._lock:
+                    child.acts.clear()
+                events.append(Exiting(child.slot, message.reason))
+            else:
+                corrupt = f"an unexpected message ({kind.__name__})"
+                break
+        if corrupt is not None:
+            child.broken = True
+            events.append(Broken(child.slot, f"sent {corrupt} on its result pipe"))
+            self._drain(child, events)
+        elif child.reader.eof:
+            self._results_closed(child, events)
+
+    def _finished(self, child: Child) -> None:
+        """``child`` sent the result of its first activation: the next one goes first."""
+        with self._lock:
+            if child.acts:
+                child.acts.popleft()
+                if child.acts:
+                    self._went_first(child)
+
+    def _drain(self, child: Child, events: list[WorkerEvent]) -> None:
+        """Read and drop what ``child`` writes on its result pipe, until EOF."""
+        while True:
+            try:
+                data = os.read(child.results, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._results_closed(child, events)
+                return
+
+    def _results_closed(self, child: Child, events: list[WorkerEvent]) -> None:
+        """EOF on the result pipe: stop watching it; without a pidfd, that is how death shows."""
+        child.results_closed = True
+        self._unwatch(child.results)
+        if child.pidfd is None:  # no pidfd on this system: EOF is how death shows
+            self._on_exit(child, None, events)
+
+    def _on_exit(self, child: Child, _fd: int | None, events: list[WorkerEvent]) -> None:
+        """``child``'s process ended: report what it wrote, then its death."""
+        if child.closed:
+            return
+        self._on_results(child, child.results, events)
+        if child.closed:  # handled while reading (no pidfd)
+            return
+        _process.signal_group(child.pid, signal.SIGKILL)  # anything it started goes too
+        try:
+            code = child.popen.wait(TERM_GRACE)
+        except subprocess.TimeoutExpired:
+            return  # not dead after all; the pidfd will fire again
+        for fd in list(child.outputs):
+            child.pump(fd, events, final=True)
+        self._release(child)
+        events.append(Died(child.slot, ExitInfo.from_returncode(child.pid, code, "\n".join(child.stderr_tail))))
+
+    def _release(self, child: Child) -> None:
+        """Free ``child``'s slot and close its descriptors (unwatched first: fd numbers are reused)."""
+        with self._lock:
+            child.closed = True
+            if self._children[child.slot] is child:
+                self._children[child.slot] = None
+            self._want_write.discard(child)
+        for fd in child.fds():
+            self._unwatch(fd)
+        child.close()
+
+    def _on_writable(self, child: Child, _fd: int, _events: list[WorkerEvent]) -> None:
+        """The command pipe has room: write what waits in the outbox."""
+        with self._lock:
+            if child.closed:
+                return
+            try:
+                child.flush()
+            except OSError:  # the worker is gone; its death shows on its pidfd
+                child.pipe_broken = True
+                child.outbox.clear()
+            if not child.outbox and child.writing:
+                child.writing = False
+                self._unwatch(child.commands)
+
+    def _watch_writers(self) -> None:
+        """Wait for room in the command pipes of children with bytes in their outbox."""
+        if not self._want_write:  # (a send that adds one wakes this thread)
+            return
+        with self._lock:
+            for child in self._want_write:
+                if child.outbox and not child.writing and not child.closed:
+                    self._selector.register(child.commands, selectors.EVENT_WRITE, (self._on_writable, child))
+                    child.writing = True
+            self._want_write.clear()
+
+    def _unwatch(self, fd: int) -> None:
+        """Stop waiting on ``fd`` (always before closing it: fd numbers are reused)."""
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    # -- deadlines -----------------------------------------------------------------------------------
+
+    def _fire_deadlines(self, events: list[WorkerEvent]) -> None:
+        """Escalate kills and check takes that are due."""
+        now = time.monotonic()
+        deadlines = self._deadlines
+        if not deadlines or deadlines[0][0] > now:  # the common case, without the lock (only poll pops)
+            return
+        while True:
+            with self._lock:
+                if not self._deadlines or self._deadlines[0][0] > now:
+                    return
+                _, _, deadline = heapq.heappop(self._deadlines)
+            child = deadline.child
+            if type(deadline) is _TermGrace:
+                if not child.closed and child.popen.poll() is None:
+                    _process.signal_group(child.pid, signal.SIGKILL)
+            else:
+                self._check_taken(child, now, events)
+
+    def _check_taken(self, child: Child, now: float, events: list[WorkerEvent]) -> None:
+        """Report ``child`` as stalled if it has not taken its first activation ``TAKE_TIMEOUT`` after it went first."""
+        with self._lock:
+            child.take_armed = False
+            if (child.closed or child.killed is not None or child.broken or child.stopping or child.stalled
+                    or not child.acts):
+                return
+            due = child.first_since + TAKE_TIMEOUT
+            if now < due:  # it went first later than the check was set: check it then
+                child.take_armed = True
+                self._add_deadline(due, _TakeCheck(child))
+                return
+            if child.taken(child.acts[0][0]):
+                return
+            child.stalled = True
+        events.append(Stalled(child.slot, TAKE_TIMEOUT))
+
+    # -- kill, usage ---------------------------------------------------------------------------------
+
+    def kill(self, slot: int, reason: str, hard: bool) -> None:
+        """Signal the worker's group: SIGKILL if ``hard``, else SIGTERM and SIGKILL ``TERM_GRACE`` later."""
+        child = self._children[slot]
+        if child is None or child.closed:
+            return
+        child.killed = child.killed or reason
+        _process.signal_group(child.pid, signal.SIGKILL if hard else signal.SIGTERM)
+        if not hard:
+            with self._lock:
+                self._add_deadline(time.monotonic() + TERM_GRACE, _TermGrace(child))
+
+    def taken(self, slot: int) -> bool:
+        """Whether the worker has read the activation it holds first off its command pipe."""
+        with self._lock:
+            child = self._children[slot]
+            if child is None or not child.acts:
+                return True
+            return child.taken(child.acts[0][0])
+
+    @property
+    def pending_deadlines(self) -> int:
+        """Kill escalations and take checks scheduled now (for tests)."""
+        return len(self._deadlines)
+
+    def pid(self, slot: int) -> int | None:
+        """The worker's process id (any thread)."""
+        child = self._children[slot]
+        return None if child is None else child.pid
+
+    def usage(self) -> list[Usage | None]:
+        """Per slot: pid, RSS and CPU% (since the previous call) of its worker. Any thread."""
+        return [None if child is None else child.usage() for child in list(self._children)]
+
+    def rss(self, slot: int) -> int | None:
+        """The worker's resident memory in bytes (``None``: no worker, or it just died). Any thread."""
+        child = self._children[slot]
+        return None if child is None else child.rss()
+
+    # -- stop ----------------------------------------------------------------------------------------
+
+    def stop(self, grace: float, output: Callable[[Output], None]) -> None:
+        """Stop every worker, escalating (see :meth:`WorkerBackend.stop`); then release everything."""
+        stop = dumps(STOP)
+        with self._lock:
+            self._stopping = True
+            children = [c for c in self._children if c is not None]
+            for child in children:
+                child.stopping = True
+                try:  # never blocks: a worker that does not read gets SIGTERM after the grace
+                    child.queue(stop)
+                    child.flush()
+                except OSError:
+                    pass
+        _escalate(children, grace, output, self._unwatch)
+        for child in children:
+            pieces: list[Output] = []
+            for fd in list(child.outputs):
+                child.pump(fd, pieces, final=True)
+            for piece in pieces:
+                output(piece)
+            self._release(child)
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w, self._life_r, self._life_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def abort(self) -> None:
+        """SIGKILL every worker's group now and wait for them (any thread)."""
+        _kill_and_reap([c for c in list(self._children) if c is not None])
+
+
+def _escalate(children: list[Child], grace: float, output: Callable[[Output], None],
+              unwatch: Callable[[int], None]) -> None:
+    """Wait ``grace`` for ``children`` (asked to stop) to exit, then SIGTERM, then SIGKILL their groups."""
+    deadline = time.monotonic() + grace
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        alive = [c for c in children if c.popen.poll() is None]
+        if not alive:
+            break
+        if sig is not None:
+            for child in alive:
+                _process.signal_group(child.pid, sig)
+            deadline = time.monotonic() + TERM_GRACE
+        _wait_exit(alive, deadline, output, unwatch)
+    _kill_and_reap(children)
+
+
+def _kill_and_reap(children: list[Child]) -> None:
+    """SIGKILL the groups of ``children`` (whatever they started goes too) and wait for each."""
+    for child in children:
+        _process.signal_group(child.pid, signal.SIGKILL)
+    for child in children:
+        try:
+            child.popen.wait(TERM_GRACE)
+        except subprocess.TimeoutExpired:
+            logger.error("worker %d (pid %d) survived SIGKILL", child.slot, child.pid)
+
+
+def _wait_exit(children: list[Child], deadline: float, output: Callable[[Output], None],
+               unwatch: Callable[[int], None]) -> None:
+    """Wait until ``children`` exit or ``deadline`` passes, forwarding their output meanwhile."""
+    while True:
+        alive = [c for c in children if c.popen.poll() is None]
+        remaining = deadline - time.monotonic()
+        if not alive or remaining <= 0:
+            return
+        fds: list[int] = []
+        for child in alive:
+            fds.extend(child.outputs)
+            if child.pidfd is not None:
+                fds.append(child.pidfd)
+        if not any(c.pidfd is not None for c in alive):
+            remaining = min(remaining, EXIT_CHECK_INTERVAL)  # no pidfd on this system: check exits often
+        pieces: list[Output] = []
+        for fd in wait_for(fds, remaining) if fds else []:
+            for child in alive:
+                if fd in child.outputs and child.pump(fd, pieces):
+                    unwatch(fd)
+                    child.close_output(fd)
+        for piece in pieces:
+            output(piece)
+        if not fds:
+            time.sleep(min(remaining, EXIT_CHECK_INTERVAL))

@@ -1,0 +1,222 @@
+"""The records the supervisor's ledger keeps: queued items, slot queues, activations, routines, workers.
+
+Plain data with ``__slots__``; the ledger (``_ledger``) and the router
+(``_routing``) change them, always with the supervisor's lock held. Item data
+stays a pickled blob from where it was produced (``post`` or a worker's
+``emit``) to the worker that consumes it; it is decoded in the supervisor only
+for a job's outputs and for policies that look at items.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from .activation_policies import SlotQueueAPI
+from .error_handling import ErrorHandler
+from .job import JobContext
+
+#: Latency samples kept per routine for the p50/p99 in ``stats()``.
+LATENCY_SAMPLES = 2048
+
+
+class _Entry(NamedTuple):
+    """One queued item: its arrival order, its job, and its data as a pickle."""
+
+    seq: int
+    job: JobContext
+    blob: bytes
+
+
+class SlotQueue(SlotQueueAPI):
+    """A routine's input queue as policies see it (one per routine per worker).
+
+    The ``consume_*``/``peek_*`` methods (:class:`SlotQueueAPI`) return copies of
+    the items. Built-in policies use ``_take``, which moves the pickled items
+    without decoding them.
+    """
+
+    __slots__ = ("_consumed", "_entries", "held", "max_queue_length", "name")
+
+    def __init__(self, name: str, max_queue_length: int) -> None:
+        self.name = name
+        self.max_queue_length = max_queue_length
+        self._entries: collections.deque[_Entry] = collections.deque()
+        #: Items consumed into activations that no process has received yet.
+        self.held = 0
+        self._consumed: list[_Entry] = []
+
+    @property
+    def pending(self) -> int:
+        """Items counted against ``max_queue_length``."""
+        return len(self._entries) + self.held
+
+    def get_total_count(self) -> int:
+        """Items counted against ``max_queue_length``: waiting, plus consumed but not yet running."""
+        return self.pending
+
+    def _head_seq(self) -> int | None:
+        """Arrival number of the oldest waiting item (``None`` when empty)."""
+        return self._entries[0].seq if self._entries else None
+
+    def _take(self, n: int | None) -> list[_Entry]:
+        """Consume up to ``n`` items (all when ``None``), oldest first."""
+        entries = self._entries
+        count = len(entries) if n is None else min(n, len(entries))
+        taken = [entries.popleft() for _ in range(count)]
+        self._consumed.extend(taken)
+        return taken
+
+    @staticmethod
+    def _item(entry: _Entry) -> Any:
+        """A fresh copy of an entry's item."""
+        return pickle.loads(entry.blob)
+
+    def _put_back(self, entries: Iterable[_Entry]) -> None:
+        """Return consumed items to the front, in their original order."""
+        for entry in sorted(entries, key=lambda e: e.seq, reverse=True):
+            self._entries.appendleft(entry)
+
+    def __repr__(self) -> str:
+        return f"<SlotQueue {self.name!r} waiting={len(self._entries)} held={self.held}>"
+
+
+class _RoutineStats:
+    """Counters of one routine of one worker, for ``stats()``."""
+
+    __slots__ = ("activations", "busy_seconds", "errors", "latencies")
+
+    def __init__(self) -> None:
+        self.activations = 0
+        self.errors = 0
+        self.busy_seconds = 0.0
+        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
+
+
+class _Act:
+    """One activation in the ledger: queued, in flight on a process, or waiting to retry."""
+
+    __slots__ = (
+        "act_id",
+        "attempt",
+        "crashes",
+        "created",
+        "deadline",
+        "jobs",
+        "message",
+        "resolved",
+        "rt",
+        "seq",
+        "slot",
+        "slot_counts",
+        "slots",
+        "started",
+    )
+
+    def __init__(self, act_id: int, seq: int, rt: _RoutineRt, slots: dict[str, list[bytes]],
+                 slot_counts: dict[str, int], message: bytes, jobs: list[JobContext], created: float) -> None:
+        self.act_id = act_id
+        self.seq = seq
+        self.rt = rt
+        self.slots = slots
+        self.slot_counts = slot_counts
+        self.message = message
+        self.jobs = jobs
+        self.attempt = 1
+        self.crashes = 0
+        self.created = created
+        self.started: float | None = None
+        #: The worker slot that holds it (``None`` while queued or waiting to retry).
+        self.slot: int | None = None
+        #: Set once the activation's outcome is decided while its process still holds it.
+        self.resolved = False
+        self.deadline: float | None = None
+
+    def lead_job(self) -> JobContext | None:
+        """The oldest job still open: its emits, outputs and errors go there."""
+        for job in self.jobs:
+            if not job.done:
+                return job
+        return None
+
+    def __repr__(self) -> str:
+        return f"<_Act #{self.act_id} {self.rt.inst.worker_id}/{self.rt.rid} attempt={self.attempt}>"
+
+
+class _RoutineRt:
+    """One routine of one worker: its slot queues, policy copy, queue of activations."""
+
+    __slots__ = (
+        "handler",
+        "inst",
+        "limit",
+        "policy",
+        "ready",
+        "rid",
+        "routine",
+        "running",
+        "slots",
+        "stats",
+        "targets",
+        "timeout",
+        "timer_at",
+    )
+
+    def __init__(self, inst: _Instance, rid: str, routine: Any, policy: Any, limit: int,
+                 handler: ErrorHandler) -> None:
+        self.inst = inst
+        self.rid = rid
+        self.routine = routine
+        self.policy = policy
+        self.slots = {name: SlotQueue(name, spec.max_queue_length) for name, spec in routine._slots.items()}
+        self.ready: collections.deque[_Act] = collections.deque()
+        self.running = 0
+        self.limit = limit
+        self.handler = handler
+        self.timeout: float | None = routine._timeout
+        #: event name -> [(target routine runtime, slot name)]
+        self.targets: dict[str, list[tuple[_RoutineRt, str]]] = {}
+        self.stats = _RoutineStats()
+        self.timer_at: float | None = None
+
+    def backpressured(self) -> bool:
+        """True when a slot this routine feeds is full."""
+        for targets in self.targets.values():
+            for target, slot in targets:
+                queue = target.slots[slot]
+                if queue.pending >= queue.max_queue_length:
+                    return True
+        return False
+
+    def __repr__(self) -> str:
+        return f"<_RoutineRt {self.inst.worker_id}/{self.rid} ready={len(self.ready)} running={self.running}>"
+
+
+class _Instance:
+    """One worker (one ``exec``): a live instance of a flow with its own WorkerState."""
+
+    __slots__ = ("flow", "flow_key", "flow_name", "jobs_failed", "jobs_processed", "routines", "worker_id", "ws")
+
+    def __init__(self, worker_id: str, flow_name: str, flow: Any, flow_key: int, ws: Any) -> None:
+        self.worker_id = worker_id
+        self.flow_name = flow_name
+        self.flow = flow
+        self.flow_key = flow_key
+        self.ws = ws
+        self.routines: dict[str, _RoutineRt] = {}
+        self.jobs_processed = 0
+        self.jobs_failed = 0
+
+
+def percentile(samples: Iterable[float], q: float) -> float | None:
+    """The ``q``-th percentile of ``samples`` (``None`` when there are none)."""
+    import statistics
+
+    data = sorted(samples)
+    if not data:
+        return None
+    if len(data) == 1:
+        return data[0]
+    return statistics.quantiles(data, n=100, method="inclusive")[int(q) - 1]
