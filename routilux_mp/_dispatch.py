@@ -28,8 +28,8 @@ from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
 from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, type_name
 from ._records import _Act
-from ._state.protocol import Method
 from ._routing import Router
+from ._state.protocol import Method
 from ._timers import ActivationDeadline, RespawnDue, RetryDue, Timers
 from .errors import (
     ActivationTimeoutError,

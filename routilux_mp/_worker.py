@@ -30,9 +30,9 @@ import cloudpickle
 
 from . import _context, _jsonvalue
 from ._messages import _Activation, _LoadFlow, _Result, _Stop, describe_exception, encode, is_plain, loads
+from ._state.client import StoreClient
 from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
-from ._state.client import StoreClient
 from .state import WorkerState
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -23,8 +23,8 @@ from typing import Any
 
 from .. import _context, _process
 from .._messages import _Exiting, _Ready, _WorkerConfig, dumps, loads, read_frame, write_frame
-from .._worker import ActivationRunner, forked_child_exit
 from .._state.client import StoreClient
+from .._worker import ActivationRunner, forked_child_exit
 from ..state import close_resources
 
 

@@ -33,12 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .._messages import ExitInfo, _Activation, dumps, loads
-from ..errors import StateServerLostError
-from .._worker import ActivationRunner
 from .._state.backend import MemoryBackend
 from .._state.client import StoreClient
 from .._state.protocol import Method
 from .._state.store import StateStore
+from .._worker import ActivationRunner
+from ..errors import StateServerLostError
 from . import base
 from .base import Usage, WorkerBackend, WorkerEvent, WorkerSettings
 
