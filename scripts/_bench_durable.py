@@ -29,12 +29,12 @@ from _bench_scenarios import (
     SystemFn,
     _rmp_warm,
     _span_rate,
-    _totals_ok,
     _wait_all,
     calibrate,
     pipeline_line,
     pipeline_transform,
     rmp_state_ops,
+    run_pipeline,
     run_rounds,
 )
 
@@ -95,7 +95,7 @@ def durable_scenario(cfg: Config) -> Scenario:
                     out[f"{op}_n"] = _span_rate([job.outputs[0]["data"] for job in jobs], n * kn, label, sc)
                 if ws.get_routine_state("c")["n"] - before != n * kn:
                     raise BenchError(f"{label}: {n} x {kn} increments did not add up")
-                out["pipeline"] = _pipeline(runtime, lines, work_n, expected, cfg, label)
+                out["pipeline"] = run_pipeline(runtime, lines, work_n, expected, cfg.timeout, label)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return {label: out}
@@ -118,20 +118,3 @@ def durable_scenario(cfg: Config) -> Scenario:
                     "writers overlap with sync full); the state server is one process, so writes from N processes "
                     "queue behind each other's commits")
     return sc
-
-
-def _pipeline(runtime: Runtime, lines: list[str], work_n: int, expected: dict, cfg: Config, label: str) -> float:
-    """Items per second through parse -> transform -> collect (one increment per item)."""
-    import time
-
-    ws = runtime.exec("bench-pipeline")
-    n = runtime.processes
-    _rmp_warm(runtime, "bench-pipeline", "parse", "line", {"line": pipeline_line(-1), "n": 1}, 2 * n, cfg.timeout)
-    ws.update_routine_state("collect", {})
-    start = time.perf_counter()
-    for line in lines:
-        runtime.post("bench-pipeline", "parse", "line", {"line": line, "n": work_n}, timeout=cfg.timeout)
-    _wait_all(runtime, cfg.timeout, label)
-    elapsed = time.perf_counter() - start
-    _totals_ok(ws.get_routine_state("collect") or {}, expected, label)
-    return len(lines) / elapsed
