@@ -15,6 +15,7 @@ their children through ``sys.path``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,10 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 #: Seconds of pure Python one CPU-bound item should take (scenario ``cpu``).
 CPU_ITEM_SECONDS = 0.030
-#: The pipeline's transform stage costs this fraction of a CPU-bound item (about 2 ms).
+#: The pipeline's transform stage costs this fraction of a CPU-bound item (about 2 ms; scenario ``durable``).
 PIPELINE_WORK_FRACTION = 1 / 15
+#: Seconds of CPU of the pipeline scenario's transform stage (where real pipelines live: stages of ~1 ms).
+PIPELINE_ITEM_SECONDS = 0.001
 #: Items per activation of the streaming flow (scenario ``memory``).
 STREAM_BATCH = 100
 #: The supervisor's RSS is sampled this often while streaming (seconds).
@@ -197,6 +200,35 @@ def _rmp_warm(runtime: Runtime, flow: str, routine: str, slot: str, item: dict, 
 
 def _ppe_warm(pool: ProcessPoolExecutor, processes: int, timeout: float) -> None:
     list(pool.map(echo_value, range(4 * processes), timeout=timeout))
+
+
+def joblib_module() -> Any:
+    """``joblib`` when installed (the ``bench`` extra), else ``None``: its baselines are then skipped with a note."""
+    try:
+        import joblib
+    except ImportError:
+        return None
+    return joblib
+
+
+JOBLIB_MISSING = "joblib baselines: skipped: joblib not installed (pip install -e '.[bench]')"
+
+
+@contextlib.contextmanager
+def joblib_pool(n: int, batch_size: Any = "auto") -> Iterator[Any]:
+    """A started, warmed-up ``joblib.Parallel`` (loky backend), reused within a round; its workers stopped after.
+
+    (joblib keeps loky's workers for reuse after ``Parallel`` ends; every pool of a round is stopped at its end.)
+    """
+    joblib = joblib_module()
+    from joblib.externals.loky import get_reusable_executor
+
+    try:
+        with joblib.Parallel(n_jobs=n, batch_size=batch_size) as pool:
+            pool(joblib.delayed(echo_value)(i) for i in range(4 * n))
+            yield pool
+    finally:
+        get_reusable_executor().shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------- work
@@ -584,6 +616,7 @@ def scenario_tiny(cfg: Config) -> Scenario:
     sc.quantity("per_s", "activations per second", "act/s", True)
     rmp_one, rmp_all = f"{RMP} post + job.wait, one at a time", f"{RMP} post all + wait_until_all"
     ppe_one, ppe_map = "PPE submit + result, one at a time", "PPE map(chunksize=1)"
+    jl_auto, jl_one = "joblib Parallel, automatic batching", "joblib Parallel(batch_size=1)"
 
     def run_rmp(_r: int) -> dict:
         with Runtime(processes=n) as runtime:
@@ -617,10 +650,30 @@ def scenario_tiny(cfg: Config) -> Scenario:
             raise BenchError("PPE map lost results")
         return {ppe_one: {"per_s": one / t_one}, ppe_map: {"per_s": many / t_all}}
 
-    run_rounds(sc, cfg, {RMP: run_rmp, "PPE": run_ppe})
-    sc.checks.append(Check("one at a time: vs PPE submit one at a time", "per_s", rmp_one, ppe_one, 1.0))
-    sc.checks.append(Check("all at once: vs PPE map(chunksize=1)", "per_s", rmp_all, ppe_map))
+    def run_joblib(_r: int) -> dict:
+        joblib = joblib_module()
+        out = {}
+        for label, batch_size in ((jl_auto, "auto"), (jl_one, 1)):
+            with joblib_pool(n, batch_size) as pool:
+                start = time.perf_counter()
+                results = pool(joblib.delayed(echo_value)({"x": i}) for i in range(many))
+                out[label] = {"per_s": many / (time.perf_counter() - start)}
+            if len(results) != many:
+                raise BenchError(f"{label} lost results")
+        return out
+
+    systems: dict[str, SystemFn] = {RMP: run_rmp, "PPE": run_ppe}
+    if joblib_module():
+        systems["joblib"] = run_joblib
+    else:
+        sc.notes.append(JOBLIB_MISSING)
+    run_rounds(sc, cfg, systems)
+    sc.checks.append(Check("one at a time: vs PPE submit one at a time", "per_s", rmp_one, ppe_one, 2.5))
+    sc.checks.append(Check("all at once: vs PPE map(chunksize=1)", "per_s", rmp_all, ppe_map, 3.5))
     sc.checks.append(Check("all at once: vs PPE submit one at a time", "per_s", rmp_all, ppe_one))
+    if jl_auto in sc.quantities["per_s"].samples:
+        sc.checks.append(Check("all at once: vs joblib automatic batching", "per_s", rmp_all, jl_auto, 0.5))
+        sc.checks.append(Check("all at once: vs joblib batch_size=1", "per_s", rmp_all, jl_one))
     return sc
 
 
@@ -630,18 +683,20 @@ def scenario_tiny(cfg: Config) -> Scenario:
 def scenario_pipeline(cfg: Config) -> Scenario:
     """A 3-stage pipeline (parse -> parallel transform -> stateful collect), end to end."""
     n = cfg.processes
-    work_n, seconds = calibrate(CPU_ITEM_SECONDS * PIPELINE_WORK_FRACTION)
-    count = 150 if cfg.quick else 400
+    work_n, seconds = calibrate(PIPELINE_ITEM_SECONDS)
+    count = 150 if cfg.quick else 1000
     lines = [pipeline_line(i) for i in range(count)]
     sc = Scenario("pipeline", "3-stage pipeline, end-to-end items per second")
     sc.description = (
         f"{count} JSON lines: parse (one at a time) -> transform ({seconds * 1000:.1f} ms pure Python, parallel) "
         "-> collect (stateful: worker_state.increment per item). Baselines: the same three steps in a serial "
         f"loop; parse and collect in the main process around ProcessPoolExecutor({n}).map(transform, "
-        "chunksize=1); routilux 1.1.0's thread runtime with the same three routines."
+        "chunksize=1), and around joblib Parallel (automatic batching); routilux 1.1.0's thread runtime with the "
+        "same three routines."
     )
     sc.quantity("items_per_s", "items per second, end to end", "items/s", True)
     serial, ppe, rtx, rmp = "serial loop", f"ProcessPoolExecutor({n})", "routilux 1.1.0 threads", f"{RMP} Runtime({n})"
+    jl = f"joblib Parallel({n}), automatic batching"
     expected: dict[str, int] = {}
     for line in lines:
         rec = json.loads(line)
@@ -697,14 +752,33 @@ def scenario_pipeline(cfg: Config) -> Scenario:
         _totals_ok(totals, expected, rtx)
         return {rtx: {"items_per_s": count / elapsed}}
 
+    def run_joblib(_r: int) -> dict:
+        joblib = joblib_module()
+        with joblib_pool(n) as pool:
+            start = time.perf_counter()
+            recs = [json.loads(line) for line in lines]
+            totals: dict[str, int] = {}
+            scores = pool(joblib.delayed(pipeline_transform)(rec, work_n) for rec in recs)
+            for rec, score in zip(recs, scores):
+                totals[rec["bucket"]] = totals.get(rec["bucket"], 0) + score
+            elapsed = time.perf_counter() - start
+        _totals_ok(totals, expected, jl)
+        return {jl: {"items_per_s": count / elapsed}}
+
     systems: dict[str, SystemFn] = {serial: run_serial, ppe: run_ppe, rmp: run_rmp}
+    if joblib_module():
+        systems[jl] = run_joblib
+    else:
+        sc.notes.append(JOBLIB_MISSING)
     if routilux_version():
         systems[rtx] = run_rtx
     else:
         sc.notes.append("routilux 1.1.0 thread runtime: skipped: routilux not installed (pip install routilux==1.1.0)")
     run_rounds(sc, cfg, systems)
     sc.checks.append(Check("speedup vs serial loop", "items_per_s", rmp, serial))
-    sc.checks.append(Check(f"vs {ppe}", "items_per_s", rmp, ppe))
+    sc.checks.append(Check(f"vs {ppe}", "items_per_s", rmp, ppe, 1.3))
+    if jl in sc.quantities["items_per_s"].samples:
+        sc.checks.append(Check(f"vs {jl}", "items_per_s", rmp, jl, 1.0))
     if rtx in sc.quantities["items_per_s"].samples:
         sc.checks.append(Check("vs routilux 1.1.0 threads", "items_per_s", rmp, rtx))
         sc.notes.append("routilux 1.1.0 runs the stages fed by emits in its one event-loop thread per worker, "
@@ -871,8 +945,8 @@ def scenario_startup(cfg: Config) -> Scenario:
         fork: lambda _r: run_ppe(fork, None),
         spawn: lambda _r: run_ppe(spawn, multiprocessing.get_context("spawn")),
     })
-    sc.checks.append(Check(f"vs {fork}", "seconds", rmp, fork, 1.2))
-    sc.checks.append(Check(f"vs {spawn}", "seconds", rmp, spawn, 1.2))
+    sc.checks.append(Check(f"vs {fork}", "seconds", rmp, fork, note="workers are fresh interpreters: never fork"))
+    sc.checks.append(Check(f"vs {spawn}", "seconds", rmp, spawn, 1.0))
     return sc
 
 
@@ -1011,12 +1085,28 @@ def scenario_durable(cfg: Config) -> Scenario:
     return durable_scenario(cfg)
 
 
+def scenario_text(cfg: Config) -> Scenario:
+    """The reduce-heavy text job: see ``_bench_text``."""
+    from _bench_text import scenario_text as text  # it builds on this module: imported when run
+
+    return text(cfg)
+
+
+def scenario_lifecycle(cfg: Config) -> Scenario:
+    """Idle shutdown and a crashed worker's replacement: see ``_bench_lifecycle``."""
+    from _bench_lifecycle import scenario_lifecycle as lifecycle  # it builds on this module: imported when run
+
+    return lifecycle(cfg)
+
+
 SCENARIOS: dict[str, Callable[[Config], Scenario]] = {
     "cpu": scenario_cpu,
     "tiny": scenario_tiny,
     "pipeline": scenario_pipeline,
     "state": scenario_state,
     "durable": scenario_durable,
+    "text": scenario_text,
     "startup": scenario_startup,
+    "lifecycle": scenario_lifecycle,
     "memory": scenario_memory,
 }

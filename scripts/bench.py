@@ -6,15 +6,22 @@ Scenarios (``--only NAME``, comma-separated for several):
   vs a serial loop, ``ProcessPoolExecutor(N)`` and routilux 1.1.0's thread
   runtime (when installed).
 * ``tiny``: trivial activations per second, one at a time (post, wait) vs
-  ``submit().result()``, and all at once vs ``map(chunksize=1)``.
-* ``pipeline``: parse -> parallel transform -> stateful collect, end to end.
+  ``submit().result()``, and all at once vs ``map(chunksize=1)`` and joblib
+  ``Parallel`` (automatic batching, and ``batch_size=1``).
+* ``pipeline``: parse -> parallel 1 ms transform -> stateful collect, end to
+  end, vs the same around ``ProcessPoolExecutor.map`` and joblib.
 * ``state``: WorkerState get/update/increment per second from 1 and from N
   processes vs raw ``multiprocess`` Manager dict proxy calls.
 * ``durable``: increments, updates and the 3-stage pipeline with WorkerState
   in a state file (``state_path``; ``state_sync`` normal and full) vs in
   memory.
+* ``text``: a reduce-heavy text job on ``workers/data/`` (parse -> n-gram
+  analysis -> ``increment_many`` of ~1,000 terms per document) vs parse +
+  ``map`` + a ``Counter`` in the main process (``ProcessPoolExecutor``, joblib).
 * ``startup``: ``Runtime(...)`` to first completed activation vs
   ``ProcessPoolExecutor`` (fork and spawn) to first result.
+* ``lifecycle``: an idle runtime's ``shutdown()``, and a killed worker's
+  replacement ready.
 * ``memory``: idle worker RSS; supervisor RSS while streaming
   ``--stream-items`` tiny items through bounded queues.
 
@@ -33,8 +40,10 @@ Examples::
     python scripts/bench.py --only tiny,state --rounds 7 --json out.json
     python scripts/bench.py --plot bench.png         # also a chart (needs matplotlib)
     python scripts/bench.py --only tiny --systems routilux-mp   # only one side (for profiling)
+    python scripts/bench.py --profile                # supervisor CPU per tiny activation, and where it goes
 
-Install the optional dependencies with ``pip install -e '.[bench]'``.
+Install the optional dependencies (joblib, routilux 1.1.0, matplotlib) with
+``pip install -e '.[bench]'``; a baseline that is not installed is skipped with a note.
 """
 
 from __future__ import annotations
@@ -341,13 +350,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=None, help="worker processes N (default: usable CPUs)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per scenario (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke mode: fewer rounds and items (for tests and CI)")
-    parser.add_argument("--only", default=None, help="comma-separated scenarios: cpu,tiny,pipeline,state,durable,startup,memory")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated scenarios: cpu,tiny,pipeline,state,durable,text,startup,lifecycle,memory")
     parser.add_argument("--systems", default=None,
                         help="comma-separated substrings: run only systems whose label contains one (e.g. routilux-mp)")
     parser.add_argument("--stream-items", type=int, default=None,
                         help=f"items streamed by 'memory' (default 1,000,000; {QUICK_STREAM_ITEMS:,} with --quick)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any single wait may take (default 120)")
     parser.add_argument("--json", metavar="FILE", help="save raw results (every sample) as JSON")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the scenarios: profile the supervisor on tiny activations (CPU per "
+                        "activation, then the functions with the most own time, every thread)")
+    parser.add_argument("--profile-items", type=int, default=5000, help="items of the --profile run (default 5000)")
     parser.add_argument("--plot", metavar="FILE", nargs="?", const="bench.png",
                         help="write a PNG chart of the ratios (default file: bench.png; needs matplotlib)")
     return parser.parse_args(argv)
@@ -387,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     info = machine()
     bs.register_rmp_flows()
+    if args.profile:
+        from _bench_profile import profile_tiny
+
+        print(profile_tiny(cfg.processes, args.profile_items, cfg.timeout))
+        return EXIT_FAILED if reap_leftovers() else EXIT_OK
     started = time.perf_counter()
     results = []
     failed = False
