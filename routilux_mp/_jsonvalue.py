@@ -67,6 +67,48 @@ def encoded_size(value: Any, root: str = "state") -> int:
         _raise_for(value, root, exc)
 
 
+def sum_text(current: Any, amount: Any) -> tuple[int | float, str] | None:
+    """``(current + amount, its JSON text)`` for plain finite ints and floats, else ``None``.
+
+    The fast path of an increment (thousands of keys per call): exact types
+    only, the text as the JSON encoder writes it (``int.__repr__`` and
+    ``float.__repr__``), without building an encoder per number. ``None``
+    leaves every other case, errors included, to :func:`add_number`.
+    """
+    kind = type(current)
+    if (kind is not int and kind is not float) or (type(amount) is not int and type(amount) is not float):
+        return None
+    try:
+        total = current + amount
+        if type(total) is int:
+            return total, int.__repr__(total)  # (ValueError past the int-to-str digit limit)
+    except (OverflowError, ValueError):
+        return None
+    if total - total != 0.0:  # inf or nan: JSON refuses them
+        return None
+    return total, float.__repr__(total)
+
+
+def number_text(value: Any) -> str | None:
+    """The JSON text of a plain finite int or float (as the encoder writes it), else ``None``."""
+    kind = type(value)
+    try:
+        if kind is int:
+            return int.__repr__(value)
+    except ValueError:  # past the int-to-str digit limit
+        return None
+    if kind is float and value - value == 0.0:
+        return float.__repr__(value)
+    return None
+
+
+def key_size(key: str) -> int:
+    """The size of a dict key (a ``str``) as JSON text, quotes included."""
+    if key.isascii() and key.isprintable() and '"' not in key and "\\" not in key:
+        return len(key) + 2  # printable ASCII other than quote and backslash is written as it is
+    return len(_encode(key))
+
+
 def add_number(current: Any, amount: float, path: str) -> tuple[int | float, str]:
     """``current + amount`` and its JSON text, or a clear error (nothing is written then).
 

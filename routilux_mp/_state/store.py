@@ -141,18 +141,28 @@ def _incremented(cell: StoredCell | None, rid: str, amounts: dict[str, int | flo
     result = {}
     size = cell.size if cell is not None else 2  # len("{}")
     count = len(old)
+    get = old.get
+    sum_text = _jsonvalue.sum_text
     for key, amount in amounts.items():
-        path = f"state[{key!r}] of routine {rid!r}"
-        if key in old:
-            current = old[key]
-            total, text = _jsonvalue.add_number(current, amount, path)
-            size += len(text) - _jsonvalue.encoded_size(current, path)
-        else:
-            total, text = _jsonvalue.add_number(0, amount, path)
-            size += _jsonvalue.encoded_size(key) + 1 + len(text) + (1 if count else 0)  # "key":text,
+        current = get(key, _ABSENT)
+        absent = current is _ABSENT
+        done = sum_text(0 if absent else current, amount)  # the common case: plain numbers, no encoder
+        if done is None:  # anything else (and every error) the careful way, with the key's path
+            path = f"state[{key!r}] of routine {rid!r}"
+            done = _jsonvalue.add_number(0 if absent else current, amount, path)
+        total, text = done
+        if absent:
+            size += _jsonvalue.key_size(key) + 1 + len(text) + (1 if count else 0)  # "key":text,
             count += 1
+        else:
+            was = _jsonvalue.number_text(current)
+            size += len(text) - (len(was) if was is not None else _jsonvalue.encoded_size(current))
         result[key] = total
     return result, size
+
+
+#: Marks a key missing from a state (``None`` is a value a key may hold).
+_ABSENT = object()
 
 
 def _copy(value: dict | None) -> dict:

@@ -319,7 +319,9 @@ def test_no_operation_grows_a_state_past_max_state_bytes(make_store, operation) 
 
 def test_increments_keep_the_size_exact_without_re_encoding(make_store, backend) -> None:
     store = make_store()
-    steps = [{"a": 1}, {"a": -11}, {"ü\n\"": 2.5}, {"a": 10 ** 30, "b": 0.1}, {"b": 1e300}, {"c": -0.0}]
+    steps = [{"a": 1}, {"a": -11}, {"ü\n\"": 2.5}, {"a": 10 ** 30, "b": 0.1}, {"b": 1e300}, {"c": -0.0},
+             {"c": 0}, {"back\\slash": 1, "quo\"te": 2, "del\x7f": 3, "tab\t": 4, "": 5}, {"a": 0.5},
+             {f"k{i}": i for i in range(60)}, {f"k{i}": -i * 1.5 for i in range(0, 60, 3)}]
     for amounts in steps:
         store.increment("w", "r", amounts)
         cell = backend.load("w", "r")
