@@ -214,7 +214,7 @@ class Dispatcher:
                 return False
             slot.loaded.add(inst.flow_key)
         message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
-                              act.message, job.job_id, job.metadata, job.data, act.attempt)
+                              act.message, job.job_id, job._metadata, job._data, act.attempt)
         if not self.backend.send(slot.index, message):
             return False
         act.slot = slot.index

@@ -89,8 +89,14 @@ class DispatchLoop:
         self.state_timeout = state_timeout
         #: Where workers' output goes: ``fn(stream, text)``.
         self.output = output
-        #: Threads waiting in post() for room in a slot queue (notified when an activation frees some).
+        #: Threads waiting on the condition, by what they wait for. Each pass notifies only when what
+        #: a waiter waits for may have happened (no ping-pong with a thread in wait_idle() per result):
+        #: post() for room in a slot queue (or for the runtime to go quiet: then it raises);
+        #: wait_idle() for every job to end (or quiet: it flushes); anyone else (a worker's jobs, test
+        #: hooks) for any change.
         self.post_waiters = 0
+        self.idle_waiters = 0
+        self.watchers = 0
         #: When the done-callback running now on the dispatcher thread began (None: none runs).
         self.callback_since: float | None = None
         #: The dispatcher thread (None until started, and in unit tests that drive ``run_once`` themselves).
@@ -184,7 +190,8 @@ class DispatchLoop:
             self._fire_timers()                               # 5. retries, deadlines, policies, respawns
             self.dispatcher.dispatch()                        # 6. ready activations to free workers
             self._schedule_counts()                           # 7. job counters to the state server, soon
-            self.cond.notify_all()
+            if self.watchers or (self.post_waiters or self.idle_waiters) and self._waiters_due():
+                self.cond.notify_all()
             callbacks = self.ledger.take_callbacks()
         self._run_callbacks(callbacks)                        # 8. done-callbacks, unlocked
 
@@ -195,6 +202,11 @@ class DispatchLoop:
             wait = max(0.0, due - self.clock())
             timeout = wait if timeout is None else min(timeout, wait)
         return timeout
+
+    def _waiters_due(self) -> bool:
+        """Whether post() or wait_idle() waiters may go on: every job ended, nothing runs, or the end."""
+        ledger = self.ledger
+        return ledger.open_jobs == 0 or ledger.quiescent() or self.flags.stop_requested or self.flags.closed
 
     def _forward_output(self, events: list) -> None:
         """Hand workers' output to ``worker_output`` (a worker writes its lines before the result after them)."""

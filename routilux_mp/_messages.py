@@ -402,8 +402,8 @@ class _Activation(NamedTuple):
     slots: dict[str, list[bytes]]
     message: bytes
     job_id: str | None
-    job_metadata: dict
-    job_data: dict
+    job_metadata: dict | None  # (None: empty; the supervisor makes them only when used)
+    job_data: dict | None
     attempt: int
 
     def __repr__(self) -> str:

@@ -147,6 +147,10 @@ class Supervisor:
         #: Worker ids being created by :meth:`add_worker` (not yet in the ledger), and numbers for new ids.
         self._reserved: set[str] = set()
         self._worker_numbers = itertools.count(1)
+        #: Ids of jobs posted without one: 16 hex digits, a random half per runtime (ids of two runtimes,
+        #: say in one state file, do not collide) and a counter (cheaper than random bytes per job).
+        self._job_prefix = os.urandom(4).hex()
+        self._job_numbers = itertools.count(1)
 
     # -- life ----------------------------------------------------------------------------------------
 
@@ -299,7 +303,9 @@ class Supervisor:
             queue = rt.slots[slot_name]
             while queue.pending >= queue.max_queue_length:
                 self._wait_for_room(rt, queue, block, deadline)
-            job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata)
+            if job_id is None:
+                job_id = f"{self._job_prefix}{next(self._job_numbers):08x}"
+            job = JobContext(job_id, inst.worker_id, inst.flow.flow_id, metadata)
             self.ledger.open_job(job)
             self.ledger.enqueue(rt, slot_name, job, blob)
             self.router.evaluate(rt)
@@ -346,29 +352,41 @@ class Supervisor:
         if worker_id is not None:
             self.worker_state(worker_id)  # unknown -> WorkerNotRunningError naming the workers
         deadline = None if timeout is None else time.monotonic() + timeout
+        loop = self.loop
         with self.lock:
-            while True:
-                if not self.ledger.busy(worker_id):
-                    result = True
-                    break
-                if self.flags.stop_requested:
-                    result = False
-                    break
+            if worker_id is None:
+                loop.idle_waiters += 1
+            else:
+                loop.watchers += 1
+            try:
+                result = self._wait_idle(deadline, worker_id)
+            finally:
                 if worker_id is None:
-                    if self.ledger.quiescent() and self._flush(list(self.ledger.instances.values())):
-                        continue
+                    loop.idle_waiters -= 1
                 else:
-                    inst = self.ledger.instances[worker_id]
-                    if self.loop.instance_quiescent(inst) and self._flush([inst]):
-                        continue
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    result = False
-                    break
-                self.cond.wait(remaining)
+                    loop.watchers -= 1
             callbacks = self.ledger.take_callbacks()
         run_callbacks(callbacks)
         return result
+
+    def _wait_idle(self, deadline: float | None, worker_id: str | None) -> bool:
+        """The wait of :meth:`wait_idle` (lock held; the loop counts this thread as a waiter)."""
+        while True:
+            if not self.ledger.busy(worker_id):
+                return True
+            if self.flags.stop_requested:
+                return False
+            if worker_id is None:
+                if self.ledger.quiescent() and self._flush(list(self.ledger.instances.values())):
+                    continue
+            else:
+                inst = self.ledger.instances[worker_id]
+                if self.loop.instance_quiescent(inst) and self._flush([inst]):
+                    continue
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self.cond.wait(remaining)
 
     def flush(self, flow_name: str | None) -> None:
         """Deliver now what batch and interval policies hold back (of one flow's workers, or all)."""
@@ -514,8 +532,7 @@ class TestHooks:
     def wait_pool_ready(self, timeout: float) -> bool:
         """Wait (on the supervisor's condition, no polling) until every lane's worker reported ready."""
         sup = self._sup
-        with sup.cond:
-            return sup.cond.wait_for(lambda: all(s.alive and s.ready for s in sup.dispatcher.slots), timeout)
+        return self._watch(lambda: all(s.alive and s.ready for s in sup.dispatcher.slots), timeout)
 
     def wait_pool_refilled(self, restarts: int, timeout: float) -> bool:
         """Wait until at least ``restarts`` workers were replaced and every lane has a worker again."""
@@ -526,8 +543,7 @@ class TestHooks:
             slots = sup.dispatcher.slots
             return sum(s.restarts for s in slots) >= restarts and all(s.alive for s in slots)
 
-        with sup.cond:
-            return sup.cond.wait_for(refilled, timeout)
+        return self._watch(refilled, timeout)
 
     def wait_no_timers(self, timeout: float) -> bool:
         """Wait until neither the dispatcher nor the backend has a timer pending (the dispatcher then
@@ -538,8 +554,17 @@ class TestHooks:
             """No timer of the loop, no deadline of the backend."""
             return len(sup.loop.timers) == 0 and getattr(sup.backend, "pending_deadlines", 0) == 0
 
+        return self._watch(quiet, timeout)
+
+    def _watch(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait on the supervisor's condition until ``predicate()``, notified on every dispatcher pass."""
+        sup = self._sup
         with sup.cond:
-            return sup.cond.wait_for(quiet, timeout)
+            sup.loop.watchers += 1
+            try:
+                return sup.cond.wait_for(predicate, timeout)
+            finally:
+                sup.loop.watchers -= 1
 
     def join_dispatcher(self, timeout: float) -> bool:
         """Wait until the dispatcher thread finished; whether it did."""

@@ -69,6 +69,9 @@ class ExecutionStatus(PlainStrEnum):
     CANCELLED = "cancelled"
 
 
+#: Each status by its value (members hash and compare as their strings: either finds it).
+_STATUSES = {status.value: status for status in JobStatus}
+
 #: Job statuses that never change again.
 TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
@@ -108,19 +111,21 @@ class JobContext:
         self.job_id = job_id
         self.worker_id = worker_id
         self.flow_id = flow_id
-        self.metadata = metadata if metadata is not None else {}
-        self.data = data if data is not None else {}
-        self.status = JobStatus.RUNNING if _in_worker else JobStatus.PENDING
+        # metadata, data, outputs and traces are made on first use: most jobs never need them, and
+        # thousands of kept jobs with four empty containers each are work for the garbage collector.
+        self._metadata = metadata
+        self._data = data
+        self._status = JobStatus.RUNNING if _in_worker else JobStatus.PENDING
         self.error: dict | None = None
-        self.outputs: list[dict] = []
+        self._outputs: list[dict] | None = None
         self.outputs_dropped = 0
         self.attempts = 0
         self.created_at = time.time()
         self.completed_at: float | None = None
-        self.traces: list[dict] = []
+        self._traces: list[dict] | None = None
         self._in_worker = _in_worker
         self._done: threading.Event | None = None
-        self._callbacks: list[Callable[[JobContext], Any]] = []
+        self._callbacks: list[Callable[[JobContext], Any]] | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -131,7 +136,51 @@ class JobContext:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._done = None
-        self._callbacks = []
+        self._callbacks = None
+
+    @property
+    def metadata(self) -> dict:
+        """The dict given to ``post(metadata=...)`` (``{}`` if none)."""
+        if self._metadata is None:
+            self._metadata = {}
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value: dict) -> None:
+        self._metadata = value
+
+    @property
+    def data(self) -> dict:
+        """A JSON dict shared by the job's activations (see the class docstring)."""
+        if self._data is None:
+            self._data = {}
+        return self._data
+
+    @data.setter
+    def data(self, value: dict) -> None:
+        self._data = value
+
+    @property
+    def outputs(self) -> list[dict]:
+        """Emits on unconnected events, oldest first (see the class docstring)."""
+        if self._outputs is None:
+            self._outputs = []
+        return self._outputs
+
+    @outputs.setter
+    def outputs(self, value: list[dict]) -> None:
+        self._outputs = value
+
+    @property
+    def traces(self) -> list[dict]:
+        """Trace entries, oldest first (``trace()``; at most ``MAX_TRACES``)."""
+        if self._traces is None:
+            self._traces = []
+        return self._traces
+
+    @traces.setter
+    def traces(self, value: list[dict]) -> None:
+        self._traces = value
 
     @property
     def status(self) -> JobStatus:
@@ -140,8 +189,10 @@ class JobContext:
 
     @status.setter
     def status(self, value: str) -> None:
-        # The runtime sets plain strings; reading back always gives the enum.
-        self._status = JobStatus(value)
+        # The runtime sets plain strings; reading back always gives the enum. (A dict lookup: an enum
+        # call costs microseconds, and the supervisor sets a status several times per job.)
+        status = _STATUSES.get(value)
+        self._status = JobStatus(value) if status is None else status
 
     def set_data(self, key: str, value: Any) -> None:
         """``job.data[key] = value`` (routilux 1.1.0's spelling); in logic the change travels back."""
@@ -190,6 +241,8 @@ class JobContext:
         """
         with _finish_lock:
             if self.status not in TERMINAL:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(fn)
                 return
         fn(self)
@@ -201,10 +254,12 @@ class JobContext:
                 self.error = error
             self.completed_at = time.time()
             self.status = status
-            callbacks, self._callbacks = self._callbacks, []
+            callbacks, self._callbacks = self._callbacks, None
             event = self._done
         if event is not None:
             event.set()
+        if not callbacks:
+            return []
         return [lambda fn=fn: fn(self) for fn in callbacks]
 
     def to_dict(self) -> dict:
