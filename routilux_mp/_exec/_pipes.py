@@ -52,6 +52,7 @@ class Child:
         "popen",
         "ps",
         "reader",
+        "ready",
         "results",
         "results_closed",
         "sent",
@@ -77,6 +78,8 @@ class Child:
         #: Reads the result pipe without ever blocking.
         self.reader = FrameReader(results)
         self.results_closed = False
+        #: It reported ready (its start-up succeeded).
+        self.ready = False
         #: Bytes for the command pipe that it had no room for yet (written when it has).
         self.outbox = bytearray()
         #: Bytes ever queued for the command pipe (written or in ``outbox``).

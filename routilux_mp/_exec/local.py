@@ -13,7 +13,9 @@
 
 * Start: every worker is a fresh interpreter in its own session (see
   ``_process``), handed its command pipe, its result pipe and the read end of
-  the life pipe; nothing waits for it to be ready.
+  the life pipe; nothing waits for it to be ready. Once every lane is ready,
+  one more process starts and waits as a spare (``_spare``): a lane whose
+  worker died takes it, ready in milliseconds instead of a fresh start.
 * Send: never blocks. A busy worker reads its next message only after it
   finished the activation it runs, so it is given at most ``PIPE_BUDGET``
   bytes of prefetch; what its pipe has no room for waits in its outbox,
@@ -61,6 +63,7 @@ from .._messages import (
     loads,
 )
 from ._pipes import Child
+from ._spare import Spare, start_worker
 from .base import (
     Broken,
     Died,
@@ -85,6 +88,8 @@ TERM_GRACE = 2.0
 TAKE_TIMEOUT = 60.0
 #: Bytes of prefetch a busy worker may hold in its command pipe (Linux pipes hold 64 KiB).
 PIPE_BUDGET = 48 * 1024
+#: Keep a spare worker process started ahead (see ``_spare``), so a dead worker's lane is refilled in milliseconds.
+SPARE_WORKER = True
 #: How often exits are checked while stopping on a system without pidfds.
 EXIT_CHECK_INTERVAL = 0.05
 
@@ -139,6 +144,8 @@ class LocalProcessBackend(WorkerBackend):
         self._poller: threading.Thread | None = None
         #: stop() began: nothing more is sent.
         self._stopping = False
+        #: A worker process started ahead, waiting for its config: the next lane that needs one takes it.
+        self._spare = Spare(self._life_r, enabled=SPARE_WORKER)
 
     # -- start ---------------------------------------------------------------------------------------
 
@@ -153,18 +160,14 @@ class LocalProcessBackend(WorkerBackend):
         return self._spawn(slot)
 
     def _spawn(self, slot: int) -> str | None:
-        """Start the worker process of ``slot`` and queue its config; the error if no process could be started."""
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        try:
-            popen = _process.spawn("routilux_mp._exec._child", f"routilux-mp worker {slot}",
-                                   pass_fds=(cmd_r, res_w, self._life_r))
-        except OSError as exc:
-            for fd in (cmd_r, cmd_w, res_r, res_w):
-                os.close(fd)
-            return f"worker {slot}: could not start a process: {type(exc).__name__}: {exc}"
-        os.close(cmd_r)
-        os.close(res_w)
+        """Give ``slot`` a worker (the spare, or a new process) and queue its config; the error if none started."""
+        started = self._spare.take()
+        if started is None:
+            try:
+                started = start_worker(f"routilux-mp worker {slot}", self._life_r)
+            except OSError as exc:
+                return f"worker {slot}: could not start a process: {type(exc).__name__}: {exc}"
+        popen, cmd_w, res_r = started.popen, started.commands, started.results
         child = Child(slot, popen, cmd_w, res_r, _process.open_pidfd(popen.pid))
         for fd in child.watch_output():
             self._selector.register(fd, selectors.EVENT_READ, (self._on_output, child))
@@ -262,6 +265,8 @@ class LocalProcessBackend(WorkerBackend):
             self._on_exit(child, child.pidfd, events)
         self._fire_deadlines(events)
         self._watch_writers()
+        if self._spare.due is not None and not self._stopping:
+            self._spare.start_if_due(self._children)
         return events
 
     def _on_wake(self, _child: None, fd: int, _events: list[WorkerEvent]) -> None:
@@ -300,6 +305,8 @@ class LocalProcessBackend(WorkerBackend):
                 self._finished(child)
                 events.append(Finished(child.slot, message))
             elif kind is _Ready:
+                child.ready = True
+                self._spare.want(self._children)
                 events.append(Ready(child.slot, message.pid))
             elif kind is _Exiting:
                 with self._lock:
@@ -495,6 +502,7 @@ class LocalProcessBackend(WorkerBackend):
                     child.flush()
                 except OSError:
                     pass
+        self._spare.discard()
         _escalate(children, grace, output, self._unwatch)
         for child in children:
             pieces: list[Output] = []
@@ -512,6 +520,7 @@ class LocalProcessBackend(WorkerBackend):
 
     def abort(self) -> None:
         """SIGKILL every worker's group now and wait for them (any thread)."""
+        self._spare.kill()
         _kill_and_reap([c for c in list(self._children) if c is not None])
 
 
