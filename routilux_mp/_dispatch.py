@@ -27,7 +27,7 @@ from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerB
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
 from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, type_name
-from ._records import _Act
+from ._records import _Act, _RoutineRt
 from ._routing import Router
 from ._state.protocol import Method
 from ._timers import ActivationDeadline, RespawnDue, RetryDue, Timers
@@ -60,8 +60,8 @@ class Owner(Protocol):
     def worker_ready(self) -> None:
         """A worker is ready: the state server may start."""
 
-    def room_made(self) -> None:
-        """An activation left its slot queue: posts waiting for room may go on."""
+    def room_made(self, rt: _RoutineRt) -> None:
+        """An activation of ``rt`` left its slot queues: posts waiting for room may go on."""
 
     def push_state(self, method: Method, *args: Any) -> None:
         """Tell the state server something nobody waits for."""
@@ -222,7 +222,7 @@ class Dispatcher:
         if len(slot.inflight) == 1:
             self._went_first(act, self.timers.clock())
         if self.ledger.started(act):
-            self.owner.room_made()
+            self.owner.room_made(act.rt)
         return True
 
     def _went_first(self, act: _Act, now: float) -> None:

@@ -19,10 +19,14 @@ import itertools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from ._messages import encode
 from ._records import SlotQueue, _Act, _Entry, _Instance, _RoutineRt, percentile
+from .activation_policies import IMMEDIATE_MESSAGE
 from .error_handling import ErrorStrategy
 from .job import JobContext
 
+#: The immediate policy's message, pickled once.
+IMMEDIATE_BLOB = encode(IMMEDIATE_MESSAGE)
 #: Characters of an error message copied into a job's trace entries.
 TRACE_MESSAGE_CHARS = 500
 
@@ -217,6 +221,14 @@ class Ledger:
         rt.ready.append(act)
         self.runnable.add(rt)
         return act
+
+    def new_single_activation(self, rt: _RoutineRt, queue: SlotQueue, entry: _Entry) -> None:
+        """:meth:`new_activation` of one item taken from ``queue`` by the immediate policy (its fast path)."""
+        queue.held += 1
+        act = _Act(next(self._act_ids), next(self._seq), rt, {queue.name: [entry.blob]}, {queue.name: 1},
+                   IMMEDIATE_BLOB, [entry.job], self.clock())
+        rt.ready.append(act)
+        self.runnable.add(rt)
 
     def pick(self) -> _RoutineRt | None:
         """The routine whose oldest ready activation should go next (concurrency limits, back-pressure)."""

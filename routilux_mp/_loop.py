@@ -48,6 +48,8 @@ logger = logging.getLogger("routilux_mp.runtime")
 
 #: Longest delay before job counters reach the state server (where workers read them).
 COUNTS_FLUSH_INTERVAL = 0.05
+#: A post() waiting for room in a full slot queue is woken once 1/this of the queue is free.
+ROOM_HYSTERESIS = 16
 #: How often worker RSS is sampled when a hard memory limit is set.
 MEMORY_SAMPLE_INTERVAL = 0.1
 #: Seconds a done-callback may keep the dispatcher from stopping before shutdown() kills every
@@ -278,10 +280,18 @@ class DispatchLoop:
         if why is not None:
             self.state_lost(why)
 
-    def room_made(self) -> None:
-        """An activation left its slot queue: wake posts waiting for room."""
+    def room_made(self, rt: Any) -> None:
+        """An activation of ``rt`` left its slot queues: wake posts waiting for room, once there is enough.
+
+        Enough = a slot queue with ``1/ROOM_HYSTERESIS`` of its length free: a poster woken for every
+        item would post one and wait again (two context switches per item while a producer outruns the
+        workers). Nothing waits for ever: a pass that finds nothing running wakes them too.
+        """
         if self.post_waiters:
-            self.cond.notify_all()
+            for queue in rt.slots.values():
+                if queue.pending <= queue.max_queue_length - max(1, queue.max_queue_length // ROOM_HYSTERESIS):
+                    self.cond.notify_all()
+                    return
 
     def push_state(self, method: Method, *args: Any) -> None:
         """Tell the state server something nobody waits for (in order, off this thread)."""

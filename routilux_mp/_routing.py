@@ -11,7 +11,7 @@ import copy
 import logging
 from typing import Any
 
-from ._ledger import Ledger
+from ._ledger import IMMEDIATE_BLOB, Ledger
 from ._messages import _Result, describe_exception, encode, error_data, loads
 from ._records import _Act, _Entry, _Instance, _RoutineRt
 from ._timers import PolicyWakeup, Timers
@@ -22,8 +22,6 @@ from .job import JobContext
 
 logger = logging.getLogger("routilux_mp.runtime")
 
-#: The immediate policy's message, pickled once.
-IMMEDIATE_BLOB = encode(IMMEDIATE_MESSAGE)
 #: Trace entries a job keeps (the oldest dropped beyond).
 MAX_JOB_TRACES = 1000
 
@@ -58,6 +56,15 @@ class Router:
     def evaluate(self, rt: _RoutineRt) -> None:
         """Run ``rt``'s policy until it stops activating; queue what it activates."""
         policy = rt.policy
+        if type(policy) is ImmediatePolicy and len(rt.slots) == 1:
+            # The default policy on one slot (most routines): one activation per item, oldest first,
+            # exactly what the loop below makes of it, without the generic bookkeeping per item.
+            (queue,) = rt.slots.values()
+            entries = queue._entries
+            single = self.ledger.new_single_activation
+            while entries:
+                single(rt, queue, entries.popleft())
+            return
         while True:
             for queue in rt.slots.values():
                 queue._consumed = []
