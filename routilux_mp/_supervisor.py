@@ -529,6 +529,13 @@ class TestHooks:
         """The pid of the worker in lane ``index`` (``None`` when there is none now)."""
         return self._sup.backend.pid(index)
 
+    def wait_spare(self, timeout: float) -> int | None:
+        """Wait until the backend has a spare worker process started; its pid (``None``: none in time)."""
+        backend = self._sup.backend
+        if self._watch(lambda: getattr(backend, "spare_pid", None) is not None, timeout):
+            return backend.spare_pid
+        return None
+
     def wait_pool_ready(self, timeout: float) -> bool:
         """Wait (on the supervisor's condition, no polling) until every lane's worker reported ready."""
         sup = self._sup

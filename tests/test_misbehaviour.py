@@ -93,6 +93,34 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
             os.kill(victim, signal.SIGCONT)
 
 
+#: id, whether the spare worker process is SIGKILLed while it waits, whether the lane then gets it
+SPARE_CASES = [("the-spare-takes-over", False, True), ("a-dead-spare-is-not-used", True, False)]
+
+
+@pytest.mark.parametrize(("kill_spare", "spare_used"), [case[1:] for case in SPARE_CASES],
+                         ids=[case[0] for case in SPARE_CASES])
+def test_a_killed_worker_is_replaced_by_the_spare_process_started_ahead(make_runtime, kill_spare,
+                                                                         spare_used) -> None:
+    single_flow("spare", _pid_and_size, concurrency=None)
+    runtime = make_runtime(processes=2)
+    runtime.exec("spare")
+    pool_ready(runtime)
+    spare = runtime._testing.wait_spare(WAIT)
+    assert spare is not None, "an idle ready pool starts a spare worker"
+    if kill_spare:
+        os.kill(spare, signal.SIGKILL)
+    victim = runtime._testing.worker_pid(0)
+    os.kill(victim, signal.SIGKILL)
+    pool_refilled(runtime, restarts=1)
+    pool_ready(runtime)
+    assert (runtime._testing.worker_pid(0) == spare) is spare_used
+    jobs = [runtime.post("spare", "r", "in", {"pad": ""})[1] for _ in range(4)]
+    assert all(job.wait(WAIT) for job in jobs)
+    assert [job.status for job in jobs] == ["completed"] * 4, [job.error for job in jobs]
+    assert victim not in {job.outputs[0]["data"]["pid"] for job in jobs}
+    assert runtime._testing.wait_spare(WAIT) not in (None, spare), "a new spare follows the one used"
+
+
 def test_a_stopped_worker_is_replaced_when_nothing_else_happens(make_runtime, monkeypatch) -> None:
     monkeypatch.setattr(local, "TAKE_TIMEOUT", TAKE)
     single_flow("quiet", _pid_and_size)

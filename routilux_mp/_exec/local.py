@@ -478,6 +478,12 @@ class LocalProcessBackend(WorkerBackend):
         child = self._children[slot]
         return None if child is None else child.pid
 
+    @property
+    def spare_pid(self) -> int | None:
+        """The spare worker's process id, when one is started (for tests)."""
+        started = self._spare.started
+        return None if started is None else started.popen.pid
+
     def usage(self) -> list[Usage | None]:
         """Per slot: pid, RSS and CPU% (since the previous call) of its worker. Any thread."""
         return [None if child is None else child.usage() for child in list(self._children)]
