@@ -30,7 +30,7 @@ from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, ty
 from ._records import _Act, _RoutineRt
 from ._routing import Router
 from ._state.protocol import Method
-from ._timers import ActivationDeadline, RespawnDue, RetryDue, Timers
+from ._timers import ActivationDeadline, RespawnDue, RetryDue, StartHoldOver, Timers
 from .errors import (
     ActivationTimeoutError,
     RoutiluxError,
@@ -48,6 +48,11 @@ logger = logging.getLogger("routilux_mp.runtime")
 MAX_START_FAILURES = 5
 #: Longest pause between respawns of a worker that keeps dying at start-up.
 MAX_RESPAWN_DELAY = 5.0
+#: Seconds after the pool started during which activations wait for the first ready worker instead of
+#: going to one still starting: the first result comes from whichever worker is ready first (workers
+#: start in 80-300 ms). After it, a worker that never gets ready is sent work, so its take check
+#: (``TAKE_TIMEOUT``) notices it.
+START_HOLD = 2.0
 #: The type name a result's error carries when the state server was lost under a worker.
 _STATE_LOST = type_name(StateServerLostError)
 
@@ -131,6 +136,8 @@ class Dispatcher:
         self.slots = [WorkerSlot(i) for i in range(backend.slots)]
         #: Worker start-ups that failed in a row (the runtime breaks at ``MAX_START_FAILURES``).
         self.start_failures = 0
+        #: No lane reported ready yet and ``START_HOLD`` has not passed: activations wait for a ready lane.
+        self.hold_starting = False
         #: flow key -> (flow, its ``_LoadFlow`` message): each flow is pickled once for every lane.
         self.ships: dict[int, tuple[Any, _LoadFlow]] = {}
         #: Keys for newly shipped flows.
@@ -150,6 +157,13 @@ class Dispatcher:
                 slot.alive = True
             else:
                 self._start_failed(slot.index, error)
+        if any(error is None for error in errors):
+            self.hold_starting = True
+            self.timers.add(StartHoldOver(), self.timers.clock() + START_HOLD)
+
+    def end_start_hold(self) -> None:
+        """No worker got ready within ``START_HOLD``: send to workers still starting (their take checks run)."""
+        self.hold_starting = False
 
     def ship(self, flow: Any) -> int:
         """Pickle ``flow`` once for the workers; return its key."""
@@ -203,6 +217,8 @@ class Dispatcher:
                 return slot
             if n <= self.prefetch and (best is None or n < len(best.inflight)):
                 best = slot
+        if best is not None and self.hold_starting and not best.ready:
+            return None  # (no lane is ready yet: the first that is gets the activation)
         return best
 
     def _send(self, slot: WorkerSlot, act: _Act, job: JobContext) -> bool:
@@ -249,6 +265,7 @@ class Dispatcher:
             return
         slot.ready = True
         slot.pid = event.pid
+        self.hold_starting = False
         self.start_failures = 0
         self.owner.worker_ready()
 

@@ -39,6 +39,7 @@ from ._timers import (
     PolicyWakeup,
     RespawnDue,
     RetryDue,
+    StartHoldOver,
     StartStateServer,
     Timers,
 )
@@ -111,6 +112,7 @@ class DispatchLoop:
             ActivationDeadline: self.dispatcher.deadline_due,
             RespawnDue: lambda t, now: self.dispatcher.respawn(t.slot),
             StartStateServer: lambda t, now: self.worker_ready(),
+            StartHoldOver: lambda t, now: self.dispatcher.end_start_hold(),
             FlushCounts: self._counts_timer,
             CheckMemory: self._memory_timer,
         }

@@ -43,6 +43,10 @@ class StartStateServer(NamedTuple):
     """Start the state server, if no worker got ready sooner."""
 
 
+class StartHoldOver(NamedTuple):
+    """No worker got ready yet, and the hold is over: activations may go to workers still starting."""
+
+
 class FlushCounts(NamedTuple):
     """Send the job counters collected since the last flush to the state server."""
 
@@ -52,8 +56,8 @@ class CheckMemory(NamedTuple):
 
 
 #: Any timer (dispatched by its type).
-Timer = Union[PolicyWakeup, RetryDue, ActivationDeadline, RespawnDue, StartStateServer, FlushCounts,  # noqa: UP007
-              CheckMemory]
+Timer = Union[PolicyWakeup, RetryDue, ActivationDeadline, RespawnDue, StartStateServer, StartHoldOver,  # noqa: UP007
+              FlushCounts, CheckMemory]
 
 
 class Timers:
