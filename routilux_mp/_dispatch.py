@@ -48,6 +48,10 @@ logger = logging.getLogger("routilux_mp.runtime")
 MAX_START_FAILURES = 5
 #: Longest pause between respawns of a worker that keeps dying at start-up.
 MAX_RESPAWN_DELAY = 5.0
+#: Most activations of one routine a lane holds (running + queued in its pipe); work a lane should
+#: queue ahead, in seconds of the routine's measured activations (see ``Dispatcher._pace``).
+MAX_DEPTH = 8
+QUEUE_SECONDS = 0.002
 #: Seconds after the pool started during which activations wait for the first ready worker instead of
 #: going to one still starting: the first result comes from whichever worker is ready first (workers
 #: start in 80-300 ms). After it, a worker that never gets ready is sent work, so its take check
@@ -128,8 +132,10 @@ class Dispatcher:
         self.router = router
         #: Retries, deadlines and respawns are scheduled here.
         self.timers = timers
-        #: Activations sent ahead to a busy lane.
+        #: Activations sent ahead to a busy lane (short activations of a routine without a limit: up to
+        #: ``MAX_DEPTH - 1``, see :meth:`_pace`).
         self.prefetch = prefetch
+        self.max_depth = MAX_DEPTH if prefetch else 1
         #: Kill a worker running an activation past this RSS (bytes).
         self.kill_worker_rss = kill_worker_rss
         #: One record per lane.
@@ -190,13 +196,19 @@ class Dispatcher:
             return
         ledger = self.ledger
         full: set[int] = set()
+        skip: set[_RoutineRt] | None = None
         while ledger.runnable:
-            slot = self._free_slot(full)
-            if slot is None:
+            candidate = self._free_slot(full)
+            if candidate is None:
                 return
-            rt = ledger.pick()
+            rt = ledger.pick(skip)
             if rt is None:
                 return
+            slot = self._lane_for(rt, candidate, full)
+            if slot is None:  # its lanes are full: the next oldest routine may still go
+                skip = skip or set()
+                skip.add(rt)
+                continue
             act = ledger.take_next(rt)
             lead = act.lead_job()
             if lead is None:  # all its jobs ended elsewhere
@@ -215,10 +227,29 @@ class Dispatcher:
             n = len(slot.inflight)
             if n == 0 and slot.ready:
                 return slot
-            if n <= self.prefetch and (best is None or n < len(best.inflight)):
+            if n < self.max_depth and (best is None or n < len(best.inflight)):
                 best = slot
         if best is not None and self.hold_starting and not best.ready:
             return None  # (no lane is ready yet: the first that is gets the activation)
+        return best
+
+    def _lane_for(self, rt: _RoutineRt, candidate: WorkerSlot, full: set[int]) -> WorkerSlot | None:
+        """The lane for ``rt``'s next activation: ``candidate`` (the least busy), or one of the lanes
+        already holding its activations when it holds ``max_concurrency`` lanes (they run one after
+        another there, so a routine limited to one at a time is queued ahead on its one lane instead
+        of waiting for a round trip through the supervisor after every activation)."""
+        depth = rt.depth or self.prefetch + 1
+        lanes = rt.lanes
+        if len(lanes) < rt.limit or candidate.index in lanes:
+            return candidate if len(candidate.inflight) < depth else None
+        best = None
+        for index in lanes:
+            slot = self.slots[index]
+            if not slot.usable() or index in full:
+                continue
+            n = len(slot.inflight)
+            if n < depth and (best is None or n < len(best.inflight)):
+                best = slot
         return best
 
     def _send(self, slot: WorkerSlot, act: _Act, job: JobContext) -> bool:
@@ -287,9 +318,12 @@ class Dispatcher:
             self._went_first(slot.inflight[0], now)
         if act.resolved:  # it timed out or was killed: its outcome is already decided
             return
-        stats = act.rt.stats
+        rt = act.rt
+        stats = rt.stats
         stats.activations += 1
         stats.busy_seconds += res.seconds
+        if self.prefetch:
+            self._pace(rt)
         stats.latencies.append(now - act.created)
         if res.error is None:
             lead = act.lead_job()
@@ -304,6 +338,24 @@ class Dispatcher:
             if res.error.get("type") == _STATE_LOST:
                 self.owner.state_lost(res.error.get("message", "the state server stopped answering"))
             self._failed(act, res.error, res)
+
+    def _pace(self, rt: _RoutineRt) -> None:
+        """How deep a lane may queue a routine's activations: short ones deeper (adaptive batching).
+
+        A lane queues about ``QUEUE_SECONDS`` of its measured activations, between ``1 + prefetch``
+        and ``MAX_DEPTH``: a worker finishing a short activation finds its next one in its pipe
+        instead of idling for a round trip through the supervisor, and a slower activation arriving
+        meanwhile waits behind at most that much. A routine with a limit keeps its activations on
+        at most that many lanes (:meth:`_lane_for`). ``prefetch=0`` keeps one per lane.
+        """
+        stats = rt.stats
+        base = self.prefetch + 1
+        depth = base
+        if stats.busy_seconds > 0:
+            depth = max(base, min(self.max_depth, int(QUEUE_SECONDS * stats.activations / stats.busy_seconds)))
+        if depth != rt.depth:
+            rt.depth = depth
+            rt.cap = rt.limit * depth
 
     def _on_exiting(self, event: Exiting) -> None:
         """The worker exits on purpose: it ran everything up to its last result; the rest was never started."""

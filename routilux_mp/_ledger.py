@@ -230,12 +230,13 @@ class Ledger:
         rt.ready.append(act)
         self.runnable.add(rt)
 
-    def pick(self) -> _RoutineRt | None:
-        """The routine whose oldest ready activation should go next (concurrency limits, back-pressure)."""
+    def pick(self, skip: set[_RoutineRt] | None = None) -> _RoutineRt | None:
+        """The routine whose oldest ready activation should go next (concurrency limits, back-pressure),
+        other than those in ``skip``."""
         best = None
         blocked = None
         for rt in self.runnable:
-            if rt.running >= rt.limit or not rt.ready:
+            if rt.running >= rt.cap or not rt.ready or skip and rt in skip:
                 continue
             if rt.targets and rt.backpressured():
                 if blocked is None or rt.ready[0].seq < blocked.ready[0].seq:
@@ -263,6 +264,8 @@ class Ledger:
         """``act`` was handed to a worker: count it; True if that made room in a slot queue."""
         rt = act.rt
         rt.running += 1
+        lanes = rt.lanes
+        lanes[act.slot] = lanes.get(act.slot, 0) + 1
         self.inflight += 1
         room = False
         if act.slot_counts:
@@ -281,6 +284,7 @@ class Ledger:
         """``act`` is no longer held by a worker (its result came, or its worker died running it)."""
         self.inflight -= 1
         act.rt.running -= 1
+        _leave_lane(act)
         if act.rt.ready:
             self.runnable.add(act.rt)
 
@@ -289,6 +293,7 @@ class Ledger:
         for act in reversed(acts):
             self.inflight -= 1
             act.rt.running -= 1
+            _leave_lane(act)
             if act.resolved:
                 continue
             act.slot = None
@@ -411,6 +416,16 @@ class Ledger:
                         found.append({"worker_id": inst.worker_id, "routine": rid, "slot": name,
                                       "items": queue.pending})
         return found
+
+
+def _leave_lane(act: _Act) -> None:
+    """``act`` no longer counts on the lane that held it."""
+    lanes = act.rt.lanes
+    left = lanes[act.slot] - 1
+    if left:
+        lanes[act.slot] = left
+    else:
+        del lanes[act.slot]
 
 
 __all__ = ["Ledger", "Retry", "SlotQueue"]

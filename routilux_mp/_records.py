@@ -149,8 +149,11 @@ class _RoutineRt:
     """One routine of one worker: its slot queues, policy copy, queue of activations."""
 
     __slots__ = (
+        "cap",
+        "depth",
         "handler",
         "inst",
+        "lanes",
         "limit",
         "policy",
         "ready",
@@ -174,6 +177,13 @@ class _RoutineRt:
         self.ready: collections.deque[_Act] = collections.deque()
         self.running = 0
         self.limit = limit
+        #: Activations it may have in flight (sent, running or queued in a process): as many as its
+        #: ``limit`` lanes may queue (``depth`` each; activations queued on one lane run one after another).
+        self.cap = limit
+        #: How many of its activations a lane may hold (running + queued); 0: the runtime's default.
+        self.depth = 0
+        #: Lane index -> its activations in flight there (a limited routine uses at most ``limit`` lanes).
+        self.lanes: dict[int, int] = {}
         self.handler = handler
         self.timeout: float | None = routine._timeout
         #: event name -> [(target routine runtime, slot name)]

@@ -29,13 +29,15 @@ MAX_JOB_TRACES = 1000
 class Router:
     """Runs policies and routes results for every worker of one runtime."""
 
-    def __init__(self, ledger: Ledger, timers: Timers, processes: int) -> None:
+    def __init__(self, ledger: Ledger, timers: Timers, processes: int, prefetch: int) -> None:
         #: The books: queues, jobs and activations live there.
         self.ledger = ledger
         #: Where policy wake-ups (interval policies) are scheduled.
         self.timers = timers
         #: Worker processes: a routine without a concurrency limit may use them all.
         self.processes = processes
+        #: Activations sent ahead to a busy process (a routine without a limit may have them in flight).
+        self.prefetch = prefetch
 
     def build_instance(self, worker_id: str, flow_name: str, flow: Any, flow_key: int, ws: Any) -> _Instance:
         """A live instance of ``flow``: per routine its queues, a copy of its policy, its limit and handler."""
@@ -45,7 +47,8 @@ class Router:
             policy = copy.deepcopy(routine._activation_policy) if routine._activation_policy else ImmediatePolicy()
             limit = routine._max_concurrency or self.processes
             handler = routine._error_handler or default_handler
-            inst.routines[rid] = _RoutineRt(inst, rid, routine, policy, limit, handler)
+            rt = inst.routines[rid] = _RoutineRt(inst, rid, routine, policy, limit, handler)
+            rt.cap = limit * (1 + self.prefetch)  # (activations queued on one lane never run side by side)
         for conn in flow.connections:
             source = inst.routines[conn.source_id]
             source.targets.setdefault(conn.event, []).append((inst.routines[conn.target_id], conn.slot))

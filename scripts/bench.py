@@ -41,6 +41,7 @@ Examples::
     python scripts/bench.py --plot bench.png         # also a chart (needs matplotlib)
     python scripts/bench.py --only tiny --systems routilux-mp   # only one side (for profiling)
     python scripts/bench.py --profile                # supervisor CPU per tiny activation, and where it goes
+    python scripts/bench.py --profile pipeline       # the same per item of the 3-stage pipeline
 
 Install the optional dependencies (joblib, routilux 1.1.0, matplotlib) with
 ``pip install -e '.[bench]'``; a baseline that is not installed is skipped with a note.
@@ -358,9 +359,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"items streamed by 'memory' (default 1,000,000; {QUICK_STREAM_ITEMS:,} with --quick)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any single wait may take (default 120)")
     parser.add_argument("--json", metavar="FILE", help="save raw results (every sample) as JSON")
-    parser.add_argument("--profile", action="store_true",
-                        help="instead of the scenarios: profile the supervisor on tiny activations (CPU per "
-                        "activation, then the functions with the most own time, every thread)")
+    parser.add_argument("--profile", nargs="?", const="tiny", choices=["tiny", "pipeline"],
+                        help="instead of the scenarios: profile the supervisor on tiny activations (default) or "
+                        "on the pipeline's flow (CPU per item, then the functions with the most own time, every "
+                        "thread)")
     parser.add_argument("--profile-items", type=int, default=5000, help="items of the --profile run (default 5000)")
     parser.add_argument("--plot", metavar="FILE", nargs="?", const="bench.png",
                         help="write a PNG chart of the ratios (default file: bench.png; needs matplotlib)")
@@ -402,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     bs.register_rmp_flows()
     if args.profile:
-        from _bench_profile import profile_tiny
+        from _bench_profile import profile
 
-        print(profile_tiny(cfg.processes, args.profile_items, cfg.timeout))
+        print(profile(cfg.processes, args.profile_items, cfg.timeout, args.profile))
         return EXIT_FAILED if reap_leftovers() else EXIT_OK
     started = time.perf_counter()
     results = []
