@@ -48,8 +48,8 @@ logger = logging.getLogger("routilux_mp.runtime")
 MAX_START_FAILURES = 5
 #: Longest pause between respawns of a worker that keeps dying at start-up.
 MAX_RESPAWN_DELAY = 5.0
-#: Most activations of one routine a lane holds (running + queued in its pipe); work a lane should
-#: queue ahead, in seconds of the routine's measured activations (see ``Dispatcher._pace``).
+#: Most activations of a one-at-a-time routine its lane holds (running + queued in its pipe), and the
+#: work it should queue ahead, in seconds of the routine's measured activations (``Dispatcher._pace``).
 MAX_DEPTH = 8
 QUEUE_SECONDS = 0.002
 #: Seconds after the pool started during which activations wait for the first ready worker instead of
@@ -132,10 +132,10 @@ class Dispatcher:
         self.router = router
         #: Retries, deadlines and respawns are scheduled here.
         self.timers = timers
-        #: Activations sent ahead to a busy lane (short activations of a routine without a limit: up to
-        #: ``MAX_DEPTH - 1``, see :meth:`_pace`).
+        #: Activations sent ahead to a busy lane (of a one-at-a-time routine to its lane: up to
+        #: ``MAX_DEPTH - 1`` when they are short, see :meth:`_pace`).
         self.prefetch = prefetch
-        self.max_depth = MAX_DEPTH if prefetch else 1
+        self.max_depth = max(MAX_DEPTH, prefetch + 1) if prefetch else 1
         #: Kill a worker running an activation past this RSS (bytes).
         self.kill_worker_rss = kill_worker_rss
         #: One record per lane.
@@ -234,23 +234,22 @@ class Dispatcher:
         return best
 
     def _lane_for(self, rt: _RoutineRt, candidate: WorkerSlot, full: set[int]) -> WorkerSlot | None:
-        """The lane for ``rt``'s next activation: ``candidate`` (the least busy), or one of the lanes
-        already holding its activations when it holds ``max_concurrency`` lanes (they run one after
-        another there, so a routine limited to one at a time is queued ahead on its one lane instead
-        of waiting for a round trip through the supervisor after every activation)."""
-        depth = rt.depth or self.prefetch + 1
+        """The lane for ``rt``'s next activation: ``candidate`` (the least busy) if it has room, or, for a
+        routine that runs one at a time and has activations in flight, the lane holding them.
+
+        Queued behind each other on one lane, a one-at-a-time routine's activations still run one
+        after another, but without a round trip through the supervisor between them. Other routines
+        never queue behind their own activations: an activation that blocks (waits for others of its
+        routine, say) would hold back the ones behind it while other lanes are free.
+        """
         lanes = rt.lanes
-        if len(lanes) < rt.limit or candidate.index in lanes:
-            return candidate if len(candidate.inflight) < depth else None
-        best = None
-        for index in lanes:
-            slot = self.slots[index]
-            if not slot.usable() or index in full:
-                continue
-            n = len(slot.inflight)
-            if n < depth and (best is None or n < len(best.inflight)):
-                best = slot
-        return best
+        if rt.limit != 1 or not lanes:
+            return candidate if len(candidate.inflight) <= self.prefetch else None
+        (index,) = lanes
+        slot = self.slots[index]
+        if not slot.usable() or index in full or len(slot.inflight) >= (rt.depth or self.prefetch + 1):
+            return None
+        return slot
 
     def _send(self, slot: WorkerSlot, act: _Act, job: JobContext) -> bool:
         """Send ``act`` (and its flow, the first time) to ``slot``; False if it has no room."""
@@ -322,7 +321,7 @@ class Dispatcher:
         stats = rt.stats
         stats.activations += 1
         stats.busy_seconds += res.seconds
-        if self.prefetch:
+        if rt.limit == 1 and self.prefetch:
             self._pace(rt)
         stats.latencies.append(now - act.created)
         if res.error is None:
@@ -340,22 +339,20 @@ class Dispatcher:
             self._failed(act, res.error, res)
 
     def _pace(self, rt: _RoutineRt) -> None:
-        """How deep a lane may queue a routine's activations: short ones deeper (adaptive batching).
+        """How deep a one-at-a-time routine's lane may queue its activations: short ones deeper.
 
-        A lane queues about ``QUEUE_SECONDS`` of its measured activations, between ``1 + prefetch``
-        and ``MAX_DEPTH``: a worker finishing a short activation finds its next one in its pipe
-        instead of idling for a round trip through the supervisor, and a slower activation arriving
-        meanwhile waits behind at most that much. A routine with a limit keeps its activations on
-        at most that many lanes (:meth:`_lane_for`). ``prefetch=0`` keeps one per lane.
+        About ``QUEUE_SECONDS`` of its measured activations, between ``1 + prefetch`` and
+        ``MAX_DEPTH``: the worker finishing one finds the next in its pipe instead of idling for a
+        round trip through the supervisor (a stateful stage of a pipeline keeps pace with its
+        parallel stages), and an activation of another routine sent to that lane meanwhile waits
+        behind at most that much. ``prefetch=0`` keeps one at a time in flight.
         """
         stats = rt.stats
         base = self.prefetch + 1
         depth = base
         if stats.busy_seconds > 0:
             depth = max(base, min(self.max_depth, int(QUEUE_SECONDS * stats.activations / stats.busy_seconds)))
-        if depth != rt.depth:
-            rt.depth = depth
-            rt.cap = rt.limit * depth
+        rt.depth = rt.cap = depth
 
     def _on_exiting(self, event: Exiting) -> None:
         """The worker exits on purpose: it ran everything up to its last result; the rest was never started."""

@@ -177,12 +177,13 @@ class _RoutineRt:
         self.ready: collections.deque[_Act] = collections.deque()
         self.running = 0
         self.limit = limit
-        #: Activations it may have in flight (sent, running or queued in a process): as many as its
-        #: ``limit`` lanes may queue (``depth`` each; activations queued on one lane run one after another).
+        #: Activations it may have in flight (sent, running or queued in a process): its limit, or for a
+        #: routine that runs one at a time, as many as its one lane may queue (``depth``): they run one
+        #: after another there all the same.
         self.cap = limit
-        #: How many of its activations a lane may hold (running + queued); 0: the runtime's default.
+        #: How many of its activations its lane may hold (running + queued); 0: the runtime's default.
         self.depth = 0
-        #: Lane index -> its activations in flight there (a limited routine uses at most ``limit`` lanes).
+        #: Lane index -> its activations in flight there.
         self.lanes: dict[int, int] = {}
         self.handler = handler
         self.timeout: float | None = routine._timeout

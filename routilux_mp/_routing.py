@@ -48,7 +48,8 @@ class Router:
             limit = routine._max_concurrency or self.processes
             handler = routine._error_handler or default_handler
             rt = inst.routines[rid] = _RoutineRt(inst, rid, routine, policy, limit, handler)
-            rt.cap = limit * (1 + self.prefetch)  # (activations queued on one lane never run side by side)
+            if limit == 1:  # one at a time: queued on one lane, they still run one after another
+                rt.cap = 1 + self.prefetch
         for conn in flow.connections:
             source = inst.routines[conn.source_id]
             source.targets.setdefault(conn.event, []).append((inst.routines[conn.target_id], conn.slot))
