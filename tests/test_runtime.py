@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -440,3 +441,21 @@ def test_done_callbacks_cannot_deadlock_the_runtime(make_runtime) -> None:
     assert runtime.closed
     with pytest.raises(RuntimeClosedError):
         runtime.post("cb", "r", "in", {"x": 2})
+
+
+def _stamp(routine, slot_data, message, ws) -> None:
+    for item in slot_data["in"]:
+        started = time.time()
+        ws.increment("r", "runs")  # (a state call: short, but not instantaneous)
+        routine.emit("out", n=item["n"], started=started, ended=time.time(), pid=os.getpid())
+
+
+def test_a_one_at_a_time_routine_queued_ahead_still_runs_one_at_a_time_in_post_order(make_runtime) -> None:
+    single_flow("actor", _stamp)  # max_concurrency=1, the default: its activations are queued ahead on one lane
+    runtime = make_runtime(processes=2)
+    jobs = [runtime.post("actor", "r", "in", {"n": n})[1] for n in range(200)]
+    assert runtime.wait_until_all_jobs_finished(WAIT)
+    runs = [job.outputs[0]["data"] for job in jobs]
+    assert [run["n"] for run in sorted(runs, key=lambda run: run["started"])] == list(range(200)), "in post order"
+    for before, after in itertools.pairwise(runs):
+        assert before["ended"] <= after["started"], f"{before} and {after} overlapped"

@@ -118,6 +118,40 @@ def test_a_busy_lane_gets_at_most_prefetch_activations_ahead(harness) -> None:
     assert all(job.status == "completed" for job in jobs)
 
 
+#: id, the routine's max_concurrency, the runtime's prefetch, activations its busy lane holds after 6 posts
+QUEUE_AHEAD = [
+    ("one-at-a-time-short-activations-queue-ahead-on-their-lane", 1, 1, 6),
+    ("no-prefetch-keeps-one-in-flight", 1, 0, 1),
+    ("a-parallel-routine-never-queues-behind-itself", None, 1, 1),
+]
+
+
+@pytest.mark.parametrize(("concurrency", "prefetch", "held"), [case[1:] for case in QUEUE_AHEAD],
+                         ids=[case[0] for case in QUEUE_AHEAD])
+def test_a_one_at_a_time_routine_queues_short_activations_ahead_on_its_one_lane(harness, concurrency, prefetch,
+                                                                                 held) -> None:
+    h = harness(processes=2, prefetch=prefetch, capacity=10)
+    flow = _flow("ahead", concurrency=concurrency)
+    first = h.post(flow, {"i": -1})
+    h.settle()  # one short activation measured: its routine's activations are known to be short
+    assert first.status == "completed"
+    h.stub.hold(0)
+    h.stub.hold(1)
+    jobs = [h.post(flow, {"i": i}) for i in range(6)]
+    h.settle()
+    sent = h.activations()[1:]
+    lanes = {s for s, m in h.stub.sent[1:] if type(m).__name__ == "_Activation"}
+    if concurrency == 1:
+        assert len(sent) == held and len(lanes) == 1, "one lane only: they still run one after another"
+    else:
+        assert len(sent) == 2 * held and lanes == {0, 1}, "one in flight per lane, none queued behind its own"
+    h.stub.release(0)
+    h.stub.release(1)
+    h.settle()
+    assert [job.status for job in jobs] == ["completed"] * 6
+    assert [a.job_id for a in h.activations()[1:]] == [job.job_id for job in jobs], "in post order"
+
+
 def test_a_lane_without_room_keeps_activations_queued_until_it_has_room(harness) -> None:
     h = harness(processes=1, prefetch=5, capacity=1)
     flow = _flow("room", concurrency=8)
