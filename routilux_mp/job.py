@@ -83,6 +83,29 @@ MAX_TRACES = 1000
 _finish_lock = threading.Lock()
 
 
+class _MadeOnUse:
+    """A job attribute kept as ``None`` until first read (then ``factory()``), in ``_<name>``."""
+
+    def __init__(self, factory: Callable[[], Any], doc: str) -> None:
+        self.factory = factory
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, job: Any, owner: type | None = None) -> Any:
+        if job is None:
+            return self
+        value = getattr(job, self.slot)
+        if value is None:
+            value = self.factory()
+            setattr(job, self.slot, value)
+        return value
+
+    def __set__(self, job: Any, value: Any) -> None:
+        setattr(job, self.slot, value)
+
+
 class JobContext:
     """The life of one posted item, as the supervisor sees it.
 
@@ -138,49 +161,11 @@ class JobContext:
         self._done = None
         self._callbacks = None
 
-    @property
-    def metadata(self) -> dict:
-        """The dict given to ``post(metadata=...)`` (``{}`` if none)."""
-        if self._metadata is None:
-            self._metadata = {}
-        return self._metadata
-
-    @metadata.setter
-    def metadata(self, value: dict) -> None:
-        self._metadata = value
-
-    @property
-    def data(self) -> dict:
-        """A JSON dict shared by the job's activations (see the class docstring)."""
-        if self._data is None:
-            self._data = {}
-        return self._data
-
-    @data.setter
-    def data(self, value: dict) -> None:
-        self._data = value
-
-    @property
-    def outputs(self) -> list[dict]:
-        """Emits on unconnected events, oldest first (see the class docstring)."""
-        if self._outputs is None:
-            self._outputs = []
-        return self._outputs
-
-    @outputs.setter
-    def outputs(self, value: list[dict]) -> None:
-        self._outputs = value
-
-    @property
-    def traces(self) -> list[dict]:
-        """Trace entries, oldest first (``trace()``; at most ``MAX_TRACES``)."""
-        if self._traces is None:
-            self._traces = []
-        return self._traces
-
-    @traces.setter
-    def traces(self, value: list[dict]) -> None:
-        self._traces = value
+    #: Made on first use (see ``__init__``); assigning works as for a plain attribute.
+    metadata = _MadeOnUse(dict, "The dict given to ``post(metadata=...)`` (``{}`` if none).")
+    data = _MadeOnUse(dict, "A JSON dict shared by the job's activations (see the class docstring).")
+    outputs = _MadeOnUse(list, "Emits on unconnected events, oldest first (see the class docstring).")
+    traces = _MadeOnUse(list, "Trace entries, oldest first (``trace()``; at most ``MAX_TRACES``).")
 
     @property
     def status(self) -> JobStatus:
