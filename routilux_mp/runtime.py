@@ -73,7 +73,10 @@ class Runtime:
         lock_timeout: default seconds to wait for a routine state locked by
             someone else (``worker_state.lock()`` and writers), on top of
             ``state_timeout``; the server tells waiters it is alive meanwhile.
-        prefetch: activations sent ahead to a busy process (0 or more).
+        prefetch: activations sent ahead to a busy process (0 or more). A routine that runs
+            one at a time (``max_concurrency=1``, the default) also gets its short activations
+            queued further ahead on its one process (about 2 ms of them, at most 8), where
+            they run one after another; ``prefetch=0`` turns both off.
         max_crash_retries: a crashing activation is retried (with the ``retry``
             strategy) at most this many times.
         max_worker_rss: recycle a worker between activations when its RSS
