@@ -528,7 +528,7 @@ def scenario_cpu(cfg: Config) -> Scenario:
     """CPU-bound items through a parallel routine vs serial, ProcessPoolExecutor, routilux 1.1.0 threads."""
     n = cfg.processes
     work_n, seconds = calibrate()
-    count = (4 if cfg.quick else 40) * n  # enough per round that one late item is noise
+    count = (4 if cfg.quick else 24) * n  # enough per round that one late item is noise
     ns = [work_n] * count
     expected = [cpu_work(work_n)]  # every item is the same work: one result to compare with
     sc = Scenario("cpu", "CPU-bound items through a parallel routine")

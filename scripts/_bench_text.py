@@ -50,7 +50,7 @@ cloudpickle.register_pickle_by_value(wordcount)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 #: Documents per round (the corpus has 200).
-TEXT_DOCS, QUICK_TEXT_DOCS = 120, 24
+TEXT_DOCS, QUICK_TEXT_DOCS = 80, 24
 #: Word n-grams counted per document: 1 to this.
 NGRAMS = 3
 
