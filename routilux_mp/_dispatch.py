@@ -49,7 +49,7 @@ MAX_START_FAILURES = 5
 #: Longest pause between respawns of a worker that keeps dying at start-up.
 MAX_RESPAWN_DELAY = 5.0
 #: Most activations of a one-at-a-time routine its lane holds (running + queued in its pipe), and the
-#: work it should queue ahead, in seconds of the routine's measured activations (``Dispatcher._pace``).
+#: work it should queue ahead, in seconds of the routine's measured activations (:func:`pace`).
 MAX_DEPTH = 8
 QUEUE_SECONDS = 0.002
 #: Seconds after the pool started during which activations wait for the first ready worker instead of
@@ -133,7 +133,7 @@ class Dispatcher:
         #: Retries, deadlines and respawns are scheduled here.
         self.timers = timers
         #: Activations sent ahead to a busy lane (of a one-at-a-time routine to its lane: up to
-        #: ``MAX_DEPTH - 1`` when they are short, see :meth:`_pace`).
+        #: ``MAX_DEPTH - 1`` when they are short, see :func:`pace`).
         self.prefetch = prefetch
         self.max_depth = max(MAX_DEPTH, prefetch + 1) if prefetch else 1
         #: Kill a worker running an activation past this RSS (bytes).
@@ -204,7 +204,7 @@ class Dispatcher:
             rt = ledger.pick(skip)
             if rt is None:
                 return
-            slot = self._lane_for(rt, candidate, full)
+            slot = lane_for(rt, candidate, self.slots, full, self.prefetch)
             if slot is None:  # its lanes are full: the next oldest routine may still go
                 skip = skip or set()
                 skip.add(rt)
@@ -232,24 +232,6 @@ class Dispatcher:
         if best is not None and self.hold_starting and not best.ready:
             return None  # (no lane is ready yet: the first that is gets the activation)
         return best
-
-    def _lane_for(self, rt: _RoutineRt, candidate: WorkerSlot, full: set[int]) -> WorkerSlot | None:
-        """The lane for ``rt``'s next activation: ``candidate`` (the least busy) if it has room, or, for a
-        routine that runs one at a time and has activations in flight, the lane holding them.
-
-        Queued behind each other on one lane, a one-at-a-time routine's activations still run one
-        after another, but without a round trip through the supervisor between them. Other routines
-        never queue behind their own activations: an activation that blocks (waits for others of its
-        routine, say) would hold back the ones behind it while other lanes are free.
-        """
-        lanes = rt.lanes
-        if rt.limit != 1 or not lanes:
-            return candidate if len(candidate.inflight) <= self.prefetch else None
-        (index,) = lanes
-        slot = self.slots[index]
-        if not slot.usable() or index in full or len(slot.inflight) >= (rt.depth or self.prefetch + 1):
-            return None
-        return slot
 
     def _send(self, slot: WorkerSlot, act: _Act, job: JobContext) -> bool:
         """Send ``act`` (and its flow, the first time) to ``slot``; False if it has no room."""
@@ -322,7 +304,7 @@ class Dispatcher:
         stats.activations += 1
         stats.busy_seconds += res.seconds
         if rt.limit == 1 and self.prefetch:
-            self._pace(rt)
+            pace(rt, self.prefetch, self.max_depth)
         stats.latencies.append(now - act.created)
         if res.error is None:
             lead = act.lead_job()
@@ -337,22 +319,6 @@ class Dispatcher:
             if res.error.get("type") == _STATE_LOST:
                 self.owner.state_lost(res.error.get("message", "the state server stopped answering"))
             self._failed(act, res.error, res)
-
-    def _pace(self, rt: _RoutineRt) -> None:
-        """How deep a one-at-a-time routine's lane may queue its activations: short ones deeper.
-
-        About ``QUEUE_SECONDS`` of its measured activations, between ``1 + prefetch`` and
-        ``MAX_DEPTH``: the worker finishing one finds the next in its pipe instead of idling for a
-        round trip through the supervisor (a stateful stage of a pipeline keeps pace with its
-        parallel stages), and an activation of another routine sent to that lane meanwhile waits
-        behind at most that much. ``prefetch=0`` keeps one at a time in flight.
-        """
-        stats = rt.stats
-        base = self.prefetch + 1
-        depth = base
-        if stats.busy_seconds > 0:
-            depth = max(base, min(self.max_depth, int(QUEUE_SECONDS * stats.activations / stats.busy_seconds)))
-        rt.depth = rt.cap = depth
 
     def _on_exiting(self, event: Exiting) -> None:
         """The worker exits on purpose: it ran everything up to its last result; the rest was never started."""
@@ -539,3 +505,40 @@ class Dispatcher:
             if res is not None and self.router.route(act, outcome, res) is not None:
                 outcome.trace(act.rt.rid, "outputs dropped", "an output of the failed activation cannot be unpickled")
             self.ledger.release(act)
+
+
+def lane_for(rt: _RoutineRt, candidate: WorkerSlot, slots: list[WorkerSlot], full: set[int],
+             prefetch: int) -> WorkerSlot | None:
+    """The lane for ``rt``'s next activation: ``candidate`` (the least busy) if it has room, or, for a
+    routine that runs one at a time and has activations in flight, the lane holding them.
+
+    Queued behind each other on one lane, a one-at-a-time routine's activations still run one
+    after another, but without a round trip through the supervisor between them. Other routines
+    never queue behind their own activations: an activation that blocks (waits for others of its
+    routine, say) would hold back the ones behind it while other lanes are free.
+    """
+    lanes = rt.lanes
+    if rt.limit != 1 or not lanes:
+        return candidate if len(candidate.inflight) <= prefetch else None
+    (index,) = lanes
+    slot = slots[index]
+    if not slot.usable() or index in full or len(slot.inflight) >= (rt.depth or prefetch + 1):
+        return None
+    return slot
+
+
+def pace(rt: _RoutineRt, prefetch: int, max_depth: int) -> None:
+    """How deep a one-at-a-time routine's lane may queue its activations: short ones deeper.
+
+    About ``QUEUE_SECONDS`` of its measured activations, between ``1 + prefetch`` and
+    ``max_depth``: the worker finishing one finds the next in its pipe instead of idling for a
+    round trip through the supervisor (a stateful stage of a pipeline keeps pace with its
+    parallel stages), and an activation of another routine sent to that lane meanwhile waits
+    behind at most that much. (Not called with ``prefetch=0``: one at a time in flight.)
+    """
+    stats = rt.stats
+    base = prefetch + 1
+    depth = base
+    if stats.busy_seconds > 0:
+        depth = max(base, min(max_depth, int(QUEUE_SECONDS * stats.activations / stats.busy_seconds)))
+    rt.depth = rt.cap = depth
