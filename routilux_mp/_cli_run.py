@@ -60,6 +60,12 @@ def _short_error(error: dict | None) -> dict:
     return {key: error[key] for key in ("type", "message", "routine") if error.get(key) is not None}
 
 
+def _input_line(job: Any) -> dict:
+    """What the dashboard shows with a failed job: its input line (job ids are ``line-N``)."""
+    number = job.job_id.rpartition("-")[2]
+    return {"line": int(number)} if job.job_id.startswith("line-") and number.isdigit() else {}
+
+
 class _SignalCount:
     """SIGINT/SIGTERM received while :func:`_count_signals` is active."""
 
@@ -214,6 +220,7 @@ class BatchRun:
             self.display.message(f"routilux-mp: resuming: {plan.completed} lines completed earlier{failed}; "
                                  f"running the others")
         self.display.start(self.tally, self.runtime.stats)
+        self.runtime._dashboard_expect(self.tally.total, _input_line)
         try:
             with _count_signals() as signals:
                 poster.start()

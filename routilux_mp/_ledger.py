@@ -378,7 +378,8 @@ class Ledger:
         for inst in self.instances.values():
             for rid, rt in inst.routines.items():
                 agg = routines.setdefault(rid, {"activations": 0, "errors": 0, "busy_seconds": 0.0,
-                                                "max_concurrency": rt.limit})
+                                                "max_concurrency": rt.limit, "running": 0})
+                agg["running"] += rt.running
                 agg["activations"] += rt.stats.activations
                 agg["errors"] += rt.stats.errors
                 agg["busy_seconds"] += rt.stats.busy_seconds

@@ -411,7 +411,9 @@ class Supervisor:
         """A JSON-able snapshot: per-routine counters, per-process usage, jobs by status, waiting items."""
         with self.lock:
             routines = self.ledger.routine_stats()
-            lanes = [(s.index, s.activations, s.restarts, s.alive and s.ready) for s in self.dispatcher.slots]
+            # (the routine a lane runs, or takes next: the first activation it holds)
+            lanes = [(s.index, s.activations, s.restarts, s.alive and s.ready,
+                      s.inflight[0].rt.rid if s.inflight else None) for s in self.dispatcher.slots]
             jobs = {status: n for status, n in self.ledger.status_counts.items() if n}
             waiting = self.ledger.waiting()
             ask = self.state.lost is None and not self.flags.closed
@@ -425,13 +427,13 @@ class Supervisor:
             agg["lost_updates"] = lost.get(rid, 0)
         usage = self.backend.usage()
         processes = []
-        for index, activations, restarts, ready in lanes:
+        for index, activations, restarts, ready, routine in lanes:
             use = usage[index]
             processes.append({"index": index, "pid": None if use is None else use.pid,
                               "alive": use is not None and use.rss is not None, "ready": ready,
                               "rss": None if use is None else use.rss,
                               "cpu_percent": None if use is None else use.cpu_percent,
-                              "activations": activations, "restarts": restarts})
+                              "activations": activations, "restarts": restarts, "routine": routine})
         return {"routines": routines, "processes": processes, "jobs": jobs, "waiting": waiting}
 
     # -- shutdown ------------------------------------------------------------------------------------

@@ -99,6 +99,17 @@ class Runtime:
         state_sync: ``"normal"`` (default): commits survive any process
             dying, not a power cut; ``"full"``: each commit is also
             ``fsync``'d (survives a power cut; slower).
+        dashboard: serve a live web page of the run (the ``[dashboard]``
+            extra): ``True`` on port 8789, or a port number (0: a free one).
+            Its address, with a random token, is printed on stderr as
+            ``dashboard: http://127.0.0.1:PORT/?token=...`` and is
+            :attr:`dashboard_url`. Read-only; it stops at ``shutdown()``
+            after sending the page the run's summary. A busy port or a
+            missing extra raises :class:`~routilux_mp.errors.DashboardError`
+            before any process starts.
+        dashboard_host: the address the dashboard listens on (default
+            ``127.0.0.1``: this machine only; reach it from elsewhere with
+            an SSH tunnel). Another address is warned about on stderr.
 
     Use it as a context manager; leaving the block calls ``shutdown()``.
     """
@@ -122,6 +133,8 @@ class Runtime:
         worker_output: Callable[[str, str], None] | None = None,
         state_path: str | os.PathLike | None = None,
         state_sync: str = "normal",
+        dashboard: bool | int | None = None,
+        dashboard_host: str = "127.0.0.1",
     ) -> None:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
             raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
@@ -142,21 +155,41 @@ class Runtime:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if max_worker_rss is not None and kill_worker_rss is None:
             kill_worker_rss = int(max_worker_rss * 1.5)
+        port = _dashboard_port(dashboard)
         self._registry = FlowRegistry.get_instance()
         self._processes = count
-        self._sup = Supervisor(Settings(
-            processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
-            state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
-            max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
-            max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
-            max_finished_jobs=max_finished_jobs, worker_output=worker_output,
-            state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
-        ))
-        self._sup.start()
+        self._dashboard: Any = None
+        if port is not None:  # bound before any process starts: a busy port fails with nothing to clean up
+            from .dashboard import bind
+            self._dashboard = bind(dashboard_host, port)
+        try:
+            self._start(Settings(
+                processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
+                state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
+                max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
+                max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
+                max_finished_jobs=max_finished_jobs, worker_output=worker_output,
+                state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
+            ))
+        except BaseException:
+            if self._dashboard is not None:
+                self._dashboard.stop()
+            raise
         #: Hooks for this package's tests (see :class:`~routilux_mp._supervisor.TestHooks`).
         self._testing: TestHooks = self._sup.testing()
         with _live_lock:
             _live.add(self)
+
+    def _start(self, settings: Settings) -> None:
+        """Start the supervisor (state server, workers, dispatcher), then the dashboard if asked for."""
+        self._sup = Supervisor(settings)
+        self._sup.start()
+        if self._dashboard is not None:
+            try:
+                self._dashboard.start(self)
+            except BaseException:
+                self._sup.shutdown(False, 0.0, False)
+                raise
 
     # ------------------------------------------------------------------ basics
 
@@ -169,6 +202,16 @@ class Runtime:
     def closed(self) -> bool:
         """True once ``shutdown()`` started."""
         return self._sup.closed
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """The dashboard's address with its token (``None`` without ``dashboard=``)."""
+        return None if self._dashboard is None else self._dashboard.url
+
+    def _dashboard_expect(self, total: int | None, describe_job: Callable[[JobContext], dict] | None) -> None:
+        """Tell the dashboard how many jobs to expect and what to show with a failed job (the CLI: its line)."""
+        if self._dashboard is not None:
+            self._dashboard.expect(total, describe_job)
 
     def __enter__(self) -> Self:
         return self
@@ -363,9 +406,19 @@ class Runtime:
         try:
             sup.shutdown(wait, timeout, cancel_pending)
         finally:
+            if self._dashboard is not None:  # after the processes: the page gets the final numbers
+                self._dashboard.stop()
             if not sup.on_dispatcher():  # (from a done-callback, the dispatcher stops once it returns)
                 with _live_lock:
                     _live.discard(self)
+
+
+def _dashboard_port(dashboard: Any) -> int | None:
+    """The dashboard's port (``None``: off); checked without importing the dashboard's extra."""
+    if dashboard is None or dashboard is False:
+        return None
+    from .dashboard import check_port
+    return check_port(dashboard)
 
 
 def _died_of_ctrl_c() -> bool:
