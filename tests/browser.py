@@ -27,7 +27,7 @@ def binaries() -> tuple[str, str]:
     return browser, driver
 
 
-def start_browser(width: int = 1400, height: int = 1100):  # noqa: ANN201 -- selenium is imported lazily
+def start_browser(width: int = 1400, height: int = 1100):
     """A headless Chromium (quit it at the end of the test: it is a child process of the test)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -44,7 +44,7 @@ def start_browser(width: int = 1400, height: int = 1100):  # noqa: ANN201 -- sel
     return chrome
 
 
-def save_screenshot(chrome, name: str) -> str:  # noqa: ANN001
+def save_screenshot(chrome, name: str) -> str:
     """Save the whole page as ``test-artifacts/NAME`` (or ``$ROUTILUX_MP_ARTIFACTS``); return its path."""
     os.makedirs(ARTIFACTS, exist_ok=True)
     path = os.path.join(ARTIFACTS, name)
