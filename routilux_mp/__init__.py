@@ -21,6 +21,8 @@ decorator. ``docs/migrating.md`` lists the deliberate differences.
 # - The worker side: _worker (ActivationRunner: runs logic, no transport of its own), _context.
 # - _state/, the state seam: protocol, client (what WorkerState calls), server and store (the state-server
 #   process), backend (StateBackend: where states are kept), launcher and service (the supervisor's side).
+# - dashboard/ (optional, the [dashboard] extra; imported only when asked for): the live web page of a run,
+#   a collector thread reading stats() and a Starlette app served by uvicorn in a thread of the supervisor.
 # - Shared: _messages (wire messages; the one owner of error data), _process (spawning, signals, parent death).
 
 from __future__ import annotations

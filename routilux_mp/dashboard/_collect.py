@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import deque
 from typing import Any
 
 import psutil
 
-from .._cli_ui import RateMeter, bottleneck_hint
+from .._cli_ui import SATURATED, RateMeter, bottleneck_hint
 from ..errors import RoutiluxError
 
 #: Recent failures the page lists (newest first); the count of all failures is exact regardless.
@@ -31,6 +32,11 @@ MAX_POINTS = 900
 BUSY_WINDOW = 5.0
 #: Bytes of one routine state shown in the WorkerState explorer (its full size is always given).
 MAX_STATE_SHOWN = 64 * 2**10
+
+#: Snapshots between two readings of the dashboard's own CPU time.
+COST_EVERY = 5
+#: How the dashboard's threads are named (``ps -L``, ``py-spy``): their CPU time is what the page reports as its cost.
+THREAD_PREFIX = "routilux-mp dashboard"
 
 #: Keys of ``stats()`` this module turns into panels; any other top-level key is passed on as is.
 KNOWN_STATS = frozenset({"routines", "processes", "jobs", "waiting"})
@@ -100,8 +106,8 @@ class Collector:
         self.workers: tuple[str, ...] = ()  # worker ids when the graph was last described
         self.flows: list[dict] = []  # the graph
         self.me = psutil.Process()  # this (the supervisor's) process: the cost the page reports
-        self.own_threads: set[int] = set()  # native ids of the dashboard's threads, for its CPU share
-        self.cpu_mark: tuple[float, float, float] | None = None  # (process cpu, dashboard cpu) at start
+        self.cpu_mark: tuple[float, float] | None = None  # (process CPU, dashboard threads CPU) at the first read
+        self.cost: float | None = None  # the last measured share of this process's CPU the dashboard used
         self.last: dict | None = None  # the last snapshot (the page's first paint)
         self.last_stats: dict = {}  # the last ``stats()`` read (kept when a read fails)
 
@@ -166,18 +172,25 @@ class Collector:
             routine["busy_share"] = None if span <= 0 else min(used / (span * lanes), 1.0)
 
     def _cost(self) -> float | None:
-        """The dashboard threads' share of this process's CPU time since the dashboard started."""
+        """The dashboard threads' share of this process's CPU time since the dashboard started.
+
+        Read every :data:`COST_EVERY` snapshots (reading every thread's times is a good part of a snapshot).
+        """
+        if self.ticks % COST_EVERY and self.cost is not None:
+            return self.cost
+        own = {t.native_id for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)}
         try:
             times = self.me.cpu_times()
-            ours = sum(t.user_time + t.system_time for t in self.me.threads() if t.id in self.own_threads)
+            ours = sum(t.user_time + t.system_time for t in self.me.threads() if t.id in own)
         except psutil.Error:
             return None
         total = times.user + times.system
         if self.cpu_mark is None:
-            self.cpu_mark = (total, ours, 0.0)
+            self.cpu_mark = (total, ours)
             return None
         spent = total - self.cpu_mark[0]
-        return None if spent <= 0 else (ours - self.cpu_mark[1]) / spent
+        self.cost = None if spent <= 0 else (ours - self.cpu_mark[1]) / spent
+        return self.cost
 
     def _record(self, snap: dict) -> None:
         """Add a chart point (one every ``stride`` snapshots; thinned by half when full)."""
@@ -215,7 +228,8 @@ class Collector:
         self._failures(jobs.get("failed", 0))
         open_jobs = jobs.get("pending", 0) + jobs.get("running", 0)
         remaining = self.total - done if self.total is not None else open_jobs
-        ranked = [(r["busy_share"], rid) for rid, r in routines.items() if r.get("busy_share")]
+        # The bottleneck: the busiest routine, once it keeps its lanes busy (as the end-of-run hint judges it).
+        ranked = [(r["busy_share"], rid) for rid, r in routines.items() if (r.get("busy_share") or 0) >= SATURATED]
         snap = {
             "status": "finished" if final else "running",
             "started": self.wall_started, "elapsed": round(elapsed, 3), "processes_n": processes,

@@ -41,8 +41,10 @@ from ._collect import Collector
 
 logger = logging.getLogger("routilux_mp.dashboard")
 
-#: Seconds between snapshots: the page is at most about this far behind.
+#: Seconds between snapshots while a page is open: the page is at most about this far behind.
 INTERVAL = 1.0
+#: Seconds between snapshots while no page is open (the charts still cover the whole run, more coarsely).
+IDLE_INTERVAL = 5.0
 #: Seconds the final snapshot gets to reach the open pages before the server stops.
 FINAL_FLUSH_TIMEOUT = 2.0
 #: Seconds to wait for the server thread to stop (uvicorn closes its port, then its connections).
@@ -63,6 +65,33 @@ SECURITY_HEADERS = {
 #: The files of the page, read once from the package.
 ASSETS = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/app.css": ("app.css", "text/css; charset=utf-8")}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, waiting for its stop instead of waking ten times a second.
+
+    uvicorn's own main loop polls ``should_exit`` every 0.1 s (and refreshes
+    the Date header), which costs a few milliseconds of CPU a second in an
+    otherwise idle thread; here the loop sleeps until :meth:`exit` is called.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.exit_event: asyncio.Event | None = None  # made on the server's loop; set by exit()
+
+    async def main_loop(self) -> None:
+        self.exit_event = asyncio.Event()
+        if not self.should_exit:
+            await self.exit_event.wait()
+
+    def exit(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Stop serving (from any thread)."""
+        self.should_exit = True
+        if loop is not None and self.exit_event is not None:
+            try:
+                loop.call_soon_threadsafe(self.exit_event.set)
+            except RuntimeError:  # the loop has closed already
+                pass
 
 
 def _event(kind: str, data: str) -> str:
@@ -108,10 +137,11 @@ class Dashboard:
         self.collector: Collector | None = None  # reads the runtime (set by start)
         self.hub = _Hub()  # the open pages
         self.loop: asyncio.AbstractEventLoop | None = None  # the server thread's loop, once serving
-        self.server: uvicorn.Server | None = None  # uvicorn, run by ``thread``
+        self.server: _Server | None = None  # uvicorn, run by ``thread``
         self.thread: threading.Thread | None = None  # the server thread
         self.sampler: threading.Thread | None = None  # the collector thread
-        self.stopping = threading.Event()  # wakes the collector thread to stop
+        self.stopping = False  # stop() was called: the collector thread ends
+        self.wakeup = threading.Event()  # wakes the collector thread: to stop, or because a page opened
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="routilux-mp dashboard read")  # WorkerState reads
         self.history = "{}"  # the ``history`` event's data: the graph and chart points (refreshed each tick)
         self.stopped = False
@@ -133,13 +163,12 @@ class Dashboard:
     def start(self, runtime: Any) -> None:
         """Serve ``runtime``: start the server thread (and wait until it serves), then the collector thread."""
         self.collector = Collector(runtime, FlowRegistry.get_instance())
-        config = uvicorn.Config(self._app(), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, ws="none")
-        self.server = uvicorn.Server(config)
+        config = uvicorn.Config(self._app(), log_level="warning", access_log=False, lifespan="off", ws="none",
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN, date_header=False, server_header=False)
+        self.server = _Server(config)
         self.thread = threading.Thread(target=self._serve, name="routilux-mp dashboard server", daemon=True)
         # The socket listens already: a page that connects before uvicorn runs waits in its backlog.
         self.thread.start()
-        self.collector.own_threads = {self.thread.native_id}
         self.sampler = threading.Thread(target=self._sample, name="routilux-mp dashboard collector", daemon=True)
         self.sampler.start()
         if not is_loopback(self.host):
@@ -165,7 +194,8 @@ class Dashboard:
         if self.stopped:
             return
         self.stopped = True
-        self.stopping.set()
+        self.stopping = True
+        self.wakeup.set()
         if self.sampler is not None:
             self.sampler.join()
         loop = self.loop
@@ -180,7 +210,7 @@ class Dashboard:
             except Exception:  # stopping must go on whatever the last read does
                 logger.exception("the dashboard's final snapshot failed")
         if self.server is not None:
-            self.server.should_exit = True
+            self.server.exit(loop)
         if self.thread is not None and self.thread.is_alive():
             self.thread.join(SERVER_JOIN_TIMEOUT)
             if self.thread.is_alive():
@@ -198,10 +228,13 @@ class Dashboard:
     # -- the collector thread ------------------------------------------------------------------------
 
     def _sample(self) -> None:
-        """Every :data:`INTERVAL`: snapshot the runtime, hand it to the open pages."""
+        """Every :data:`INTERVAL` (:data:`IDLE_INTERVAL` with no page open): snapshot the runtime, hand it on."""
         assert self.collector is not None
-        self.collector.own_threads.add(threading.get_native_id())
-        while not self.stopping.wait(INTERVAL):
+        while True:
+            self.wakeup.wait(INTERVAL if self.hub.pages else IDLE_INTERVAL)
+            self.wakeup.clear()
+            if self.stopping:
+                return
             try:
                 snap = self.collector.snapshot()
             except Exception:  # keep sampling: a failed read is logged, the next may work
@@ -245,7 +278,7 @@ class Dashboard:
             page: asyncio.Queue = asyncio.Queue(PAGE_BACKLOG)
             first = self.hub.final if self.hub.final is not None else await self._read(self._history)
             self.hub.pages.add(page)
-
+            self.wakeup.set()  # from now on, a snapshot a second
             async def stream() -> Any:
                 try:
                     yield "retry: 1000\n\n" + first

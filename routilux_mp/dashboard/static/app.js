@@ -172,7 +172,7 @@ function graph(snap) {
   marker.appendChild(svg("path", { d: "M 0 0 L 10 5 L 0 10 z", class: "arrowhead" }));
   defs.appendChild(marker);
   root.appendChild(defs);
-  const W = 230, GAP_X = 120, GAP_Y = 24, TOP = 8;
+  const W = 260, GAP_X = 110, GAP_Y = 24, TOP = 8;
   let offsetY = 0, widest = 0;
   for (const flow of snap.flows || []) {
     const depth = layers(flow);
