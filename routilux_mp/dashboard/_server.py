@@ -51,6 +51,8 @@ FINAL_FLUSH_TIMEOUT = 2.0
 SERVER_JOIN_TIMEOUT = 5.0
 #: Seconds uvicorn waits for open requests at shutdown before cancelling them.
 GRACEFUL_SHUTDOWN = 1.0
+#: Snapshots between two sends of the parts that rarely change (the graph, the failures) to every page.
+RESEND_EVERY = 10
 #: Snapshots queued per page; a page that reads slower than that skips to the newest.
 PAGE_BACKLOG = 4
 
@@ -143,7 +145,8 @@ class Dashboard:
         self.stopping = False  # stop() was called: the collector thread ends
         self.wakeup = threading.Event()  # wakes the collector thread: to stop, or because a page opened
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="routilux-mp dashboard read")  # WorkerState reads
-        self.history = "{}"  # the ``history`` event's data: the graph and chart points (refreshed each tick)
+        self.sent = 0  # snapshots sent to the pages
+        self.sent_key: tuple = ()  # what identifies the graph and failures last sent (see _lighter)
         self.stopped = False
         self.assets = {path: (resources.files(__package__).joinpath("static", name).read_bytes(), kind)
                        for path, (name, kind) in ASSETS.items()}
@@ -243,11 +246,23 @@ class Dashboard:
             loop = self.loop
             if loop is None or not self.hub.pages:
                 continue  # nobody is looking: sample (for the charts), encode nothing
-            message = _event("snapshot", _dumps(snap))
+            message = _event("snapshot", _dumps(self._lighter(snap)))
             try:
                 loop.call_soon_threadsafe(self.hub.publish, message)
             except RuntimeError:  # the loop closed under us: we are stopping
                 return
+
+    def _lighter(self, snap: dict) -> dict:
+        """``snap`` without the parts the pages already have: the graph and the failures (with their
+        tracebacks) are sent when they change, and every :data:`RESEND_EVERY` snapshots in case a page
+        skipped the one that changed them."""
+        self.sent += 1
+        key = (len(snap["flows"]), id(snap["flows"]), tuple(f["job_id"] for f in snap["failures"][:1]),
+               len(snap["failures"]))
+        if key != self.sent_key or self.sent % RESEND_EVERY == 0:
+            self.sent_key = key
+            return snap
+        return {k: v for k, v in snap.items() if k not in ("flows", "failures")}
 
     def _history(self) -> str:
         """The ``history`` event: the last snapshot and every chart point so far."""

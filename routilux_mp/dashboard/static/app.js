@@ -83,6 +83,8 @@ function connect() {
 
 function render(snap) {
   if (!snap || !snap.jobs) return;
+  // The graph and the failures come only when they change (and now and then): keep the last ones.
+  if (lastSnap) for (const key of ["flows", "failures"]) if (snap[key] === undefined) snap[key] = lastSnap[key];
   lastSnap = snap;
   const jobs = snap.jobs;
   setText("flows-title", (snap.flows || []).map((f) => f.name).join(", "));
