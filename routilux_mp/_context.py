@@ -38,11 +38,17 @@ class _Refused:
     __slots__ = ("why",)
 
     job = None
+    jobs = ()
+
+    def jobs_of(self, item: Any) -> list:
+        from .errors import RoutiluxError
+
+        raise RoutiluxError(f"job_of() refused: it came from {self.why}; it belongs to no running activation")
 
     def __init__(self, why: str) -> None:
         self.why = why
 
-    def emit(self, routine: Any, event: str, data: dict) -> None:
+    def emit(self, routine: Any, event: str, data: dict, job: Any = None) -> None:
         from .errors import RoutiluxError
 
         raise RoutiluxError(f"emit({event!r}) refused: it came from {self.why}; it belongs to no running "

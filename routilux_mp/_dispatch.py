@@ -212,8 +212,14 @@ class Dispatcher:
             if not self.backend.send(slot.index, self.ships[inst.flow_key][1]):
                 return False
             slot.loaded.add(inst.flow_key)
-        message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
-                              act.message, job.job_id, job.metadata, job.data, act.attempt)
+        if len(act.jobs) == 1:
+            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
+                                  act.message, job.job_id, job.metadata, job.data, act.attempt)
+        else:
+            act.lead = act.jobs.index(job)
+            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
+                                  act.message, job.job_id, job.metadata, job.data, act.attempt,
+                                  tuple((j.job_id, j.metadata, j.data) for j in act.jobs), act.lead, act.item_jobs)
         if not self.backend.send(slot.index, message):
             return False
         act.slot = slot.index

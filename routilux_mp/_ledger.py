@@ -83,10 +83,15 @@ class Ledger:
         self.status_counts["pending"] += 1
         self.open_jobs += 1
 
-    def enqueue(self, rt: _RoutineRt, slot: str, job: JobContext, blob: bytes) -> None:
-        """Queue one item of ``job`` on ``rt``'s ``slot`` (the item holds the job open)."""
-        self.holds[job] += 1
-        rt.slots[slot]._entries.append(_Entry(next(self._seq), job, blob))
+    def enqueue(self, rt: _RoutineRt, slot: str, job: JobContext, blob: bytes,
+                others: tuple[JobContext, ...] | None = None) -> None:
+        """Queue one item of ``job`` (and of ``others``, open jobs too) on ``rt``'s ``slot``; it holds them open."""
+        holds = self.holds
+        holds[job] += 1
+        if others is not None:
+            for other in others:
+                holds[other] += 1
+        rt.slots[slot]._entries.append(_Entry(next(self._seq), job, blob, others))
 
     def job(self, job_id: str) -> JobContext | None:
         """The job with this id, open or kept finished."""
@@ -179,8 +184,8 @@ class Ledger:
                 continue
             for rt in inst.routines.values():
                 for queue in rt.slots.values():
-                    if any(id(e.job) in job_ids for e in queue._entries):
-                        queue._entries = collections.deque(e for e in queue._entries if id(e.job) not in job_ids)
+                    if any(id(e.job) in job_ids or e.others is not None for e in queue._entries):
+                        queue._entries = collections.deque(e for e in queue._entries if self._wanted(e, job_ids))
                 if rt.ready and any(act.lead_job() is None for act in rt.ready):
                     keep: collections.deque[_Act] = collections.deque()
                     for act in rt.ready:
@@ -194,6 +199,12 @@ class Ledger:
                     if not keep:
                         self.runnable.discard(rt)
 
+    def _wanted(self, entry: _Entry, job_ids: set[int]) -> bool:
+        """Whether a queued item still belongs to an open job after the jobs ``job_ids`` finished."""
+        if entry.others is None:
+            return id(entry.job) not in job_ids
+        return any(job in self.holds for job in entry.all_jobs())
+
     # -- activations ---------------------------------------------------------------------------------
 
     def new_activation(self, rt: _RoutineRt, slots: dict[str, list[bytes]], message: bytes,
@@ -204,15 +215,19 @@ class Ledger:
             if queue._consumed:
                 counts[name] = len(queue._consumed)
                 queue.held += len(queue._consumed)
-        if len(consumed) == 1:
+        if len(consumed) == 1 and consumed[0].others is None:
             jobs = [consumed[0].job]  # the item's hold on its job passes to the activation
         else:
+            # Each item's holds pass to the activation: one per open job (an item may outlive one of its jobs).
             holds = self.holds
-            jobs = sorted({id(e.job): e.job for e in consumed}.values(), key=self.arrival.__getitem__)
+            unique = {id(j): j for e in consumed for j in e.all_jobs() if j in holds}
+            jobs = sorted(unique.values(), key=self.arrival.__getitem__)
             for job in jobs:
                 holds[job] += 1
             for entry in consumed:
-                holds[entry.job] -= 1
+                for job in entry.all_jobs():
+                    if job in holds:
+                        holds[job] -= 1
         act = _Act(next(self._act_ids), next(self._seq), rt, slots, counts, message, jobs, self.clock())
         rt.ready.append(act)
         self.runnable.add(rt)
@@ -352,6 +367,7 @@ class Ledger:
         clone = _Act(next(self._act_ids), act.seq, act.rt, act.slots, {}, act.message, act.jobs, act.created)
         clone.attempt = act.attempt + 1
         clone.crashes = act.crashes
+        clone.item_jobs = act.item_jobs
         return clone
 
     # -- what the supervisor asks --------------------------------------------------------------------

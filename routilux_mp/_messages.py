@@ -311,6 +311,12 @@ class _Activation(NamedTuple):
     job_metadata: dict
     job_data: dict
     attempt: int
+    #: An activation of several jobs (a batch, a join): each job as ``(job_id, metadata, data)``, the one
+    #: above at index ``lead``; per slot, per item, the indices of the item's jobs (``None``: all of them).
+    #: ``None`` for an activation of one job.
+    jobs: tuple | None = None
+    lead: int = 0
+    item_jobs: dict | None = None
 
     def __repr__(self) -> str:
         counts = {name: len(items) for name, items in self.slots.items()}
@@ -318,15 +324,23 @@ class _Activation(NamedTuple):
 
 
 class _Result(NamedTuple):
-    """The outcome of one activation: emits (in order), job changes, and an error as data."""
+    """The outcome of one activation: emits (in order), job changes, and an error as data.
+
+    Each emit is ``(event, data pickle, job indices)``, the indices (in the
+    activation's ``jobs``) of the jobs logic named for it, or ``None``: all of
+    them. The job changes are the current job's; ``others`` holds those of the
+    other jobs of a multi-job activation, as ``(index, data_set, data_deleted,
+    traces)``.
+    """
 
     act_id: int
     error: dict | None
-    emits: list[tuple[str, bytes]]
+    emits: list[tuple[str, bytes, tuple[int, ...] | None]]
     data_set: dict | None
     data_deleted: list[str] | None
     traces: list | None
     seconds: float
+    others: list | None = None
 
     def __repr__(self) -> str:
         status = "ok" if self.error is None else f"error={self.error.get('type')}"

@@ -12,7 +12,7 @@ from typing import Any
 from . import _context
 from .errors import RoutiluxError
 
-__all__ = ["ExecutionStatus", "JobContext", "JobStatus", "get_current_job", "get_current_job_id"]
+__all__ = ["ExecutionStatus", "JobContext", "JobStatus", "get_current_job", "get_current_job_id", "job_of", "jobs_of"]
 
 logger = logging.getLogger("routilux_mp.job")
 
@@ -238,3 +238,33 @@ def get_current_job_id() -> str | None:
     """The id of :func:`get_current_job`'s job (inside logic); ``None`` elsewhere."""
     job = get_current_job()
     return None if job is None else job.job_id
+
+
+def jobs_of(item: Any) -> list[JobContext]:
+    """The jobs an item of the running activation belongs to (inside logic), oldest first.
+
+    ``item`` is one of the objects in the logic's ``slot_data`` lists (found
+    by identity, so pass the item itself, not a copy). An item posted as a job
+    belongs to that job; an item emitted upstream by an activation of several
+    jobs without naming one belongs to all of them.
+    """
+    ctx = _context.current()
+    if ctx is None:
+        raise RoutiluxError("job_of()/jobs_of() was called outside logic: items have jobs only while the "
+                            "activation that received them runs")
+    return ctx.jobs_of(item)
+
+
+def job_of(item: Any) -> JobContext:
+    """The job an item of the running activation belongs to (inside logic).
+
+    Use it to attribute what logic emits per item in a batch:
+    ``self.emit("out", job=job_of(item), **result)``. An item of several jobs
+    (see :func:`jobs_of`) raises ``RoutiluxError``: use :func:`jobs_of` there.
+    """
+    jobs = jobs_of(item)
+    if len(jobs) != 1:
+        ids = ", ".join(repr(job.job_id) for job in jobs)
+        raise RoutiluxError(f"job_of(): this item belongs to {len(jobs)} jobs ({ids}), not one; use jobs_of(item) "
+                            "and emit(..., job=jobs_of(item)) to give an emit to all of them")
+    return jobs[0]
