@@ -30,9 +30,10 @@ import cloudpickle
 
 from . import _context, _jsonvalue
 from ._messages import _Activation, _LoadFlow, _Result, _Stop, describe_exception, encode, is_plain, loads
+from ._state.client import StoreClient
 from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
-from .state import WorkerState, _StoreClient
+from .state import WorkerState
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -145,7 +146,7 @@ class ActivationRunner:
     result back.
     """
 
-    def __init__(self, client: _StoreClient, *, max_rss: int | None, max_activations: int | None) -> None:
+    def __init__(self, client: StoreClient, *, max_rss: int | None, max_activations: int | None) -> None:
         #: This process's link to the state server (every WorkerState here uses it).
         self.client = client
         #: Recycle past this RSS (bytes), or after this many activations.
