@@ -32,7 +32,7 @@ from typing import IO, Any
 from . import _cli_ui
 from ._cli_exit import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, EXIT_USAGE, CliError, usable_cpus
 from ._cli_input import InputSource
-from ._cli_output import encode_outputs, failed_record, json_line, worker_states
+from ._cli_output import SharedOutputs, encode_outputs, failed_record, json_line, worker_states
 from .errors import RoutiluxError, RuntimeClosedError
 from .runtime import Runtime
 
@@ -112,6 +112,7 @@ class BatchRun:
         # Jobs are numbered in posting (= input) order; ``ready`` holds finished ones (their
         # JSONL text and --failed-out record, "" for none) until they may be written.
         self.ready: dict[int, tuple[str, str]] = {}
+        self.shared = SharedOutputs()  # outputs of several jobs (a batch's): written once, with all their ids
         self.inputs: dict[int, tuple[int, dict]] = {}  # seq -> (line, data) of unfinished jobs, for --failed-out
         self.next_seq = 0  # input order: the first job not written yet
         self.window = threading.Condition()  # guards posted, written and stopping; wakes the poster
@@ -246,14 +247,16 @@ class BatchRun:
             pass
         elif job.status == "completed":
             try:
-                text = encode_outputs(job)
+                text = encode_outputs(job, self.shared)
                 self.tally.completed += 1
             except (TypeError, ValueError) as exc:
                 failure = self._failed(job, line, data, {"type": type(exc).__name__,
                                                          "message": f"an output cannot be written as JSON: {exc}"})
         elif job.status == "failed":
+            self.shared.skip(job)
             failure = self._failed(job, line, data, job.error or {})
         else:
+            self.shared.skip(job)
             self.tally.cancelled += 1
         self.ready[seq] = (text, failure)
 

@@ -204,7 +204,8 @@ def bottleneck_hint(routines: dict[str, dict], wall: float, processes: int, cpus
     if share < SATURATED:
         return (f"no routine was busy more than {busy} of its capacity (the busiest is {rid!r}): the run was bound "
                 "by feeding and dispatching jobs, not by logic; give each job more work (bigger input lines, "
-                "batch_size_policy()) or read the input faster")
+                "batch_size_policy(); in a batch, emit per item with emit(..., job=job_of(item)), as an emit "
+                "naming no job belongs to the whole batch) or read the input faster")
     if routine["max_concurrency"] == 1:
         hint = (f"{rid!r} was busy {busy} of the run and is serial: set_max_concurrency() to spread it over "
                 "processes (with worker_state's atomic operations for shared updates)")

@@ -122,6 +122,53 @@ def test_a_batch_bigger_than_the_output_window_is_flushed_not_deadlocked(tmp_pat
     assert [o["data"]["n"] for o in outputs(result.stdout)] == list(range(count))
 
 
+PER_ITEM_BATCH_FLOW = """
+from routilux_mp import Flow, FlowRegistry, Routine, job_of
+from routilux_mp.activation_policies import batch_size_policy
+
+
+class Reduce(Routine):
+    def __init__(self):
+        super().__init__()
+        self.add_slot("in")
+        self.add_event("out")
+        self.add_event("batch")
+        self.set_activation_policy(batch_size_policy(25))
+
+        def logic(slot_data, message, worker_state):
+            for item in slot_data["in"]:
+                self.emit("out", job=job_of(item), n=item["n"], square=item["n"] ** 2)
+            self.emit("batch", total=sum(item["n"] for item in slot_data["in"]))  # the whole batch's
+
+        self.set_logic(logic)
+
+
+flow = Flow("reduce")
+flow.add_routine(Reduce(), "reduce")
+FlowRegistry.get_instance().register_by_name("reduce", flow)
+"""
+
+
+@pytest.mark.parametrize("order", ["input", "completion"])
+def test_a_batch_writes_each_line_under_its_own_job_id_and_a_batch_output_once_with_all(tmp_path, python_env,
+                                                                                          order) -> None:
+    (tmp_path / "reduce.py").write_text(PER_ITEM_BATCH_FLOW)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"n": n} for n in range(200)])
+    result = cli("run", str(tmp_path / "reduce.py"), "--input", source, "--processes", "2", "--order", order,
+                 env=python_env)
+    assert result.returncode == 0, result.stderr
+    written = outputs(result.stdout)
+    per_line = sorted((o["job_id"], o["data"]["n"]) for o in written if o["event"] == "out")
+    assert per_line == sorted((f"line-{n + 1}", n) for n in range(200)), "each line's output under its own id"
+    batches = [o for o in written if o["event"] == "batch"]
+    assert len(batches) == 8, "a batch's output is written once"
+    assert sorted((tuple(b["job_ids"]) for b in batches), key=lambda ids: int(ids[0][5:])) == [
+        tuple(f"line-{n + 1}" for n in range(start, start + 25)) for start in range(0, 200, 25)]
+    assert all("job_id" not in b and b["data"]["total"] == sum(int(j[5:]) - 1 for j in b["job_ids"])
+               for b in batches)
+    assert "200 completed, 0 failed, 0 cancelled" in result.stderr
+
+
 # ---------------------------------------------------------------------------- what cannot run
 
 
