@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import cloudpickle
 
+from ._drain import drop_ready
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
@@ -175,6 +176,10 @@ class Dispatcher:
         if self.flags.broken is not None:
             return
         ledger = self.ledger
+        if ledger.draining:  # stopping: nothing new starts (what a stopped worker gave back included)
+            if ledger.runnable:
+                drop_ready(ledger)
+            return
         full: set[int] = set()
         while ledger.runnable:
             slot = self._free_slot(full)
@@ -191,6 +196,10 @@ class Dispatcher:
             if not self._send(slot, act, lead):
                 ledger.put_back(act)
                 full.add(slot.index)
+
+    def inflight(self) -> list[_Act]:
+        """Every activation handed to a worker and not yet over (running, or sent ahead to a busy worker)."""
+        return [act for slot in self.slots for act in slot.inflight if not act.resolved]
 
     def _free_slot(self, full: set[int]) -> WorkerSlot | None:
         """An idle lane if any, else one that may take a prefetched activation."""

@@ -69,6 +69,10 @@ class Ledger:
         self.count_deltas: dict[str, list[int]] = {}
         #: Done-callbacks of jobs that finished, to run once the lock is released.
         self.callbacks: list[Callable[[], Any]] = []
+        #: Stopping: nothing new starts (``_drain``). Open jobs that lost queued or downstream work to it
+        #: end ``cancelled`` once what runs for them is over.
+        self.draining = False
+        self.cut: set[JobContext] = set()
         #: Arrival numbers (items, jobs, activations: the oldest goes first) and activation ids.
         self._seq = itertools.count(1)
         self._act_ids = itertools.count(1)
@@ -115,7 +119,7 @@ class Ledger:
             if left is None:  # finished meanwhile (failed, cancelled, completed by hand)
                 continue
             if left <= 1:
-                self.finish(job, "completed")
+                self.finish(job, "cancelled" if job in self.cut else "completed")
             else:
                 holds[job] = left - 1
 
@@ -123,6 +127,7 @@ class Ledger:
         """Move an open job to ``status`` (its done-callbacks are queued) and count it for its worker."""
         del self.holds[job]
         del self.arrival[job]
+        self.cut.discard(job)
         self.status_counts[job.status] -= 1
         self.status_counts[status] += 1
         self.callbacks.extend(job._finish(status, error))
@@ -154,15 +159,6 @@ class Ledger:
         self.finish(job, status, error)
         self.purge({id(job)}, job.worker_id)
         return True
-
-    def cancel_pending(self) -> int:
-        """Cancel every job none of whose activations has started; return how many."""
-        cancelled = [job for job in self.holds if job.status == "pending"]
-        for job in cancelled:
-            self.finish(job, "cancelled")
-        if cancelled:
-            self.purge({id(job) for job in cancelled})
-        return len(cancelled)
 
     def end_all(self, status: str, error: dict | None = None) -> None:
         """End every open job with ``status`` and drop everything queued (shutdown, or a broken runtime)."""
@@ -302,7 +298,9 @@ class Ledger:
     def retry_due(self, act: _Act, broken: bool) -> None:
         """A retry's delay is over: queue it (or drop it when its jobs ended meanwhile)."""
         self.retrying -= 1
-        if broken or act.lead_job() is None:
+        if broken or act.lead_job() is None or self.draining:
+            if self.draining:
+                self.cut.update(act.jobs)
             self.release(act)
         else:
             self.put_back(act)
@@ -329,6 +327,9 @@ class Ledger:
         job.attempts = max(job.attempts, act.attempt)
         handler = rt.handler
         strategy = handler.strategy
+        if strategy is ErrorStrategy.RETRY and self.draining:
+            error["message"] += " (not retried: the runtime is stopping)"
+            strategy = ErrorStrategy.STOP
         if strategy is ErrorStrategy.RETRY:
             if not handler.is_retryable(error.get("mro") or [error["type"]]):
                 strategy = ErrorStrategy.STOP

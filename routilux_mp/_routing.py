@@ -97,8 +97,10 @@ class Router:
             self.evaluate(rt)
 
     def flush(self, instances: list[_Instance]) -> bool:
-        """Deliver what batch and interval policies hold back; True if anything was."""
+        """Deliver what batch and interval policies hold back; True if anything was (never while stopping)."""
         delivered = False
+        if self.ledger.draining:
+            return False
         for inst in instances:
             for rt in inst.routines.values():
                 flusher = getattr(rt.policy, "flush", None)
@@ -205,6 +207,9 @@ class Router:
             targets = targets_of.get(event)
             if not targets:
                 self._add_output(owners, act.rt.rid, event, outputs[i])
+                continue
+            if self.ledger.draining:  # stopping: downstream work never starts; its jobs end cancelled
+                self.ledger.cut.update(owners)
                 continue
             others = tuple(owners[1:]) or None
             for target, slot in targets:

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._drain import stop_taking_work
 from ._exec.base import WorkerBackend, WorkerSettings
 from ._exec.local import TERM_GRACE, LocalProcessBackend
 from ._ledger import Ledger
@@ -429,8 +430,8 @@ class Supervisor:
         try:
             if cancel_pending:
                 with self.lock:
-                    if self.ledger.cancel_pending():
-                        self.cond.notify_all()
+                    stop_taking_work(self.ledger, self.dispatcher.inflight())
+                    self.cond.notify_all()
                     callbacks = self.ledger.take_callbacks()
                 run_callbacks(callbacks)
             if wait and not already:

@@ -57,6 +57,11 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+#: Seconds running activations get to finish after a Ctrl-C (leaving a ``with`` block by it, or a script
+#: dying of it) before their processes are stopped; queued and downstream work is cancelled at once.
+INTERRUPT_GRACE = 2.0
+
+
 class Runtime:
     """The supervisor of a pool of worker processes running flows.
 
@@ -159,8 +164,8 @@ class Runtime:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None and not issubclass(exc_type, Exception):
-            # Ctrl-C or SystemExit: do not sit waiting for queued work.
-            self.shutdown(wait=False)
+            # Ctrl-C or SystemExit: start nothing new; what runs gets a short grace.
+            self.shutdown(wait=True, timeout=INTERRUPT_GRACE, cancel_pending=True)
         else:
             self.shutdown(wait=True)
 
@@ -312,8 +317,11 @@ class Runtime:
 
         With ``wait``, queued and running work may finish within ``timeout``
         seconds (partial batches are flushed). With ``cancel_pending`` too,
-        only jobs already running are drained: jobs none of whose activations
-        has started are cancelled first (what a Ctrl-C handler wants). Jobs not
+        nothing new starts (what a Ctrl-C handler wants): jobs with no
+        activation running are cancelled at once, queued and downstream work of
+        the others is dropped, and only activations already handed to a worker
+        finish (within ``timeout``); their outputs are kept, and their jobs end
+        ``completed`` if that was all they had to do, else ``cancelled``. Jobs not
         finished end ``cancelled``. Running activations then get a short grace before
         their processes are terminated (SIGTERM, then SIGKILL). No process of
         ours outlives this call. WorkerState objects stay readable afterwards
@@ -359,16 +367,19 @@ def _runtime_of(worker_state: WorkerState) -> Runtime | None:
 def _shutdown_all() -> None:
     """At interpreter exit: stop every runtime that was not shut down.
 
-    Queued work is finished first, unless the script dies of Ctrl-C: then it
-    is cancelled and running activations get the short grace of
-    ``shutdown(wait=False)``, as when leaving a ``with`` block by Ctrl-C.
+    Queued work is finished first, unless the script dies of Ctrl-C: then
+    nothing new starts and running activations get :data:`INTERRUPT_GRACE`,
+    as when leaving a ``with`` block by Ctrl-C.
     """
     with _live_lock:
         runtimes = list(_live)
     interrupted = _died_of_ctrl_c()
     for runtime in runtimes:
         try:
-            runtime.shutdown(wait=not interrupted)
+            if interrupted:
+                runtime.shutdown(wait=True, timeout=INTERRUPT_GRACE, cancel_pending=True)
+            else:
+                runtime.shutdown(wait=True)
         except KeyboardInterrupt:  # Ctrl-C while the exit waits: the runtime stopped; stop the others now
             interrupted = True
         except BaseException:

@@ -334,6 +334,63 @@ def test_a_signal_drains_running_jobs_writes_valid_output_and_leaves_no_process(
     assert_final_state(state_out, seen=len(ran(tmp_path)))  # every item that started was counted, and written
 
 
+PIPELINE_FLOW = """
+import time
+
+from routilux_mp import Flow, FlowRegistry, Routine
+
+
+class Stage(Routine):
+    def __init__(self, work):
+        super().__init__()
+        self.add_slot("in")
+        self.add_event("out")
+        self.set_max_concurrency(None)
+
+        def logic(slot_data, message, worker_state):
+            for item in slot_data["in"]:
+                if work and item.get("announce"):
+                    print("started", item["n"], flush=True)
+                time.sleep(item.get("sleep", 0.02) if work else 0)  # stands for work
+                self.emit("out", **item)
+
+        self.set_logic(logic)
+
+
+flow = Flow("pipeline")
+flow.add_routine(Stage(False), "parse")
+flow.add_routine(Stage(True), "work")
+flow.connect("parse", "out", "work", "in")
+FlowRegistry.get_instance().register_by_name("pipeline", flow)
+"""
+
+
+def test_a_signal_with_thousands_queued_starts_nothing_new_and_exits_soon_after_running_work(tmp_path,
+                                                                                           python_env) -> None:
+    """Most jobs are past their first stage when the signal comes: their downstream work is cancelled too."""
+    (tmp_path / "pipeline.py").write_text(PIPELINE_FLOW)
+    longest = 1.0
+    items = [{"n": n, **({"announce": True, "sleep": longest} if n == 20 else {})} for n in range(3000)]
+    proc = start_run(str(tmp_path / "pipeline.py"), write_jsonl(tmp_path / "in.jsonl", items), python_env)
+    try:
+        read_until(proc.stderr.fileno(), r"started 20", LINE_TIMEOUT)
+        ours = psutil.Process(proc.pid).children(recursive=True)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        elapsed = time.monotonic() - signalled
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err.decode()
+    assert elapsed < longest + 2.0, f"exited {elapsed:.1f}s after the signal"
+    numbers = [o["data"]["n"] for o in outputs(out.decode())]
+    assert numbers == list(range(len(numbers))) and len(numbers) > 20, "a clean prefix, the running job's included"
+    completed, cancelled = (int(x) for x in re.search(rb"(\d+) completed, 0 failed, (\d+) cancelled", err).groups())
+    assert completed == len(numbers) and cancelled > 1000, err.decode()
+    _, alive = psutil.wait_procs(ours, timeout=GONE_TIMEOUT)
+    assert alive == []
+
+
 def assert_final_state(path, seen: int) -> None:
     """``--state-out`` holds the square flow's one worker, stopped, with the items its logic counted."""
     state = json.loads(path.read_text())
