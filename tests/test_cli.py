@@ -367,13 +367,14 @@ FlowRegistry.get_instance().register_by_name("pipeline", flow)
 
 def test_a_signal_with_thousands_queued_starts_nothing_new_and_exits_soon_after_running_work(tmp_path,
                                                                                            python_env) -> None:
-    """Most jobs are past their first stage when the signal comes: their downstream work is cancelled too."""
+    """When the signal comes, ~1,000 jobs are past their first stage: their downstream work is cancelled too."""
     (tmp_path / "pipeline.py").write_text(PIPELINE_FLOW)
-    longest = 1.0
-    items = [{"n": n, **({"announce": True, "sleep": longest} if n == 20 else {})} for n in range(3000)]
+    longest, mark = 1.0, 1500
+    items = [{"n": n, "sleep": 0.005, **({"announce": True, "sleep": longest} if n == mark else {})}
+             for n in range(4000)]
     proc = start_run(str(tmp_path / "pipeline.py"), write_jsonl(tmp_path / "in.jsonl", items), python_env)
     try:
-        read_until(proc.stderr.fileno(), r"started 20", LINE_TIMEOUT)
+        read_until(proc.stderr.fileno(), rf"started {mark}", RUN_TIMEOUT)
         ours = psutil.Process(proc.pid).children(recursive=True)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -384,9 +385,13 @@ def test_a_signal_with_thousands_queued_starts_nothing_new_and_exits_soon_after_
     assert proc.returncode == 130, err.decode()
     assert elapsed < longest + 2.0, f"exited {elapsed:.1f}s after the signal"
     numbers = [o["data"]["n"] for o in outputs(out.decode())]
-    assert numbers == list(range(len(numbers))) and len(numbers) > 20, "a clean prefix, the running job's included"
+    assert numbers == list(range(len(numbers))) and len(numbers) > mark, "a clean prefix, the running job's included"
     completed, cancelled = (int(x) for x in re.search(rb"(\d+) completed, 0 failed, (\d+) cancelled", err).groups())
     assert completed == len(numbers) and cancelled > 1000, err.decode()
+    parsed, worked = (int(re.search(rf"^{name}\s+(\d+)".encode(), err, re.M).group(1)) for name in ("parse", "work"))
+    # The other worker went on while the marked item slept, until the signal came: a few dozen items at most.
+    assert worked < mark + 100, f"downstream work started after the signal: {worked} activations"
+    assert parsed > worked + 500, f"the test needs queued downstream work when the signal comes: {err.decode()}"
     _, alive = psutil.wait_procs(ours, timeout=GONE_TIMEOUT)
     assert alive == []
 
