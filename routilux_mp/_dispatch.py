@@ -21,13 +21,11 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import cloudpickle
-
 from ._drain import drop_ready
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
-from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, type_name
+from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, dumps_by_value, error_data, type_name
 from ._records import _Act
 from ._routing import Router
 from ._state.protocol import Method
@@ -158,7 +156,7 @@ class Dispatcher:
             if shipped is flow:
                 return key
         try:
-            blob = cloudpickle.dumps(flow)
+            blob = dumps_by_value(flow)
         except Exception as exc:
             raise SerializationError(
                 f"flow {flow.flow_id!r} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "

@@ -26,8 +26,7 @@ import sys
 import traceback
 from typing import Any, NamedTuple, TypedDict
 
-import cloudpickle
-
+from ._pickling import dumps_by_value
 from .errors import RoutiluxError
 
 PROTOCOL = 5
@@ -63,7 +62,7 @@ def encode(data: Any) -> bytes:
     """
     if is_plain(data):
         return pickle.dumps(data, PROTOCOL)
-    return cloudpickle.dumps(data, PROTOCOL)
+    return dumps_by_value(data)
 
 
 # -- error as data ---------------------------------------------------------------
@@ -82,8 +81,9 @@ class ErrorData(TypedDict, total=False):
     of its classes (for ``ErrorHandler(retryable=...)``), ``traceback`` the
     text of the remote traceback. The rest is optional: ``routine`` (the
     routine that raised), ``args`` (the exception's arguments, when all are
-    plain values: rebuilding then gives back an equal exception), and, for a
-    dead worker, ``exitcode`` / ``signal`` / ``pid`` / ``process`` / ``crashed``.
+    plain values: rebuilding then gives back an equal exception), ``frame``
+    (where logic raised: the innermost frame outside this package, as
+    ``file``, ``line``, ``function``, ``code``), and, for a dead worker, ``exitcode`` / ``signal`` / ``pid`` / ``process`` / ``crashed``.
     """
 
     type: str
@@ -97,6 +97,7 @@ class ErrorData(TypedDict, total=False):
     pid: int
     process: int
     crashed: bool
+    frame: dict
 
 
 def type_name(cls: type) -> str:
@@ -146,8 +147,33 @@ def error_data(error: BaseException | type[BaseException], message: str | None =
 
 
 def describe_exception(exc: BaseException, routine_id: str | None) -> ErrorData:
-    """What a worker reports for an exception raised while running ``routine_id`` (or loading a flow)."""
-    return error_data(exc, routine=routine_id)
+    """What a worker reports for an exception raised while running ``routine_id`` (or loading a flow).
+
+    With ``frame``: the innermost frame of the traceback outside this package
+    (the user's line that raised, or the user's call into the library).
+    """
+    data = error_data(exc, routine=routine_id)
+    frame = _user_frame(exc)
+    if frame is not None:
+        data["frame"] = frame
+    return data
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_frame(exc: BaseException) -> dict | None:
+    """The innermost traceback frame of ``exc`` whose file is not part of this package."""
+    found = None
+    try:
+        for summary in traceback.extract_tb(exc.__traceback__):
+            if not os.path.abspath(summary.filename).startswith(_PACKAGE_DIR):
+                found = summary
+    except BaseException:  # noqa: BLE001 - a user's traceback may hold anything
+        return None
+    if found is None:
+        return None
+    return {"file": found.filename, "line": found.lineno, "function": found.name, "code": found.line or ""}
 
 
 def exception_from(data: ErrorData, where: str) -> BaseException:
