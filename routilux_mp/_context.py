@@ -79,6 +79,15 @@ def current() -> Any:
     return _refuse("a thread that an earlier activation left running")
 
 
+def running() -> Any:
+    """The running activation if the calling thread may act for it, else ``None``; never warns (for logging)."""
+    ctx = _current
+    if ctx is None:
+        return None
+    me = threading.current_thread()
+    return ctx if me is ctx.thread or me not in ctx.earlier else None
+
+
 def _refuse(why: str) -> _Refused:
     ident = threading.get_ident()
     if ident not in _warned:

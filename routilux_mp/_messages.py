@@ -378,6 +378,7 @@ class _WorkerConfig:
         "authkey",
         "index",
         "lock_timeout",
+        "log_levels",
         "max_activations",
         "max_rss",
         "parent_pid",
@@ -388,8 +389,10 @@ class _WorkerConfig:
 
     def __init__(self, index: int, parent_pid: int, sys_path: list[str], state_address: str,
                  authkey: bytes, state_timeout: float, lock_timeout: float,
-                 max_rss: int | None, max_activations: int | None) -> None:
+                 max_rss: int | None, max_activations: int | None, log_levels: tuple = ()) -> None:
         self.index = index
+        #: The supervisor's logging levels (``_logs.parent_levels``).
+        self.log_levels = log_levels
         self.parent_pid = parent_pid
         self.sys_path = sys_path
         self.state_address = state_address

@@ -42,6 +42,7 @@ from ._exec.base import WorkerBackend, WorkerSettings
 from ._exec.local import TERM_GRACE, LocalProcessBackend
 from ._ledger import Ledger
 from ._lifecycle import Lifecycle, run_callbacks
+from ._logs import parent_levels
 from ._loop import DispatchLoop
 from ._messages import error_data
 from ._records import SlotQueue, _Instance, _RoutineRt
@@ -123,6 +124,7 @@ class Supervisor:
             state_address=self.state.address, authkey=self.state.authkey, state_timeout=settings.state_timeout,
             lock_timeout=settings.lock_timeout, max_rss=settings.max_worker_rss,
             max_activations=settings.max_activations_per_process, sys_path=list(sys.path),
+            log_levels=parent_levels(),
         ))
         #: Jobs, activations, retries: the books.
         self.ledger = Ledger(max_finished_jobs=settings.max_finished_jobs,

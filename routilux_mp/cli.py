@@ -119,6 +119,7 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         library_logger = logging.getLogger("routilux_mp")
         library_logger.addHandler(handler)
         stack.callback(library_logger.removeHandler, handler)
+        stack.callback(_cli_ui.route_logging(display))
         try:
             runtime = Runtime(processes=args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
                               max_worker_rss=args.max_worker_rss, worker_output=display.worker_output)

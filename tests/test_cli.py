@@ -169,6 +169,57 @@ def test_a_batch_writes_each_line_under_its_own_job_id_and_a_batch_output_once_w
     assert "200 completed, 0 failed, 0 cancelled" in result.stderr
 
 
+LOGGING_FLOW = """
+import logging
+{config}
+from routilux_mp import Flow, FlowRegistry, Routine
+
+
+class Logs(Routine):
+    def __init__(self):
+        super().__init__()
+        self.add_slot("in")
+        self.add_event("out")
+
+        def logic(slot_data, message, worker_state):
+            item = slot_data["in"][0]
+            logging.getLogger("docs").info("parsed doc %s", item["n"])
+            if item.get("odd"):
+                logging.getLogger("docs").warning("odd doc %s", item["n"])
+            self.emit("out", **item)
+
+        self.set_logic(logic)
+
+
+flow = Flow("logs")
+flow.add_routine(Logs(), "logs")
+FlowRegistry.get_instance().register_by_name("logs", flow)
+"""
+
+LOGGING_CASES = [
+    # (the flow module's logging configuration, patterns stderr must show, text it must not)
+    ('logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(job_id)s]: %(message)s")',
+     [r"INFO docs \[line-1\]: parsed doc 1", r"INFO docs \[line-2\]: parsed doc 2",
+      r"WARNING docs \[line-2\]: odd doc 2"],
+     []),
+    ("", [r"worker 0 \(pid \d+\), job line-2, routine 'logs': WARNING docs: odd doc 2"], ["parsed doc"]),
+]
+
+
+@pytest.mark.parametrize(("config", "shown", "hidden"), LOGGING_CASES, ids=["basicConfig-INFO", "no-config"])
+def test_logging_from_logic_is_shown_on_stderr_as_the_flow_module_configured_it(tmp_path, python_env, config, shown,
+                                                                               hidden) -> None:
+    (tmp_path / "logs.py").write_text(LOGGING_FLOW.format(config=config))
+    source = write_jsonl(tmp_path / "in.jsonl", [{"n": 1}, {"n": 2, "odd": True}])
+    result = cli("run", str(tmp_path / "logs.py"), "--input", source, "--processes", "1", env=python_env)
+    assert result.returncode == 0, result.stderr
+    for line in shown:
+        assert re.search(line, result.stderr), result.stderr
+    for text in hidden:
+        assert text not in result.stderr
+    assert [o["data"]["n"] for o in outputs(result.stdout)] == [1, 2], "log lines never reach the JSONL"
+
+
 # ---------------------------------------------------------------------------- what cannot run
 
 
