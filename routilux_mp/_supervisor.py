@@ -280,7 +280,7 @@ class Supervisor:
             queue = rt.slots[slot_name]
             while queue.pending >= queue.max_queue_length:
                 self._wait_for_room(rt, queue, block, deadline)
-            job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata)
+            job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata, _input=blob)
             self.ledger.open_job(job)
             self.ledger.enqueue(rt, slot_name, job, blob)
             self.router.evaluate(rt)

@@ -4,7 +4,7 @@
 
     routilux-mp run TARGET [--flow NAME] [--entry ROUTINE.SLOT] [--input FILE|-] [--output FILE|-]
                            [--processes N] [--max-failures K] [--no-progress] [--order input|completion]
-                           [--failed-out FILE] [--state-out FILE] [--max-worker-rss SIZE]
+                           [--failed-out FILE] [--state-out FILE] [--max-worker-rss SIZE] [--debug]
     routilux-mp flows TARGET
 
 This module parses arguments and wires the parts together; each part lives in
@@ -110,7 +110,10 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
                                                     ("--state-out", args.state_out)) if path not in (None, "-")}
         check_files(source.label, source.file_stat, stdout, writes)
         source.validate()
-        live = sys.stderr.isatty() and not args.no_progress
+        if args.debug and (args.processes is not None or args.max_worker_rss is not None):
+            raise CliError(EXIT_USAGE, "--debug runs logic in this process, one activation at a time: drop "
+                                       "--processes and --max-worker-rss (or drop --debug)")
+        live = sys.stderr.isatty() and not args.no_progress and not args.debug
         display = _cli_ui.make_display(live)
         sinks = _open_sinks(args, stdout, stack)
         if live and sinks.output_is_stdout and _one_terminal(stdout):
@@ -121,7 +124,7 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         stack.callback(library_logger.removeHandler, handler)
         stack.callback(_cli_ui.route_logging(display))
         try:
-            runtime = Runtime(processes=args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
+            runtime = Runtime(processes=0 if args.debug else args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
                               max_worker_rss=args.max_worker_rss, worker_output=display.worker_output)
         except RoutiluxError as exc:
             raise CliError(EXIT_JOBS_FAILED, f"cannot start the worker processes: {exc}") from exc
@@ -249,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failures", type=_positive_int, metavar="K",
                      help="stop after K failed jobs (cancel the rest, exit 1)")
     run.add_argument("--no-progress", action="store_true", help="plain log lines on stderr, even on a terminal")
+    run.add_argument("--debug", action="store_true",
+                     help="run logic in this process, one activation at a time (processes=0), so breakpoint() "
+                          "in logic stops in pdb here; implies --no-progress")
     run.set_defaults(handler=cmd_run)
     flows = commands.add_parser("flows", help="list the flows of TARGET with their routines and connections",
                                 description="List flows, routines, slots, events, policies, connections.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -100,11 +101,12 @@ class JobContext:
             dicts, oldest dropped past the runtime's ``max_outputs_per_job``
             (``outputs_dropped`` counts them).
         attempts: the highest attempt number any of its activations reached.
+        input: a copy of the data given to ``post()`` (re-post a failed job with it).
         created_at, completed_at: ``time.time()`` stamps.
     """
 
     def __init__(self, job_id: str, worker_id: str, flow_id: str, metadata: dict | None = None,
-                 data: dict | None = None, *, _in_worker: bool = False) -> None:
+                 data: dict | None = None, *, _in_worker: bool = False, _input: bytes | None = None) -> None:
         self.job_id = job_id
         self.worker_id = worker_id
         self.flow_id = flow_id
@@ -119,6 +121,8 @@ class JobContext:
         self.completed_at: float | None = None
         self.traces: list[dict] = []
         self._in_worker = _in_worker
+        #: The posted data, pickled (``input`` decodes a copy): kept so a failed job can be posted again.
+        self._input = _input
         self._done: threading.Event | None = None
         self._callbacks: list[Callable[[JobContext], Any]] = []
 
@@ -142,6 +146,14 @@ class JobContext:
     def status(self, value: str) -> None:
         # The runtime sets plain strings; reading back always gives the enum.
         self._status = JobStatus(value)
+
+    @property
+    def input(self) -> dict | None:
+        """A copy of the data given to ``post()`` for this job (``None`` inside logic).
+
+        To run a failed job again: ``runtime.post(flow, routine_id, slot, job.input)``.
+        """
+        return None if self._input is None else pickle.loads(self._input)
 
     def set_data(self, key: str, value: Any) -> None:
         """``job.data[key] = value`` (routilux 1.1.0's spelling); in logic the change travels back."""

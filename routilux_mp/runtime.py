@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from . import _jsonvalue
+from ._exec.inprocess import InProcessBackend
 from ._messages import encode
 from ._supervisor import Settings, Supervisor, TestHooks
 from .errors import SerializationError
@@ -68,6 +69,10 @@ class Runtime:
     Args:
         thread_pool_size: alias of ``processes`` (so code written for routilux runs unchanged).
         processes: number of worker processes (default: the CPUs this process may use).
+            ``0`` is the debug mode: logic runs in this process (on the
+            runtime's dispatcher thread), one activation at a time, with the
+            same state API, so ``breakpoint()`` and debuggers work; routine
+            timeouts are not enforced there (nothing can be killed).
         strict_state: raise :class:`~routilux_mp.errors.StaleStateError` on a lost
             update instead of warning and counting it.
         max_state_bytes: largest routine state, as compact JSON bytes (default 16 MiB).
@@ -117,8 +122,9 @@ class Runtime:
         count = processes if processes is not None else thread_pool_size
         if count is None:
             count = _cpu_count()
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"processes must be a positive int, got {count!r}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
+                             f"got {count!r}")
         cpus = _cpu_count()
         if count > MAX_PROCESSES_PER_CPU * cpus:
             raise ValueError(
@@ -133,13 +139,17 @@ class Runtime:
             kill_worker_rss = int(max_worker_rss * 1.5)
         self._registry = FlowRegistry.get_instance()
         self._processes = count
+        in_process = count == 0
+        if in_process and (max_worker_rss is not None or max_activations_per_process is not None):
+            raise ValueError("processes=0 runs logic in this process, which cannot be recycled: drop max_worker_rss "
+                             "and max_activations_per_process, or use processes >= 1")
         self._sup = Supervisor(Settings(
-            processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
+            processes=max(count, 1), prefetch=0 if in_process else prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
             state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
             max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
             max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
             max_finished_jobs=max_finished_jobs, worker_output=worker_output,
-        ))
+        ), **({"backend": InProcessBackend} if in_process else {}))
         self._sup.start()
         #: Hooks for this package's tests (see :class:`~routilux_mp._supervisor.TestHooks`).
         self._testing: TestHooks = self._sup.testing()
