@@ -439,7 +439,7 @@ def test_a_signal_with_thousands_queued_starts_nothing_new_and_exits_soon_after_
     assert numbers == list(range(len(numbers))) and len(numbers) > mark, "a clean prefix, the running job's included"
     completed, cancelled = (int(x) for x in re.search(rb"(\d+) completed, 0 failed, (\d+) cancelled", err).groups())
     assert completed == len(numbers) and cancelled > 1000, err.decode()
-    parsed, worked = (int(re.search(rf"^{name}\s+(\d+)".encode(), err, re.M).group(1)) for name in ("parse", "work"))
+    parsed, worked = (int(re.search(rf"^{name}\s+(\d+)".encode(), err, re.MULTILINE).group(1)) for name in ("parse", "work"))
     # The other worker went on while the marked item slept, until the signal came: a few dozen items at most.
     assert worked < mark + 100, f"downstream work started after the signal: {worked} activations"
     assert parsed > worked + 500, f"the test needs queued downstream work when the signal comes: {err.decode()}"

@@ -54,8 +54,8 @@ def test_a_failed_job_keeps_its_input_and_can_be_posted_again(make_runtime) -> N
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"processes": -1}, r"processes must be a positive int \(or 0: run logic in this process, to debug it\)"),
-    ({"processes": 0, "max_worker_rss": 2**30}, r"processes=0 runs logic in this process, which cannot be recycled: "
-                                                r"drop max_worker_rss"),
+    ({"processes": 0, "max_worker_rss": 2**30},
+     r"processes=0 runs logic in this process, which cannot be recycled: drop max_worker_rss"),
 ])
 def test_misuse_of_the_debug_mode_says_what_to_do(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):

@@ -38,7 +38,7 @@ def _log(routine, slot_data, message, ws):
     logging.getLogger("tests.logic").info("item %s", item["n"])
     logging.getLogger("tests.logic").debug("too fine for the parent's level")
     if item.get("warn"):
-        warnings.warn("careful with item %s" % item["n"], stacklevel=1)
+        warnings.warn(f"careful with item {item['n']}", stacklevel=1)
     if item.get("fail"):
         try:
             item["missing"]
