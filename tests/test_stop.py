@@ -52,7 +52,8 @@ def test_stopping_cancels_queued_and_downstream_work_and_lets_running_activation
     assert all(status in ("completed", "cancelled") for status in statuses)
     assert held.status == "cancelled", "its downstream activation never started: the job is cut short"
     assert held.outputs == [], "what it emitted downstream was dropped, not run"
-    assert runtime.stats()["routines"]["second"]["activations"] == second_before, "no downstream work started"
+    # (At most the one activation the other worker held when the stop came finishes after it.)
+    assert runtime.stats()["routines"]["second"]["activations"] <= second_before + 1, "no downstream work started"
     assert statuses.count("cancelled") >= 390
     for n, job in enumerate(jobs, 1):
         if job.status == "completed":
