@@ -150,13 +150,14 @@ def check_files(input_label: str, input_stat: os.stat_result | None, stdout: IO[
                                "give each its own")
 
 
-def open_output(path: str | None, stdout: IO[str], option: str = "--output") -> tuple[IO[str], bool]:
-    """The text sink for ``path`` (``None`` or ``-``: ``stdout``), and whether it is ``stdout``."""
+def open_output(path: str | None, stdout: IO[str], option: str = "--output",
+                append: bool = False) -> tuple[IO[str], bool]:
+    """The text sink for ``path`` (``None`` or ``-``: ``stdout``), and whether it is ``stdout``; ``append``: keep what it holds."""
     if path is None or path == "-":
         stdout.flush()
         return open(stdout.fileno(), "w", encoding="utf-8", newline="\n", closefd=False), True
     try:
-        return open(path, "w", encoding="utf-8", newline="\n"), False
+        return open(path, "a" if append else "w", encoding="utf-8", newline="\n"), False
     except OSError as exc:
         raise CliError(EXIT_USAGE, f"cannot write {option} {path!r}: {exc.strerror}") from exc
 

@@ -210,12 +210,10 @@ class DispatchLoop:
                     logger.exception("routilux-mp: a logging handler failed on a record of worker %d", event.slot)
 
     def _check_state_server(self) -> None:
-        """Break the runtime if the state server died or a call found it lost."""
-        died = self.state.died()
-        if died is not None and not self.flags.stop_requested:
-            self.state_lost(died)
-        if self.state.lost is not None:
-            self.state_lost(self.state.lost)
+        """Restart a state server that died or hung (state in a file), or break the runtime: its state is lost."""
+        why = self.state.check(self.flags.stop_requested)
+        if why is not None:
+            self.state_lost(why)
 
     def _fire_timers(self) -> None:
         """Run every timer that is due, dispatched by its type."""

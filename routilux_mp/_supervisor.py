@@ -62,13 +62,15 @@ class Settings:
 
     __slots__ = ("kill_worker_rss", "lock_timeout", "max_activations_per_process", "max_crash_retries",
                  "max_finished_jobs", "max_outputs_per_job", "max_state_bytes", "max_worker_rss", "prefetch",
-                 "processes", "state_timeout", "strict_state", "worker_output")
+                 "processes", "state_backend", "state_path", "state_sync", "state_timeout", "strict_state",
+                 "worker_output")
 
     def __init__(self, *, processes: int, prefetch: int = 1, strict_state: bool = False,
                  max_state_bytes: int = 16 * 2**20, state_timeout: float = 10.0, lock_timeout: float = 30.0,
                  max_crash_retries: int = 3, max_worker_rss: int | None = None, kill_worker_rss: int | None = None,
                  max_activations_per_process: int | None = None, max_outputs_per_job: int = 10_000,
-                 max_finished_jobs: int = 10_000, worker_output: Callable[[str, str], None] | None = None) -> None:
+                 max_finished_jobs: int = 10_000, worker_output: Callable[[str, str], None] | None = None,
+                 state_path: str | None = None, state_sync: str = "normal", state_backend: str | None = None) -> None:
         self.processes = processes
         self.prefetch = prefetch
         self.strict_state = strict_state
@@ -82,6 +84,9 @@ class Settings:
         self.max_outputs_per_job = max_outputs_per_job
         self.max_finished_jobs = max_finished_jobs
         self.worker_output = worker_output
+        self.state_path = state_path
+        self.state_sync = state_sync
+        self.state_backend = state_backend
 
 
 def _default_output(stream: str, text: str) -> None:
@@ -118,7 +123,8 @@ class Supervisor:
         #: The state server's process and this process's client of it.
         self.state = state(max_state_bytes=settings.max_state_bytes, strict=settings.strict_state,
                            state_timeout=settings.state_timeout, lock_timeout=settings.lock_timeout,
-                           local_meta=self.local_meta, on_lost=self.wake)
+                           local_meta=self.local_meta, on_lost=self.wake, state_path=settings.state_path,
+                           state_sync=settings.state_sync, backend=settings.state_backend)
         #: The worker lanes (``backend`` builds them: local processes by default).
         self.backend = backend(settings.processes, WorkerSettings(
             state_address=self.state.address, authkey=self.state.authkey, state_timeout=settings.state_timeout,
@@ -198,16 +204,25 @@ class Supervisor:
             self.check_usable()
             key = self.dispatcher.ship(flow)
             known = self.ledger.instances
+            stored = self.state.stored_workers
             if worker_id is None:
                 worker_id = f"{flow_name}-{next(self._worker_numbers)}"
-                while worker_id in known or worker_id in self._reserved:
+                while worker_id in known or worker_id in self._reserved or worker_id in stored:
                     worker_id = f"{flow_name}-{next(self._worker_numbers)}"
             elif worker_id in known or worker_id in self._reserved:
                 raise FlowError(f"a worker {worker_id!r} already exists in this runtime; pick another worker_id")
+            elif stored.get(worker_id, flow.flow_id) not in (flow.flow_id, ""):
+                raise FlowError(
+                    f"worker {worker_id!r} in the state file {self.state.state_path} ran flow "
+                    f"{stored[worker_id]!r}, not {flow.flow_id!r}: its routine states belong to that flow. Exec "
+                    "that flow to resume it, or pick another worker_id"
+                )
             self._reserved.add(worker_id)
         try:
             ws = WorkerState(worker_id, flow.flow_id, self.state.client)
             inst = self.router.build_instance(worker_id, flow_name, flow, key, ws)
+            # A resumed worker's counters go on from what the state file held.
+            inst.jobs_processed, inst.jobs_failed = self.state.stored_counts.get(worker_id, (0, 0))
             with self.lock:
                 self.check_usable()
                 self.ledger.instances[worker_id] = inst
@@ -236,10 +251,17 @@ class Supervisor:
         inst = self.ledger.instances.get(worker_state.worker_id)
         return inst is not None and inst.ws is worker_state
 
-    def list_workers(self) -> list[str]:
-        """Ids of the workers, oldest first."""
+    def list_workers(self, stored: bool = False) -> list[str]:
+        """Ids of the workers, oldest first; with ``stored``, those the state file held first."""
         with self.lock:
-            return list(self.ledger.instances)
+            live = list(self.ledger.instances)
+        if not stored:
+            return live
+        return list(dict.fromkeys([*self.state.stored_workers, *live]))
+
+    def state_call(self, method: Method, *args: Any) -> Any:
+        """Call the state server directly from this process (the CLI's run journal)."""
+        return self.state.client.call(method, *args)
 
     def _resolve_worker(self, flow_name: str, worker_id: str | None) -> _Instance:
         """The instance a post goes to: ``worker_id``, or the flow's current worker."""
@@ -477,6 +499,16 @@ class TestHooks:
     def state_pid(self) -> int | None:
         """The state server's pid, once it started."""
         return self._sup.state.pid
+
+    @property
+    def state_watched(self) -> bool:
+        """Whether a state server runs and its death is watched (after a restart: the new one)."""
+        return self._sup.state.launcher.sentinel is not None
+
+    @property
+    def broken(self) -> bool:
+        """Whether the runtime is broken (it accepts no more work)."""
+        return self._sup.flags.broken is not None
 
     def worker_pid(self, index: int) -> int | None:
         """The pid of the worker in lane ``index`` (``None`` when there is none now)."""

@@ -224,7 +224,8 @@ class ActivationRunner:
         # Deep copies: logic may change nested values of job.data in place.
         before = [pickle.loads(pickle.dumps(each.data)) if each.data else {} for each in jobs or (job,)]
         ctx = _ActivationContext(routine, act.routine_id, job, jobs, act.item_jobs)
-        self.client.begin_activation()
+        # Names this activation's state writes: an exactly-once run replays them if it runs again.
+        self.client.begin_activation(act.job_id, act.routine_id, act.slots, act.message)
         error = None
         started = time.perf_counter()
         _context.set_current(ctx)

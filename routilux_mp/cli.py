@@ -4,7 +4,8 @@
 
     routilux-mp run TARGET [--flow NAME] [--entry ROUTINE.SLOT] [--input FILE|-] [--output FILE|-]
                            [--processes N] [--max-failures K] [--no-progress] [--order input|completion]
-                           [--failed-out FILE] [--state-out FILE] [--max-worker-rss SIZE] [--debug]
+                           [--state DB [--resume [--retry-failed]]] [--failed-out FILE] [--state-out FILE]
+                           [--max-worker-rss SIZE] [--debug]
     routilux-mp flows TARGET
 
 This module parses arguments and wires the parts together; each part lives in
@@ -14,6 +15,8 @@ a module of its own:
 * :mod:`routilux_mp._cli_input`: open, decompress and check the JSONL input;
 * :mod:`routilux_mp._cli_output`: the files a run writes, and the checks that
   none of them is the input;
+* :mod:`routilux_mp._cli_journal`: ``--state``/``--resume``: the journal of a
+  resumable run, and what a resume runs again;
 * :mod:`routilux_mp._cli_run`: the run loop (poster thread, output, signals);
 * :mod:`routilux_mp._cli_ui`: progress, the process table and the summary.
 
@@ -43,10 +46,11 @@ from ._cli_exit import (
     usable_cpus,
 )
 from ._cli_input import MAX_DEPTH, InputSource
+from ._cli_journal import Journal, ResumePlan, check_usage, describe, plan_run
 from ._cli_load import choose_entry, choose_flow, load_target, sample_input
 from ._cli_output import check_files, open_output
 from ._cli_run import BatchRun, RunSinks
-from .errors import RoutiluxError
+from .errors import RoutiluxError, StateFileError
 from .monitoring.flow_registry import FlowRegistry
 from .runtime import MAX_PROCESSES_PER_CPU, Runtime
 
@@ -75,6 +79,8 @@ examples:
   cat part-*.jsonl | routilux-mp run flows.py --flow clean --entry parse.raw --input - > out.jsonl
   routilux-mp run flows.py --input data.jsonl --failed-out failed.jsonl --max-failures 10 --no-progress 2> run.log
   routilux-mp run flows.py --input data.jsonl.xz --order completion --max-worker-rss 2G --state-out states.json
+  routilux-mp run flows.py --input big.jsonl --output out.jsonl --state run.db           resumable: a journal in run.db
+  routilux-mp run flows.py --input big.jsonl --output out.jsonl --state run.db --resume  ...continued after a crash
   routilux-mp flows workers/wordcount.py               routines, slots, events, policies, connections
 
 exit codes:
@@ -107,15 +113,22 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
     run = None
     try:
         writes = {option: path for option, path in (("--output", args.output), ("--failed-out", args.failed_out),
-                                                    ("--state-out", args.state_out)) if path not in (None, "-")}
+                                                    ("--state-out", args.state_out), ("--state", args.state))
+                  if path not in (None, "-")}
         check_files(source.label, source.file_stat, stdout, writes)
+        check_usage(args, source)
         source.validate()
         if args.debug and (args.processes is not None or args.max_worker_rss is not None):
             raise CliError(EXIT_USAGE, "--debug runs logic in this process, one activation at a time: drop "
                                        "--processes and --max-worker-rss (or drop --debug)")
+        plan, description = ResumePlan(), None
+        if args.state is not None:
+            # A resume goes on with the worker the journal names (its WorkerState is in the file).
+            description = describe(args, source, flow_name, entry, f"{flow_name}-1")
+            plan = plan_run(args, description)
         live = sys.stderr.isatty() and not args.no_progress and not args.debug
         display = _cli_ui.make_display(live)
-        sinks = _open_sinks(args, stdout, stack)
+        sinks = _open_sinks(args, stdout, stack, append=plan.resuming)
         if live and sinks.output_is_stdout and _one_terminal(stdout):
             sinks.output = _cli_ui.AboveLiveDisplay(display)
         handler = _cli_ui.DisplayLogHandler(display)
@@ -125,11 +138,23 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         stack.callback(_cli_ui.route_logging(display))
         try:
             runtime = Runtime(processes=0 if args.debug else args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
-                              max_worker_rss=args.max_worker_rss, worker_output=display.worker_output)
+                              max_worker_rss=args.max_worker_rss, worker_output=display.worker_output,
+                              state_path=args.state)
+        except StateFileError as exc:
+            raise CliError(EXIT_USAGE, f"--state: {exc}") from exc
         except RoutiluxError as exc:
             raise CliError(EXIT_JOBS_FAILED, f"cannot start the worker processes: {exc}") from exc
+        journal = None
+        if description is not None:
+            journal = Journal(runtime, plan.offsets)
+            try:
+                journal.begin(description, plan)
+                runtime.exec(flow_name, worker_id=description["worker_id"])
+            except BaseException:
+                runtime.shutdown(wait=False)
+                raise
         run = BatchRun(runtime, flow_name, entry, source, sinks, display, max_failures=args.max_failures,
-                       order=args.order)
+                       order=args.order, journal=journal, plan=plan)
         return run.execute()
     finally:
         stack.close()
@@ -137,14 +162,14 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
             source.close()
 
 
-def _open_sinks(args: argparse.Namespace, stdout: IO[str], stack: contextlib.ExitStack) -> RunSinks:
-    """Open every file the run writes (closed by ``stack``)."""
-    output, output_is_stdout = open_output(args.output, stdout)
+def _open_sinks(args: argparse.Namespace, stdout: IO[str], stack: contextlib.ExitStack, append: bool) -> RunSinks:
+    """Open every file the run writes (closed by ``stack``); a resume appends to the output files."""
+    output, output_is_stdout = open_output(args.output, stdout, append=append)
     if not output_is_stdout:
         stack.callback(output.close)
     sinks = RunSinks(output, output_is_stdout, failed_path=args.failed_out, state_path=args.state_out)
     if args.failed_out is not None:
-        sinks.failed = stack.enter_context(open_output(args.failed_out, stdout, "--failed-out")[0])
+        sinks.failed = stack.enter_context(open_output(args.failed_out, stdout, "--failed-out", append=append)[0])
     if args.state_out is not None:
         sinks.state = stack.enter_context(open_output(args.state_out, stdout, "--state-out")[0])
     return sinks
@@ -243,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write every failed line as JSONL: line, job_id, input, error (type, message, traceback)")
     run.add_argument("--state-out", type=_file_name, metavar="FILE",
                      help="write every worker's final WorkerState as JSON (also when interrupted)")
+    run.add_argument("--state", type=_file_name, metavar="DB",
+                     help="keep WorkerState in this SQLite file and journal every input line's job in it, so an "
+                          "interrupted run can be resumed (needs --output FILE and an input file)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run journaled in --state: skip completed lines, run unfinished ones again; "
+                          "the output is appended, each completed line's outputs exactly once")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="with --resume: run the lines that failed again too")
     run.add_argument("--processes", type=_process_count, metavar="N",
                      help=f"worker processes (default: the {cpus} CPUs; at most {MAX_PROCESSES_PER_CPU} per CPU, "
                           f"{MAX_PROCESSES_PER_CPU * cpus} here)")

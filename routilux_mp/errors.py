@@ -28,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "ExecutionError",
     "FlowError",
+    "LockLostError",
     "LockTimeoutError",
     "ModifyTimeoutError",
     "RoutiluxError",
@@ -38,6 +39,7 @@ __all__ = [
     "SlotQueueFullError",
     "StaleStateError",
     "StateError",
+    "StateFileError",
     "StateNotSerializableError",
     "StateServerLostError",
     "StateTooLargeError",
@@ -158,8 +160,19 @@ class ModifyTimeoutError(StateError, TimeoutError):
     """Raised when a ``modify_routine_state`` function ran past its time budget; nothing was written."""
 
 
+class LockLostError(StateError):
+    """Raised when a ``worker_state.lock()`` block's lock was taken from it (server restart, holder presumed dead).
+
+    Nothing of the block was written: run it again.
+    """
+
+
 class StateServerLostError(RoutiluxError):
-    """Raised when the state-server process died or stopped answering; shared state is gone."""
+    """Raised when the state-server process died or stopped answering and could not be restarted."""
+
+
+class StateFileError(RoutiluxError):
+    """Raised when a ``state_path`` file cannot be used (held by a live runtime, another format, unreadable)."""
 
 
 class SlotQueueFullError(RoutiluxError):

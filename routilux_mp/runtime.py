@@ -22,11 +22,12 @@ import sys
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _jsonvalue
 from ._exec.inprocess import InProcessBackend
 from ._messages import encode
+from ._state.protocol import Method
 from ._supervisor import Settings, Supervisor, TestHooks
 from .errors import SerializationError
 from .job import JobContext
@@ -95,6 +96,19 @@ class Runtime:
         worker_output: ``fn(stream, text)`` receiving complete lines workers
             print (``stream`` is ``"stdout"`` or ``"stderr"``); default: this
             process's ``sys.stdout``/``sys.stderr``.
+        state_path: keep every WorkerState in this SQLite file (created if
+            missing): a write is acknowledged once committed, so it survives
+            the SIGKILL of any process, and a later runtime on the file gets a
+            worker's states back with ``exec(flow, worker_id=...)``
+            (``list_workers(stored=True)`` lists them). One runtime at a time:
+            a file held by a live runtime is refused with
+            :class:`~routilux_mp.errors.StateFileError`. A state server that
+            dies is restarted from the file with everything acknowledged.
+            Without it, state is kept in the state server's memory (faster;
+            lost with that process: ``StateServerLostError``).
+        state_sync: ``"normal"`` (default): commits survive any process
+            dying, not a power cut; ``"full"``: each commit is also
+            ``fsync``'d (survives a power cut; slower).
 
     Use it as a context manager; leaving the block calls ``shutdown()``.
     """
@@ -116,6 +130,8 @@ class Runtime:
         max_outputs_per_job: int = 10_000,
         max_finished_jobs: int = 10_000,
         worker_output: Callable[[str, str], None] | None = None,
+        state_path: str | os.PathLike | None = None,
+        state_sync: str = "normal",
     ) -> None:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
             raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
@@ -149,6 +165,7 @@ class Runtime:
             max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
             max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
             max_finished_jobs=max_finished_jobs, worker_output=worker_output,
+            state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
         ), **({"backend": InProcessBackend} if in_process else {}))
         self._sup.start()
         #: Hooks for this package's tests (see :class:`~routilux_mp._supervisor.TestHooks`).
@@ -189,7 +206,11 @@ class Runtime:
         """Start a worker: a live instance of flow ``flow_name`` with its own WorkerState.
 
         It becomes the flow's current worker (where ``post`` without
-        ``worker_id`` goes). Unknown flow -> ``ValueError``.
+        ``worker_id`` goes). Unknown flow -> ``ValueError``. With
+        ``state_path``, a ``worker_id`` the file holds resumes that worker:
+        its routine states and job counters are those last acknowledged
+        (a worker of another flow in the file is refused with ``FlowError``);
+        ids made up for ``worker_id=None`` skip the ones the file holds.
         """
         self._sup.check_usable()
         flow = self._registry.get(flow_name)
@@ -202,9 +223,18 @@ class Runtime:
         """The WorkerState of an existing worker."""
         return self._sup.worker_state(worker_id)
 
-    def list_workers(self) -> list[str]:
-        """Ids of the workers started with ``exec`` (or on demand by ``post``)."""
-        return self._sup.list_workers()
+    def list_workers(self, stored: bool = False) -> list[str]:
+        """Ids of the workers started with ``exec`` (or on demand by ``post``).
+
+        With ``stored=True``: every worker the ``state_path`` file holds, those
+        of earlier runtimes first (resume one with ``exec(flow, worker_id=...)``),
+        then the ones started here.
+        """
+        return self._sup.list_workers(stored)
+
+    def _state_call(self, method: Method, *args: Any) -> Any:
+        """Call the state server directly (the CLI journals a resumable run in the state file this way)."""
+        return self._sup.state_call(method, *args)
 
     # ------------------------------------------------------------------ posting
 
