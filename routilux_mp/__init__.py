@@ -59,7 +59,7 @@ from .errors import (
     WorkerNotRunningError,
 )
 from .flow import Connection, Flow, RoutineConfig
-from .job import ExecutionStatus, JobContext, JobStatus, get_current_job, get_current_job_id
+from .job import ExecutionStatus, JobContext, JobStatus, get_current_job, get_current_job_id, job_of, jobs_of
 from .monitoring.flow_registry import FlowRegistry, get_flow_registry
 from .routine import Event, Routine, Slot
 from .state import WorkerState
@@ -105,6 +105,8 @@ __all__ = [  # noqa: RUF022 - grouped by kind, sorted within a group
     "WorkerState",
     "get_current_job",
     "get_current_job_id",
+    "job_of",
+    "jobs_of",
     # modules (routine is also routilux's @routine() decorator)
     "activation_policies",
     "errors",

@@ -21,12 +21,11 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import cloudpickle
-
+from ._drain import drop_ready
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
-from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, type_name
+from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, dumps_by_value, error_data, type_name
 from ._records import _Act
 from ._routing import Router
 from ._state.protocol import Method
@@ -157,7 +156,7 @@ class Dispatcher:
             if shipped is flow:
                 return key
         try:
-            blob = cloudpickle.dumps(flow)
+            blob = dumps_by_value(flow)
         except Exception as exc:
             raise SerializationError(
                 f"flow {flow.flow_id!r} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "
@@ -175,6 +174,10 @@ class Dispatcher:
         if self.flags.broken is not None:
             return
         ledger = self.ledger
+        if ledger.draining:  # stopping: nothing new starts (what a stopped worker gave back included)
+            if ledger.runnable:
+                drop_ready(ledger)
+            return
         full: set[int] = set()
         while ledger.runnable:
             slot = self._free_slot(full)
@@ -191,6 +194,10 @@ class Dispatcher:
             if not self._send(slot, act, lead):
                 ledger.put_back(act)
                 full.add(slot.index)
+
+    def inflight(self) -> list[_Act]:
+        """Every activation handed to a worker and not yet over (running, or sent ahead to a busy worker)."""
+        return [act for slot in self.slots for act in slot.inflight if not act.resolved]
 
     def _free_slot(self, full: set[int]) -> WorkerSlot | None:
         """An idle lane if any, else one that may take a prefetched activation."""
@@ -213,8 +220,14 @@ class Dispatcher:
             if not self.backend.send(slot.index, self.ships[inst.flow_key][1]):
                 return False
             slot.loaded.add(inst.flow_key)
-        message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
-                              act.message, job.job_id, job.metadata, job.data, act.attempt)
+        if len(act.jobs) == 1:
+            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
+                                  act.message, job.job_id, job.metadata, job.data, act.attempt)
+        else:
+            act.lead = act.jobs.index(job)
+            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
+                                  act.message, job.job_id, job.metadata, job.data, act.attempt,
+                                  tuple((j.job_id, j.metadata, j.data) for j in act.jobs), act.lead, act.item_jobs)
         if not self.backend.send(slot.index, message):
             return False
         act.slot = slot.index

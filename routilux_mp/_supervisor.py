@@ -37,10 +37,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._drain import stop_taking_work
 from ._exec.base import WorkerBackend, WorkerSettings
 from ._exec.local import TERM_GRACE, LocalProcessBackend
 from ._ledger import Ledger
 from ._lifecycle import Lifecycle, run_callbacks
+from ._logs import parent_levels
 from ._loop import DispatchLoop
 from ._messages import error_data
 from ._records import SlotQueue, _Instance, _RoutineRt
@@ -128,6 +130,7 @@ class Supervisor:
             state_address=self.state.address, authkey=self.state.authkey, state_timeout=settings.state_timeout,
             lock_timeout=settings.lock_timeout, max_rss=settings.max_worker_rss,
             max_activations=settings.max_activations_per_process, sys_path=list(sys.path),
+            log_levels=parent_levels(),
         ))
         #: Jobs, activations, retries: the books.
         self.ledger = Ledger(max_finished_jobs=settings.max_finished_jobs,
@@ -299,7 +302,7 @@ class Supervisor:
             queue = rt.slots[slot_name]
             while queue.pending >= queue.max_queue_length:
                 self._wait_for_room(rt, queue, block, deadline)
-            job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata)
+            job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata, _input=blob)
             self.ledger.open_job(job)
             self.ledger.enqueue(rt, slot_name, job, blob)
             self.router.evaluate(rt)
@@ -453,8 +456,8 @@ class Supervisor:
         try:
             if cancel_pending:
                 with self.lock:
-                    if self.ledger.cancel_pending():
-                        self.cond.notify_all()
+                    stop_taking_work(self.ledger, self.dispatcher.inflight())
+                    self.cond.notify_all()
                     callbacks = self.ledger.take_callbacks()
                 run_callbacks(callbacks)
             if wait and not already:

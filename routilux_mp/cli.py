@@ -5,7 +5,7 @@
     routilux-mp run TARGET [--flow NAME] [--entry ROUTINE.SLOT] [--input FILE|-] [--output FILE|-]
                            [--processes N] [--max-failures K] [--no-progress] [--order input|completion]
                            [--state DB [--resume [--retry-failed]]] [--failed-out FILE] [--state-out FILE]
-                           [--max-worker-rss SIZE] [--dashboard [PORT] [--dashboard-host HOST]]
+                           [--max-worker-rss SIZE] [--debug] [--dashboard [PORT] [--dashboard-host HOST]]
     routilux-mp flows TARGET
 
 This module parses arguments and wires the parts together; each part lives in
@@ -120,12 +120,15 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         check_files(source.label, source.file_stat, stdout, writes)
         check_usage(args, source)
         source.validate()
+        if args.debug and (args.processes is not None or args.max_worker_rss is not None):
+            raise CliError(EXIT_USAGE, "--debug runs logic in this process, one activation at a time: drop "
+                                       "--processes and --max-worker-rss (or drop --debug)")
         plan, description = ResumePlan(), None
         if args.state is not None:
             # A resume goes on with the worker the journal names (its WorkerState is in the file).
             description = describe(args, source, flow_name, entry, f"{flow_name}-1")
             plan = plan_run(args, description)
-        live = sys.stderr.isatty() and not args.no_progress
+        live = sys.stderr.isatty() and not args.no_progress and not args.debug
         display = _cli_ui.make_display(live)
         sinks = _open_sinks(args, stdout, stack, append=plan.resuming)
         if live and sinks.output_is_stdout and _one_terminal(stdout):
@@ -134,8 +137,9 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         library_logger = logging.getLogger("routilux_mp")
         library_logger.addHandler(handler)
         stack.callback(library_logger.removeHandler, handler)
+        stack.callback(_cli_ui.route_logging(display))
         try:
-            runtime = Runtime(processes=args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
+            runtime = Runtime(processes=0 if args.debug else args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
                               max_worker_rss=args.max_worker_rss, worker_output=display.worker_output,
                               state_path=args.state, dashboard=args.dashboard, dashboard_host=args.dashboard_host)
         except StateFileError as exc:
@@ -295,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failures", type=_positive_int, metavar="K",
                      help="stop after K failed jobs (cancel the rest, exit 1)")
     run.add_argument("--no-progress", action="store_true", help="plain log lines on stderr, even on a terminal")
+    run.add_argument("--debug", action="store_true",
+                     help="run logic in this process, one activation at a time (processes=0), so breakpoint() "
+                          "in logic stops in pdb here; implies --no-progress")
     run.add_argument("--dashboard", type=_port, nargs="?", const=DEFAULT_PORT, metavar="PORT",
                      help=f"serve a live web page of the run on PORT (default {DEFAULT_PORT}; 0 picks a free one); "
                           "its URL, with a random token, is printed on stderr (needs the [dashboard] extra)")

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _jsonvalue
+from ._exec.inprocess import InProcessBackend
 from ._messages import encode
 from ._state.protocol import Method
 from ._supervisor import Settings, Supervisor, TestHooks
@@ -58,12 +59,21 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+#: Seconds running activations get to finish after a Ctrl-C (leaving a ``with`` block by it, or a script
+#: dying of it) before their processes are stopped; queued and downstream work is cancelled at once.
+INTERRUPT_GRACE = 2.0
+
+
 class Runtime:
     """The supervisor of a pool of worker processes running flows.
 
     Args:
         thread_pool_size: alias of ``processes`` (so code written for routilux runs unchanged).
         processes: number of worker processes (default: the CPUs this process may use).
+            ``0`` is the debug mode: logic runs in this process (on the
+            runtime's dispatcher thread), one activation at a time, with the
+            same state API, so ``breakpoint()`` and debuggers work; routine
+            timeouts are not enforced there (nothing can be killed).
         strict_state: raise :class:`~routilux_mp.errors.StaleStateError` on a lost
             update instead of warning and counting it.
         max_state_bytes: largest routine state, as compact JSON bytes (default 16 MiB).
@@ -141,8 +151,9 @@ class Runtime:
         count = processes if processes is not None else thread_pool_size
         if count is None:
             count = _cpu_count()
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"processes must be a positive int, got {count!r}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
+                             f"got {count!r}")
         cpus = _cpu_count()
         if count > MAX_PROCESSES_PER_CPU * cpus:
             raise ValueError(
@@ -158,19 +169,23 @@ class Runtime:
         port = _dashboard_port(dashboard)
         self._registry = FlowRegistry.get_instance()
         self._processes = count
+        in_process = count == 0
+        if in_process and (max_worker_rss is not None or max_activations_per_process is not None):
+            raise ValueError("processes=0 runs logic in this process, which cannot be recycled: drop max_worker_rss "
+                             "and max_activations_per_process, or use processes >= 1")
         self._dashboard: Any = None
         if port is not None:  # bound before any process starts: a busy port fails with nothing to clean up
             from .dashboard import bind
             self._dashboard = bind(dashboard_host, port)
         try:
             self._start(Settings(
-                processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
-                state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
-                max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
+                processes=max(count, 1), prefetch=0 if in_process else prefetch, strict_state=strict_state,
+                max_state_bytes=max_state_bytes, state_timeout=state_timeout, lock_timeout=lock_timeout,
+                max_crash_retries=max_crash_retries, max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
                 max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
                 max_finished_jobs=max_finished_jobs, worker_output=worker_output,
                 state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
-            ))
+            ), in_process)
         except BaseException:
             if self._dashboard is not None:
                 self._dashboard.stop()
@@ -180,9 +195,9 @@ class Runtime:
         with _live_lock:
             _live.add(self)
 
-    def _start(self, settings: Settings) -> None:
-        """Start the supervisor (state server, workers, dispatcher), then the dashboard if asked for."""
-        self._sup = Supervisor(settings)
+    def _start(self, settings: Settings, in_process: bool) -> None:
+        """Start the supervisor (state server, workers or the in-process lane, dispatcher), then the dashboard."""
+        self._sup = Supervisor(settings, **({"backend": InProcessBackend} if in_process else {}))
         self._sup.start()
         if self._dashboard is not None:
             try:
@@ -219,8 +234,8 @@ class Runtime:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None and not issubclass(exc_type, Exception):
-            # Ctrl-C or SystemExit: do not sit waiting for queued work.
-            self.shutdown(wait=False)
+            # Ctrl-C or SystemExit: start nothing new; what runs gets a short grace.
+            self.shutdown(wait=True, timeout=INTERRUPT_GRACE, cancel_pending=True)
         else:
             self.shutdown(wait=True)
 
@@ -385,8 +400,11 @@ class Runtime:
 
         With ``wait``, queued and running work may finish within ``timeout``
         seconds (partial batches are flushed). With ``cancel_pending`` too,
-        only jobs already running are drained: jobs none of whose activations
-        has started are cancelled first (what a Ctrl-C handler wants). Jobs not
+        nothing new starts (what a Ctrl-C handler wants): jobs with no
+        activation running are cancelled at once, queued and downstream work of
+        the others is dropped, and only activations already handed to a worker
+        finish (within ``timeout``); their outputs are kept, and their jobs end
+        ``completed`` if that was all they had to do, else ``cancelled``. Jobs not
         finished end ``cancelled``. Running activations then get a short grace before
         their processes are terminated (SIGTERM, then SIGKILL). No process of
         ours outlives this call. WorkerState objects stay readable afterwards
@@ -442,16 +460,19 @@ def _runtime_of(worker_state: WorkerState) -> Runtime | None:
 def _shutdown_all() -> None:
     """At interpreter exit: stop every runtime that was not shut down.
 
-    Queued work is finished first, unless the script dies of Ctrl-C: then it
-    is cancelled and running activations get the short grace of
-    ``shutdown(wait=False)``, as when leaving a ``with`` block by Ctrl-C.
+    Queued work is finished first, unless the script dies of Ctrl-C: then
+    nothing new starts and running activations get :data:`INTERRUPT_GRACE`,
+    as when leaving a ``with`` block by Ctrl-C.
     """
     with _live_lock:
         runtimes = list(_live)
     interrupted = _died_of_ctrl_c()
     for runtime in runtimes:
         try:
-            runtime.shutdown(wait=not interrupted)
+            if interrupted:
+                runtime.shutdown(wait=True, timeout=INTERRUPT_GRACE, cancel_pending=True)
+            else:
+                runtime.shutdown(wait=True)
         except KeyboardInterrupt:  # Ctrl-C while the exit waits: the runtime stopped; stop the others now
             interrupted = True
         except BaseException:
