@@ -47,6 +47,8 @@ logger = logging.getLogger("routilux_mp.runtime")
 MAX_START_FAILURES = 5
 #: Longest pause between respawns of a worker that keeps dying at start-up.
 MAX_RESPAWN_DELAY = 5.0
+#: Seconds after which a running activation gets nothing sent ahead behind it (see ``_free_slot``).
+PREFETCH_MAX_AGE = 0.05
 #: The type name a result's error carries when the state server was lost under a worker.
 _STATE_LOST = type_name(StateServerLostError)
 
@@ -200,16 +202,30 @@ class Dispatcher:
         return [act for slot in self.slots for act in slot.inflight if not act.resolved]
 
     def _free_slot(self, full: set[int]) -> WorkerSlot | None:
-        """An idle lane if any, else one that may take a prefetched activation."""
+        """An idle lane if any, else one that may take a prefetched activation.
+
+        An activation sent ahead waits behind the one running, so it goes to
+        the lane with the fewest in flight whose running activation began
+        last, and never behind one that has run for ``PREFETCH_MAX_AGE``: a
+        long activation gains nothing from prefetching (its lane's round trip
+        is small beside it), and whatever waited behind it would wait while
+        other lanes go idle. Such an activation stays queued here instead.
+        """
         best = None
         for slot in self.slots:
             if not slot.alive or slot.exiting is not None or slot.hung is not None or slot.index in full:
                 continue  # (slot.usable(), inlined: this runs for every activation)
-            n = len(slot.inflight)
+            inflight = slot.inflight
+            n = len(inflight)
             if n == 0 and slot.ready:
                 return slot
-            if n <= self.prefetch and (best is None or n < len(best.inflight)):
+            if n <= self.prefetch and (best is None or n < len(best.inflight) or (
+                    n and n == len(best.inflight) and (inflight[0].started or 0.0) > (best.inflight[0].started or 0.0))):
                 best = slot
+        if best is not None and best.inflight:
+            began = best.inflight[0].started
+            if began is not None and began < self.timers.clock() - PREFETCH_MAX_AGE:
+                return None
         return best
 
     def _send(self, slot: WorkerSlot, act: _Act, job: JobContext) -> bool:

@@ -83,7 +83,13 @@ class Runtime:
         lock_timeout: default seconds to wait for a routine state locked by
             someone else (``worker_state.lock()`` and writers), on top of
             ``state_timeout``; the server tells waiters it is alive meanwhile.
-        prefetch: activations sent ahead to a busy process (0 or more).
+        prefetch: activations sent ahead to a busy process (0 or more), so
+            it never waits for the supervisor between short activations. One
+            sent ahead waits behind the one running there, even if another
+            process goes idle meanwhile; none is sent behind an activation
+            that has already run 50 ms. With activations of very uneven
+            length (a few that run for seconds among short ones), 0 keeps
+            every short one off a long one's process.
         max_crash_retries: a crashing activation is retried (with the ``retry``
             strategy) at most this many times.
         max_worker_rss: recycle a worker between activations when its RSS
