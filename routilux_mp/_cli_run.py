@@ -33,7 +33,7 @@ from . import _cli_ui
 from ._cli_exit import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, EXIT_USAGE, CliError, usable_cpus
 from ._cli_input import InputSource
 from ._cli_journal import Journal, ResumePlan
-from ._cli_output import encode_outputs, failed_record, json_line, worker_states
+from ._cli_output import SharedOutputs, encode_outputs, failed_record, json_line, worker_states
 from .errors import RoutiluxError, RuntimeClosedError
 from .runtime import Runtime
 
@@ -58,6 +58,12 @@ def _short_error(error: dict | None) -> dict:
     """What the journal keeps of a job's error: type, message, routine (the traceback goes to --failed-out)."""
     error = error or {}
     return {key: error[key] for key in ("type", "message", "routine") if error.get(key) is not None}
+
+
+def _input_line(job: Any) -> dict:
+    """What the dashboard shows with a failed job: its input line (job ids are ``line-N``)."""
+    number = job.job_id.rpartition("-")[2]
+    return {"line": int(number)} if job.job_id.startswith("line-") and number.isdigit() else {}
 
 
 class _SignalCount:
@@ -123,6 +129,7 @@ class BatchRun:
         # Jobs are numbered in posting (= input) order; ``ready`` holds finished ones (their JSONL
         # text, --failed-out record, "" for none, and journal record) until they may be written.
         self.ready: dict[int, tuple[str, str, tuple | None]] = {}
+        self.shared = SharedOutputs()  # outputs of several jobs (a batch's): written once, with all their ids
         self.inputs: dict[int, tuple[int, dict]] = {}  # seq -> (line, data) of unfinished jobs, for --failed-out
         self.lines: dict[int, int] = {}  # seq -> input line of unfinished jobs, for the journal
         self.next_seq = 0  # input order: the first job not written yet
@@ -214,6 +221,7 @@ class BatchRun:
             self.display.message(f"routilux-mp: resuming: {plan.completed} lines completed earlier{failed}; "
                                  f"running the others")
         self.display.start(self.tally, self.runtime.stats)
+        self.runtime._dashboard_expect(self.tally.total, _input_line)
         try:
             with _count_signals() as signals:
                 poster.start()
@@ -272,7 +280,7 @@ class BatchRun:
             pass
         elif job.status == "completed":
             try:
-                text = encode_outputs(job)
+                text = encode_outputs(job, self.shared)
                 self.tally.completed += 1
                 ended = (line, job.job_id, "completed", None)
             except (TypeError, ValueError) as exc:
@@ -280,9 +288,11 @@ class BatchRun:
                 failure = self._failed(job, line, data, error)
                 ended = (line, job.job_id, "failed", error)
         elif job.status == "failed":
+            self.shared.skip(job)
             failure = self._failed(job, line, data, job.error or {})
             ended = (line, job.job_id, "failed", _short_error(job.error))
         else:
+            self.shared.skip(job)
             self.tally.cancelled += 1
         self.ready[seq] = (text, failure, ended)
 

@@ -21,12 +21,11 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import cloudpickle
-
+from ._drain import drop_ready
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
-from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, type_name
+from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, dumps_by_value, error_data, type_name
 from ._records import _Act, _RoutineRt
 from ._routing import Router
 from ._state.protocol import Method
@@ -57,6 +56,8 @@ QUEUE_SECONDS = 0.002
 #: start in 80-300 ms). After it, a worker that never gets ready is sent work, so its take check
 #: (``TAKE_TIMEOUT``) notices it.
 START_HOLD = 2.0
+#: Seconds after which a running activation gets nothing sent ahead behind it (see ``_free_slot``).
+PREFETCH_MAX_AGE = 0.05
 #: The type name a result's error carries when the state server was lost under a worker.
 _STATE_LOST = type_name(StateServerLostError)
 
@@ -177,7 +178,7 @@ class Dispatcher:
             if shipped is flow:
                 return key
         try:
-            blob = cloudpickle.dumps(flow)
+            blob = dumps_by_value(flow)
         except Exception as exc:
             raise SerializationError(
                 f"flow {flow.flow_id!r} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "
@@ -195,8 +196,13 @@ class Dispatcher:
         if self.flags.broken is not None:
             return
         ledger = self.ledger
+        if ledger.draining:  # stopping: nothing new starts (what a stopped worker gave back included)
+            if ledger.runnable:
+                drop_ready(ledger)
+            return
         full: set[int] = set()
         skip: set[_RoutineRt] | None = None
+        stale: float | None = None  # lanes whose running activation began before this take nothing ahead
         while ledger.runnable:
             candidate = self._free_slot(full)
             if candidate is None:
@@ -204,7 +210,9 @@ class Dispatcher:
             rt = ledger.pick(skip)
             if rt is None:
                 return
-            slot = lane_for(rt, candidate, self.slots, full, self.prefetch)
+            if stale is None:
+                stale = self.timers.clock() - PREFETCH_MAX_AGE
+            slot = lane_for(rt, candidate, self.slots, full, self.prefetch, stale)
             if slot is None:  # its lanes are full: the next oldest routine may still go
                 skip = skip or set()
                 skip.add(rt)
@@ -218,16 +226,24 @@ class Dispatcher:
                 ledger.put_back(act)
                 full.add(slot.index)
 
+    def inflight(self) -> list[_Act]:
+        """Every activation handed to a worker and not yet over (running, or sent ahead to a busy worker)."""
+        return [act for slot in self.slots for act in slot.inflight if not act.resolved]
+
     def _free_slot(self, full: set[int]) -> WorkerSlot | None:
-        """An idle lane if any, else one that may take a prefetched activation."""
+        """An idle lane if any, else the least busy one (of those with the fewest in flight, the one whose
+        running activation began last: the likeliest to be free soon); ``lane_for`` decides whether it
+        may take the activation."""
         best = None
         for slot in self.slots:
             if not slot.alive or slot.exiting is not None or slot.hung is not None or slot.index in full:
                 continue  # (slot.usable(), inlined: this runs for every activation)
-            n = len(slot.inflight)
+            inflight = slot.inflight
+            n = len(inflight)
             if n == 0 and slot.ready:
                 return slot
-            if n < self.max_depth and (best is None or n < len(best.inflight)):
+            if n < self.max_depth and (best is None or n < len(best.inflight) or (
+                    n and n == len(best.inflight) and (inflight[0].started or 0.0) > (best.inflight[0].started or 0.0))):
                 best = slot
         if best is not None and self.hold_starting and not best.ready:
             return None  # (no lane is ready yet: the first that is gets the activation)
@@ -241,8 +257,14 @@ class Dispatcher:
             if not self.backend.send(slot.index, self.ships[inst.flow_key][1]):
                 return False
             slot.loaded.add(inst.flow_key)
-        message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
-                              act.message, job.job_id, job._metadata, job._data, act.attempt)
+        if len(act.jobs) == 1:
+            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
+                                  act.message, job.job_id, job._metadata, job._data, act.attempt)
+        else:
+            act.lead = act.jobs.index(job)
+            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
+                                  act.message, job.job_id, job.metadata, job.data, act.attempt,
+                                  tuple((j.job_id, j._metadata, j._data) for j in act.jobs), act.lead, act.item_jobs)
         if not self.backend.send(slot.index, message):
             return False
         act.slot = slot.index
@@ -508,9 +530,14 @@ class Dispatcher:
 
 
 def lane_for(rt: _RoutineRt, candidate: WorkerSlot, slots: list[WorkerSlot], full: set[int],
-             prefetch: int) -> WorkerSlot | None:
+             prefetch: int, stale: float) -> WorkerSlot | None:
     """The lane for ``rt``'s next activation: ``candidate`` (the least busy) if it has room, or, for a
     routine that runs one at a time and has activations in flight, the lane holding them.
+
+    Nothing goes ahead behind an activation of another routine that began before ``stale``
+    (``PREFETCH_MAX_AGE`` ago): a long activation gains nothing from prefetching (its lane's round
+    trip is small beside it), and what waited behind it would wait while other lanes go idle; it
+    stays queued in the supervisor instead.
 
     Queued behind each other on one lane, a one-at-a-time routine's activations still run one
     after another, but without a round trip through the supervisor between them. Other routines
@@ -519,7 +546,14 @@ def lane_for(rt: _RoutineRt, candidate: WorkerSlot, slots: list[WorkerSlot], ful
     """
     lanes = rt.lanes
     if rt.limit != 1 or not lanes:
-        return candidate if len(candidate.inflight) <= prefetch else None
+        inflight = candidate.inflight
+        if len(inflight) > prefetch:
+            return None
+        if inflight:
+            began = inflight[0].started
+            if began is not None and began < stale:
+                return None
+        return candidate
     (index,) = lanes
     slot = slots[index]
     if not slot.usable() or index in full or len(slot.inflight) >= (rt.depth or prefetch + 1):

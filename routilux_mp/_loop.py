@@ -22,10 +22,11 @@ from typing import Any
 
 from . import _context
 from ._dispatch import Dispatcher
-from ._exec.base import Output, WorkerBackend
+from ._exec.base import Log, Output, WorkerBackend
 from ._exec.local import TERM_GRACE
 from ._ledger import Ledger
 from ._lifecycle import Lifecycle, run_callbacks
+from ._logs import replay
 from ._messages import error_data
 from ._routing import Router
 from ._state.launcher import START_DELAY as STATE_START_DELAY
@@ -213,10 +214,16 @@ class DispatchLoop:
         return ledger.open_jobs == 0 or ledger.quiescent() or self.flags.stop_requested or self.flags.closed
 
     def _forward_output(self, events: list) -> None:
-        """Hand workers' output to ``worker_output`` (a worker writes its lines before the result after them)."""
+        """Hand workers' output to ``worker_output`` and their log records to logging (both precede results)."""
         for event in events:
-            if type(event) is Output:
+            kind = type(event)
+            if kind is Output:
                 self.output(event.stream, event.text)
+            elif kind is Log:
+                try:
+                    replay(event.record, event.slot, self.backend.pid(event.slot))
+                except Exception:
+                    logger.exception("routilux-mp: a logging handler failed on a record of worker %d", event.slot)
 
     def _check_state_server(self) -> None:
         """Restart a state server that died or hung (state in a file), or break the runtime: its state is lost."""

@@ -37,10 +37,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._drain import stop_taking_work
 from ._exec.base import WorkerBackend, WorkerSettings
 from ._exec.local import TERM_GRACE, LocalProcessBackend
 from ._ledger import Ledger
 from ._lifecycle import Lifecycle, run_callbacks
+from ._logs import parent_levels
 from ._loop import DispatchLoop
 from ._messages import error_data
 from ._records import SlotQueue, _Instance, _RoutineRt
@@ -128,6 +130,7 @@ class Supervisor:
             state_address=self.state.address, authkey=self.state.authkey, state_timeout=settings.state_timeout,
             lock_timeout=settings.lock_timeout, max_rss=settings.max_worker_rss,
             max_activations=settings.max_activations_per_process, sys_path=list(sys.path),
+            log_levels=parent_levels(),
         ))
         #: Jobs, activations, retries: the books.
         self.ledger = Ledger(max_finished_jobs=settings.max_finished_jobs,
@@ -305,7 +308,7 @@ class Supervisor:
                 self._wait_for_room(rt, queue, block, deadline)
             if job_id is None:
                 job_id = f"{self._job_prefix}{next(self._job_numbers):08x}"
-            job = JobContext(job_id, inst.worker_id, inst.flow.flow_id, metadata)
+            job = JobContext(job_id, inst.worker_id, inst.flow.flow_id, metadata, _input=blob)
             self.ledger.open_job(job)
             self.ledger.enqueue(rt, slot_name, job, blob)
             self.router.evaluate(rt)
@@ -429,7 +432,9 @@ class Supervisor:
         """A JSON-able snapshot: per-routine counters, per-process usage, jobs by status, waiting items."""
         with self.lock:
             routines = self.ledger.routine_stats()
-            lanes = [(s.index, s.activations, s.restarts, s.alive and s.ready) for s in self.dispatcher.slots]
+            # (the routine a lane runs, or takes next: the first activation it holds)
+            lanes = [(s.index, s.activations, s.restarts, s.alive and s.ready,
+                      s.inflight[0].rt.rid if s.inflight else None) for s in self.dispatcher.slots]
             jobs = {status: n for status, n in self.ledger.status_counts.items() if n}
             waiting = self.ledger.waiting()
             ask = self.state.lost is None and not self.flags.closed
@@ -443,13 +448,13 @@ class Supervisor:
             agg["lost_updates"] = lost.get(rid, 0)
         usage = self.backend.usage()
         processes = []
-        for index, activations, restarts, ready in lanes:
+        for index, activations, restarts, ready, routine in lanes:
             use = usage[index]
             processes.append({"index": index, "pid": None if use is None else use.pid,
                               "alive": use is not None and use.rss is not None, "ready": ready,
                               "rss": None if use is None else use.rss,
                               "cpu_percent": None if use is None else use.cpu_percent,
-                              "activations": activations, "restarts": restarts})
+                              "activations": activations, "restarts": restarts, "routine": routine})
         return {"routines": routines, "processes": processes, "jobs": jobs, "waiting": waiting}
 
     # -- shutdown ------------------------------------------------------------------------------------
@@ -469,8 +474,8 @@ class Supervisor:
         try:
             if cancel_pending:
                 with self.lock:
-                    if self.ledger.cancel_pending():
-                        self.cond.notify_all()
+                    stop_taking_work(self.ledger, self.dispatcher.inflight())
+                    self.cond.notify_all()
                     callbacks = self.ledger.take_callbacks()
                 run_callbacks(callbacks)
             if wait and not already:

@@ -5,7 +5,7 @@
     routilux-mp run TARGET [--flow NAME] [--entry ROUTINE.SLOT] [--input FILE|-] [--output FILE|-]
                            [--processes N] [--max-failures K] [--no-progress] [--order input|completion]
                            [--state DB [--resume [--retry-failed]]] [--failed-out FILE] [--state-out FILE]
-                           [--max-worker-rss SIZE]
+                           [--max-worker-rss SIZE] [--debug] [--dashboard [PORT] [--dashboard-host HOST]]
     routilux-mp flows TARGET
 
 This module parses arguments and wires the parts together; each part lives in
@@ -50,7 +50,8 @@ from ._cli_journal import Journal, ResumePlan, check_usage, describe, plan_run
 from ._cli_load import choose_entry, choose_flow, load_target, sample_input
 from ._cli_output import check_files, open_output
 from ._cli_run import BatchRun, RunSinks
-from .errors import RoutiluxError, StateFileError
+from .dashboard import DEFAULT_HOST, DEFAULT_PORT
+from .errors import DashboardError, RoutiluxError, StateFileError
 from .monitoring.flow_registry import FlowRegistry
 from .runtime import MAX_PROCESSES_PER_CPU, Runtime
 
@@ -81,6 +82,7 @@ examples:
   routilux-mp run flows.py --input data.jsonl.xz --order completion --max-worker-rss 2G --state-out states.json
   routilux-mp run flows.py --input big.jsonl --output out.jsonl --state run.db           resumable: a journal in run.db
   routilux-mp run flows.py --input big.jsonl --output out.jsonl --state run.db --resume  ...continued after a crash
+  routilux-mp run workers/wordcount.py --dashboard 0    a live web page of the run (its URL is printed on stderr)
   routilux-mp flows workers/wordcount.py               routines, slots, events, policies, connections
 
 exit codes:
@@ -118,12 +120,15 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         check_files(source.label, source.file_stat, stdout, writes)
         check_usage(args, source)
         source.validate()
+        if args.debug and (args.processes is not None or args.max_worker_rss is not None):
+            raise CliError(EXIT_USAGE, "--debug runs logic in this process, one activation at a time: drop "
+                                       "--processes and --max-worker-rss (or drop --debug)")
         plan, description = ResumePlan(), None
         if args.state is not None:
             # A resume goes on with the worker the journal names (its WorkerState is in the file).
             description = describe(args, source, flow_name, entry, f"{flow_name}-1")
             plan = plan_run(args, description)
-        live = sys.stderr.isatty() and not args.no_progress
+        live = sys.stderr.isatty() and not args.no_progress and not args.debug
         display = _cli_ui.make_display(live)
         sinks = _open_sinks(args, stdout, stack, append=plan.resuming)
         if live and sinks.output_is_stdout and _one_terminal(stdout):
@@ -132,12 +137,15 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         library_logger = logging.getLogger("routilux_mp")
         library_logger.addHandler(handler)
         stack.callback(library_logger.removeHandler, handler)
+        stack.callback(_cli_ui.route_logging(display))
         try:
-            runtime = Runtime(processes=args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
+            runtime = Runtime(processes=0 if args.debug else args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
                               max_worker_rss=args.max_worker_rss, worker_output=display.worker_output,
-                              state_path=args.state)
+                              state_path=args.state, dashboard=args.dashboard, dashboard_host=args.dashboard_host)
         except StateFileError as exc:
             raise CliError(EXIT_USAGE, f"--state: {exc}") from exc
+        except DashboardError as exc:
+            raise CliError(EXIT_USAGE, f"--dashboard: {exc}") from exc
         except RoutiluxError as exc:
             raise CliError(EXIT_JOBS_FAILED, f"cannot start the worker processes: {exc}") from exc
         journal = None
@@ -231,6 +239,16 @@ def _size(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free port)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535; 0 picks a free port)")
+    return value
+
+
 def _file_name(text: str) -> str:
     if text == "-":
         raise argparse.ArgumentTypeError("needs a file name (stdout carries the JSONL output)")
@@ -281,6 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failures", type=_positive_int, metavar="K",
                      help="stop after K failed jobs (cancel the rest, exit 1)")
     run.add_argument("--no-progress", action="store_true", help="plain log lines on stderr, even on a terminal")
+    run.add_argument("--debug", action="store_true",
+                     help="run logic in this process, one activation at a time (processes=0), so breakpoint() "
+                          "in logic stops in pdb here; implies --no-progress")
+    run.add_argument("--dashboard", type=_port, nargs="?", const=DEFAULT_PORT, metavar="PORT",
+                     help=f"serve a live web page of the run on PORT (default {DEFAULT_PORT}; 0 picks a free one); "
+                          "its URL, with a random token, is printed on stderr (needs the [dashboard] extra)")
+    run.add_argument("--dashboard-host", metavar="HOST", default=DEFAULT_HOST,
+                     help=f"the address the dashboard listens on (default {DEFAULT_HOST}: this machine only; use an "
+                          "SSH tunnel to see it from elsewhere; another address is warned about)")
     run.set_defaults(handler=cmd_run)
     flows = commands.add_parser("flows", help="list the flows of TARGET with their routines and connections",
                                 description="List flows, routines, slots, events, policies, connections.")
@@ -294,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "dashboard_host", DEFAULT_HOST) != DEFAULT_HOST and args.dashboard is None:
+            parser.error("--dashboard-host needs --dashboard")
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse has printed why
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:

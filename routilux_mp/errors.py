@@ -26,6 +26,7 @@ __all__ = [
     "ActivationError",
     "ActivationTimeoutError",
     "ConfigurationError",
+    "DashboardError",
     "ExecutionError",
     "FlowError",
     "LockLostError",
@@ -173,6 +174,10 @@ class StateServerLostError(RoutiluxError):
 
 class StateFileError(RoutiluxError):
     """Raised when a ``state_path`` file cannot be used (held by a live runtime, another format, unreadable)."""
+
+
+class DashboardError(RoutiluxError):
+    """Raised when the dashboard cannot start: its ``[dashboard]`` extra is missing, or its address cannot be bound."""
 
 
 class SlotQueueFullError(RoutiluxError):

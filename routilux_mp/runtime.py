@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _jsonvalue
+from ._exec.inprocess import InProcessBackend
 from ._messages import encode
 from ._state.protocol import Method
 from ._supervisor import Settings, Supervisor, TestHooks
@@ -58,12 +59,21 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+#: Seconds running activations get to finish after a Ctrl-C (leaving a ``with`` block by it, or a script
+#: dying of it) before their processes are stopped; queued and downstream work is cancelled at once.
+INTERRUPT_GRACE = 2.0
+
+
 class Runtime:
     """The supervisor of a pool of worker processes running flows.
 
     Args:
         thread_pool_size: alias of ``processes`` (so code written for routilux runs unchanged).
         processes: number of worker processes (default: the CPUs this process may use).
+            ``0`` is the debug mode: logic runs in this process (on the
+            runtime's dispatcher thread), one activation at a time, with the
+            same state API, so ``breakpoint()`` and debuggers work; routine
+            timeouts are not enforced there (nothing can be killed).
         strict_state: raise :class:`~routilux_mp.errors.StaleStateError` on a lost
             update instead of warning and counting it.
         max_state_bytes: largest routine state, as compact JSON bytes (default 16 MiB).
@@ -73,10 +83,16 @@ class Runtime:
         lock_timeout: default seconds to wait for a routine state locked by
             someone else (``worker_state.lock()`` and writers), on top of
             ``state_timeout``; the server tells waiters it is alive meanwhile.
-        prefetch: activations sent ahead to a busy process (0 or more). A routine that runs
-            one at a time (``max_concurrency=1``, the default) also gets its short activations
-            queued further ahead on its one process (about 2 ms of them, at most 8), where
-            they run one after another; ``prefetch=0`` turns both off.
+        prefetch: activations sent ahead to a busy process (0 or more), so
+            it never waits for the supervisor between short activations. One
+            sent ahead waits behind the one running there, even if another
+            process goes idle meanwhile; none is sent behind an activation
+            that has already run 50 ms. A routine that runs one at a time
+            (``max_concurrency=1``, the default) also gets its short
+            activations queued further ahead on its one process (about 2 ms of
+            them, at most 8), where they run one after another. ``prefetch=0``
+            turns both off (with activations of very uneven length, it keeps
+            every short one off a long one's process).
         max_crash_retries: a crashing activation is retried (with the ``retry``
             strategy) at most this many times.
         max_worker_rss: recycle a worker between activations when its RSS
@@ -102,6 +118,17 @@ class Runtime:
         state_sync: ``"normal"`` (default): commits survive any process
             dying, not a power cut; ``"full"``: each commit is also
             ``fsync``'d (survives a power cut; slower).
+        dashboard: serve a live web page of the run (the ``[dashboard]``
+            extra): ``True`` on port 8789, or a port number (0: a free one).
+            Its address, with a random token, is printed on stderr as
+            ``dashboard: http://127.0.0.1:PORT/?token=...`` and is
+            :attr:`dashboard_url`. Read-only; it stops at ``shutdown()``
+            after sending the page the run's summary. A busy port or a
+            missing extra raises :class:`~routilux_mp.errors.DashboardError`
+            before any process starts.
+        dashboard_host: the address the dashboard listens on (default
+            ``127.0.0.1``: this machine only; reach it from elsewhere with
+            an SSH tunnel). Another address is warned about on stderr.
 
     Use it as a context manager; leaving the block calls ``shutdown()``.
     """
@@ -125,14 +152,17 @@ class Runtime:
         worker_output: Callable[[str, str], None] | None = None,
         state_path: str | os.PathLike | None = None,
         state_sync: str = "normal",
+        dashboard: bool | int | None = None,
+        dashboard_host: str = "127.0.0.1",
     ) -> None:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
             raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
         count = processes if processes is not None else thread_pool_size
         if count is None:
             count = _cpu_count()
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"processes must be a positive int, got {count!r}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
+                             f"got {count!r}")
         cpus = _cpu_count()
         if count > MAX_PROCESSES_PER_CPU * cpus:
             raise ValueError(
@@ -145,21 +175,45 @@ class Runtime:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if max_worker_rss is not None and kill_worker_rss is None:
             kill_worker_rss = int(max_worker_rss * 1.5)
+        port = _dashboard_port(dashboard)
         self._registry = FlowRegistry.get_instance()
         self._processes = count
-        self._sup = Supervisor(Settings(
-            processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
-            state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
-            max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
-            max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
-            max_finished_jobs=max_finished_jobs, worker_output=worker_output,
-            state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
-        ))
-        self._sup.start()
+        in_process = count == 0
+        if in_process and (max_worker_rss is not None or max_activations_per_process is not None):
+            raise ValueError("processes=0 runs logic in this process, which cannot be recycled: drop max_worker_rss "
+                             "and max_activations_per_process, or use processes >= 1")
+        self._dashboard: Any = None
+        if port is not None:  # bound before any process starts: a busy port fails with nothing to clean up
+            from .dashboard import bind
+            self._dashboard = bind(dashboard_host, port)
+        try:
+            self._start(Settings(
+                processes=max(count, 1), prefetch=0 if in_process else prefetch, strict_state=strict_state,
+                max_state_bytes=max_state_bytes, state_timeout=state_timeout, lock_timeout=lock_timeout,
+                max_crash_retries=max_crash_retries, max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
+                max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
+                max_finished_jobs=max_finished_jobs, worker_output=worker_output,
+                state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
+            ), in_process)
+        except BaseException:
+            if self._dashboard is not None:
+                self._dashboard.stop()
+            raise
         #: Hooks for this package's tests (see :class:`~routilux_mp._supervisor.TestHooks`).
         self._testing: TestHooks = self._sup.testing()
         with _live_lock:
             _live.add(self)
+
+    def _start(self, settings: Settings, in_process: bool) -> None:
+        """Start the supervisor (state server, workers or the in-process lane, dispatcher), then the dashboard."""
+        self._sup = Supervisor(settings, **({"backend": InProcessBackend} if in_process else {}))
+        self._sup.start()
+        if self._dashboard is not None:
+            try:
+                self._dashboard.start(self)
+            except BaseException:
+                self._sup.shutdown(False, 0.0, False)
+                raise
 
     # ------------------------------------------------------------------ basics
 
@@ -173,14 +227,24 @@ class Runtime:
         """True once ``shutdown()`` started."""
         return self._sup.closed
 
+    @property
+    def dashboard_url(self) -> str | None:
+        """The dashboard's address with its token (``None`` without ``dashboard=``)."""
+        return None if self._dashboard is None else self._dashboard.url
+
+    def _dashboard_expect(self, total: int | None, describe_job: Callable[[JobContext], dict] | None) -> None:
+        """Tell the dashboard how many jobs to expect and what to show with a failed job (the CLI: its line)."""
+        if self._dashboard is not None:
+            self._dashboard.expect(total, describe_job)
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None and not issubclass(exc_type, Exception):
-            # Ctrl-C or SystemExit: do not sit waiting for queued work.
-            self.shutdown(wait=False)
+            # Ctrl-C or SystemExit: start nothing new; what runs gets a short grace.
+            self.shutdown(wait=True, timeout=INTERRUPT_GRACE, cancel_pending=True)
         else:
             self.shutdown(wait=True)
 
@@ -345,8 +409,11 @@ class Runtime:
 
         With ``wait``, queued and running work may finish within ``timeout``
         seconds (partial batches are flushed). With ``cancel_pending`` too,
-        only jobs already running are drained: jobs none of whose activations
-        has started are cancelled first (what a Ctrl-C handler wants). Jobs not
+        nothing new starts (what a Ctrl-C handler wants): jobs with no
+        activation running are cancelled at once, queued and downstream work of
+        the others is dropped, and only activations already handed to a worker
+        finish (within ``timeout``); their outputs are kept, and their jobs end
+        ``completed`` if that was all they had to do, else ``cancelled``. Jobs not
         finished end ``cancelled``. Running activations then get a short grace before
         their processes are terminated (SIGTERM, then SIGKILL). No process of
         ours outlives this call. WorkerState objects stay readable afterwards
@@ -366,9 +433,19 @@ class Runtime:
         try:
             sup.shutdown(wait, timeout, cancel_pending)
         finally:
+            if self._dashboard is not None:  # after the processes: the page gets the final numbers
+                self._dashboard.stop()
             if not sup.on_dispatcher():  # (from a done-callback, the dispatcher stops once it returns)
                 with _live_lock:
                     _live.discard(self)
+
+
+def _dashboard_port(dashboard: Any) -> int | None:
+    """The dashboard's port (``None``: off); checked without importing the dashboard's extra."""
+    if dashboard is None or dashboard is False:
+        return None
+    from .dashboard import check_port
+    return check_port(dashboard)
 
 
 def _died_of_ctrl_c() -> bool:
@@ -392,16 +469,19 @@ def _runtime_of(worker_state: WorkerState) -> Runtime | None:
 def _shutdown_all() -> None:
     """At interpreter exit: stop every runtime that was not shut down.
 
-    Queued work is finished first, unless the script dies of Ctrl-C: then it
-    is cancelled and running activations get the short grace of
-    ``shutdown(wait=False)``, as when leaving a ``with`` block by Ctrl-C.
+    Queued work is finished first, unless the script dies of Ctrl-C: then
+    nothing new starts and running activations get :data:`INTERRUPT_GRACE`,
+    as when leaving a ``with`` block by Ctrl-C.
     """
     with _live_lock:
         runtimes = list(_live)
     interrupted = _died_of_ctrl_c()
     for runtime in runtimes:
         try:
-            runtime.shutdown(wait=not interrupted)
+            if interrupted:
+                runtime.shutdown(wait=True, timeout=INTERRUPT_GRACE, cancel_pending=True)
+            else:
+                runtime.shutdown(wait=True)
         except KeyboardInterrupt:  # Ctrl-C while the exit waits: the runtime stopped; stop the others now
             interrupted = True
         except BaseException:

@@ -8,8 +8,9 @@ import signal
 import stat
 import threading
 
+import psutil
 import pytest
-from helpers import WAIT
+from helpers import WAIT, wait_until
 
 from routilux_mp._state.client import StoreClient
 from routilux_mp._state.launcher import StateServerLauncher
@@ -65,6 +66,8 @@ def test_stop_escalates_to_sigkill_when_the_server_does_not_exit() -> None:
         client = StoreClient(launcher.address, launcher.authkey, WAIT, 1.0)
         assert client.call(Method.META, "w")["status"] == "running", "it serves"
         os.kill(launcher.pid, signal.SIGSTOP)  # deaf to its stdin's EOF and to SIGTERM
+        server = psutil.Process(launcher.pid)
+        wait_until(lambda: server.status() == psutil.STATUS_STOPPED, "the server to be stopped")
         assert launcher.stop(timeout=0.2) == -signal.SIGKILL
     finally:
         launcher.stop()

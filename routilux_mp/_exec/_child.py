@@ -21,7 +21,7 @@ import signal
 import sys
 from typing import Any
 
-from .. import _context, _process
+from .. import _context, _logs, _process
 from .._messages import _Exiting, _Ready, _WorkerConfig, dumps, loads, read_frame, write_frame
 from .._state.client import StoreClient
 from .._worker import ActivationRunner, forked_child_exit
@@ -41,11 +41,15 @@ def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig) -> N
         sys.stdout.reconfigure(line_buffering=True)
     me = os.getpid()
 
-    def reply(message: Any) -> None:
+    def write(message: Any) -> None:
         """Write a message on the result pipe (only this process may)."""
         if os.getpid() != me:  # a child that logic forked came back here: it must not speak for us
             forked_child_exit(1)
         write_frame(results, dumps(message))
+
+    # Threads that logic starts may log while the main thread writes a result: one frame at a time.
+    reply = _logs.locked(write)
+    _logs.forward_from_worker(reply, config.log_levels)
 
     client = StoreClient(config.state_address, config.authkey, config.state_timeout, config.lock_timeout)
     runner = ActivationRunner(client, max_rss=config.max_rss, max_activations=config.max_activations)

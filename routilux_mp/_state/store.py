@@ -42,6 +42,7 @@ import os
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import _jsonvalue
@@ -305,68 +306,72 @@ class StateStore:
         ``expected`` is the version the caller's activation read (``None``: it
         did not read it, a blind write, never a lost update).
         """
-        key = (wid, rid)
-        with self._cond:
-            reply, ticket = self._log.replayed()
-            if reply is MISS:
-                if self._leases:
-                    self._wait_free(key, None)
-                self._check_size(rid, size)
-                cell = self._backend.load(wid, rid)
-                current = 0 if cell is None else cell.version
-                lost = 0
-                if expected is not None and expected != current:
-                    if self._strict:
-                        raise StaleStateError(
-                            f"routine state {rid!r} of worker {wid!r} changed (version {expected} -> "
-                            f"{current}) between this activation's read and its write; nothing was "
-                            "written. Use increment/merge_routine_state/modify_routine_state or "
-                            "worker_state.lock() for read-modify-write"
-                        )
-                    lost = self._lost[key] = self._lost.get(key, 0) + 1
-                self._backend.save(wid, rid, value, current + 1, size)
-                reply = (current + 1, lost)
-                ticket = self._log.done(reply)
-        if ticket:
-            self._log.sync(ticket)
-        return reply
+        self._check_size(rid, size)
+
+        def change(cell: StoredCell | None) -> tuple[int, int]:
+            """Write ``value`` over ``cell``, counting a lost update when its version moved since the read."""
+            current = 0 if cell is None else cell.version
+            lost = 0
+            if expected is not None and expected != current:
+                if self._strict:
+                    raise StaleStateError(
+                        f"routine state {rid!r} of worker {wid!r} changed (version {expected} -> "
+                        f"{current}) between this activation's read and its write; nothing was "
+                        "written. Use increment/merge_routine_state/modify_routine_state or "
+                        "worker_state.lock() for read-modify-write"
+                    )
+                lost = self._lost[(wid, rid)] = self._lost.get((wid, rid), 0) + 1
+            self._backend.save(wid, rid, value, current + 1, size)
+            return current + 1, lost
+
+        return self._write(wid, rid, change)
 
     def merge(self, wid: str, rid: str, partial: dict) -> tuple[bytes, int]:
         """Merge ``partial`` into the state (shallow); return ``(pickled new state, version)``."""
-        with self._cond:
-            reply, ticket = self._log.replayed()
-            if reply is MISS:
-                if self._leases:
-                    self._wait_free((wid, rid), None)
-                cell = self._backend.load(wid, rid)
-                merged = dict(cell.value) if cell is not None else {}
-                merged.update(partial)
-                size = _jsonvalue.encoded_size(merged)
-                self._check_size(rid, size)
-                version = 1 if cell is None else cell.version + 1
-                self._backend.save(wid, rid, merged, version, size)
-                reply = (dumps(merged), version)
-                ticket = self._log.done(reply)
-        if ticket:
-            self._log.sync(ticket)
-        return reply
+
+        def change(cell: StoredCell | None) -> tuple[bytes, int]:
+            """``cell``'s value updated with ``partial``, saved."""
+            merged = dict(cell.value) if cell is not None else {}
+            merged.update(partial)
+            size = _jsonvalue.encoded_size(merged)
+            self._check_size(rid, size)
+            version = 1 if cell is None else cell.version + 1
+            self._backend.save(wid, rid, merged, version, size)
+            return dumps(merged), version
+
+        return self._write(wid, rid, change)
 
     def increment(self, wid: str, rid: str, amounts: dict[str, int | float]) -> tuple[dict[str, int | float], int]:
         """Add each amount to its key (missing keys count as 0); return ``(new values, version)``."""
+
+        def change(cell: StoredCell | None) -> tuple[dict[str, int | float], int]:
+            """``cell``'s numbers plus ``amounts``, saved."""
+            result, size = _incremented(cell, rid, amounts)
+            self._check_size(rid, size)
+            # In place (an increment costs what it changes) only where the backend allows it.
+            value = {} if cell is None else cell.value if self._in_place else dict(cell.value)
+            value.update(result)
+            version = 1 if cell is None else cell.version + 1
+            self._backend.save(wid, rid, value, version, size)
+            return result, version
+
+        return self._write(wid, rid, change)
+
+    def _write(self, wid: str, rid: str, change: Callable[[StoredCell | None], Any]) -> Any:
+        """One write of a cell: ``change(cell)`` saves it and returns the reply.
+
+        A retried call or a re-run activation whose write was applied before
+        gets that reply again (``replayed``), and nothing is applied twice;
+        otherwise the write waits for a lock held on the cell, and the reply
+        returns once the write is committed (``sync``, after the condition is
+        released so commits of several writers group).
+        """
         with self._cond:
             reply, ticket = self._log.replayed()
             if reply is MISS:
                 if self._leases:
                     self._wait_free((wid, rid), None)
-                cell = self._backend.load(wid, rid)
-                result, size = _incremented(cell, rid, amounts)
-                self._check_size(rid, size)
-                # In place (an increment costs what it changes) only where the backend allows it.
-                value = {} if cell is None else cell.value if self._in_place else dict(cell.value)
-                value.update(result)
-                version = 1 if cell is None else cell.version + 1
-                self._backend.save(wid, rid, value, version, size)
-                reply = (result, version)
+                reply = change(self._backend.load(wid, rid))
                 ticket = self._log.done(reply)
         if ticket:
             self._log.sync(ticket)
