@@ -66,9 +66,11 @@ class Router:
             (queue,) = rt.slots.values()
             entries = queue._entries
             single = self.ledger.new_single_activation
-            while entries:
+            while entries and entries[0].others is None:
                 single(rt, queue, entries.popleft())
-            return
+            if not entries:
+                return
+            # An item of several jobs (a batch's emit that named none): the loop below passes on all its holds.
         while True:
             for queue in rt.slots.values():
                 queue._start_policy()
