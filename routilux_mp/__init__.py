@@ -31,6 +31,7 @@ from .error_handling import ErrorHandler, ErrorStrategy
 from .errors import (
     ActivationError,
     ActivationTimeoutError,
+    ClusterError,
     ConfigurationError,
     ExecutionError,
     FlowError,
@@ -107,6 +108,7 @@ __all__ = [  # noqa: RUF022 - grouped by kind, sorted within a group
     # exceptions
     "ActivationError",
     "ActivationTimeoutError",
+    "ClusterError",
     "ConfigurationError",
     "ExecutionError",
     "FlowError",

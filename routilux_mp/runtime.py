@@ -16,6 +16,7 @@ cloudpickle.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import sys
@@ -85,6 +86,13 @@ class Runtime:
         worker_output: ``fn(stream, text)`` receiving complete lines workers
             print (``stream`` is ``"stdout"`` or ``"stderr"``); default: this
             process's ``sys.stdout``/``sys.stderr``.
+        backend: ``"local"`` (worker processes on this machine) or ``"ray"``
+            (worker lanes on a Ray cluster, see "Run on a cluster" in the
+            README; needs ``pip install 'routilux-mp[ray]'``).
+        address: with ``backend="ray"``: ``None`` (``RAY_ADDRESS``, else a
+            private Ray instance on this machine), ``"auto"`` or
+            ``"host:port"`` of a running cluster. ``processes`` then defaults
+            to the cluster's CPUs.
 
     Use it as a context manager; leaving the block calls ``shutdown()``.
     """
@@ -106,16 +114,27 @@ class Runtime:
         max_outputs_per_job: int = 10_000,
         max_finished_jobs: int = 10_000,
         worker_output: Callable[[str, str], None] | None = None,
+        backend: str = "local",
+        address: str | None = None,
     ) -> None:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
             raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
         count = processes if processes is not None else thread_pool_size
+        if backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+        if address is not None and backend != "ray":
+            raise ValueError(f"address={address!r} is for backend='ray'; the local backend runs on this machine")
+        if count is not None and (not isinstance(count, int) or count < 1):
+            raise ValueError(f"processes must be a positive int, got {count!r}")
+        make_backend = None
+        if backend == "ray":
+            count, make_backend = _ray_backend(address, count)
         if count is None:
             count = _cpu_count()
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"processes must be a positive int, got {count!r}")
         cpus = _cpu_count()
-        if count > MAX_PROCESSES_PER_CPU * cpus:
+        if backend == "local" and count > MAX_PROCESSES_PER_CPU * cpus:
             raise ValueError(
                 f"processes={count} is more than {MAX_PROCESSES_PER_CPU} per CPU ({MAX_PROCESSES_PER_CPU * cpus} "
                 f"on the {cpus} CPUs this process may use): each worker is a Python interpreter competing for "
@@ -128,13 +147,19 @@ class Runtime:
             kill_worker_rss = int(max_worker_rss * 1.5)
         self._registry = FlowRegistry.get_instance()
         self._processes = count
-        self._sup = Supervisor(Settings(
+        settings = Settings(
             processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
             state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
             max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
             max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
             max_finished_jobs=max_finished_jobs, worker_output=worker_output,
-        ))
+        )
+        try:
+            self._sup = Supervisor(settings) if make_backend is None else Supervisor(settings, backend=make_backend)
+        except BaseException:
+            if make_backend is not None:
+                make_backend.keywords["session"].close()
+            raise
         self._sup.start()
         #: Hooks for this package's tests (see :class:`~routilux_mp._supervisor.TestHooks`).
         self._testing: TestHooks = self._sup.testing()
@@ -336,6 +361,24 @@ class Runtime:
             if not sup.on_dispatcher():  # (from a done-callback, the dispatcher stops once it returns)
                 with _live_lock:
                     _live.discard(self)
+
+
+def _ray_backend(address: str | None, count: int | None) -> tuple[int, functools.partial]:
+    """Connect to Ray (see ``_exec._raysession``): the number of lanes, and what builds the backend."""
+    from ._exec._raysession import RaySession
+    from ._exec.ray import RayBackend
+
+    session = RaySession(address)
+    session.open(count)
+    global _ray_exit_hook
+    if not _ray_exit_hook:  # registered after Ray's own: runs first at exit, while Ray still works
+        atexit.register(_shutdown_all)
+        _ray_exit_hook = True
+    return (count or session.cluster_cpus()), functools.partial(RayBackend, session=session)
+
+
+#: Whether ``_shutdown_all`` was registered again after Ray was imported.
+_ray_exit_hook = False
 
 
 def _died_of_ctrl_c() -> bool:

@@ -27,9 +27,12 @@ from .._worker import ActivationRunner, forked_child_exit
 from ..state import _StoreClient, close_resources
 
 
-def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig) -> None:
-    """Serve activations until told to stop (or the supervisor disappears); never returns."""
-    cleanup_dir = os.path.dirname(config.state_address)
+def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, cleanup_dir: str | None) -> None:
+    """Serve activations until told to stop (or the supervisor disappears); never returns.
+
+    ``cleanup_dir`` is the runtime's socket directory, removed if the
+    supervisor dies (``None``: not this process's to remove).
+    """
     _process.watch_for_eof(life_fd, "routilux-mp parent watchdog",
                            on_eof=lambda: _process.kill_group_tree(cleanup_dir))
     _process.set_process_name(f"rmp-worker-{config.index}")
@@ -75,5 +78,6 @@ def main() -> None:
         os._exit(_process.EXIT_PARENT_GONE)
     _process.exit_if_orphaned(config.parent_pid)
     # Before any thread starts (forking a threaded process is unsafe).
-    _process.start_group_guard(life_fd, f"rmp-guard-{config.index}", os.path.dirname(config.state_address))
-    serve(commands, results, life_fd, config)
+    cleanup_dir = os.path.dirname(config.state_address)
+    _process.start_group_guard(life_fd, f"rmp-guard-{config.index}", cleanup_dir)
+    serve(commands, results, life_fd, config, cleanup_dir=cleanup_dir)

@@ -1,0 +1,37 @@
+"""A worker process on a Ray node: the local worker's loop, on a socket instead of two pipes.
+
+Started by the lane's nanny actor (``_raylane``) as a fresh interpreter
+(``routilux-mp worker N``), with the *wire*: a connection to the supervisor
+that the nanny opened and authenticated. It carries the same frames as a
+local worker's command and result pipes, so the argument layout is the
+same (``WIRE_FD WIRE_FD LIFE_FD``). The life pipe's other end is held by
+the nanny: EOF on it (the nanny died, or its node is going) kills this
+worker's process group. The supervisor's socket directory is on another
+machine, or not this process's to remove: nothing is cleaned up but the
+group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from .. import _process
+from .._messages import loads, read_frame
+from ._child import serve
+
+
+def main() -> None:
+    """Entry point: ``python -c ... "routilux-mp worker N" WIRE_FD WIRE_FD LIFE_FD``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    wire, _same, life_fd = (int(fd) for fd in sys.argv[2:5])
+    os.set_blocking(wire, True)
+    try:
+        config = loads(read_frame(wire))  # from the authenticated supervisor
+    except (EOFError, OSError):
+        os._exit(_process.EXIT_PARENT_GONE)
+    _process.exit_if_orphaned(config.parent_pid)  # the nanny
+    # Before any thread starts (forking a threaded process is unsafe).
+    _process.start_group_guard(life_fd, f"rmp-guard-{config.index}", None)
+    serve(wire, wire, life_fd, config, cleanup_dir=None)

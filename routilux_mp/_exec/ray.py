@@ -1,0 +1,625 @@
+"""RayBackend: worker lanes on a Ray cluster, fed over authenticated sockets.
+
+::
+
+    supervisor (driver)                          any node of the cluster
+    ┌──────────────────────────────┐  Ray call   ┌───────────────────────────┐
+    │ start/respawn: nanny.run() ──┼────────────▶│ LaneNanny actor (_raylane) │
+    │ poll(): epoll over           │  control    │  ├ output, usage, "exit"   │
+    │  listener inbox, control     │◀───────────▶│  └ child process:          │
+    │  connections, wires, wake    │  wire       │    worker loop (_raychild) │
+    │                              │◀───────────▶│                            │
+    └──────────────────────────────┘             └───────────────────────────┘
+
+Ray places the lanes (one nanny actor each, ``num_cpus=1``, spread across
+nodes), reports a nanny that dies or loses its node, and nothing else:
+activations and results travel on the wire, a socket with the same frames as
+a local worker's pipes (a Ray actor call per activation costs about 1 ms,
+a frame on an open socket about 45 us). Both connections are made by the
+nanny to a listener on this machine's cluster address and pass the HMAC
+challenge of ``multiprocessing.connection`` with a random key before
+anything is read from them.
+
+* Died: the nanny's ``("exit", returncode)`` after the worker's last output
+  (exact exit code or signal, like a local worker); or Ray's verdict on the
+  nanny's call (its node lost, its actor killed): the exit is then unknown
+  and the cause is Ray's. Either way after everything the worker sent.
+* Kill: a request on the control connection, carried out by the nanny
+  (SIGTERM, SIGKILL ``TERM_GRACE`` later; or SIGKILL); a nanny that does not
+  carry it out in time is killed with ``ray.kill``.
+* Respawn: a new ``run`` on the same nanny (about 0.1 s); a new nanny only
+  when the old one is gone (Ray may place it on another node).
+* Taken: a socket does not tell whether the peer read a frame, so an
+  activation counts as taken once it was written to a ready worker; a
+  worker that never takes it is caught by its timeout, not by ``Stalled``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from typing import Any
+
+from .._messages import (
+    STOP,
+    CorruptFrameError,
+    ExitInfo,
+    FrameReader,
+    _Activation,
+    _Exiting,
+    _Ready,
+    _Result,
+    _WorkerConfig,
+    dumps,
+    frame,
+    loads,
+)
+from ._pipes import TAIL_LINE_CHARS, TAIL_LINES
+from ._raysession import RaySession
+from .base import Broken, Died, Exiting, Finished, Output, Ready, Usage, WorkerBackend, WorkerEvent, WorkerSettings
+from .local import PIPE_BUDGET, TERM_GRACE
+
+logger = logging.getLogger("routilux_mp.runtime")
+
+#: Seconds a connecting nanny has to pass the challenge and say who it is.
+HANDSHAKE_TIMEOUT = 10.0
+#: Seconds to wait for Ray's verdict on a nanny whose control connection ended without the exit status.
+LOST_GRACE = 15.0
+#: Seconds a nanny has to carry out a kill before the supervisor kills the nanny itself.
+KILL_GRACE = TERM_GRACE + 5.0
+#: Seconds ``stop`` waits for Ray to confirm that every nanny is gone.
+ACTOR_EXIT_TIMEOUT = 10.0
+
+
+class _Lane:
+    """One run of a worker in a slot: its nanny's call, its two connections, what waits to be written."""
+
+    def __init__(self, slot: int, gen: int, actor: Any, ref: Any) -> None:
+        self.slot = slot
+        self.gen = gen
+        self.actor = actor
+        #: The nanny's ``run`` call: its result is the worker's return code; an error, the nanny is lost.
+        self.ref = ref
+        self.ctrl: Connection | None = None
+        #: The wire (non-blocking fd owned by ``wire_conn``) and its frame reader.
+        self.wire_conn: Connection | None = None
+        self.wire: int | None = None
+        self.reader: FrameReader | None = None
+        #: Frames not written yet (all of them until the worker connects).
+        self.outbox = bytearray()
+        #: Sizes of the activations sent and not finished; bytes of other messages since the last one.
+        self.acts: collections.deque[int] = collections.deque()
+        self.extra = 0
+        self.ready = False
+        #: Who the worker is: its pid, its nanny's pid, node and actor.
+        self.pid: int | None = None
+        self.info: dict[str, Any] = {}
+        #: Its latest usage report: RSS bytes, CPU seconds; and the CPU seconds at the previous usage().
+        self.rss: int | None = None
+        self.cpu: float | None = None
+        self.cpu_seen: tuple[float, float] | None = None
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        #: Why it was killed; it was asked to stop; it broke the protocol; its slot is free.
+        self.killed: str | None = None
+        self.stopping = False
+        self.broken = False
+        self.closed = False
+        #: EVENT_WRITE is registered for the wire; the control connection ended.
+        self.writing = False
+        self.ctrl_eof = False
+        #: When to give up waiting (for Ray's verdict, for a kill to be carried out).
+        self.deadline: float | None = None
+
+    def where(self) -> str:
+        """``" (Ray actor abc on node 10.0.0.2)"``, for the cause of a death."""
+        if not self.info:
+            return " (its Ray actor never connected back)"
+        return f" (Ray actor {self.info['actor_id'][:16]} on node {self.info['ip']})"
+
+    def queue(self, blob: bytes) -> None:
+        """Write a frame now as far as the wire takes it, the rest to ``outbox``; ``OSError`` if it is gone."""
+        if self.outbox or self.wire is None:
+            self.outbox += blob
+            return
+        try:
+            n = os.write(self.wire, blob)
+        except BlockingIOError:
+            n = 0
+        if n < len(blob):
+            self.outbox += memoryview(blob)[n:]
+
+    def flush(self) -> None:
+        """Write as much of ``outbox`` as the wire takes now (``OSError`` if the worker is gone)."""
+        while self.outbox and self.wire is not None:
+            try:
+                n = os.write(self.wire, self.outbox)
+            except BlockingIOError:
+                return
+            del self.outbox[:n]
+
+
+class RayBackend(WorkerBackend):
+    """Worker lanes on a Ray cluster (see the module docstring)."""
+
+    def __init__(self, slots: int, settings: WorkerSettings, *, session: RaySession) -> None:
+        self.slots = slots
+        self.settings = settings
+        self.session = session
+        self._ray = session.ray
+        from ._raylane import LaneNanny
+
+        self._nanny_class = self._ray.remote(LaneNanny).options(
+            num_cpus=1, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD")
+        self._lanes: list[_Lane | None] = [None] * slots
+        #: Per slot, its nanny actor while it is usable for another run.
+        self._actors: list[Any] = [None] * slots
+        self._gens = [0] * slots
+        self._lock = threading.Lock()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, (self._on_wake, None))
+        #: What the listener thread and Ray's callbacks hand to poll().
+        self._inbox: collections.deque[tuple] = collections.deque()
+        self._want_write: set[_Lane] = set()
+        self._poller: threading.Thread | None = None
+        self._stopping = False
+        self._authkey = os.urandom(32)
+        self._server = socket.create_server((session.node_ip(), 0))
+        self.address = self._server.getsockname()[:2]
+        self._acceptor = threading.Thread(target=self._accept, name="routilux-mp ray listener", daemon=True)
+        self._acceptor.start()
+
+    # -- connections ---------------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        """Listener thread: authenticate each connection, read who it is, hand it to poll()."""
+        timeout = struct.pack("ll", int(HANDSHAKE_TIMEOUT), 0)
+        while True:
+            try:
+                sock, _peer = self._server.accept()
+            except OSError:
+                return  # closed by stop()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+            conn = Connection(sock.detach())
+            try:
+                deliver_challenge(conn, self._authkey)
+                answer_challenge(conn, self._authkey)
+                role, hello = conn.recv()  # authenticated: only a nanny of ours gets here
+            except Exception:  # noqa: BLE001 - a stranger or a broken peer: drop it, read nothing more
+                conn.close()
+                continue
+            self._push(("conn", role, hello, conn))
+
+    def _push(self, item: tuple) -> None:
+        """Hand ``item`` to poll() and wake it (any thread)."""
+        self._inbox.append(item)
+        self.wake()
+
+    # -- start ---------------------------------------------------------------------------------------
+
+    def start(self) -> list[str | None]:
+        """Start a worker in every slot (see :meth:`WorkerBackend.start`)."""
+        return [self._spawn(slot) for slot in range(self.slots)]
+
+    def respawn(self, slot: int) -> str | None:
+        """Start a new worker in the empty ``slot``; why it failed, or ``None``."""
+        if self._stopping or self._lanes[slot] is not None:
+            return None
+        return self._spawn(slot)
+
+    def _spawn(self, slot: int) -> str | None:
+        """Ask the slot's nanny (a new one if it has none) to run a worker; the error if Ray refused."""
+        self._gens[slot] += 1
+        gen = self._gens[slot]
+        try:
+            actor = self._actors[slot]
+            if actor is None:
+                actor = self._actors[slot] = self._nanny_class.remote()
+            ref = actor.run.remote(self.address, self._authkey, slot, gen)
+        except Exception as exc:  # noqa: BLE001 - Ray may refuse in many ways (disconnected, shut down)
+            self._actors[slot] = None
+            return f"worker {slot}: Ray could not start its actor: {type(exc).__name__}: {exc}"
+        lane = _Lane(slot, gen, actor, ref)
+        with self._lock:
+            self._lanes[slot] = lane
+        ref.future().add_done_callback(lambda future: self._push(("done", lane, future)))
+        return None
+
+    # -- send ----------------------------------------------------------------------------------------
+
+    def send(self, slot: int, message: Any) -> bool:
+        """Queue ``message`` on the worker's wire; False when it has no room (see the protocol)."""
+        data = dumps(message)
+        activation = type(message) is _Activation
+        wake = False
+        with self._lock:
+            lane = self._lanes[slot]
+            if (lane is None or lane.closed or lane.broken or lane.killed is not None or lane.stopping
+                    or self._stopping or lane.ctrl_eof):
+                return False
+            queued = sum(lane.acts) - (lane.acts[0] if lane.acts else 0) + lane.extra
+            if lane.acts and (lane.outbox or queued + len(data) > PIPE_BUDGET):
+                return False
+            try:
+                lane.queue(frame(data))
+            except OSError:  # the worker is gone; its death comes from its nanny
+                return False
+            if activation:
+                lane.acts.append(len(data) + lane.extra)
+                lane.extra = 0
+            else:
+                lane.extra += len(data)
+            if lane.outbox and lane.wire is not None and lane not in self._want_write:
+                self._want_write.add(lane)
+                wake = threading.current_thread() is not self._poller
+        if wake:
+            self.wake()
+        return True
+
+    # -- poll ----------------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Make the dispatcher's ``poll`` return now (any thread)."""
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # full (plenty of wake-ups pending), or closed by stop()
+            pass
+
+    def poll(self, timeout: float | None) -> list[WorkerEvent]:
+        """Wait for events (see :meth:`WorkerBackend.poll`); never longer than the next own deadline."""
+        if self._poller is None:
+            self._poller = threading.current_thread()
+        due = [lane.deadline for lane in self._lanes if lane is not None and lane.deadline is not None]
+        if due:
+            wait = max(0.0, min(due) - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
+        if self._inbox:
+            timeout = 0
+        events: list[WorkerEvent] = []
+        for key, mask in self._selector.select(timeout):
+            handler, lane = key.data
+            handler(lane, mask, events)
+        while self._inbox:
+            self._on_inbox(self._inbox.popleft(), events)
+        self._fire_deadlines(events)
+        self._watch_writers()
+        return events
+
+    def _on_wake(self, _lane: None, _mask: int, _events: list[WorkerEvent]) -> None:
+        """Empty the wake-up pipe (its only job was to end the select)."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 65536)
+
+    def _on_inbox(self, item: tuple, events: list[WorkerEvent]) -> None:
+        """A connection from a nanny, or a nanny's ``run`` call ended."""
+        if item[0] == "done":
+            self._run_done(item[1], item[2], events)
+            return
+        _, role, hello, conn = item
+        lane = self._lanes[hello["slot"]] if 0 <= hello.get("slot", -1) < self.slots else None
+        if lane is None or lane.gen != hello["gen"] or lane.closed:
+            conn.close()  # an earlier run's, or one stopped meanwhile
+            return
+        lane.info = hello
+        if role == "nanny":
+            lane.ctrl = conn
+            self._selector.register(conn.fileno(), selectors.EVENT_READ, (self._on_ctrl, lane))
+            if lane.killed is not None:  # killed before it connected: pass it on
+                self._send_ctrl(lane, ("kill", True))
+            return
+        fd = conn.fileno()
+        with self._lock:
+            lane.wire_conn, lane.wire, lane.reader = conn, fd, FrameReader(fd)
+            # The worker's config goes first, before what was sent while it was starting.
+            lane.outbox[:0] = self._config_for(lane)
+            try:
+                lane.flush()
+            except OSError:
+                lane.outbox.clear()
+            if lane.outbox:
+                self._want_write.add(lane)
+        self._selector.register(fd, selectors.EVENT_READ, (self._on_wire, lane))
+
+    def _config_for(self, lane: _Lane) -> bytes:
+        """The worker's config frame (its parent is its nanny)."""
+        s = self.settings
+        return frame(dumps(_WorkerConfig(lane.slot, lane.info["nanny_pid"], s.sys_path, s.state_address, s.authkey, s.state_timeout,
+                                         s.lock_timeout, s.max_rss, s.max_activations)))
+
+    def _on_ctrl(self, lane: _Lane, _mask: int, events: list[WorkerEvent]) -> None:
+        """What the nanny says: output, usage, a start failure, the worker's exit."""
+        ctrl = lane.ctrl
+        assert ctrl is not None
+        try:
+            while ctrl.poll():
+                message = ctrl.recv()
+                kind = message[0]
+                if kind == "out":
+                    if message[1] == "stderr":
+                        lane.stderr_tail.extend(line[:TAIL_LINE_CHARS] for line in message[2].splitlines())
+                    events.append(Output(lane.slot, message[1], message[2]))
+                elif kind == "usage":
+                    lane.rss, lane.cpu = message[1], message[2]
+                elif kind == "exit":
+                    self._died(lane, ExitInfo.from_returncode(lane.pid, message[1], "\n".join(lane.stderr_tail)),
+                               events)
+                    return
+                elif kind == "failed":
+                    self._died(lane, ExitInfo(None, None, None, message[1]), events)
+                    return
+        except (EOFError, OSError):
+            self._ctrl_ended(lane)
+
+    def _ctrl_ended(self, lane: _Lane) -> None:
+        """The control connection ended without the exit status: the nanny is dying; Ray's verdict follows."""
+        if lane.ctrl_eof:
+            return
+        lane.ctrl_eof = True
+        self._unwatch(lane.ctrl.fileno() if lane.ctrl is not None else None)
+        lane.deadline = time.monotonic() + LOST_GRACE
+
+    def _on_wire(self, lane: _Lane, mask: int, events: list[WorkerEvent]) -> None:
+        """The wire is readable (frames from the worker) or writable (room for the outbox)."""
+        if mask & selectors.EVENT_WRITE:
+            self._on_writable(lane)
+        if mask & selectors.EVENT_READ:
+            self._read_wire(lane, events)
+
+    def _read_wire(self, lane: _Lane, events: list[WorkerEvent]) -> None:
+        """Turn what the worker wrote into events; report bytes that are not ours."""
+        reader = lane.reader
+        if reader is None or lane.closed or lane.broken:
+            return
+        corrupt = None
+        try:
+            frames = reader.read()
+        except CorruptFrameError as exc:
+            frames, corrupt = exc.frames, str(exc)
+        for blob in frames:
+            try:
+                message = loads(blob)
+            except Exception as exc:  # noqa: BLE001 - bytes logic wrote on the socket may fail in any way
+                corrupt = f"a message that cannot be unpickled ({type(exc).__name__}: {exc})"
+                break
+            kind = type(message)
+            if kind is _Result:
+                with self._lock:
+                    if lane.acts:
+                        lane.acts.popleft()
+                events.append(Finished(lane.slot, message))
+            elif kind is _Ready:
+                lane.pid, lane.ready = message.pid, True
+                events.append(Ready(lane.slot, message.pid))
+            elif kind is _Exiting:
+                with self._lock:
+                    lane.acts.clear()
+                events.append(Exiting(lane.slot, message.reason))
+            else:
+                corrupt = f"an unexpected message ({kind.__name__})"
+                break
+        if corrupt is not None:
+            lane.broken = True
+            events.append(Broken(lane.slot, f"sent {corrupt} on its result pipe"))
+        if corrupt is not None or reader.eof:
+            self._unwatch(lane.wire)
+
+    def _on_writable(self, lane: _Lane) -> None:
+        """The wire has room: write what waits in the outbox."""
+        with self._lock:
+            if lane.closed:
+                return
+            try:
+                lane.flush()
+            except OSError:  # the worker is gone; its death comes from its nanny
+                lane.outbox.clear()
+            if not lane.outbox and lane.writing:
+                lane.writing = False
+                self._selector.modify(lane.wire, selectors.EVENT_READ, (self._on_wire, lane))
+
+    def _watch_writers(self) -> None:
+        """Wait for room on the wires of lanes with bytes in their outbox."""
+        if not self._want_write:
+            return
+        with self._lock:
+            for lane in self._want_write:
+                if lane.outbox and not lane.writing and not lane.closed and lane.wire is not None:
+                    with contextlib.suppress(KeyError, ValueError):
+                        self._selector.modify(lane.wire, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                              (self._on_wire, lane))
+                        lane.writing = True
+            self._want_write.clear()
+
+    def _run_done(self, lane: _Lane, future: Any, events: list[WorkerEvent]) -> None:
+        """The nanny's ``run`` call ended: normally (the exit came on the control connection), or Ray lost it."""
+        try:
+            code = future.result()
+        except Exception as exc:  # noqa: BLE001 - Ray's errors for a lost actor are many
+            if self._actors[lane.slot] is lane.actor:
+                self._actors[lane.slot] = None  # never run on it again
+            with contextlib.suppress(Exception):
+                self._ray.kill(lane.actor, no_restart=True)
+            if not lane.closed:
+                text = str(exc).strip().splitlines()
+                cause = f"its Ray actor was lost: {type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
+                self._died(lane, ExitInfo(lane.pid, None, None, cause, "\n".join(lane.stderr_tail)), events)
+            return
+        if not lane.closed:  # the nanny ended without saying how its worker did: its return value says it
+            self._died(lane, ExitInfo.from_returncode(lane.pid, code, "\n".join(lane.stderr_tail)), events)
+
+    def _died(self, lane: _Lane, info: ExitInfo, events: list[WorkerEvent]) -> None:
+        """The lane's worker is gone: report what it wrote, then its death; free the slot."""
+        if lane.closed:
+            return
+        if lane.reader is not None and not lane.broken:
+            self._read_wire(lane, events)
+        with self._lock:
+            lane.closed = True
+            if self._lanes[lane.slot] is lane:
+                self._lanes[lane.slot] = None
+            self._want_write.discard(lane)
+        self._close(lane)
+        events.append(Died(lane.slot, info._replace(cause=info.cause + lane.where())))
+
+    def _close(self, lane: _Lane) -> None:
+        """Close both connections (unwatched first: fd numbers are reused)."""
+        for conn in (lane.ctrl, lane.wire_conn):
+            if conn is not None and not conn.closed:
+                self._unwatch(conn.fileno())
+                conn.close()
+
+    def _unwatch(self, fd: int | None) -> None:
+        """Stop waiting on ``fd`` (always before closing it)."""
+        if fd is None:
+            return
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
+
+    def _fire_deadlines(self, events: list[WorkerEvent]) -> None:
+        """Give up on nannies that neither reported nor were reported lost, or did not carry out a kill."""
+        now = time.monotonic()
+        for lane in list(self._lanes):
+            if lane is None or lane.deadline is None or lane.deadline > now or lane.closed:
+                continue
+            lane.deadline = None
+            with contextlib.suppress(Exception):
+                self._ray.kill(lane.actor, no_restart=True)
+            if self._actors[lane.slot] is lane.actor:
+                self._actors[lane.slot] = None
+            if lane.ctrl_eof:
+                self._died(lane, ExitInfo(lane.pid, None, None, "its Ray actor stopped answering and was killed",
+                                          "\n".join(lane.stderr_tail)), events)
+            else:  # a kill not carried out: ray.kill above ends the run; Ray's verdict follows
+                lane.deadline = now + LOST_GRACE
+                lane.ctrl_eof = True
+
+    # -- kill, usage ---------------------------------------------------------------------------------
+
+    def _send_ctrl(self, lane: _Lane, message: Any) -> None:
+        """Tell the nanny something (a kill); a gone nanny shows through its run's end."""
+        if lane.ctrl is None or lane.ctrl_eof:
+            return
+        try:
+            lane.ctrl.send(message)
+        except OSError:
+            self._ctrl_ended(lane)
+
+    def kill(self, slot: int, reason: str, hard: bool) -> None:
+        """Have the nanny signal the worker's group (SIGKILL if ``hard``, else SIGTERM then SIGKILL)."""
+        lane = self._lanes[slot]
+        if lane is None or lane.closed:
+            return
+        lane.killed = lane.killed or reason
+        if lane.deadline is None:
+            lane.deadline = time.monotonic() + KILL_GRACE
+        self._send_ctrl(lane, ("kill", hard))  # not connected yet: passed on when it connects
+
+    def taken(self, slot: int) -> bool:
+        """Whether the worker took its first activation: written to a ready worker (see the module docstring)."""
+        with self._lock:
+            lane = self._lanes[slot]
+            return lane is None or not lane.acts or (lane.ready and not lane.outbox)
+
+    def pid(self, slot: int) -> int | None:
+        """The worker's process id on its node (any thread)."""
+        lane = self._lanes[slot]
+        return None if lane is None else lane.pid
+
+    def usage(self) -> list[Usage | None]:
+        """Per slot: pid, RSS and CPU% (since the previous call) of its worker, from its nanny's reports."""
+        found: list[Usage | None] = []
+        now = time.monotonic()
+        for lane in list(self._lanes):
+            if lane is None:
+                found.append(None)
+                continue
+            percent = None
+            if lane.cpu is not None:
+                if lane.cpu_seen is not None and now > lane.cpu_seen[0]:
+                    percent = 100.0 * (lane.cpu - lane.cpu_seen[1]) / (now - lane.cpu_seen[0])
+                lane.cpu_seen = (now, lane.cpu)
+            found.append(Usage(lane.pid, lane.rss if lane.ready else None, percent))
+        return found
+
+    def rss(self, slot: int) -> int | None:
+        """The worker's resident memory in bytes, from its nanny's latest report (any thread)."""
+        lane = self._lanes[slot]
+        return None if lane is None else lane.rss
+
+    # -- stop ----------------------------------------------------------------------------------------
+
+    def stop(self, grace: float, output: Callable[[Output], None]) -> None:
+        """Stop every worker, escalating (see :meth:`WorkerBackend.stop`); then every nanny and the listener."""
+        stop = frame(dumps(STOP))
+        with self._lock:
+            self._stopping = True
+            lanes = [lane for lane in self._lanes if lane is not None]
+            for lane in lanes:
+                lane.stopping = True
+                with contextlib.suppress(OSError):
+                    lane.queue(stop)
+                    lane.flush()
+                if lane.outbox:
+                    self._want_write.add(lane)
+        deadline = time.monotonic() + grace
+        for hard in (None, False, True):
+            if hard is not None:
+                for lane in self._lanes:
+                    if lane is not None:
+                        self.kill(lane.slot, "stop", hard)
+                deadline = time.monotonic() + (TERM_GRACE if hard is False else KILL_GRACE)
+            self._drain_until(deadline, output)
+            if all(lane is None for lane in self._lanes):
+                break
+        self.abort()
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the listener thread (close alone does not)
+        self._server.close()
+        self._acceptor.join(HANDSHAKE_TIMEOUT)
+        while self._inbox:  # connections that arrived too late
+            item = self._inbox.popleft()
+            if item[0] == "conn":
+                item[3].close()
+        for lane in lanes:
+            self._close(lane)
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.session.close()
+
+    def _drain_until(self, deadline: float, output: Callable[[Output], None]) -> None:
+        """Poll until every lane is gone or ``deadline`` passes, passing output on and dropping other events."""
+        while any(lane is not None for lane in self._lanes):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for event in self.poll(remaining):
+                if type(event) is Output:
+                    output(event)
+
+    def abort(self) -> None:
+        """Kill every nanny (and so its worker) now and wait until Ray confirms (any thread)."""
+        refs = []
+        actors = {id(a): a for a in self._actors if a is not None}
+        actors.update({id(lane.actor): lane.actor for lane in list(self._lanes) if lane is not None})
+        for lane in list(self._lanes):
+            if lane is not None:
+                refs.append(lane.ref)
+        for actor in actors.values():
+            with contextlib.suppress(Exception):
+                self._ray.kill(actor, no_restart=True)
+        self._actors = [None] * self.slots
+        if refs:
+            with contextlib.suppress(Exception):
+                self._ray.wait(refs, num_returns=len(refs), timeout=ACTOR_EXIT_TIMEOUT)
