@@ -19,7 +19,8 @@ decorator. ``docs/migrating.md`` lists the deliberate differences.
 # - _exec/, the execution seam: base (WorkerBackend and its events), local (worker processes fed through
 #   pipes; _child is such a process's loop), stub (lanes in the calling thread, for unit tests).
 # - The worker side: _worker (ActivationRunner: runs logic, no transport of its own), _context.
-# - The state server: _state_launch (starts, watches, stops it), _state_server, _state_rpc, _state_client.
+# - _state/, the state seam: protocol, client (what WorkerState calls), server and store (the state-server
+#   process), backend (StateBackend: where states are kept), launcher and service (the supervisor's side).
 # - Shared: _messages (wire messages; the one owner of error data), _process (spawning, signals, parent death).
 
 from __future__ import annotations

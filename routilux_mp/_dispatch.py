@@ -28,6 +28,7 @@ from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
 from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, type_name
 from ._records import _Act
+from ._state.protocol import Method
 from ._routing import Router
 from ._timers import ActivationDeadline, RespawnDue, RetryDue, Timers
 from .errors import (
@@ -62,7 +63,7 @@ class Owner(Protocol):
     def room_made(self) -> None:
         """An activation left its slot queue: posts waiting for room may go on."""
 
-    def push_state(self, method: str, *args: Any) -> None:
+    def push_state(self, method: Method, *args: Any) -> None:
         """Tell the state server something nobody waits for."""
 
     def state_lost(self, why: str) -> None:
@@ -306,7 +307,7 @@ class Dispatcher:
         slot.alive = False
         info = event.info
         if self.flags.broken is None and info.pid is not None:
-            self.owner.push_state("release_pid", info.pid)
+            self.owner.push_state(Method.RELEASE_PID, info.pid)
         acts = list(slot.inflight)
         slot.inflight.clear()
         first = acts[0] if acts and not acts[0].resolved else None

@@ -28,7 +28,10 @@ from ._ledger import Ledger
 from ._lifecycle import Lifecycle, run_callbacks
 from ._messages import error_data
 from ._routing import Router
-from ._state_launch import STATE_START_DELAY, STATE_STOP_TIMEOUT, StateServerLauncher
+from ._state.launcher import START_DELAY as STATE_START_DELAY
+from ._state.launcher import STOP_TIMEOUT as STATE_STOP_TIMEOUT
+from ._state.protocol import Method
+from ._state.service import StateService
 from ._timers import (
     ActivationDeadline,
     CheckMemory,
@@ -58,7 +61,7 @@ class DispatchLoop:
     """The dispatcher thread of one runtime (see the module docstring)."""
 
     def __init__(self, *, lock: threading.Lock, cond: threading.Condition, flags: Lifecycle,
-                 clock: Callable[[], float], state: StateServerLauncher, backend: WorkerBackend, ledger: Ledger,
+                 clock: Callable[[], float], state: StateService, backend: WorkerBackend, ledger: Ledger,
                  processes: int, prefetch: int, kill_worker_rss: int | None, state_timeout: float,
                  output: Callable[[str, str], None]) -> None:
         #: The supervisor's lock (everything in the ledger is guarded by it) and its condition.
@@ -231,7 +234,7 @@ class DispatchLoop:
     def _flush_counts(self) -> None:
         """Push the job counters collected so far to the state server."""
         if self.ledger.count_deltas:
-            self.state.push("add_job_counts", self.ledger.take_counts())
+            self.state.push(Method.ADD_JOB_COUNTS, self.ledger.take_counts())
 
     def _memory_timer(self, _timer: CheckMemory, now: float) -> None:
         """Sample the workers' RSS (hard memory limit), and again in ``MEMORY_SAMPLE_INTERVAL``."""
@@ -270,7 +273,7 @@ class DispatchLoop:
         if self.post_waiters:
             self.cond.notify_all()
 
-    def push_state(self, method: str, *args: Any) -> None:
+    def push_state(self, method: Method, *args: Any) -> None:
         """Tell the state server something nobody waits for (in order, off this thread)."""
         self.state.push(method, *args)
 

@@ -1,4 +1,4 @@
-"""Wire messages between the supervisor and a worker process.
+"""Wire messages between the supervisor and a worker process, and the one owner of "error as data".
 
 Supervisor -> worker (command pipe): ``_WorkerConfig`` once, then
 ``_LoadFlow`` / ``_Activation`` / ``STOP``. Worker -> supervisor (result
@@ -10,9 +10,10 @@ Envelopes are pickled with the C pickler. User data (items, emits, policy
 messages) travels inside them as cloudpickle blobs made once where the data is
 produced, so classes and closures defined in ``__main__`` arrive by value and
 nothing is serialized twice. Failures travel as data (type names, message,
-traceback text), never as exception objects: this module is the one owner of
-that data (:func:`error_data`, :func:`describe_exception`, :class:`ExitInfo`),
-used by workers, the supervisor, the execution backends and the state server.
+traceback text), never as exception objects: :class:`ErrorData`, made by
+:func:`error_data` / :func:`describe_exception` (worker, supervisor, state
+server alike) and turned back into an exception by :func:`exception_from`;
+how a process ended travels as :class:`ExitInfo` (execution backends).
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import traceback
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import cloudpickle
+
+from .errors import RoutiluxError
 
 PROTOCOL = 5
 
@@ -61,6 +65,125 @@ def encode(data: Any) -> bytes:
         return pickle.dumps(data, PROTOCOL)
     return cloudpickle.dumps(data, PROTOCOL)
 
+
+# -- error as data ---------------------------------------------------------------
+
+#: Longest error message / traceback text sent across a process boundary (characters).
+MAX_ERROR_TEXT = 20_000
+
+_PLAIN_ARG = (str, int, float, bool, type(None))
+
+
+class ErrorData(TypedDict, total=False):
+    """An exception as plain data: what crosses a process boundary instead of the exception object.
+
+    ``type`` is the qualified class name (``"ZeroDivisionError"``,
+    ``"routilux_mp.errors.StateTooLargeError"``), ``mro`` the qualified names
+    of its classes (for ``ErrorHandler(retryable=...)``), ``traceback`` the
+    text of the remote traceback. The rest is optional: ``routine`` (the
+    routine that raised), ``args`` (the exception's arguments, when all are
+    plain values: rebuilding then gives back an equal exception), and, for a
+    dead worker, ``exitcode`` / ``signal`` / ``pid`` / ``process`` / ``crashed``.
+    """
+
+    type: str
+    mro: list[str]
+    message: str
+    traceback: str
+    routine: str | None
+    args: list
+    exitcode: int | None
+    signal: str | None
+    pid: int
+    process: int
+    crashed: bool
+
+
+def type_name(cls: type) -> str:
+    """``cls``'s qualified name (builtins without their module): how error data names a class."""
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def error_data(error: BaseException | type[BaseException], message: str | None = None, *, keep_args: bool = False,
+               **extra: Any) -> ErrorData:
+    """An error as :class:`ErrorData`: ``type``, ``mro``, ``message``, ``traceback``, then ``extra``.
+
+    ``error`` is an exception (its message and traceback are taken from it;
+    this never raises, whatever its ``__str__`` does) or an exception class
+    (for errors of ours: ``message`` says what happened, ``traceback`` is empty
+    unless ``extra`` gives one). With ``keep_args``, an exception's ``args``
+    are carried too when every one is a plain value, so :func:`exception_from`
+    rebuilds an equal exception (``KeyError('k')``). Keys in ``extra`` are
+    added as given (``routine=...``, ``exitcode=...``).
+    """
+    if isinstance(error, BaseException):
+        cls: type[BaseException] = type(error)
+        if message is None:
+            try:
+                message = str(error)
+            except BaseException:  # noqa: BLE001 - a user's __str__ may raise anything
+                message = f"<unprintable {cls.__qualname__}>"
+        try:
+            text = "".join(traceback.format_exception(cls, error, error.__traceback__))
+        except BaseException:  # noqa: BLE001 - so may the objects in a user's traceback
+            text = f"{type_name(cls)}: {message}\n(traceback could not be formatted)\n"
+    else:
+        cls, text = error, ""
+    data: ErrorData = {
+        "type": type_name(cls),
+        "mro": [type_name(c) for c in cls.__mro__ if c is not object],
+        "message": (message or "")[:MAX_ERROR_TEXT],
+        "traceback": text[-MAX_ERROR_TEXT:],
+    }
+    args = getattr(error, "args", None)
+    if keep_args and isinstance(args, tuple) and all(type(a) in _PLAIN_ARG for a in args) and (
+            sum(len(a) for a in args if isinstance(a, str)) <= MAX_ERROR_TEXT):
+        data["args"] = list(args)
+    data.update(extra)  # type: ignore[typeddict-item]
+    return data
+
+
+def describe_exception(exc: BaseException, routine_id: str | None) -> ErrorData:
+    """What a worker reports for an exception raised while running ``routine_id`` (or loading a flow)."""
+    return error_data(exc, routine=routine_id)
+
+
+def exception_from(data: ErrorData, where: str) -> BaseException:
+    """The exception ``data`` describes, to raise on this side, with ``remote_traceback`` set.
+
+    The class is looked up among builtins and modules this process has
+    already imported (nothing is imported on the say-so of the other side);
+    it is called with the carried ``args`` (else the message). When the class
+    is unknown here or will not take those arguments, a :class:`RoutiluxError`
+    saying ``"{where} raised {type}: {message}"`` stands in for it.
+    """
+    name = data.get("type", "")
+    message = data.get("message", "")
+    module, _, qualname = name.rpartition(".")
+    found: Any = sys.modules.get(module or "builtins")
+    for part in qualname.split(".") if found is not None else ():
+        found = getattr(found, part, None)
+    exc: BaseException | None = None
+    if isinstance(found, type) and issubclass(found, BaseException):
+        args = data.get("args")
+        try:
+            exc = found(*args) if args is not None else found(message)
+        except Exception:  # noqa: BLE001 - a constructor with other needs: use the stand-in
+            exc = None
+    if exc is None:
+        exc = RoutiluxError(f"{where} raised {name}: {message}")
+    remote = data.get("traceback")
+    if remote:
+        try:
+            exc.remote_traceback = remote  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):  # a class with __slots__ and no __dict__
+            pass
+    return exc
+
+
+# -- frames ----------------------------------------------------------------------
 
 #: Largest frame any reader here accepts. A header announcing more is not a frame
 #: of ours (bytes written outside the protocol, or a corrupt stream): the reader
@@ -224,35 +347,6 @@ def read_frame(fd: int, limit: int = MAX_FRAME_BYTES) -> bytes:
     return _read_exactly(fd, parsed[0])
 
 
-class ServerConfig:
-    """What the state server needs (sent on its stdin: the authkey must not show in ``ps``)."""
-
-    __slots__ = (
-        "address",
-        "authkey",
-        "listen_fd",
-        "lock_timeout",
-        "max_state_bytes",
-        "parent_pid",
-        "strict",
-        "sys_path",
-    )
-
-    def __init__(self, address: str, listen_fd: int, authkey: bytes, parent_pid: int, sys_path: list[str],
-                 max_state_bytes: int, strict: bool, lock_timeout: float) -> None:
-        self.address = address
-        self.listen_fd = listen_fd
-        self.authkey = authkey
-        self.parent_pid = parent_pid
-        self.sys_path = sys_path
-        self.max_state_bytes = max_state_bytes
-        self.strict = strict
-        self.lock_timeout = lock_timeout
-
-    def __repr__(self) -> str:
-        return f"ServerConfig(address={self.address!r})"
-
-
 class _WorkerConfig:
     __slots__ = (
         "authkey",
@@ -357,10 +451,7 @@ class _Stop:
 STOP = _Stop()
 
 
-# -- errors as data: the one owner --------------------------------------------------------------------
-
-#: Longest error message / traceback text carried in error data (characters).
-MAX_ERROR_TEXT = 20_000
+# -- how a process ended ---------------------------------------------------------
 
 #: What a worker's death by each signal most likely means, for the error message.
 LIKELY_CAUSES = {
@@ -372,50 +463,6 @@ LIKELY_CAUSES = {
     "SIGILL": "an illegal instruction in C code",
     "SIGTERM": "a SIGTERM from outside routilux-mp",
 }
-
-
-def type_name(cls: type) -> str:
-    """``ValueError`` for builtins, ``package.module.Class`` for everything else."""
-    if cls.__module__ == "builtins":
-        return cls.__qualname__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def error_data(error: BaseException | type[BaseException], message: str | None = None, **extra: Any) -> dict:
-    """An error as the plain data a job carries: ``type``, ``mro``, ``message``, ``traceback``, then ``extra``.
-
-    ``error`` is an exception (its message and traceback are taken from it;
-    this never raises, whatever its ``__str__`` does) or an exception class
-    (for errors of ours: ``message`` says what happened, ``traceback`` is empty
-    unless ``extra`` gives one). Keys in ``extra`` are added as given, e.g.
-    ``routine``, ``exitcode``, ``signal``, ``pid``, ``process``, ``crashed``.
-    """
-    if isinstance(error, BaseException):
-        cls: type[BaseException] = type(error)
-        if message is None:
-            try:
-                message = str(error)
-            except BaseException:  # noqa: BLE001 - a user's __str__ may raise anything
-                message = f"<unprintable {cls.__qualname__}>"
-        try:
-            text = "".join(traceback.format_exception(cls, error, error.__traceback__))
-        except BaseException:  # noqa: BLE001 - so may the objects in a user's traceback
-            text = f"{type_name(cls)}: {message}\n(traceback could not be formatted)\n"
-    else:
-        cls, text = error, ""
-    data = {
-        "type": type_name(cls),
-        "mro": [type_name(c) for c in cls.__mro__ if c is not object],
-        "message": (message or "")[:MAX_ERROR_TEXT],
-        "traceback": text[-MAX_ERROR_TEXT:],
-    }
-    data.update(extra)
-    return data
-
-
-def describe_exception(exc: BaseException, routine_id: str | None) -> dict:
-    """An exception raised while running ``routine_id`` as plain data (see :func:`error_data`)."""
-    return error_data(exc, routine=routine_id)
 
 
 class ExitInfo(NamedTuple):
@@ -439,8 +486,12 @@ class ExitInfo(NamedTuple):
         return cls(pid, exitcode, signame, likely_cause(exitcode, signame), stderr_tail)
 
     def how(self) -> str:
-        """``"was killed by SIGKILL"`` or ``"exited with code 3"``."""
-        return f"was killed by {self.signal}" if self.signal else f"exited with code {self.exitcode}"
+        """``"was killed by SIGKILL"``, ``"exited with code 3"``, or (no status known) that it stopped answering."""
+        if self.signal:
+            return f"was killed by {self.signal}"
+        if self.exitcode is None:
+            return "closed its output and stopped answering"
+        return f"exited with code {self.exitcode}"
 
 
 def describe_exit(returncode: int | None) -> tuple[int | None, str | None]:

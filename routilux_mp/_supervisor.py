@@ -44,7 +44,8 @@ from ._lifecycle import Lifecycle, run_callbacks
 from ._loop import DispatchLoop
 from ._messages import error_data
 from ._records import SlotQueue, _Instance, _RoutineRt
-from ._state_launch import StateServerLauncher
+from ._state.protocol import Method
+from ._state.service import StateService
 from .errors import FlowError, RoutiluxError, SlotQueueFullError, WorkerNotRunningError
 from .job import JobContext
 from .state import WorkerState
@@ -101,7 +102,7 @@ class Supervisor:
         settings: Settings,
         *,
         backend: Callable[[int, WorkerSettings], WorkerBackend] = LocalProcessBackend,
-        state: Callable[..., StateServerLauncher] = StateServerLauncher,
+        state: Callable[..., StateService] = StateService,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         #: The runtime's options.
@@ -209,7 +210,7 @@ class Supervisor:
                 self.ledger.instances[worker_id] = inst
                 self.ledger.current[flow_name] = worker_id
             # Workers may read status and flow_id; nobody needs to wait for it to arrive.
-            self.state.push("register_worker", worker_id, flow.flow_id, "running")
+            self.state.push(Method.REGISTER_WORKER, worker_id, flow.flow_id, "running")
         finally:
             with self.lock:
                 self._reserved.discard(worker_id)
@@ -395,7 +396,7 @@ class Supervisor:
         lost: dict = {}
         if ask:
             try:
-                lost = self.state.client.call("lost_updates")
+                lost = self.state.client.call(Method.LOST_UPDATES)
             except RoutiluxError:
                 lost = {}
         for rid, agg in routines.items():

@@ -32,7 +32,8 @@ from . import _context, _jsonvalue
 from ._messages import _Activation, _LoadFlow, _Result, _Stop, describe_exception, encode, is_plain, loads
 from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
-from .state import WorkerState, _StoreClient
+from ._state.client import StoreClient
+from .state import WorkerState
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -98,7 +99,7 @@ class ActivationRunner:
     result back.
     """
 
-    def __init__(self, client: _StoreClient, *, max_rss: int | None, max_activations: int | None) -> None:
+    def __init__(self, client: StoreClient, *, max_rss: int | None, max_activations: int | None) -> None:
         #: This process's link to the state server (every WorkerState here uses it).
         self.client = client
         #: Recycle past this RSS (bytes), or after this many activations.

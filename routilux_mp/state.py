@@ -1,6 +1,6 @@
 """WorkerState: one worker's shared JSON state, seen identically from every process.
 
-The state lives in the state-server process (see ``_state_server``). A
+The state lives in the state-server process (see the ``_state`` package). A
 ``WorkerState`` is a thin handle: every method is one call to the server over
 this process's kept-open connection, and every read returns a copy.
 """
@@ -22,14 +22,11 @@ from typing import Any
 import cloudpickle
 
 from . import _jsonvalue
-from ._state_client import StatePusher, _Held, _Lost, _StoreClient, _Timeout
+from ._state.client import StoreClient, _Held
+from ._state.protocol import Method
 from .errors import RoutiluxError, RuntimeClosedError, SerializationError, StateServerLostError
 
 __all__ = ["WorkerState"]
-
-# The client side lives in _state_client; these names are imported from here by the
-# supervisor and the workers.
-_CLIENT_NAMES = (StatePusher, _Lost, _StoreClient, _Timeout)
 
 logger = logging.getLogger("routilux_mp.state")
 
@@ -78,7 +75,7 @@ class WorkerState:
         flow_id: the id of the flow it runs.
     """
 
-    def __init__(self, worker_id: str, flow_id: str, client: _StoreClient) -> None:
+    def __init__(self, worker_id: str, flow_id: str, client: StoreClient) -> None:
         self.worker_id = worker_id
         self.flow_id = flow_id
         self._client = client
@@ -145,7 +142,7 @@ class WorkerState:
             return snap["meta"]
         meta = None if self._client.local_meta is None else self._client.local_meta(self.worker_id)
         if meta is None:
-            meta = self._client.call("meta", self.worker_id)
+            meta = self._client.call(Method.META, self.worker_id)
         if self._client.lost is not None:
             meta = dict(meta, status="failed")
         return meta
@@ -193,7 +190,7 @@ class WorkerState:
         snap = self._snapshot()
         if snap is not None:
             return _jsonvalue.normalize(snap["states"])[0]
-        blob, versions = self._client.call("get_all", self.worker_id)
+        blob, versions = self._client.call(Method.GET_ALL, self.worker_id)
         for rid, version in versions.items():
             self._saw(rid, version)
         states = pickle.loads(blob)
@@ -220,7 +217,7 @@ class WorkerState:
         if snap is not None:
             value = snap["states"].get(rid)
             return None if value is None else _jsonvalue.normalize(value)[0]
-        blob, version = self._client.call("get", self.worker_id, rid)
+        blob, version = self._client.call(Method.GET, self.worker_id, rid)
         self._saw(rid, version)
         return None if blob is None else pickle.loads(blob)
 
@@ -247,7 +244,7 @@ class WorkerState:
         key = (self.worker_id, rid)
         expected = self._client.reads().get(key)
         version, lost = self._client.call(
-            "replace", self.worker_id, rid, value, size, expected, patience=self._client.lock_timeout
+            Method.REPLACE, self.worker_id, rid, value, size, expected, patience=self._client.lock_timeout
         )
         self._moved(rid, version)
         if lost == 1:
@@ -270,7 +267,7 @@ class WorkerState:
         if held is not None:
             held.state.update(value)
             return copy.deepcopy(held.state)
-        blob, version = self._client.call("merge", self.worker_id, rid, value, patience=self._client.lock_timeout)
+        blob, version = self._client.call(Method.MERGE, self.worker_id, rid, value, patience=self._client.lock_timeout)
         self._saw(rid, version)
         return pickle.loads(blob)
 
@@ -307,7 +304,7 @@ class WorkerState:
             held.state.update(totals)
             return totals
         result, version = self._client.call(
-            "increment", self.worker_id, rid, amounts, patience=self._client.lock_timeout
+            Method.INCREMENT, self.worker_id, rid, amounts, patience=self._client.lock_timeout
         )
         self._moved(rid, version)
         return result
@@ -350,7 +347,7 @@ class WorkerState:
         except Exception as exc:
             raise SerializationError(f"the function given to modify_routine_state({rid!r}) cannot be pickled: {exc}") from exc
         result, version = self._client.call(
-            "modify", self.worker_id, rid, blob, float(budget), patience=self._client.lock_timeout + budget
+            Method.MODIFY, self.worker_id, rid, blob, float(budget), patience=self._client.lock_timeout + budget
         )
         self._saw(rid, version)
         return pickle.loads(result)
@@ -380,7 +377,7 @@ class WorkerState:
             raise RoutiluxError(f"this thread already holds the lock on routine state {rid!r} (locks are not reentrant)")
         token = uuid.uuid4().hex
         wait = self._client.lock_timeout if timeout is None else float(timeout)
-        blob, version = self._client.call("acquire", self.worker_id, rid, token, os.getpid(), wait, patience=wait)
+        blob, version = self._client.call(Method.ACQUIRE, self.worker_id, rid, token, os.getpid(), wait, patience=wait)
         state = pickle.loads(blob) if blob is not None else {}
         held[key] = _Held(token, state)
         try:
@@ -388,15 +385,15 @@ class WorkerState:
         except BaseException:
             held.pop(key, None)
             with contextlib.suppress(StateServerLostError):
-                self._client.call("release", self.worker_id, rid, token, None, 0)
+                self._client.call(Method.RELEASE, self.worker_id, rid, token, None, 0)
             raise
         held.pop(key, None)
         try:
             new_value, size = _jsonvalue.normalize(state)
         except BaseException:
-            self._client.call("release", self.worker_id, rid, token, None, 0)
+            self._client.call(Method.RELEASE, self.worker_id, rid, token, None, 0)
             raise
-        version = self._client.call("release", self.worker_id, rid, token, new_value, size)
+        version = self._client.call(Method.RELEASE, self.worker_id, rid, token, new_value, size)
         self._saw(rid, version)
 
     # -- per-process resources ---------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import sys
 import threading
 import time
 
@@ -259,8 +260,8 @@ def test_resource_is_made_once_per_process(make_runtime, tmp_path) -> None:
 def test_state_server_socket_is_private_and_rejects_a_wrong_key(make_runtime) -> None:
     from multiprocess import AuthenticationError
 
-    from routilux_mp._state_rpc import SERIALIZER
-    from routilux_mp._state_server import StoreManager
+    from routilux_mp._state.protocol import SERIALIZER
+    from routilux_mp._state.server import StoreManager
 
     single_flow("sec", lambda *a: None)
     runtime = make_runtime(processes=1)
@@ -385,15 +386,16 @@ CLIENT_TIMEOUT = 2.0
 
 @pytest.mark.parametrize("mode", [row[1] for row in BAD_REPLIES], ids=[row[0] for row in BAD_REPLIES])
 def test_a_state_call_ends_within_its_deadline_whatever_the_server_sends(make_runtime, tmp_path, mode) -> None:
+    from routilux_mp._state.client import StoreClient
     from routilux_mp.errors import StateServerLostError
-    from routilux_mp.state import WorkerState, _StoreClient
+    from routilux_mp.state import WorkerState
 
     single_flow("relay", lambda *a: None)
     runtime = make_runtime(processes=1)
     ws = runtime.exec("relay")
     ws.update_routine_state("big", {"blob": "x" * 500_000})  # a reply of many socket buffers
     relay = _Relay(runtime._testing.state_address, str(tmp_path / "relay.sock"), mode)
-    client = _StoreClient(relay.path, runtime._testing.authkey, CLIENT_TIMEOUT, CLIENT_TIMEOUT)
+    client = StoreClient(relay.path, runtime._testing.authkey, CLIENT_TIMEOUT, CLIENT_TIMEOUT)
     other = WorkerState(ws.worker_id, ws.flow_id, client)
     if mode != "silent":
         assert other.get_routine_state("big")["blob"] == "x" * 500_000, "the relay passes replies through"
@@ -572,7 +574,7 @@ def _start_then_block(box):
 def test_an_abandoned_modify_function_is_stopped_and_its_runner_reused(monkeypatch) -> None:
     import cloudpickle
 
-    from routilux_mp import _state_fn
+    from routilux_mp._state import modify as _state_fn
     from routilux_mp.errors import ModifyTimeoutError
 
     runners = _state_fn.FnRunners()
@@ -766,3 +768,37 @@ def test_flows_of_one_runtime_share_one_trust_domain(make_runtime) -> None:
     assert job.wait(WAIT) and job.status == "completed", job.error
     assert job.outputs[0]["data"]["seen"] == {"secret": 1}
     assert victim.get_routine_state("r") == {"secret": 1, "written_by": "a"}
+
+
+# -- a modify function's own error reaches its caller, as data ----------------------------------
+
+
+class _CallersError(Exception):
+    """Defined here: the state server gets it by value, the caller has it by name."""
+
+
+def _raise_callers_error(state):
+    raise _CallersError("mine")
+
+
+#: id, a modify_routine_state function that raises, what its caller gets, the message
+MODIFY_RAISES = [
+    ("system-exit", lambda s: sys.exit(3), SystemExit, "^3$"),
+    ("key-error", lambda s: s["missing"], KeyError, "^'missing'$"),
+    ("a-class-of-the-callers", _raise_callers_error, _CallersError, "^mine$"),
+]
+
+
+@pytest.mark.parametrize(("fn", "error", "message"), [row[1:] for row in MODIFY_RAISES],
+                         ids=[row[0] for row in MODIFY_RAISES])
+def test_a_modify_function_that_raises_fails_that_call_alone_with_its_own_error(make_runtime, fn, error,
+                                                                                message) -> None:
+    single_flow("raising", lambda *a: None)
+    runtime = make_runtime(processes=1)
+    ws = runtime.exec("raising")
+    ws.update_routine_state("r", {"v": 1})
+    with pytest.raises(error, match=message) as info:
+        ws.modify_routine_state("r", fn)
+    assert "Traceback" in info.value.remote_traceback, "the function's traceback, from the state server"
+    assert ws.get_routine_state("r") == {"v": 1}, "nothing was written"
+    assert ws.increment("r", "n") == 1, "the server, and the routine state's lock, carry on"

@@ -24,7 +24,8 @@ from typing import Any
 from .. import _context, _process
 from .._messages import _Exiting, _Ready, _WorkerConfig, dumps, loads, read_frame, write_frame
 from .._worker import ActivationRunner, forked_child_exit
-from ..state import _StoreClient, close_resources
+from .._state.client import StoreClient
+from ..state import close_resources
 
 
 def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, cleanup_dir: str | None) -> None:
@@ -49,7 +50,7 @@ def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, c
             forked_child_exit(1)
         write_frame(results, dumps(message))
 
-    client = _StoreClient(config.state_address, config.authkey, config.state_timeout, config.lock_timeout)
+    client = StoreClient(config.state_address, config.authkey, config.state_timeout, config.lock_timeout)
     runner = ActivationRunner(client, max_rss=config.max_rss, max_activations=config.max_activations)
     reply(_Ready(me))
     reason = None

@@ -33,8 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .._messages import ExitInfo, _Activation, dumps, loads
+from ..errors import StateServerLostError
 from .._worker import ActivationRunner
-from ..state import _StoreClient
+from .._state.backend import MemoryBackend
+from .._state.client import StoreClient
+from .._state.protocol import Method
+from .._state.store import StateStore
 from . import base
 from .base import Usage, WorkerBackend, WorkerEvent, WorkerSettings
 
@@ -103,7 +107,7 @@ class StubBackend(WorkerBackend):
     def _spawn(self, slot: int) -> None:
         """Make the lane of ``slot``; its Ready event shows at the next poll."""
         store = _STORES.get(self.settings.state_address)
-        client = store.client if store is not None else _StoreClient(
+        client = store.client if store is not None else StoreClient(
             self.settings.state_address, self.settings.authkey, self.settings.state_timeout,
             self.settings.lock_timeout)
         lane = _Lane(next(self._pids), ActivationRunner(client, max_rss=None,
@@ -269,20 +273,18 @@ class StubBackend(WorkerBackend):
             self._report(slot, None, base.Died(slot, ExitInfo.from_returncode(lane.pid, returncode, stderr)))
 
 
-class _InProcessClient(_StoreClient):
+class _InProcessClient(StoreClient):
     """A state client whose calls run on a ``StateStore`` in this process (no server, no socket)."""
 
     def __init__(self, store: Any, timeout: float, lock_timeout: float) -> None:
         super().__init__("<in-process>", b"", timeout, lock_timeout)
         self._store = store
 
-    def call(self, method: str, *args: Any, patience: float = 0.0) -> Any:
+    def call(self, method: Method, *args: Any, patience: float = 0.0) -> Any:
         """Run ``method(*args)`` on the store, raising what it raised (as the real client does)."""
         if self.lost is not None:
-            from ..errors import StateServerLostError
-
             raise StateServerLostError(self.lost)
-        return getattr(self._store, method)(*args)
+        return getattr(self._store, Method(method).value)(*args)
 
 
 class StubState:
@@ -290,15 +292,13 @@ class StubState:
 
     def __init__(self, *, max_state_bytes: int, strict: bool, state_timeout: float, lock_timeout: float,
                  local_meta: Callable[[str], dict | None], on_lost: Callable[[], None]) -> None:
-        from .._state_server import StateStore
-
         #: The address stub lanes find this store by, and a key nobody checks.
         self.address = f"stub-state-{next(_addresses)}"
         self.authkey = b""
         self.socket_dir = ""
         self.pid: int | None = None
         #: The store every WorkerState of the runtime (supervisor and stub lanes) calls.
-        self.store = StateStore(max_state_bytes, strict, lock_timeout)
+        self.store = StateStore(MemoryBackend(), max_state_bytes, strict, lock_timeout)
         self.client = _InProcessClient(self.store, state_timeout, lock_timeout)
         self.client.local_meta = local_meta
         self.client.on_lost = on_lost
@@ -326,7 +326,7 @@ class StubState:
         """Simulate the server's death (the dispatcher notices at its next pass)."""
         self._died = why
 
-    def push(self, method: str, *args: Any) -> None:
+    def push(self, method: Method, *args: Any) -> None:
         """Run ``method(*args)`` on the store now (dropped once the store is lost, as the real pusher does)."""
         if self.client.lost is None:
             self.client.call(method, *args)

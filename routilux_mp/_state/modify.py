@@ -27,7 +27,7 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import ModifyTimeoutError
+from ..errors import ModifyTimeoutError
 
 #: Abandoned functions still running past which new functions are refused.
 MAX_OVERDUE = 8
@@ -42,6 +42,7 @@ _set_async_exc.restype = ctypes.c_int
 
 
 def _raise_in(thread_id: int) -> None:
+    """Make thread ``thread_id`` raise ``_Abandoned`` at its next bytecode."""
     _set_async_exc(ctypes.c_ulong(thread_id), ctypes.py_object(_Abandoned))
 
 
@@ -59,6 +60,7 @@ class FnTask:
     __slots__ = ("_lock", "_state", "_thread", "arg", "blob", "done", "error", "overdue", "result")
 
     def __init__(self, blob: bytes, arg: Any) -> None:
+        """A call of the function pickled in ``blob`` on ``arg``, not started yet."""
         self.blob = blob
         self.arg = arg
         self.result: Any = None
@@ -72,6 +74,7 @@ class FnTask:
         self._thread = 0
 
     def run(self) -> None:
+        """Run the function here (on a runner thread) unless the call was abandoned before it started."""
         with self._lock:
             if self._state != _QUEUED:
                 return
@@ -106,6 +109,7 @@ class FnRunners:
     """Runner threads for :class:`FnTask`: idle ones are reused, a new one starts when none is free."""
 
     def __init__(self) -> None:
+        """No runner thread yet: the first call starts one."""
         self._tasks: queue.SimpleQueue[FnTask] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._free = 0  # runners that will take a queued task without a new thread
@@ -132,10 +136,12 @@ class FnRunners:
         return task.abandon(self)
 
     def count_overdue(self, delta: int) -> None:
+        """Count abandoned functions that still run (+1 when abandoned, -1 when they end)."""
         with self._lock:
             self.overdue += delta
 
     def _serve(self) -> None:
+        """A runner thread: run queued tasks one after another, forever (it is a daemon)."""
         while True:
             task = self._tasks.get()
             try:

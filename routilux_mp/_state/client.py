@@ -1,0 +1,367 @@
+"""This process's link to the state server: a client with deadlines, and a fire-and-forget pusher.
+
+``WorkerState`` (in ``state``) is the public handle; it calls the state server
+through the :class:`StoreClient` of its process, which keeps one
+:class:`Channel` (connection) per thread. The wire is in ``protocol``.
+
+Deadlines, per call: the server must show life (bytes of the request taken,
+bytes of a reply arriving, or an ``"#ALIVE"`` frame) at least every
+``timeout`` seconds, and its reply must begin within ``timeout + patience``.
+A call that breaks either rule fails with ``_Timeout``; a broken connection or
+a frame no server of ours would send fails with ``_Lost``. Either way the
+client then reports the server lost, once, and fails every later call fast.
+
+``multiprocess`` (and ``dill``) cost ~100 ms of start-up: they are imported on
+the first connection, so only processes whose logic touches state pay it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._messages import FrameError, exception_from, frame
+from ..errors import RoutiluxError, RuntimeClosedError, StateServerLostError, StateTooLargeError
+from .protocol import (
+    ALIVE,
+    CONNECT_TIMEOUT,
+    HANDSHAKE_LIMIT,
+    REPLY_LIMIT,
+    RETURN,
+    Method,
+    encode_request,
+    io_timeouts,
+    take_frame,
+)
+
+logger = logging.getLogger("routilux_mp.state")
+
+
+class _Timeout(Exception):
+    """The state server did not answer in time."""
+
+
+class _Lost(Exception):
+    """The connection to the state server broke."""
+
+
+#: Errors that mean the connection to the state server could not be made.
+_CONNECT_ERRORS = (EOFError, OSError)
+
+
+class Channel:
+    """One thread's kept-open connection to the state server; every wait has a deadline."""
+
+    __slots__ = ("_buf", "_rpoll", "_sock", "_wpoll", "max_request", "pid")
+
+    def __init__(self, address: str, authkey: bytes, timeout: float) -> None:
+        """Connect and authenticate within ``timeout`` seconds.
+
+        Raises:
+            _Timeout: the server did not complete the handshake in time.
+            _Lost: the server refused the connection.
+            OSError, EOFError: the connection could not be made.
+        """
+        import select
+        import socket
+
+        from multiprocess import connection
+
+        self.pid = os.getpid()  # a forked child must not share this socket: it reconnects
+        deadline = time.monotonic() + timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            try:
+                sock.settimeout(timeout)
+                sock.connect(address)
+                sock.settimeout(None)
+                # multiprocess's handshake reads with blocking calls: the socket's own
+                # receive/send timeouts bound each of them.
+                io_timeouts(sock, max(deadline - time.monotonic(), 0.001))
+                conn = connection.Connection(os.dup(sock.fileno()))
+                try:
+                    connection.answer_challenge(conn, authkey)
+                    connection.deliver_challenge(conn, authkey)
+                    conn.send_bytes(pickle.dumps((None, "accept_connection", ("routilux-mp client",), {})))
+                    kind, limits = pickle.loads(conn.recv_bytes(HANDSHAKE_LIMIT))
+                finally:
+                    conn.close()  # only the duplicate descriptor
+            except (TimeoutError, BlockingIOError) as exc:
+                raise _Timeout("connect") from exc
+            if kind != RETURN:
+                raise _Lost(f"the state server refused the connection: {limits}")
+            io_timeouts(sock, 0.0)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.max_request: int = limits["max_request_bytes"]
+        self._buf = bytearray()
+        self._rpoll = select.poll()
+        self._rpoll.register(sock.fileno(), select.POLLIN)
+        self._wpoll = select.poll()
+        self._wpoll.register(sock.fileno(), select.POLLOUT)
+
+    def close(self) -> None:
+        """Close the connection (the server then ends its thread for it)."""
+        self._sock.close()
+
+    def call(self, method: Method, args: tuple, timeout: float, patience: float) -> tuple[str, Any]:
+        """Call ``method(*args)``; return the server's ``(kind, result or error data)``.
+
+        Raises:
+            StateTooLargeError: the request is over the server's limit (nothing was sent).
+            RoutiluxError: the reply arrived whole but could not be unpickled.
+            _Timeout: the server was silent for ``timeout`` seconds, or its reply did not begin in time.
+            _Lost: the connection broke or carried a frame no server sends.
+        """
+        data = encode_request(method, args, timeout / 4)
+        if len(data) > self.max_request:
+            raise StateTooLargeError(
+                f"{method.value}() would send {len(data)} bytes to the state server, over its limit of "
+                f"{self.max_request} (3 x max_state_bytes + 64 MiB); nothing was written. A state must stay "
+                "under max_state_bytes, and a modify_routine_state function must not capture large data"
+            )
+        self._send(frame(data), timeout)
+        cap = time.monotonic() + timeout + patience
+        deadline = min(time.monotonic() + timeout, cap)
+        while True:
+            reply = self._recv(deadline, timeout)
+            try:
+                kind, result = pickle.loads(reply)
+            except Exception as exc:  # noqa: BLE001 - the frame was whole: the connection is in step
+                raise RoutiluxError(f"the state server's answer to {method.value}() could not be read: {exc!r}") \
+                    from None
+            if kind != ALIVE:
+                return kind, result
+            deadline = min(time.monotonic() + timeout, cap)
+
+    def _send(self, data: bytes, timeout: float) -> None:
+        """Write all of ``data``; the server taking bytes counts as life."""
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while view:
+            try:
+                view = view[self._sock.send(view):]
+                deadline = time.monotonic() + timeout  # the server is reading: alive
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise _Lost(f"{type(exc).__name__}: {exc}") from exc
+            if not self._wpoll.poll(_ms(deadline)):
+                raise _Timeout("send")
+
+    def _recv(self, deadline: float, timeout: float) -> bytes:
+        """The next whole frame; bytes of a frame in progress count as life (a large reply takes long)."""
+        buf = self._buf
+        while True:
+            try:
+                reply, want = take_frame(buf, REPLY_LIMIT)
+            except FrameError as exc:
+                raise _Lost(f"a corrupt reply: {exc}") from exc
+            if reply is not None:
+                return reply
+            if not self._rpoll.poll(_ms(deadline)):
+                raise _Timeout("recv")
+            try:
+                chunk = self._sock.recv(want)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise _Lost(f"{type(exc).__name__}: {exc}") from exc
+            if not chunk:
+                raise _Lost("EOFError: the state server closed the connection")
+            buf += chunk
+            deadline = max(deadline, time.monotonic() + timeout)
+
+
+def _ms(deadline: float) -> int:
+    """Milliseconds until ``deadline``, rounded up, for ``poll``."""
+    return max(0, int((deadline - time.monotonic()) * 1000) + 1)
+
+
+class _Held:
+    """A routine-state lock this thread holds, and the dict it writes back on release."""
+
+    __slots__ = ("state", "token")
+
+    def __init__(self, token: str, state: dict) -> None:
+        """The lock ``token`` holds, and the dict the block works on."""
+        self.token = token
+        self.state = state
+
+
+class StoreClient:
+    """This process's link to the state server.
+
+    One connection per thread, opened on first use and kept open. A call that
+    may wait for a lock or run a modify function gets ``patience`` on top of
+    ``timeout`` (state_timeout), during which the server keeps telling it it
+    is alive. After the server is lost every call fails fast with
+    ``StateServerLostError`` (no retry loop, no log flood).
+    """
+
+    def __init__(self, address: str, authkey: bytes, timeout: float, lock_timeout: float) -> None:
+        """A client of the server at ``address``; nothing connects until the first call."""
+        self.address = address
+        self._authkey = authkey
+        self.timeout = timeout
+        self.lock_timeout = lock_timeout
+        self.lost: str | None = None
+        #: Called once when this client finds the server lost (the supervisor then stops taking work).
+        self.on_lost: Callable[[], None] | None = None
+        #: Set at shutdown (see :meth:`freeze`): reads are served from it afterwards.
+        self.snapshot: dict[str, dict] | None = None
+        #: In the supervisor: ``fn(worker_id) -> meta dict | None`` giving exact local counters.
+        self.local_meta: Callable[[str], dict | None] | None = None
+        self.local = threading.local()
+
+    # -- per-thread bookkeeping for lost-update detection and lock ownership --
+
+    def reads(self) -> dict[tuple[str, str], int]:
+        """``{(worker, routine): version}`` this thread's current activation read."""
+        reads = getattr(self.local, "reads", None)
+        if reads is None:
+            reads = self.local.reads = {}
+        return reads
+
+    def held(self) -> dict[tuple[str, str], _Held]:
+        """The routine-state locks this thread holds."""
+        held = getattr(self.local, "held", None)
+        if held is None:
+            held = self.local.held = {}
+        return held
+
+    def begin_activation(self) -> None:
+        """Forget what the previous activation read (workers call this)."""
+        self.local.reads = {}
+
+    # -- calls -----------------------------------------------------------------
+
+    def _channel(self) -> Channel:
+        """This thread's connection, opened now if it has none (or was inherited across a fork)."""
+        chan = getattr(self.local, "channel", None)
+        if chan is None or chan.pid != os.getpid():
+            chan = self.local.channel = Channel(self.address, self._authkey, max(self.timeout, CONNECT_TIMEOUT))
+        return chan
+
+    def _drop_channel(self) -> None:
+        """Close this thread's connection: after a timeout it is out of step for good."""
+        chan, self.local.channel = getattr(self.local, "channel", None), None
+        if chan is not None:
+            chan.close()
+
+    def mark_lost(self, why: str) -> None:
+        """Record that the server is lost (the first reason wins) and tell ``on_lost``."""
+        if self.lost is None:
+            self.lost = why
+            if self.on_lost is not None:
+                self.on_lost()
+
+    def call(self, method: Method, *args: Any, patience: float = 0.0) -> Any:
+        """Call ``method(*args)`` in the state server; raise what it raised (rebuilt from error data).
+
+        Ends within ``state_timeout`` of the server's last sign of life, and
+        within ``state_timeout + patience`` in all.
+
+        Raises:
+            StateServerLostError: the server is gone or hung (now or before).
+            RuntimeClosedError: the runtime was shut down and the server stopped.
+        """
+        if self.lost is not None:
+            raise StateServerLostError(self.lost)
+        try:
+            kind, result = self._channel().call(method, args, self.timeout, patience)
+        except (_Timeout, _Lost) as exc:
+            self._drop_channel()
+            error: Exception = exc
+        except _CONNECT_ERRORS as exc:
+            error = _Lost(f"{type(exc).__name__}: {exc}")
+        else:
+            if kind == RETURN:
+                return result
+            raise exception_from(result, f"the state server's {method.value}()")
+        if isinstance(error, _Timeout):
+            self.mark_lost(
+                f"the state server gave no sign of life for {self.timeout:g}s (state_timeout) during "
+                f"{method.value}(); it is hung or overloaded, so shared worker state is no longer available"
+            )
+        else:
+            if self.snapshot is not None:
+                raise RuntimeClosedError("the runtime was shut down; its worker state is read-only") from None
+            self.mark_lost(
+                f"the state server is gone ({error}); shared worker state was lost "
+                "with it. Jobs in flight fail; start a new Runtime to go on"
+            )
+        raise StateServerLostError(self.lost) from error
+
+    def freeze(self, metas: dict[str, dict], server_started: bool) -> None:
+        """Serve reads from a final snapshot from now on (the runtime is shutting down).
+
+        ``metas`` gives each known worker's final ``flow_id`` and ``status``.
+        When the state server was lost there is no snapshot to take: reads
+        keep raising ``StateServerLostError``, so lost state is never
+        reported as empty.
+        """
+        snapshot: dict[str, dict] = {}
+        if server_started:  # else nothing was ever stored: empty is the truth
+            try:
+                snapshot = pickle.loads(self.call(Method.SNAPSHOT))
+            except StateServerLostError:
+                return
+            except RoutiluxError as exc:
+                self.mark_lost(f"the state server could not take the final snapshot of worker state ({exc})")
+                return
+        for wid, meta in metas.items():
+            entry = snapshot.setdefault(wid, {"meta": {"jobs_processed": 0, "jobs_failed": 0}, "states": {}})
+            entry["meta"].update(meta)
+        self.snapshot = snapshot
+
+
+class StatePusher:
+    """Sends fire-and-forget updates to the state server from its own thread.
+
+    The supervisor's dispatcher must never wait on the state server (it may
+    still be starting, or be slow): job counters, worker registrations and
+    lock releases of dead processes go through here, in order.
+    """
+
+    def __init__(self, client: StoreClient) -> None:
+        """Start the pusher's thread; it calls through ``client``."""
+        self._client = client
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="routilux-mp state pusher", daemon=True)
+        self._thread.start()
+
+    def push(self, method: Method, *args: Any) -> None:
+        """Queue ``method(*args)``; it is sent after everything queued before it."""
+        self._queue.put((method, args))
+
+    def close(self, timeout: float) -> None:
+        """Send what is queued (within ``timeout``), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        """Send queued calls in order until :meth:`close`; a lost server drops them quietly."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._client.lost is not None:
+                continue
+            method, args = item
+            try:
+                self._client.call(method, *args)
+            except StateServerLostError:
+                pass  # the dispatcher notices (the server's pidfd) and reports it once
+            except Exception:
+                logger.exception("the state server refused %s()", method.value)

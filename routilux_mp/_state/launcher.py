@@ -1,0 +1,225 @@
+"""The supervisor's side of the state server: its private socket, its key, its start, death and stop.
+
+One :class:`StateServerLauncher` per runtime, driven by the supervisor's
+dispatcher thread (the one thread that spawns children, see ``_process``)::
+
+    launcher = StateServerLauncher(max_state_bytes=..., strict=..., lock_timeout=...)
+    launcher.listen()              # bind: clients may connect now (they wait in the backlog)
+    fd = launcher.start()          # later (deferred), once: spawn the server on that socket
+    ... watch fd: readable when the server died -> launcher.reap() says how ...
+    launcher.stop()                # stop request -> join -> SIGTERM -> SIGKILL
+    launcher.cleanup()             # remove the private directory
+
+After ``reap()``, ``listen()`` and ``start()`` again start a new server on
+the same address with the same key, so clients reconnect to it (a restart;
+with the memory backend the new server starts empty).
+
+* **Create**: a private 0700 directory (``tempfile.mkdtemp``) holding the
+  socket ``state.sock`` (0600), and a random 32-byte authkey. Nothing listens
+  on TCP. (A cluster needs the server on a node's address: that would be a
+  second kind of ``address`` bound by :meth:`listen`, with the same key, and
+  connected to by ``client.Channel``; the rest of this interface stays.)
+* **Start** is deferred by the supervisor (the server starts once the first
+  worker is ready, so it does not compete with the workers' start-up for
+  CPU). Binding first lets clients connect at once: the kernel holds their
+  connections until the server accepts them. The server gets the bound socket
+  as an inherited descriptor and its :class:`~.protocol.ServerConfig` (the
+  authkey included) on stdin, never on the command line.
+* **Death** shows on a *sentinel* descriptor: the server's pidfd, or (without
+  pidfd support) its stdout pipe, which reads EOF when it exits.
+* **Stop** escalates with named timeouts, as ``multiprocessing.managers``'
+  ``_finalize_manager`` does: close its stdin (the stop request; EOF is also
+  how the server notices the supervisor's death) -> wait ``STOP_TIMEOUT`` ->
+  SIGTERM its group -> wait ``TERM_TIMEOUT`` -> SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+from .. import _process
+from .._messages import ExitInfo, dumps, write_frame
+from .backend import check_backend
+from .protocol import ServerConfig
+
+#: Seconds the state server gets to exit after its stdin closes, before SIGTERM.
+STOP_TIMEOUT = 5.0
+#: Seconds the state server gets after SIGTERM before SIGKILL (and to be reaped once its sentinel fired).
+TERM_TIMEOUT = 2.0
+#: Seconds after the workers' start at which the supervisor starts the state server, if no worker was ready sooner.
+START_DELAY = 0.3
+#: Connections the kernel queues on the socket before the server accepts them.
+LISTEN_BACKLOG = 128
+
+
+class StateServerLauncher:
+    """Starts, watches and stops one state-server process on a private unix socket.
+
+    Attributes:
+        address: the socket path clients connect to.
+        authkey: the random key every connection must prove it holds.
+        socket_dir: the private 0700 directory holding the socket (workers
+            remove it if the supervisor dies; see ``_process``).
+        popen: the server process once started, else ``None``.
+    """
+
+    def __init__(self, *, max_state_bytes: int, strict: bool, lock_timeout: float, backend: str = "memory") -> None:
+        """Make the private directory and the key; nothing listens yet.
+
+        Raises:
+            ValueError: ``backend`` names no state backend.
+        """
+        check_backend(backend)
+        self._settings = (max_state_bytes, strict, lock_timeout, backend)
+        self._sys_path = list(sys.path)  # the server imports what modify functions refer to, as we do
+        self.socket_dir = tempfile.mkdtemp(prefix=_process.SOCKET_DIR_PREFIX)  # mode 0700
+        self.address = os.path.join(self.socket_dir, "state.sock")
+        self.authkey = os.urandom(32)
+        self.popen: subprocess.Popen | None = None
+        #: The bound socket until the server takes it over (or it is closed unused).
+        self._listener: socket.socket | None = None
+        #: Readable once the server died: its pidfd, or its stdout (EOF) without pidfd support.
+        self._sentinel: int | None = None
+        self._pidfd: int | None = None
+
+    @property
+    def started(self) -> bool:
+        """True once the server process was spawned (alive or not)."""
+        return self.popen is not None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid once started."""
+        return None if self.popen is None else self.popen.pid
+
+    @property
+    def sentinel(self) -> int | None:
+        """The descriptor to watch for the server's death while it runs (``None`` before start, after reap)."""
+        return self._sentinel
+
+    @property
+    def sentinel_is_pidfd(self) -> bool:
+        """True when the sentinel is the server's pidfd (readable once it died), not its stdout (EOF then)."""
+        return self._pidfd is not None and self._pidfd == self._sentinel
+
+    def listen(self) -> None:
+        """Bind the socket (mode 0600) and listen: clients may connect from now on.
+
+        Also after :meth:`reap`, for a restart: the dead server's socket file is replaced.
+
+        Raises:
+            OSError: the socket could not be bound.
+            RuntimeError: a server still runs on it, or the socket is bound already.
+        """
+        if self._listener is not None or (self.popen is not None and self.popen.poll() is None):
+            raise RuntimeError("the state server's socket is bound already, or its server still runs")
+        if self.popen is not None and os.path.exists(self.address):
+            os.unlink(self.address)  # the dead server's; clients connect to the new one at the same path
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.address)
+            os.chmod(self.address, 0o600)
+            listener.listen(LISTEN_BACKLOG)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+
+    def start(self) -> int | None:
+        """Spawn the server on the bound socket, once; return the sentinel to watch for its death.
+
+        Returns ``None`` when there is nothing to start: it started already,
+        or the socket was closed unused (:meth:`close_listener`).
+
+        Raises:
+            OSError: no process could be started (the socket is closed: clients fail fast).
+        """
+        listener = self._listener
+        if listener is None:
+            return None
+        self._listener = None
+        try:
+            popen = _process.spawn(
+                "routilux_mp._state.server", "routilux-mp state-server", pass_fds=(listener.fileno(),),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+            )
+            max_state_bytes, strict, lock_timeout, backend = self._settings
+            config = ServerConfig(self.address, listener.fileno(), self.authkey, os.getpid(), self._sys_path,
+                                  max_state_bytes, strict, lock_timeout, backend)
+        finally:
+            listener.close()  # the server holds its own copy now
+        self.popen = popen
+        assert popen.stdin is not None and popen.stdout is not None
+        try:
+            write_frame(popen.stdin.fileno(), dumps(config))
+        except OSError:  # it died at once: its sentinel says so, and how
+            pass
+        self._pidfd = _process.open_pidfd(popen.pid)
+        self._sentinel = self._pidfd if self._pidfd is not None else popen.stdout.fileno()
+        return self._sentinel
+
+    def close_listener(self) -> None:
+        """Close the socket if the server never took it over: connections waiting in its backlog are refused."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def reap(self) -> str:
+        """After the sentinel fired: stop watching it, wait for the exit, and say how the server died.
+
+        Unwatch the sentinel before calling this (it is closed here, and fd
+        numbers are reused). Returns e.g. ``"the state server (pid 4121) was
+        killed by SIGKILL"``.
+        """
+        popen = self.popen
+        assert popen is not None, "reap() before start()"
+        self._close_sentinel()
+        try:
+            code = popen.wait(TERM_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None  # it closed its stdout but lives on: lost all the same
+        return f"the state server (pid {popen.pid}) {ExitInfo.from_returncode(popen.pid, code).how()}"
+
+    def kill(self) -> None:
+        """SIGKILL the server's group now if it runs (its state is declared lost); does not wait."""
+        if self.popen is not None and self.popen.poll() is None:
+            _process.signal_group(self.popen.pid, signal.SIGKILL)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """Stop the server: close its stdin, wait ``timeout``, SIGTERM, wait ``TERM_TIMEOUT``, SIGKILL.
+
+        Unwatch the sentinel before calling this. Also closes an unused
+        socket. Returns the exit code (negative: killed by that signal;
+        ``None``: it never started).
+        """
+        self.close_listener()
+        popen = self.popen
+        code = None
+        if popen is not None:
+            def close_stdin() -> None:
+                """The stop request: EOF on the server's stdin."""
+                if popen.stdin is not None:
+                    popen.stdin.close()
+
+            code = _process.stop_process(popen, join_timeout=timeout, term_timeout=TERM_TIMEOUT, ask=close_stdin)
+            if popen.stdout is not None:
+                popen.stdout.close()
+        self._close_sentinel()
+        return code
+
+    def cleanup(self) -> None:
+        """Remove the private directory and the socket in it (after :meth:`stop`, or after killing the server)."""
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def _close_sentinel(self) -> None:
+        """Close the pidfd (the stdout sentinel is closed with the pipe, by :meth:`stop`)."""
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._sentinel = None

@@ -1,0 +1,165 @@
+"""The state service as the supervisor holds it: the server's process, this process's client, the death watch.
+
+The dispatch loop talks to one :class:`StateService` (unit tests give it
+``_exec.stub.StubState`` instead, with the same methods):
+
+* ``open()`` binds the server's socket before any worker starts, so clients
+  may connect at once (the kernel holds their connections until the server
+  accepts them); ``start_server()`` spawns the server on it later, once the
+  first worker is ready, always from the dispatcher thread (the thread that
+  spawns children, see ``_process``). Nothing waits for it.
+* A watcher thread blocks on the launcher's sentinel (the server's pidfd, or
+  its stdout's EOF) and wakes the dispatcher when the server dies; the loop
+  then reads :meth:`died` and breaks the runtime.
+* ``finish()`` sends what is queued and freezes the client on a final snapshot
+  (reads after shutdown are served from it); ``stop()`` stops the server and
+  removes the socket directory; ``kill()`` is shutdown's last resort.
+
+The process itself (socket, key, spawn, reap, stop escalation) is the
+:class:`~.launcher.StateServerLauncher`'s; this class adds what a running
+runtime needs around it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .client import StatePusher, StoreClient
+from .launcher import TERM_TIMEOUT, StateServerLauncher
+from .protocol import Method
+
+
+class StateService:
+    """Starts, watches and stops the state server of one runtime; holds this process's client of it."""
+
+    def __init__(self, *, max_state_bytes: int, strict: bool, state_timeout: float, lock_timeout: float,
+                 local_meta: Callable[[str], dict | None], on_lost: Callable[[], None]) -> None:
+        """Make the socket directory and key (nothing listens yet) and the client.
+
+        ``local_meta`` answers WorkerState reads of status and job counters in
+        this process, exactly; ``on_lost`` wakes the dispatcher (any thread)
+        when the server dies or a call finds it lost.
+        """
+        self.launcher = StateServerLauncher(max_state_bytes=max_state_bytes, strict=strict,
+                                            lock_timeout=lock_timeout)
+        #: This process's client (WorkerState handles of the supervisor use it).
+        self.client = StoreClient(self.launcher.address, self.launcher.authkey, state_timeout, lock_timeout)
+        self.client.local_meta = local_meta
+        self.client.on_lost = on_lost
+        #: Sends what workers need to know, but nobody waits for, off the dispatcher thread.
+        self.pusher = StatePusher(self.client)
+        self._on_death = on_lost
+        self._watcher: threading.Thread | None = None
+        #: How the server died, once it did (set by the watcher thread).
+        self._died: str | None = None
+        #: stop() or kill() began: the server's death is expected.
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        """The socket path clients connect to."""
+        return self.launcher.address
+
+    @property
+    def authkey(self) -> bytes:
+        """The random key every client proves it holds."""
+        return self.launcher.authkey
+
+    @property
+    def socket_dir(self) -> str:
+        """The private directory holding the socket."""
+        return self.launcher.socket_dir
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id, once started."""
+        return self.launcher.pid
+
+    @property
+    def lost(self) -> str | None:
+        """Why the server is lost (a call found it hung or gone), if it is."""
+        return self.client.lost
+
+    def open(self) -> None:
+        """Bind the server's socket: clients may connect from now on (they wait in its backlog)."""
+        self.launcher.listen()
+
+    def start_server(self) -> str | None:
+        """Spawn the server on the bound socket (once; dispatcher thread); why it could not start, or ``None``."""
+        try:
+            sentinel = self.launcher.start()
+        except OSError as exc:
+            return f"the state server could not be started ({exc})"
+        if sentinel is not None:
+            self._watcher = threading.Thread(target=self._watch, args=(sentinel,), daemon=True,
+                                             name="routilux-mp state watcher")
+            self._watcher.start()
+        return None
+
+    def _watch(self, sentinel: int) -> None:
+        """Wait (watcher thread) for the server to die; record how, and wake the dispatcher."""
+        poller = select.poll()  # (not select(): a descriptor number may be over FD_SETSIZE)
+        poller.register(sentinel, select.POLLIN)
+        is_pidfd = self.launcher.sentinel_is_pidfd
+        try:
+            while True:
+                poller.poll()
+                # Once stopping, stop() owns the sentinel (it may be closed and its number reused).
+                if self._stopping or is_pidfd or not os.read(sentinel, 65536):
+                    break
+        except (OSError, ValueError):  # closed under us: the server is gone
+            pass
+        if self._stopping:
+            return
+        self._died = self.launcher.reap()
+        self._on_death()
+
+    def died(self) -> str | None:
+        """How the server died, if it died (and was not stopped)."""
+        return None if self._stopping else self._died
+
+    def push(self, method: Method, *args: Any) -> None:
+        """Send ``method(*args)`` to the server without waiting (in order, from the pusher thread)."""
+        self.pusher.push(method, *args)
+
+    def mark_lost(self, message: str) -> None:
+        """The server is lost for good: every call fails fast from now on; kill what is left of it."""
+        self.client.mark_lost(message)
+        self.launcher.kill()
+
+    def finish(self, metas: dict[str, dict], timeout: float) -> None:
+        """Send what is queued and take the final snapshot that reads are served from after shutdown."""
+        if self.client.snapshot is not None:  # taken already (by shutdown() while the dispatcher was stuck)
+            return
+        started = self.launcher.started
+        if not started:
+            # Stopped before the server started: nothing was ever stored. Closing the listener
+            # refuses the connections waiting in its backlog, so nobody waits for it.
+            self.launcher.close_listener()
+        self.pusher.close(timeout)
+        self.client.freeze(metas, server_started=started)
+
+    def stop(self) -> None:
+        """Stop the server (stop request, join, SIGTERM, SIGKILL) and remove the socket directory."""
+        self._stopping = True
+        self.launcher.stop()
+        if self._watcher is not None:
+            self._watcher.join(TERM_TIMEOUT)  # it returns once the process is gone
+        self.launcher.cleanup()
+
+    def kill(self) -> None:
+        """SIGKILL the server now and remove the socket directory (any thread: shutdown's last resort)."""
+        self._stopping = True
+        self.launcher.kill()
+        popen = self.launcher.popen
+        if popen is not None:
+            try:
+                popen.wait(TERM_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        self.launcher.cleanup()

@@ -1,0 +1,459 @@
+"""``StateStore``: the state server's one served object, the live semantics over a ``StateBackend``.
+
+Every method does a whole operation server-side (read-modify-write included)
+and returns copies; clients never hold nested proxies. One condition
+variable guards the store and its backend (see ``backend`` for what a
+backend keeps and how it is called). Values are mutated in place where that
+is safe (an increment costs what it changes, not the size of the state) and
+every read returns a pickle made under the condition, which the client
+unpickles: a copy, made once.
+
+What lives here and never in a backend:
+
+* **Versions and lost updates.** Each write bumps a cell's version; a
+  ``replace`` that expected another version lost someone's update: counted
+  (``lost_updates``), or refused with ``strict``.
+* **Size and JSON rules.** Clients send values already normalized with their
+  exact size; the store checks the bound before anything is written.
+* **Lock leases and their waiters.** A routine state locked with
+  ``worker_state.lock()`` has a lease (token + owner pid); other writers wait
+  for it, at most ``lock_timeout``. A holder that dies releases its leases:
+  the supervisor says so when it reaps a worker (``release_pid``), and
+  waiters also check the owner's liveness themselves while they wait.
+* **``modify``**: the function runs on a runner thread (``modify``) within its
+  budget, with the cell's lease held by the store itself.
+
+While a call waits (for a lease, or a ``modify`` function) the server thread
+serving it tells its client it is alive (:func:`set_heartbeat`), so a client
+tells "busy" from "hung".
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+from typing import Any, Protocol
+
+from .. import _jsonvalue
+from .._messages import dumps
+from ..errors import LockTimeoutError, ModifyTimeoutError, RoutiluxError, StaleStateError, StateTooLargeError
+from .backend import StateBackend, WorkerMeta
+from .modify import FnRunners, FnTask
+
+#: How often a writer waiting on a lock checks that the holder is still alive.
+HOLDER_CHECK_INTERVAL = 0.5
+#: Longest wait for the store's condition when the server stops (then it exits without closing the backend).
+CLOSE_TIMEOUT = 2.0
+
+
+class Heartbeat(Protocol):
+    """How a waiting call tells its client it is alive (the server's keepalive for the call)."""
+
+    interval: float
+
+    def due(self) -> bool:
+        """True when the client should hear from us now."""
+
+    def send(self) -> None:
+        """Tell the client we are alive (blocking: never called with the store's condition held)."""
+
+
+_serving = threading.local()
+
+
+def set_heartbeat(heartbeat: Heartbeat | None) -> None:
+    """Set the heartbeat of the call this thread serves now (``None`` when the call ends)."""
+    _serving.heartbeat = heartbeat
+
+
+def current_heartbeat() -> Heartbeat | None:
+    """The heartbeat of the call this thread serves, if any."""
+    return getattr(_serving, "heartbeat", None)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True unless ``pid`` is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class Lease:
+    """Who holds a routine state's lock: a token and the owner's pid (on this machine).
+
+    Owners are processes of this machine, alive while ``/proc`` says so. On a
+    cluster an owner is ``(node, pid)`` and its liveness is its node's to
+    tell: that changes this class and the ``acquire`` / ``release_pid``
+    arguments, nothing else in the store.
+    """
+
+    __slots__ = ("pid", "token")
+
+    def __init__(self, token: str, pid: int) -> None:
+        """A lease for ``token``, held by process ``pid``."""
+        self.token = token
+        self.pid = pid
+
+    def owner_alive(self) -> bool:
+        """False once the owner process is gone (its lease may then be taken over)."""
+        return _pid_alive(self.pid)
+
+
+class FnRaised(Exception):
+    """A ``modify`` function raised ``error``: the server reports ``error`` itself, as data."""
+
+    def __init__(self, error: BaseException) -> None:
+        """Carry the function's ``error``."""
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
+def _copy(value: dict | None) -> dict:
+    """A deep copy of a stored value (a pickle round trip: several times faster than deepcopy)."""
+    return pickle.loads(dumps(value)) if value else {}
+
+
+class StateStore:
+    """Every worker's routine states, counters and status (lives in the state server)."""
+
+    def __init__(self, backend: StateBackend, max_state_bytes: int, strict: bool, lock_timeout: float) -> None:
+        """A store over ``backend`` with the runtime's state rules."""
+        self._backend = backend
+        self._max_bytes = max_state_bytes
+        self._strict = strict
+        self._lock_timeout = lock_timeout
+        # A plain lock: _breathe() must release it entirely to send a keepalive.
+        self._cond = threading.Condition(threading.Lock())
+        #: ``{(worker_id, routine_id): Lease}``: locked routine states (live only, never stored).
+        self._leases: dict[tuple[str, str], Lease] = {}
+        #: ``{(worker_id, routine_id): count}``: lost updates so far (live only).
+        self._lost: dict[tuple[str, str], int] = {}
+        self._runners = FnRunners()
+
+    # -- helpers (call with self._cond held, except _sync) --------------------
+    #
+    # Every write: load the cell, check, ``backend.save(...)`` the next version
+    # (``cell.version + 1``, or 1), release the condition, then ``_sync`` the
+    # ticket before returning: a write is acknowledged once it is durable.
+
+    def _wait_free(self, key: tuple[str, str], timeout: float | None) -> None:
+        """Wait until nobody holds ``key``'s lease, at most ``timeout`` (default ``lock_timeout``).
+
+        The hot paths call it only ``if self._leases`` (most stores hold none).
+        """
+        lease = self._leases.get(key)
+        if lease is None:
+            return
+        limit = self._lock_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        heartbeat = current_heartbeat()
+        step = HOLDER_CHECK_INTERVAL if heartbeat is None else min(HOLDER_CHECK_INTERVAL, heartbeat.interval)
+        while lease is not None:
+            if not lease.owner_alive():
+                del self._leases[key]
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LockTimeoutError(
+                    f"routine state {key[1]!r} stayed locked by process {lease.pid} for {limit:g}s; "
+                    "keep `with worker_state.lock(...)` blocks short, or pass a longer timeout"
+                )
+            self._cond.wait(min(remaining, step))
+            if heartbeat is not None and heartbeat.due():
+                self._breathe(heartbeat)
+            lease = self._leases.get(key)
+
+    def _breathe(self, heartbeat: Heartbeat) -> None:
+        """Tell the waiting client we are alive, without holding the store's condition while we write."""
+        self._cond.release()
+        try:
+            heartbeat.send()
+        finally:
+            self._cond.acquire()
+
+    def _check_size(self, rid: str, size: int) -> None:
+        """Refuse a routine state over ``max_state_bytes`` (nothing is written)."""
+        if size > self._max_bytes:
+            raise StateTooLargeError(
+                f"state of routine {rid!r} would be {size} bytes as JSON, over max_state_bytes="
+                f"{self._max_bytes}; nothing was written. Trim it, or raise Runtime(max_state_bytes=...)"
+            )
+
+    def _sync(self, ticket: int) -> None:
+        """Wait until the write of ``ticket`` is durable (call it without the condition held).
+
+        The hot paths test ``if ticket:`` themselves (a memory backend's
+        tickets are all 0), saving a call per operation.
+        """
+        if ticket:
+            self._backend.sync(ticket)
+
+    # -- workers -------------------------------------------------------------
+
+    def register_worker(self, wid: str, flow_id: str, status: str) -> None:
+        """Set worker ``wid``'s flow id and status (its counters are kept)."""
+        with self._cond:
+            meta = self._backend.load_meta(wid)
+            if meta is None:
+                meta = WorkerMeta(flow_id, status)
+            else:
+                meta.flow_id, meta.status = flow_id, status
+            ticket = self._backend.save_meta(wid, meta)
+        self._sync(ticket)
+
+    def meta(self, wid: str) -> dict:
+        """Worker ``wid``'s flow id, status and job counters (defaults if it is unknown)."""
+        with self._cond:
+            meta = self._backend.load_meta(wid)
+            return (meta or WorkerMeta()).as_dict()
+
+    def add_job_counts(self, deltas: dict[str, tuple[int, int]]) -> None:
+        """Add ``(processed, failed)`` to each worker's job counters."""
+        with self._cond:
+            ticket = self._backend.add_job_counts(deltas)
+        self._sync(ticket)
+
+    # -- routine states ------------------------------------------------------
+
+    def get(self, wid: str, rid: str) -> tuple[bytes | None, int]:
+        """``(pickled state or None, version)``; never waits for a lock."""
+        with self._cond:
+            cell = self._backend.load(wid, rid)
+            if cell is None:
+                return None, 0
+            return dumps(cell.value), cell.version
+
+    def get_all(self, wid: str) -> tuple[bytes, dict[str, int]]:
+        """``(pickled {rid: state}, {rid: version})`` of every routine state of worker ``wid``."""
+        with self._cond:
+            cells = self._backend.load_worker(wid)
+            return dumps({rid: c.value for rid, c in cells.items()}), {rid: c.version for rid, c in cells.items()}
+
+    def replace(self, wid: str, rid: str, value: dict, size: int, expected: int | None) -> tuple[int, int]:
+        """Replace a state. Returns ``(version, lost)``; ``lost`` counts lost updates so far (0: none now).
+
+        ``expected`` is the version the caller's activation read (``None``: it
+        did not read it, a blind write, never a lost update).
+        """
+        key = (wid, rid)
+        with self._cond:
+            if self._leases:
+                self._wait_free(key, None)
+            self._check_size(rid, size)
+            cell = self._backend.load(wid, rid)
+            current = 0 if cell is None else cell.version
+            lost = 0
+            if expected is not None and expected != current:
+                if self._strict:
+                    raise StaleStateError(
+                        f"routine state {rid!r} of worker {wid!r} changed (version {expected} -> "
+                        f"{current}) between this activation's read and its write; nothing was "
+                        "written. Use increment/merge_routine_state/modify_routine_state or "
+                        "worker_state.lock() for read-modify-write"
+                    )
+                lost = self._lost[key] = self._lost.get(key, 0) + 1
+            version = current + 1
+            ticket = self._backend.save(wid, rid, value, version, size)
+        if ticket:
+            self._sync(ticket)
+        return version, lost
+
+    def merge(self, wid: str, rid: str, partial: dict) -> tuple[bytes, int]:
+        """Merge ``partial`` into the state (shallow); return ``(pickled new state, version)``."""
+        with self._cond:
+            if self._leases:
+                self._wait_free((wid, rid), None)
+            cell = self._backend.load(wid, rid)
+            merged = dict(cell.value) if cell is not None else {}
+            merged.update(partial)
+            size = _jsonvalue.encoded_size(merged)
+            self._check_size(rid, size)
+            version = 1 if cell is None else cell.version + 1
+            ticket = self._backend.save(wid, rid, merged, version, size)
+            blob = dumps(merged)
+        if ticket:
+            self._sync(ticket)
+        return blob, version
+
+    def increment(self, wid: str, rid: str, amounts: dict[str, int | float]) -> tuple[dict[str, int | float], int]:
+        """Add each amount to its key (missing keys count as 0); return ``(new values, version)``.
+
+        The new size is computed exactly from what changes (each key's JSON
+        text, escapes included), so the size bound holds without re-encoding
+        the whole state.
+        """
+        with self._cond:
+            if self._leases:
+                self._wait_free((wid, rid), None)
+            cell = self._backend.load(wid, rid)
+            old = cell.value if cell is not None else {}
+            result = {}
+            size = cell.size if cell is not None else 2  # len("{}")
+            count = len(old)
+            for key, amount in amounts.items():
+                path = f"state[{key!r}] of routine {rid!r}"
+                if key in old:
+                    current = old[key]
+                    total, text = _jsonvalue.add_number(current, amount, path)
+                    size += len(text) - _jsonvalue.encoded_size(current, path)
+                else:
+                    total, text = _jsonvalue.add_number(0, amount, path)
+                    size += _jsonvalue.encoded_size(key) + 1 + len(text) + (1 if count else 0)  # "key":text,
+                    count += 1
+                result[key] = total
+            self._check_size(rid, size)
+            old.update(result)  # in place, saved at once (see backend's calling rules)
+            version = 1 if cell is None else cell.version + 1
+            ticket = self._backend.save(wid, rid, old, version, size)
+        if ticket:
+            self._sync(ticket)
+        return result, version
+
+    def modify(self, wid: str, rid: str, fn_blob: bytes, budget: float) -> tuple[bytes, int]:
+        """Run ``fn(copy_of_state) -> new_state`` with the state locked, within ``budget`` seconds."""
+        key = (wid, rid)
+        with self._cond:
+            self._wait_free(key, None)
+            lease = self._leases[key] = Lease(f"modify-{threading.get_ident()}", os.getpid())
+            cell = self._backend.load(wid, rid)
+            working = _copy(cell.value if cell is not None else None)
+        try:
+            result = self._run_fn(rid, FnTask(fn_blob, working), budget)
+            if result is None:
+                result = working
+            if not isinstance(result, dict):
+                raise TypeError(
+                    f"modify_routine_state({rid!r}) function returned {type(result).__name__}; "
+                    "it must return the new state (a dict) or None to keep its changes to the copy"
+                )
+            value, size = _jsonvalue.normalize(result)
+            with self._cond:
+                self._check_size(rid, size)
+                cell = self._backend.load(wid, rid)
+                version = 1 if cell is None else cell.version + 1
+                ticket = self._backend.save(wid, rid, value, version, size)
+                blob = dumps(value)
+        finally:
+            with self._cond:
+                if self._leases.get(key) is lease:
+                    del self._leases[key]
+                self._cond.notify_all()
+        self._sync(ticket)
+        return blob, version
+
+    def _run_fn(self, rid: str, task: FnTask, budget: float) -> Any:
+        """The function's result; abandoned (ModifyTimeoutError) past ``budget``; FnRaised if it raised."""
+        self._runners.submit(task)
+        deadline = time.monotonic() + budget
+        heartbeat = current_heartbeat()
+        step = HOLDER_CHECK_INTERVAL if heartbeat is None else heartbeat.interval
+        while not task.done.wait(max(0.0, min(step, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                if self._runners.abandon(task):
+                    raise ModifyTimeoutError(
+                        f"the modify_routine_state({rid!r}) function ran past its time budget of {budget:g}s; "
+                        "nothing was written and the routine state is unlocked. Make the function quicker, or "
+                        "pass modify_routine_state(..., timeout=seconds)"
+                    )
+                break  # its outcome arrived just in time
+            if heartbeat is not None and heartbeat.due():
+                heartbeat.send()
+        if task.error is not None:
+            raise FnRaised(task.error)
+        return task.result
+
+    def acquire(self, wid: str, rid: str, token: str, pid: int, timeout: float | None) -> tuple[bytes | None, int]:
+        """Take the lease of a routine state for ``(token, pid)``; return ``(pickled state or None, version)``."""
+        key = (wid, rid)
+        with self._cond:
+            self._wait_free(key, timeout)
+            self._leases[key] = Lease(token, pid)
+            cell = self._backend.load(wid, rid)
+            if cell is None:
+                return None, 0
+            return dumps(cell.value), cell.version
+
+    def release(self, wid: str, rid: str, token: str, value: dict | None, size: int) -> int:
+        """Give back the lease ``token`` holds, writing ``value`` first unless it is ``None``; return the version.
+
+        Raises:
+            RoutiluxError: ``token`` no longer holds the lease (its holder was presumed dead).
+        """
+        key = (wid, rid)
+        ticket = 0
+        with self._cond:
+            lease = self._leases.get(key)
+            if lease is None or lease.token != token:
+                raise RoutiluxError(
+                    f"the lock on routine state {rid!r} was lost (its holder was presumed dead); nothing was written"
+                )
+            try:
+                cell = self._backend.load(wid, rid)
+                version = 0 if cell is None else cell.version
+                if value is not None:
+                    self._check_size(rid, size)
+                    version += 1
+                    ticket = self._backend.save(wid, rid, value, version, size)
+            finally:
+                del self._leases[key]
+                self._cond.notify_all()
+        self._sync(ticket)
+        return version
+
+    def release_pid(self, pid: int) -> int:
+        """Release every lease held by process ``pid`` (it died); returns how many."""
+        with self._cond:
+            dead = [key for key, lease in self._leases.items() if lease.pid == pid]
+            for key in dead:
+                del self._leases[key]
+            if dead:
+                self._cond.notify_all()
+        return len(dead)
+
+    # -- reporting -----------------------------------------------------------
+
+    def lost_updates(self) -> dict[str, int]:
+        """Lost updates per routine id, summed over workers."""
+        totals: dict[str, int] = {}
+        with self._cond:
+            for (_wid, rid), count in self._lost.items():
+                totals[rid] = totals.get(rid, 0) + count
+        return totals
+
+    def snapshot(self) -> bytes:
+        """Everything (pickled), for the runtime's final snapshot at shutdown."""
+        with self._cond:
+            return dumps({
+                wid: {
+                    "meta": (meta or WorkerMeta()).as_dict(),
+                    "states": {rid: c.value for rid, c in cells.items()},
+                }
+                for wid, (meta, cells) in self._backend.snapshot().items()
+            })
+
+    def close(self) -> None:
+        """Close the backend (the server is stopping); not exposed to clients.
+
+        Gives up after ``CLOSE_TIMEOUT`` if a call holds the condition that
+        long: the process is about to exit, and must.
+        """
+        if not self._cond.acquire(timeout=CLOSE_TIMEOUT):
+            return
+        try:
+            self._backend.close()
+        finally:
+            self._cond.release()

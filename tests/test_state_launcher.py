@@ -1,0 +1,83 @@
+"""The state-server launcher on its own (real processes): private socket, deferred start, death, stop."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import stat
+import threading
+
+import pytest
+from helpers import WAIT
+
+from routilux_mp._state.client import StoreClient
+from routilux_mp._state.launcher import StateServerLauncher
+from routilux_mp._state.protocol import Method
+from routilux_mp.errors import StateServerLostError
+
+
+def _launcher() -> StateServerLauncher:
+    return StateServerLauncher(max_state_bytes=1000, strict=False, lock_timeout=1.0)
+
+
+def test_a_client_that_connects_before_the_start_is_served_a_death_shows_and_a_restart_serves_again() -> None:
+    launcher = _launcher()
+    try:
+        assert stat.S_IMODE(os.stat(launcher.socket_dir).st_mode) == 0o700
+        launcher.listen()
+        assert stat.S_IMODE(os.stat(launcher.address).st_mode) & 0o077 == 0
+        client = StoreClient(launcher.address, launcher.authkey, WAIT, 1.0)
+        outcome: dict = {}
+        caller = threading.Thread(target=lambda: outcome.update(r=client.call(Method.INCREMENT, "w", "r", {"n": 1})))
+        caller.start()  # it connects to the bound socket and waits in the backlog
+        sentinel = launcher.start()
+        assert sentinel is not None and launcher.start() is None, "started once"
+        caller.join(WAIT)
+        assert outcome == {"r": ({"n": 1}, 1)}
+        assert not select.select([sentinel], [], [], 0)[0], "alive: the sentinel is quiet"
+        pid = launcher.pid
+        os.kill(pid, signal.SIGKILL)
+        assert select.select([sentinel], [], [], WAIT)[0], "its death shows on the sentinel"
+        assert launcher.reap() == f"the state server (pid {pid}) was killed by SIGKILL"
+        assert launcher.sentinel is None
+        launcher.listen()  # a restart: same address and key, a new (empty) server
+        assert launcher.start() is not None and launcher.pid != pid
+        again = StoreClient(launcher.address, launcher.authkey, WAIT, 1.0)
+        assert again.call(Method.INCREMENT, "w", "r", {"n": 1}) == ({"n": 1}, 1)
+    finally:
+        launcher.stop()
+        launcher.cleanup()
+    assert not os.path.exists(launcher.socket_dir)
+
+
+def test_stop_escalates_to_sigkill_when_the_server_does_not_exit() -> None:
+    launcher = _launcher()
+    try:
+        launcher.listen()
+        launcher.start()
+        client = StoreClient(launcher.address, launcher.authkey, WAIT, 1.0)
+        assert client.call(Method.META, "w")["status"] == "running", "it serves"
+        os.kill(launcher.pid, signal.SIGSTOP)  # deaf to its stdin's EOF and to SIGTERM
+        assert launcher.stop(timeout=0.2) == -signal.SIGKILL
+    finally:
+        launcher.stop()
+        launcher.cleanup()
+
+
+def test_stopped_before_its_start_the_socket_refuses_clients_at_once() -> None:
+    launcher = _launcher()
+    try:
+        launcher.listen()
+        assert launcher.stop() is None and not launcher.started
+        assert launcher.start() is None, "nothing to start once the socket is closed"
+        client = StoreClient(launcher.address, launcher.authkey, WAIT, 1.0)
+        with pytest.raises(StateServerLostError, match="the state server is gone"):
+            client.call(Method.META, "w")
+    finally:
+        launcher.cleanup()
+
+
+def test_an_unknown_backend_is_refused_before_anything_is_made() -> None:
+    with pytest.raises(ValueError, match=r"unknown state backend 'nope'; choose one of 'memory'"):
+        StateServerLauncher(max_state_bytes=1000, strict=False, lock_timeout=1.0, backend="nope")
