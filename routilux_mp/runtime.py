@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from . import _jsonvalue
 from ._messages import encode
+from ._state.service import StateService
 from ._supervisor import Settings, Supervisor, TestHooks
 from .errors import SerializationError
 from .job import JobContext
@@ -155,7 +156,11 @@ class Runtime:
             max_finished_jobs=max_finished_jobs, worker_output=worker_output,
         )
         try:
-            self._sup = Supervisor(settings) if make_backend is None else Supervisor(settings, backend=make_backend)
+            if make_backend is None:
+                self._sup = Supervisor(settings)
+            else:  # workers on other machines reach the state server on this machine's cluster address
+                host = make_backend.keywords["session"].node_ip()
+                self._sup = Supervisor(settings, backend=make_backend, state=functools.partial(StateService, host=host))
         except BaseException:
             if make_backend is not None:
                 make_backend.keywords["session"].close()

@@ -28,11 +28,14 @@ from .._state.client import StoreClient
 from ..state import close_resources
 
 
-def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, cleanup_dir: str | None) -> None:
+def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, cleanup_dir: str | None,
+          node: str | None = None) -> None:
     """Serve activations until told to stop (or the supervisor disappears); never returns.
 
     ``cleanup_dir`` is the runtime's socket directory, removed if the
-    supervisor dies (``None``: not this process's to remove).
+    supervisor dies (``None``: not this process's to remove). ``node``: the
+    cluster node this worker runs on, when it is not the supervisor's
+    machine (its state locks are owned by ``(node, pid)``).
     """
     _process.watch_for_eof(life_fd, "routilux-mp parent watchdog",
                            on_eof=lambda: _process.kill_group_tree(cleanup_dir))
@@ -51,6 +54,7 @@ def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, c
         write_frame(results, dumps(message))
 
     client = StoreClient(config.state_address, config.authkey, config.state_timeout, config.lock_timeout)
+    client.node = node
     runner = ActivationRunner(client, max_rss=config.max_rss, max_activations=config.max_activations)
     reply(_Ready(me))
     reason = None

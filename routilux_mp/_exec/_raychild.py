@@ -21,6 +21,9 @@ from .. import _process
 from .._messages import loads, read_frame
 from ._child import serve
 
+#: The environment variable in which the nanny tells its worker the Ray node it runs on.
+NODE_VARIABLE = "ROUTILUX_MP_RAY_NODE"
+
 
 def main() -> None:
     """Entry point: ``python -c ... "routilux-mp worker N" WIRE_FD WIRE_FD LIFE_FD``."""
@@ -34,4 +37,4 @@ def main() -> None:
     _process.exit_if_orphaned(config.parent_pid)  # the nanny
     # Before any thread starts (forking a threaded process is unsafe).
     _process.start_group_guard(life_fd, f"rmp-guard-{config.index}", None)
-    serve(wire, wire, life_fd, config, cleanup_dir=None)
+    serve(wire, wire, life_fd, config, cleanup_dir=None, node=os.environ.get(NODE_VARIABLE))

@@ -33,6 +33,7 @@ from typing import Any
 
 from .. import _process
 from ._pipes import OUTPUT_CHUNK, _cut_point
+from ._raychild import NODE_VARIABLE
 
 #: Seconds a worker gets after SIGTERM before SIGKILL (a kill with a grace).
 TERM_GRACE = 2.0
@@ -71,6 +72,7 @@ class LaneNanny:
         ctrl.send(("nanny", hello))
         wire = Client(tuple(address), authkey=authkey)
         wire.send(("wire", hello))
+        os.environ[NODE_VARIABLE] = hello["node_id"]  # the worker's state locks are owned by (node, pid)
         life_r, life_w = os.pipe()  # the worker's watchdog: EOF when this process dies, however it dies
         try:
             popen = _process.spawn("routilux_mp._exec._raychild", f"routilux-mp worker {slot}",

@@ -469,7 +469,8 @@ class RayBackend(WorkerBackend):
                 self._lanes[lane.slot] = None
             self._want_write.discard(lane)
         self._close(lane)
-        events.append(Died(lane.slot, info._replace(cause=info.cause + lane.where())))
+        owner = (lane.info["node_id"], lane.pid) if lane.pid is not None and lane.info else None
+        events.append(Died(lane.slot, info._replace(cause=info.cause + lane.where(), owner=owner)))
 
     def _close(self, lane: _Lane) -> None:
         """Close both connections (unwatched first: fd numbers are reused)."""

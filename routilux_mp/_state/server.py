@@ -213,7 +213,7 @@ class _AdoptedSocketListener(connection.SocketListener):
         """Listen on ``sock`` as it is."""
         self._socket = sock
         self._address = sock.getsockname()
-        self._family = "AF_UNIX"
+        self._family = "AF_INET" if sock.family == socket.AF_INET else "AF_UNIX"
         self._last_accepted = None
         self._unlink = None  # the supervisor removes its private directory
 

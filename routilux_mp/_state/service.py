@@ -38,15 +38,17 @@ class StateService:
     """Starts, watches and stops the state server of one runtime; holds this process's client of it."""
 
     def __init__(self, *, max_state_bytes: int, strict: bool, state_timeout: float, lock_timeout: float,
-                 local_meta: Callable[[str], dict | None], on_lost: Callable[[], None]) -> None:
+                 local_meta: Callable[[str], dict | None], on_lost: Callable[[], None],
+                 host: str | None = None) -> None:
         """Make the socket directory and key (nothing listens yet) and the client.
 
         ``local_meta`` answers WorkerState reads of status and job counters in
         this process, exactly; ``on_lost`` wakes the dispatcher (any thread)
-        when the server dies or a call finds it lost.
+        when the server dies or a call finds it lost. ``host``: listen on TCP
+        there (see ``launcher``), for workers on other machines.
         """
         self.launcher = StateServerLauncher(max_state_bytes=max_state_bytes, strict=strict,
-                                            lock_timeout=lock_timeout)
+                                            lock_timeout=lock_timeout, host=host)
         #: This process's client (WorkerState handles of the supervisor use it).
         self.client = StoreClient(self.launcher.address, self.launcher.authkey, state_timeout, lock_timeout)
         self.client.local_meta = local_meta
@@ -61,8 +63,8 @@ class StateService:
         self._stopping = False
 
     @property
-    def address(self) -> str:
-        """The socket path clients connect to."""
+    def address(self) -> str | tuple[str, int]:
+        """The socket path clients connect to (``(host, port)`` on a cluster)."""
         return self.launcher.address
 
     @property
