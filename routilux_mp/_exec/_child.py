@@ -22,20 +22,22 @@ import sys
 from typing import Any
 
 from .. import _context, _process
-from .._messages import _Exiting, _Ready, _WorkerConfig, dumps, loads, read_frame, write_frame
-from .._worker import ActivationRunner, forked_child_exit
+from .._messages import _Activation, _Exiting, _Ready, _WorkerConfig, dumps, loads, read_frame, write_frame
 from .._state.client import StoreClient
+from .._worker import ActivationRunner, forked_child_exit
 from ..state import close_resources
 
 
 def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, cleanup_dir: str | None,
-          node: str | None = None) -> None:
+          node: str | None = None, took: bytes | None = None) -> None:
     """Serve activations until told to stop (or the supervisor disappears); never returns.
 
     ``cleanup_dir`` is the runtime's socket directory, removed if the
     supervisor dies (``None``: not this process's to remove). ``node``: the
     cluster node this worker runs on, when it is not the supervisor's
-    machine (its state locks are owned by ``(node, pid)``).
+    machine (its state locks are owned by ``(node, pid)``). ``took``: a
+    frame written back as each activation is read (a socket does not tell
+    its writer what was read, a pipe does).
     """
     _process.watch_for_eof(life_fd, "routilux-mp parent watchdog",
                            on_eof=lambda: _process.kill_group_tree(cleanup_dir))
@@ -64,7 +66,10 @@ def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, c
         except (EOFError, OSError):  # only the supervisor's end of this pipe is gone: so is the supervisor
             _process.kill_group_tree(cleanup_dir)
             os._exit(_process.EXIT_PARENT_GONE)
-        reason = runner.step(loads(raw), reply)
+        message = loads(raw)
+        if took is not None and type(message) is _Activation:
+            write_frame(results, took)
+        reason = runner.step(message, reply)
     close_resources()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more to say

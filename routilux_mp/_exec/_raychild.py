@@ -18,11 +18,13 @@ import signal
 import sys
 
 from .. import _process
-from .._messages import loads, read_frame
+from .._messages import dumps, loads, read_frame
 from ._child import serve
 
 #: The environment variable in which the nanny tells its worker the Ray node it runs on.
 NODE_VARIABLE = "ROUTILUX_MP_RAY_NODE"
+#: What the worker writes back when it reads an activation: it took it (a pickled ``None``: no other message is).
+TOOK = dumps(None)
 
 
 def main() -> None:
@@ -37,4 +39,4 @@ def main() -> None:
     _process.exit_if_orphaned(config.parent_pid)  # the nanny
     # Before any thread starts (forking a threaded process is unsafe).
     _process.start_group_guard(life_fd, f"rmp-guard-{config.index}", None)
-    serve(wire, wire, life_fd, config, cleanup_dir=None, node=os.environ.get(NODE_VARIABLE))
+    serve(wire, wire, life_fd, config, cleanup_dir=None, node=os.environ.get(NODE_VARIABLE), took=TOOK)

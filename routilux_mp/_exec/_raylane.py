@@ -139,7 +139,7 @@ class LaneNanny:
             proc = psutil.Process(pid)
         except psutil.Error:
             return
-        while not done.wait(USAGE_INTERVAL):
+        while True:  # the first report at once: it arrives long before the worker's Ready (its imports take longer)
             try:
                 with proc.oneshot():
                     times = proc.cpu_times()
@@ -147,6 +147,8 @@ class LaneNanny:
             except psutil.Error:
                 return
             self._send(ctrl, usage)
+            if done.wait(USAGE_INTERVAL):
+                return
 
     def _obey(self, ctrl: Connection, popen: subprocess.Popen, done: threading.Event) -> None:
         """Carry out the supervisor's kill requests; the supervisor gone (EOF) kills the worker's group."""

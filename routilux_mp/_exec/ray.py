@@ -29,9 +29,9 @@ anything is read from them.
   carry it out in time is killed with ``ray.kill``.
 * Respawn: a new ``run`` on the same nanny (about 0.1 s); a new nanny only
   when the old one is gone (Ray may place it on another node).
-* Taken: a socket does not tell whether the peer read a frame, so an
-  activation counts as taken once it was written to a ready worker; a
-  worker that never takes it is caught by its timeout, not by ``Stalled``.
+* Taken: a socket does not tell its writer what the peer read, so the
+  worker writes a small frame back as it reads each activation; one not
+  taken ``TAKE_TIMEOUT`` after it went first is reported (``Stalled``).
 """
 
 from __future__ import annotations
@@ -65,8 +65,20 @@ from .._messages import (
 )
 from ._pipes import TAIL_LINE_CHARS, TAIL_LINES
 from ._raysession import RaySession
-from .base import Broken, Died, Exiting, Finished, Output, Ready, Usage, WorkerBackend, WorkerEvent, WorkerSettings
-from .local import PIPE_BUDGET, TERM_GRACE
+from .base import (
+    Broken,
+    Died,
+    Exiting,
+    Finished,
+    Output,
+    Ready,
+    Stalled,
+    Usage,
+    WorkerBackend,
+    WorkerEvent,
+    WorkerSettings,
+)
+from .local import PIPE_BUDGET, TAKE_TIMEOUT, TERM_GRACE
 
 logger = logging.getLogger("routilux_mp.runtime")
 
@@ -99,6 +111,10 @@ class _Lane:
         #: Sizes of the activations sent and not finished; bytes of other messages since the last one.
         self.acts: collections.deque[int] = collections.deque()
         self.extra = 0
+        #: Activations of ``acts`` the worker took (read); when the first one went first; a stall was reported.
+        self.took = 0
+        self.first_since = 0.0
+        self.stalled = False
         self.ready = False
         #: Who the worker is: its pid, its nanny's pid, node and actor.
         self.pid: int | None = None
@@ -258,6 +274,8 @@ class RayBackend(WorkerBackend):
             if activation:
                 lane.acts.append(len(data) + lane.extra)
                 lane.extra = 0
+                if len(lane.acts) == 1:
+                    lane.first_since = time.monotonic()
             else:
                 lane.extra += len(data)
             if lane.outbox and lane.wire is not None and lane not in self._want_write:
@@ -281,6 +299,8 @@ class RayBackend(WorkerBackend):
         if self._poller is None:
             self._poller = threading.current_thread()
         due = [lane.deadline for lane in self._lanes if lane is not None and lane.deadline is not None]
+        due += [lane.first_since + TAKE_TIMEOUT for lane in self._lanes
+                if lane is not None and lane.acts and not lane.took and not lane.stalled]
         if due:
             wait = max(0.0, min(due) - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
@@ -393,10 +413,14 @@ class RayBackend(WorkerBackend):
                 corrupt = f"a message that cannot be unpickled ({type(exc).__name__}: {exc})"
                 break
             kind = type(message)
-            if kind is _Result:
+            if message is None:  # TOOK: it read its next activation
+                lane.took += 1
+            elif kind is _Result:
                 with self._lock:
                     if lane.acts:
                         lane.acts.popleft()
+                        lane.first_since = time.monotonic()
+                    lane.took = max(0, lane.took - 1)
                 events.append(Finished(lane.slot, message))
             elif kind is _Ready:
                 lane.pid, lane.ready = message.pid, True
@@ -404,6 +428,7 @@ class RayBackend(WorkerBackend):
             elif kind is _Exiting:
                 with self._lock:
                     lane.acts.clear()
+                    lane.took = 0
                 events.append(Exiting(lane.slot, message.reason))
             else:
                 corrupt = f"an unexpected message ({kind.__name__})"
@@ -487,9 +512,13 @@ class RayBackend(WorkerBackend):
             self._selector.unregister(fd)
 
     def _fire_deadlines(self, events: list[WorkerEvent]) -> None:
-        """Give up on nannies that neither reported nor were reported lost, or did not carry out a kill."""
+        """Report stalls; give up on nannies that neither reported nor were reported lost, or ignored a kill."""
         now = time.monotonic()
         for lane in list(self._lanes):
+            if (lane is not None and lane.acts and not lane.took and not lane.stalled and lane.killed is None
+                    and not lane.stopping and now >= lane.first_since + TAKE_TIMEOUT):
+                lane.stalled = True
+                events.append(Stalled(lane.slot, TAKE_TIMEOUT))
             if lane is None or lane.deadline is None or lane.deadline > now or lane.closed:
                 continue
             lane.deadline = None
@@ -526,10 +555,10 @@ class RayBackend(WorkerBackend):
         self._send_ctrl(lane, ("kill", hard))  # not connected yet: passed on when it connects
 
     def taken(self, slot: int) -> bool:
-        """Whether the worker took its first activation: written to a ready worker (see the module docstring)."""
+        """Whether the worker read the activation it holds first (it says so as it reads one)."""
         with self._lock:
             lane = self._lanes[slot]
-            return lane is None or not lane.acts or (lane.ready and not lane.outbox)
+            return lane is None or not lane.acts or lane.took > 0
 
     def pid(self, slot: int) -> int | None:
         """The worker's process id on its node (any thread)."""
@@ -549,7 +578,7 @@ class RayBackend(WorkerBackend):
                 if lane.cpu_seen is not None and now > lane.cpu_seen[0]:
                     percent = 100.0 * (lane.cpu - lane.cpu_seen[1]) / (now - lane.cpu_seen[0])
                 lane.cpu_seen = (now, lane.cpu)
-            found.append(Usage(lane.pid, lane.rss if lane.ready else None, percent))
+            found.append(Usage(lane.pid, lane.rss, percent))
         return found
 
     def rss(self, slot: int) -> int | None:
