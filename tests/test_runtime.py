@@ -71,9 +71,9 @@ def _pipeline() -> Flow:
     return flow
 
 
-def test_three_stage_pipeline_completes_jobs_with_outputs(make_runtime) -> None:
+def test_three_stage_pipeline_completes_jobs_with_outputs(make_runtime, backend) -> None:
     _pipeline()
-    runtime = make_runtime(processes=2)
+    runtime = make_runtime(processes=2, **backend)
     lines = ["alpha beta", "gamma", "delta epsilon zeta"]
     jobs = [runtime.post("pipe", "parse", "line", {"text": t})[1] for t in lines]
     assert runtime.wait_until_all_jobs_finished(WAIT)

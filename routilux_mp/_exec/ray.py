@@ -106,7 +106,7 @@ class _Lane:
         self.wire_conn: Connection | None = None
         self.wire: int | None = None
         self.reader: FrameReader | None = None
-        #: Frames not written yet (all of them until the worker connects).
+        #: Frames not written yet (the wire had no room).
         self.outbox = bytearray()
         #: Sizes of the activations sent and not finished; bytes of other messages since the last one.
         self.acts: collections.deque[int] = collections.deque()
@@ -261,8 +261,10 @@ class RayBackend(WorkerBackend):
         wake = False
         with self._lock:
             lane = self._lanes[slot]
-            if (lane is None or lane.closed or lane.broken or lane.killed is not None or lane.stopping
-                    or self._stopping or lane.ctrl_eof):
+            # Not connected yet: Ray may take long to place its nanny (or never, short of CPUs), so
+            # activations wait for a lane that is there rather than in this one's outbox.
+            if (lane is None or lane.wire is None or lane.closed or lane.broken or lane.killed is not None
+                    or lane.stopping or self._stopping or lane.ctrl_eof):
                 return False
             queued = sum(lane.acts) - (lane.acts[0] if lane.acts else 0) + lane.extra
             if lane.acts and (lane.outbox or queued + len(data) > PIPE_BUDGET):
@@ -470,10 +472,7 @@ class RayBackend(WorkerBackend):
         try:
             code = future.result()
         except Exception as exc:  # noqa: BLE001 - Ray's errors for a lost actor are many
-            if self._actors[lane.slot] is lane.actor:
-                self._actors[lane.slot] = None  # never run on it again
-            with contextlib.suppress(Exception):
-                self._ray.kill(lane.actor, no_restart=True)
+            self._forget_actor(lane)
             if not lane.closed:
                 text = str(exc).strip().splitlines()
                 cause = f"its Ray actor was lost: {type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
@@ -522,10 +521,7 @@ class RayBackend(WorkerBackend):
             if lane is None or lane.deadline is None or lane.deadline > now or lane.closed:
                 continue
             lane.deadline = None
-            with contextlib.suppress(Exception):
-                self._ray.kill(lane.actor, no_restart=True)
-            if self._actors[lane.slot] is lane.actor:
-                self._actors[lane.slot] = None
+            self._forget_actor(lane)
             if lane.ctrl_eof:
                 self._died(lane, ExitInfo(lane.pid, None, None, "its Ray actor stopped answering and was killed",
                                           "\n".join(lane.stderr_tail)), events)
@@ -534,6 +530,13 @@ class RayBackend(WorkerBackend):
                 lane.ctrl_eof = True
 
     # -- kill, usage ---------------------------------------------------------------------------------
+
+    def _forget_actor(self, lane: _Lane) -> None:
+        """Kill the lane's nanny (whatever state it is in) and never run on it again; its run's end follows."""
+        if self._actors[lane.slot] is lane.actor:
+            self._actors[lane.slot] = None
+        with contextlib.suppress(Exception):  # gone already, or Ray shutting down
+            self._ray.kill(lane.actor, no_restart=True)
 
     def _send_ctrl(self, lane: _Lane, message: Any) -> None:
         """Tell the nanny something (a kill); a gone nanny shows through its run's end."""
@@ -550,9 +553,14 @@ class RayBackend(WorkerBackend):
         if lane is None or lane.closed:
             return
         lane.killed = lane.killed or reason
+        if lane.ctrl is None:  # its nanny has not connected (Ray may still be placing it): no worker to lose
+            self._forget_actor(lane)
+            lane.deadline = time.monotonic() + LOST_GRACE
+            lane.ctrl_eof = True
+            return
         if lane.deadline is None:
             lane.deadline = time.monotonic() + KILL_GRACE
-        self._send_ctrl(lane, ("kill", hard))  # not connected yet: passed on when it connects
+        self._send_ctrl(lane, ("kill", hard))
 
     def taken(self, slot: int) -> bool:
         """Whether the worker read the activation it holds first (it says so as it reads one)."""
@@ -601,6 +609,9 @@ class RayBackend(WorkerBackend):
                     lane.flush()
                 if lane.outbox:
                     self._want_write.add(lane)
+        for lane in lanes:
+            if lane.ctrl is None:  # not started (Ray may never place it): nothing to wait for
+                self.kill(lane.slot, "stop", True)
         deadline = time.monotonic() + grace
         for hard in (None, False, True):
             if hard is not None:
