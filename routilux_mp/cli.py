@@ -121,7 +121,8 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         stack.callback(library_logger.removeHandler, handler)
         try:
             runtime = Runtime(processes=args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
-                              max_worker_rss=args.max_worker_rss, worker_output=display.worker_output)
+                              max_worker_rss=args.max_worker_rss, worker_output=display.worker_output,
+                              backend=args.backend, address=args.address)
         except RoutiluxError as exc:
             raise CliError(EXIT_JOBS_FAILED, f"cannot start the worker processes: {exc}") from exc
         run = BatchRun(runtime, flow_name, entry, source, sinks, display, max_failures=args.max_failures,
@@ -193,6 +194,19 @@ def _process_count(text: str) -> int:
     return value
 
 
+def _check_backend_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors that depend on ``--backend``: the per-CPU cap is this machine's; --address is Ray's."""
+    if getattr(args, "backend", None) is None:
+        return
+    if args.backend == "local" and args.address is not None:
+        parser.error("argument --address: only with --backend ray")
+    if args.backend == "local" and args.processes is not None:
+        try:
+            _process_count(str(args.processes))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --processes: {exc}")
+
+
 def _size(text: str) -> int:
     """``500M``, ``2G``, ``1.5g``, ``512MiB``, ``100000000``: a number of bytes (units are powers of 1024)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
@@ -239,9 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write every failed line as JSONL: line, job_id, input, error (type, message, traceback)")
     run.add_argument("--state-out", type=_file_name, metavar="FILE",
                      help="write every worker's final WorkerState as JSON (also when interrupted)")
-    run.add_argument("--processes", type=_process_count, metavar="N",
-                     help=f"worker processes (default: the {cpus} CPUs; at most {MAX_PROCESSES_PER_CPU} per CPU, "
-                          f"{MAX_PROCESSES_PER_CPU * cpus} here)")
+    run.add_argument("--processes", type=_positive_int, metavar="N",
+                     help=f"worker processes (default: the {cpus} CPUs, or the Ray cluster's; at most "
+                          f"{MAX_PROCESSES_PER_CPU} per CPU, {MAX_PROCESSES_PER_CPU * cpus} here)")
+    run.add_argument("--backend", choices=("local", "ray"), default="local",
+                     help="where workers run: this machine (default), or a Ray cluster (pip install "
+                          "'routilux-mp[ray]'; see the README's \"Run on a cluster\")")
+    run.add_argument("--address", metavar="ADDR",
+                     help="with --backend ray: 'auto' or HOST:PORT of a running cluster (default: RAY_ADDRESS, "
+                          "else a private Ray instance on this machine)")
     run.add_argument("--max-worker-rss", type=_size, metavar="SIZE",
                      help="recycle a worker between activations past this RSS, kill it mid-activation past 1.5x "
                           f"(e.g. 500M, 2G; K/M/G/T are powers of 1024; at least {MIN_WORKER_RSS // 2**20}M)")
@@ -261,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _check_backend_options(parser, args)
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse has printed why
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:

@@ -246,9 +246,10 @@ def test_help_shows_the_options_and_their_bounds(python_env) -> None:
     assert result.returncode == 0
     text = " ".join(result.stdout.split())  # argparse wraps lines
     for expected in ("--failed-out FILE", "--state-out FILE", "--order {input,completion}", "--max-worker-rss SIZE",
-                     f"at most {MAX_PROCESSES_PER_CPU} per CPU", "gzip, bzip2 and xz", "examples:", "exit codes:"):
+                     f"at most {MAX_PROCESSES_PER_CPU} per CPU", "gzip, bzip2 and xz", "examples:", "exit codes:",
+                     "--backend {local,ray}", "--address ADDR"):
         assert expected in text, text
-    for absent in ("--resume", "--retry-failed", "--backend", "--address", "--debug", "--state DB"):
+    for absent in ("--resume", "--retry-failed", "--debug", "--state DB"):
         assert absent not in text
 
 

@@ -205,3 +205,24 @@ def test_a_sigkilled_driver_leaves_no_actor_and_no_worker_behind(tmp_path, pytho
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+# -- the command line ----------------------------------------------------------------------------------------
+
+
+def test_the_cli_runs_a_flow_on_the_cluster(ray_cluster, tmp_path, python_env) -> None:
+    from cli_support import cli, make_flow_file, outputs
+
+    flow_file = make_flow_file(tmp_path)
+    result = cli("run", flow_file, "--processes", "2", "--backend", "ray", "--address", ray_cluster.address,
+                 env=python_env)
+    assert result.returncode == 0, result.stderr
+    assert [o["data"] for o in outputs(result.stdout)] == [{"n": n, "square": n * n} for n in range(30)]
+    assert "30 completed, 0 failed, 0 cancelled" in result.stderr
+
+
+def test_the_cli_refuses_address_without_ray(tmp_path, python_env) -> None:
+    from cli_support import cli, make_flow_file
+
+    result = cli("run", make_flow_file(tmp_path), "--address", "auto", env=python_env)
+    assert result.returncode == 2 and "argument --address: only with --backend ray" in result.stderr
