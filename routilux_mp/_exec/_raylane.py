@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 from multiprocessing.connection import Client, Connection
@@ -41,6 +42,14 @@ TERM_GRACE = 2.0
 USAGE_INTERVAL = 0.1
 #: Seconds the nanny waits for its output readers once the worker is gone (a grandchild may hold the pipes).
 DRAIN_TIMEOUT = 2.0
+
+
+def _connect(address: tuple[str, int], authkey: bytes) -> Connection:
+    """An authenticated connection to the supervisor, with Nagle's algorithm off (frames are small)."""
+    conn = Client(tuple(address), authkey=authkey)
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # (the option is the socket's, not the fd's)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
 
 
 class LaneNanny:
@@ -68,9 +77,9 @@ class LaneNanny:
         ctx = ray.get_runtime_context()
         hello = {"slot": slot, "gen": gen, "nanny_pid": os.getpid(), "node_id": ctx.get_node_id(),
                  "actor_id": ctx.get_actor_id(), "ip": ray.util.get_node_ip_address()}
-        ctrl = Client(tuple(address), authkey=authkey)
+        ctrl = _connect(address, authkey)
         ctrl.send(("nanny", hello))
-        wire = Client(tuple(address), authkey=authkey)
+        wire = _connect(address, authkey)
         wire.send(("wire", hello))
         os.environ[NODE_VARIABLE] = hello["node_id"]  # the worker's state locks are owned by (node, pid)
         life_r, life_w = os.pipe()  # the worker's watchdog: EOF when this process dies, however it dies

@@ -207,6 +207,7 @@ class RayBackend(WorkerBackend):
             except OSError:
                 return  # closed by stop()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small: no Nagle delay
             conn = Connection(sock.detach())
             try:
                 deliver_challenge(conn, self._authkey)

@@ -77,6 +77,8 @@ class Channel:
         deadline = time.monotonic() + timeout
         # A unix socket path on this machine, or (host, port) on a cluster's network.
         sock = socket.socket(socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX, socket.SOCK_STREAM)
+        if sock.family == socket.AF_INET:  # small requests must not wait for the previous one's ACK (Nagle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             try:
                 sock.settimeout(timeout)

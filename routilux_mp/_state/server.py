@@ -217,6 +217,14 @@ class _AdoptedSocketListener(connection.SocketListener):
         self._last_accepted = None
         self._unlink = None  # the supervisor removes its private directory
 
+    def accept(self) -> Any:
+        """The next connection; on TCP with Nagle's algorithm off (small replies must not wait for an ACK)."""
+        s, self._last_accepted = self._socket.accept()
+        s.setblocking(True)
+        if s.family == socket.AF_INET:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return connection.Connection(s.detach())
+
 
 class _PickleListener(connection.Listener):
     """The manager's listener for our serializer: the adopted socket, connections that pickle with C."""
