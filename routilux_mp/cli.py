@@ -48,7 +48,7 @@ from ._cli_output import check_files, open_output
 from ._cli_run import BatchRun, RunSinks
 from .errors import RoutiluxError
 from .monitoring.flow_registry import FlowRegistry
-from .runtime import MAX_PROCESSES_PER_CPU, Runtime
+from .runtime import BACKEND_VARIABLE, MAX_PROCESSES_PER_CPU, Runtime
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -196,8 +196,12 @@ def _process_count(text: str) -> int:
 
 def _check_backend_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors that depend on ``--backend``: the per-CPU cap is this machine's; --address is Ray's."""
-    if getattr(args, "backend", None) is None:
+    if not hasattr(args, "backend"):
         return
+    if args.backend is None:
+        args.backend = os.environ.get(BACKEND_VARIABLE) or "local"
+        if args.backend not in ("local", "ray"):
+            parser.error(f"{BACKEND_VARIABLE}={args.backend!r}: must be 'local' or 'ray'")
     if args.backend == "local" and args.address is not None:
         parser.error("argument --address: only with --backend ray")
     if args.backend == "local" and args.processes is not None:
@@ -256,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--processes", type=_positive_int, metavar="N",
                      help=f"worker processes (default: the {cpus} CPUs, or the Ray cluster's; at most "
                           f"{MAX_PROCESSES_PER_CPU} per CPU, {MAX_PROCESSES_PER_CPU * cpus} here)")
-    run.add_argument("--backend", choices=("local", "ray"), default="local",
-                     help="where workers run: this machine (default), or a Ray cluster (pip install "
+    run.add_argument("--backend", choices=("local", "ray"), default=None,
+                     help="where workers run: this machine (default: ROUTILUX_MP_BACKEND, else local), or a Ray "
+                          "cluster (pip install "
                           "'routilux-mp[ray]'; see the README's \"Run on a cluster\")")
     run.add_argument("--address", metavar="ADDR",
                      help="with --backend ray: 'auto' or HOST:PORT of a running cluster (default: RAY_ADDRESS, "

@@ -89,7 +89,9 @@ class Runtime:
             process's ``sys.stdout``/``sys.stderr``.
         backend: ``"local"`` (worker processes on this machine) or ``"ray"``
             (worker lanes on a Ray cluster, see "Run on a cluster" in the
-            README; needs ``pip install 'routilux-mp[ray]'``).
+            README; needs ``pip install 'routilux-mp[ray]'``). Default: the
+            ``ROUTILUX_MP_BACKEND`` environment variable, else ``"local"``
+            (so an unchanged script runs on a cluster).
         address: with ``backend="ray"``: ``None`` (``RAY_ADDRESS``, else a
             private Ray instance on this machine), ``"auto"`` or
             ``"host:port"`` of a running cluster. ``processes`` then defaults
@@ -115,14 +117,17 @@ class Runtime:
         max_outputs_per_job: int = 10_000,
         max_finished_jobs: int = 10_000,
         worker_output: Callable[[str, str], None] | None = None,
-        backend: str = "local",
+        backend: str | None = None,
         address: str | None = None,
     ) -> None:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
             raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
         count = processes if processes is not None else thread_pool_size
+        if backend is None:
+            backend = os.environ.get(BACKEND_VARIABLE) or "local"
         if backend not in ("local", "ray"):
-            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r} (from the argument or "
+                             f"{BACKEND_VARIABLE})")
         if address is not None and backend != "ray":
             raise ValueError(f"address={address!r} is for backend='ray'; the local backend runs on this machine")
         if count is not None and (not isinstance(count, int) or count < 1):
@@ -366,6 +371,10 @@ class Runtime:
             if not sup.on_dispatcher():  # (from a done-callback, the dispatcher stops once it returns)
                 with _live_lock:
                     _live.discard(self)
+
+
+#: The environment variable that chooses the backend of a ``Runtime`` that does not name one.
+BACKEND_VARIABLE = "ROUTILUX_MP_BACKEND"
 
 
 def _ray_backend(address: str | None, count: int | None) -> tuple[int, functools.partial]:

@@ -169,6 +169,7 @@ DRIVER = textwrap.dedent(
     flow.add_routine(Spin(), "spin")
     FlowRegistry.get_instance().register_by_name("spin", flow)
     runtime = Runtime(processes=2, backend="ray", address=sys.argv[1])
+    assert runtime._testing.wait_pool_ready(60)  # else both activations may go to the first lane placed
     ws = runtime.exec("spin")
     for _ in range(2):
         runtime.post("spin", "spin", "in", {})
@@ -190,7 +191,7 @@ def test_a_sigkilled_driver_leaves_no_actor_and_no_worker_behind(tmp_path, pytho
                             stderr=subprocess.PIPE, text=True, env=python_env, start_new_session=True)
     try:
         line = proc.stdout.readline()
-        assert line, proc.stderr.read()
+        assert line, (proc.stderr.read(), [(a["ActorClassName"], a["State"]) for a in live_actors()])
         pids = json.loads(line)
         assert len(live_actors()) == 2, "one nanny actor per lane"
         os.kill(proc.pid, signal.SIGKILL)
@@ -226,3 +227,19 @@ def test_the_cli_refuses_address_without_ray(tmp_path, python_env) -> None:
 
     result = cli("run", make_flow_file(tmp_path), "--address", "auto", env=python_env)
     assert result.returncode == 2 and "argument --address: only with --backend ray" in result.stderr
+
+
+# -- the seed page, unchanged, on the cluster ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index", range(13))
+def test_every_seed_example_runs_unchanged_on_the_cluster(index, ray_cluster, tmp_path, python_env) -> None:
+    from test_seed import BLOCKS, prepared, run
+
+    import ray
+
+    env = dict(python_env, ROUTILUX_MP_BACKEND="ray", RAY_ADDRESS=ray_cluster.address)
+    drivers = len(ray._private.state.jobs())  # (no public API lists a cluster's jobs)
+    proc = run(prepared(BLOCKS[index]), tmp_path, env)
+    assert proc.returncode == 0, f"example {index} failed:\n{BLOCKS[index]}\n--- stderr ---\n{proc.stderr}"
+    assert len(ray._private.state.jobs()) > drivers, "the example ran as a driver of the cluster"

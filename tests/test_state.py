@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import WAIT, by_value, single_flow, wait_until
+from helpers import WAIT, by_value, pool_ready, single_flow, wait_until
 
 from routilux_mp.errors import (
     LockTimeoutError,
@@ -46,6 +46,7 @@ def _bump_modify(routine, slot_data, message, ws):
 def test_four_processes_times_1000_atomic_updates_lose_nothing(make_runtime, backend, bump) -> None:
     single_flow("bump", bump, concurrency=None)
     runtime = make_runtime(processes=4, **backend)
+    pool_ready(runtime)  # (Ray places lanes one by one: work posted before goes to the first ones)
     ws = runtime.exec("bump")
     jobs = [runtime.post("bump", "r", "in", {"n": 1000})[1] for _ in range(4)]
     assert runtime.wait_until_all_jobs_finished(WAIT)
