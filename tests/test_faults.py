@@ -234,6 +234,7 @@ def test_a_fault_fails_only_its_own_job(make_runtime, backend, fault, inject, op
     ws = runtime.exec("faults")
     before = [runtime.post("faults", "r", "in", {})[1] for _ in range(2)]
     assert all(job.wait(WAIT) for job in before)
+    pool_ready(runtime)  # (a Ray lane shows its pid once its nanny started it)
     pids_before = {p["pid"] for p in runtime.stats()["processes"]}
 
     started = time.monotonic()

@@ -232,11 +232,17 @@ def test_the_cli_refuses_address_without_ray(tmp_path, python_env) -> None:
 # -- the seed page, unchanged, on the cluster ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("index", range(13))
-def test_every_seed_example_runs_unchanged_on_the_cluster(index, ray_cluster, tmp_path, python_env) -> None:
-    from test_seed import BLOCKS, prepared, run
+def _seed_examples_with_a_runtime() -> list[int]:
+    from test_seed import BLOCKS, prepared
 
+    return [i for i, block in enumerate(BLOCKS) if "Runtime(" in prepared(block)]
+
+
+@pytest.mark.parametrize("index", _seed_examples_with_a_runtime())
+def test_every_seed_example_with_a_runtime_runs_unchanged_on_the_cluster(index, ray_cluster, tmp_path,
+                                                                         python_env) -> None:
     import ray
+    from test_seed import BLOCKS, prepared, run
 
     env = dict(python_env, ROUTILUX_MP_BACKEND="ray", RAY_ADDRESS=ray_cluster.address)
     drivers = len(ray._private.state.jobs())  # (no public API lists a cluster's jobs)

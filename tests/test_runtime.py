@@ -12,7 +12,7 @@ import time
 
 import psutil
 import pytest
-from helpers import WAIT, FnRoutine, by_value, echo, single_flow, wait_until
+from helpers import WAIT, FnRoutine, by_value, echo, our_children, single_flow, wait_until
 
 from routilux_mp import ErrorHandler, Flow, FlowRegistry, Runtime, get_current_job
 from routilux_mp.activation_policies import (
@@ -329,7 +329,7 @@ def test_shutdown_cancels_leftovers_and_leaves_no_process(make_runtime) -> None:
     ws = runtime.exec("slow")
     jobs = [runtime.post("slow", "r", "in", {})[1] for _ in range(3)]
     wait_until(lambda: (ws.get_routine_state("started") or {}).get("n") == 1, "an activation to start")
-    children = psutil.Process().children(recursive=True)
+    children = our_children()
     assert len(children) >= 3, "2 workers and the state server"
     started = time.monotonic()
     runtime.shutdown(wait=False)
