@@ -19,6 +19,7 @@ import faulthandler
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .. import _context, _process
@@ -29,15 +30,17 @@ from ..state import close_resources
 
 
 def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, cleanup_dir: str | None,
-          node: str | None = None, took: bytes | None = None) -> None:
+          node: str | None = None, write: Callable[[bytes], None] | None = None,
+          on_take: Callable[[], None] | None = None) -> None:
     """Serve activations until told to stop (or the supervisor disappears); never returns.
 
     ``cleanup_dir`` is the runtime's socket directory, removed if the
     supervisor dies (``None``: not this process's to remove). ``node``: the
     cluster node this worker runs on, when it is not the supervisor's
-    machine (its state locks are owned by ``(node, pid)``). ``took``: a
-    frame written back as each activation is read (a socket does not tell
-    its writer what was read, a pipe does).
+    machine (its state locks are owned by ``(node, pid)``). ``write``: how
+    a message goes back (default: a frame on ``results``); ``on_take``: called
+    as each activation is read (a socket does not tell its writer what was
+    read, a pipe does).
     """
     _process.watch_for_eof(life_fd, "routilux-mp parent watchdog",
                            on_eof=lambda: _process.kill_group_tree(cleanup_dir))
@@ -53,7 +56,10 @@ def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, c
         """Write a message on the result pipe (only this process may)."""
         if os.getpid() != me:  # a child that logic forked came back here: it must not speak for us
             forked_child_exit(1)
-        write_frame(results, dumps(message))
+        if write is None:
+            write_frame(results, dumps(message))
+        else:
+            write(dumps(message))
 
     client = StoreClient(config.state_address, config.authkey, config.state_timeout, config.lock_timeout)
     client.node = node
@@ -67,8 +73,8 @@ def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, c
             _process.kill_group_tree(cleanup_dir)
             os._exit(_process.EXIT_PARENT_GONE)
         message = loads(raw)
-        if took is not None and type(message) is _Activation:
-            write_frame(results, took)
+        if on_take is not None and type(message) is _Activation:
+            on_take()
         reason = runner.step(message, reply)
     close_resources()
     for stream in (sys.stdout, sys.stderr):

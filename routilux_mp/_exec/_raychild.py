@@ -16,15 +16,64 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
 
 from .. import _process
-from .._messages import dumps, loads, read_frame
+from .._messages import dumps, loads, read_frame, write_frame
 from ._child import serve
 
 #: The environment variable in which the nanny tells its worker the Ray node it runs on.
 NODE_VARIABLE = "ROUTILUX_MP_RAY_NODE"
 #: What the worker writes back when it reads an activation: it took it (a pickled ``None``: no other message is).
 TOOK = dumps(None)
+#: Seconds a taken activation may run before the worker says it took it: a shorter one's result says so, and
+#: saves the supervisor a frame per activation.
+TOOK_DELAY = 0.02
+
+
+class TakeReporter:
+    """Writes the worker's frames on the wire, and TOOK for an activation still running ``TOOK_DELAY`` after it was read.
+
+    Its thread and the worker's loop write under one lock, so TOOK never
+    follows the result of the activation it is about.
+    """
+
+    def __init__(self, wire: int) -> None:
+        self.wire = wire
+        self.cond = threading.Condition()
+        #: When the running activation was read (``None``: none runs, or TOOK or its result went already).
+        self.read_at: float | None = None
+        threading.Thread(target=self._report, name="routilux-mp take reporter", daemon=True).start()
+
+    def took(self) -> None:
+        """An activation was just read (the worker's loop)."""
+        with self.cond:
+            self.read_at = time.monotonic()
+            self.cond.notify()
+
+    def write(self, data: bytes) -> None:
+        """Write one message of the worker (a result says its activation was taken)."""
+        with self.cond:
+            self.read_at = None
+            write_frame(self.wire, data)
+
+    def _report(self) -> None:
+        """Write TOOK for an activation that runs past ``TOOK_DELAY`` (the thread)."""
+        with self.cond:
+            while True:
+                if self.read_at is None:
+                    self.cond.wait()
+                    continue
+                wait = self.read_at + TOOK_DELAY - time.monotonic()
+                if wait > 0:
+                    self.cond.wait(wait)
+                    continue
+                self.read_at = None
+                try:
+                    write_frame(self.wire, TOOK)
+                except OSError:  # the supervisor is gone: the worker's loop sees it too
+                    return
 
 
 def main() -> None:
@@ -39,4 +88,6 @@ def main() -> None:
     _process.exit_if_orphaned(config.parent_pid)  # the nanny
     # Before any thread starts (forking a threaded process is unsafe).
     _process.start_group_guard(life_fd, f"rmp-guard-{config.index}", None)
-    serve(wire, wire, life_fd, config, cleanup_dir=None, node=os.environ.get(NODE_VARIABLE), took=TOOK)
+    reporter = TakeReporter(wire)
+    serve(wire, wire, life_fd, config, cleanup_dir=None, node=os.environ.get(NODE_VARIABLE), write=reporter.write,
+          on_take=reporter.took)

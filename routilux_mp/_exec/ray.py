@@ -30,8 +30,9 @@ anything is read from them.
 * Respawn: a new ``run`` on the same nanny (about 0.1 s); a new nanny only
   when the old one is gone (Ray may place it on another node).
 * Taken: a socket does not tell its writer what the peer read, so the
-  worker writes a small frame back as it reads each activation; one not
-  taken ``TAKE_TIMEOUT`` after it went first is reported (``Stalled``).
+  worker says it took an activation (a small frame, or its result if it
+  ends within ``TOOK_DELAY``); one not taken ``TAKE_TIMEOUT`` after it went
+  first is reported (``Stalled``).
 """
 
 from __future__ import annotations
