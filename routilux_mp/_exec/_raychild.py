@@ -33,7 +33,7 @@ TOOK_DELAY = 0.02
 
 
 class TakeReporter:
-    """Writes the worker's frames on the wire, and TOOK for an activation still running ``TOOK_DELAY`` after it was read.
+    """Writes the worker's frames on the wire, and TOOK for an activation still running ``TOOK_DELAY`` after its read.
 
     Its thread and the worker's loop write under one lock, so TOOK never
     follows the result of the activation it is about.

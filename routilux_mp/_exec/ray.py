@@ -42,126 +42,39 @@ import contextlib
 import logging
 import os
 import selectors
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any
 
 from .._messages import (
     STOP,
-    CorruptFrameError,
     ExitInfo,
-    FrameReader,
     _Activation,
-    _Exiting,
-    _Ready,
-    _Result,
-    _WorkerConfig,
     dumps,
     frame,
-    loads,
 )
-from ._pipes import TAIL_LINE_CHARS, TAIL_LINES
+from ._raylanes import Lane, Listener
 from ._raysession import RaySession
 from .base import (
-    Broken,
     Died,
-    Exiting,
-    Finished,
     Output,
-    Ready,
     Stalled,
     Usage,
     WorkerBackend,
     WorkerEvent,
     WorkerSettings,
 )
-from .local import PIPE_BUDGET, TAKE_TIMEOUT, TERM_GRACE
+from .local import TAKE_TIMEOUT, TERM_GRACE
 
 logger = logging.getLogger("routilux_mp.runtime")
 
-#: Seconds a connecting nanny has to pass the challenge and say who it is.
-HANDSHAKE_TIMEOUT = 10.0
 #: Seconds to wait for Ray's verdict on a nanny whose control connection ended without the exit status.
 LOST_GRACE = 15.0
 #: Seconds a nanny has to carry out a kill before the supervisor kills the nanny itself.
 KILL_GRACE = TERM_GRACE + 5.0
 #: Seconds ``stop`` waits for Ray to confirm that every nanny is gone.
 ACTOR_EXIT_TIMEOUT = 10.0
-
-
-class _Lane:
-    """One run of a worker in a slot: its nanny's call, its two connections, what waits to be written."""
-
-    def __init__(self, slot: int, gen: int, actor: Any, ref: Any) -> None:
-        self.slot = slot
-        self.gen = gen
-        self.actor = actor
-        #: The nanny's ``run`` call: its result is the worker's return code; an error, the nanny is lost.
-        self.ref = ref
-        self.ctrl: Connection | None = None
-        #: The wire (non-blocking fd owned by ``wire_conn``) and its frame reader.
-        self.wire_conn: Connection | None = None
-        self.wire: int | None = None
-        self.reader: FrameReader | None = None
-        #: Frames not written yet (the wire had no room).
-        self.outbox = bytearray()
-        #: Sizes of the activations sent and not finished; bytes of other messages since the last one.
-        self.acts: collections.deque[int] = collections.deque()
-        self.extra = 0
-        #: Activations of ``acts`` the worker took (read); when the first one went first; a stall was reported.
-        self.took = 0
-        self.first_since = 0.0
-        self.stalled = False
-        self.ready = False
-        #: Who the worker is: its pid, its nanny's pid, node and actor.
-        self.pid: int | None = None
-        self.info: dict[str, Any] = {}
-        #: Its latest usage report: RSS bytes, CPU seconds; and the CPU seconds at the previous usage().
-        self.rss: int | None = None
-        self.cpu: float | None = None
-        self.cpu_seen: tuple[float, float] | None = None
-        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        #: Why it was killed; it was asked to stop; it broke the protocol; its slot is free.
-        self.killed: str | None = None
-        self.stopping = False
-        self.broken = False
-        self.closed = False
-        #: EVENT_WRITE is registered for the wire; the control connection ended.
-        self.writing = False
-        self.ctrl_eof = False
-        #: When to give up waiting (for Ray's verdict, for a kill to be carried out).
-        self.deadline: float | None = None
-
-    def where(self) -> str:
-        """``" (Ray actor abc on node 10.0.0.2)"``, for the cause of a death."""
-        if not self.info:
-            return " (its Ray actor never connected back)"
-        return f" (Ray actor {self.info['actor_id'][:16]} on node {self.info['ip']})"
-
-    def queue(self, blob: bytes) -> None:
-        """Write a frame now as far as the wire takes it, the rest to ``outbox``; ``OSError`` if it is gone."""
-        if self.outbox or self.wire is None:
-            self.outbox += blob
-            return
-        try:
-            n = os.write(self.wire, blob)
-        except BlockingIOError:
-            n = 0
-        if n < len(blob):
-            self.outbox += memoryview(blob)[n:]
-
-    def flush(self) -> None:
-        """Write as much of ``outbox`` as the wire takes now (``OSError`` if the worker is gone)."""
-        while self.outbox and self.wire is not None:
-            try:
-                n = os.write(self.wire, self.outbox)
-            except BlockingIOError:
-                return
-            del self.outbox[:n]
 
 
 class RayBackend(WorkerBackend):
@@ -176,7 +89,7 @@ class RayBackend(WorkerBackend):
 
         self._nanny_class = self._ray.remote(LaneNanny).options(
             num_cpus=1, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD")
-        self._lanes: list[_Lane | None] = [None] * slots
+        self._lanes: list[Lane | None] = [None] * slots
         #: Per slot, its nanny actor while it is usable for another run.
         self._actors: list[Any] = [None] * slots
         self._gens = [0] * slots
@@ -188,36 +101,11 @@ class RayBackend(WorkerBackend):
         self._selector.register(self._wake_r, selectors.EVENT_READ, (self._on_wake, None))
         #: What the listener thread and Ray's callbacks hand to poll().
         self._inbox: collections.deque[tuple] = collections.deque()
-        self._want_write: set[_Lane] = set()
+        self._want_write: set[Lane] = set()
         self._poller: threading.Thread | None = None
         self._stopping = False
-        self._authkey = os.urandom(32)
-        self._server = socket.create_server((session.node_ip(), 0))
-        self.address = self._server.getsockname()[:2]
-        self._acceptor = threading.Thread(target=self._accept, name="routilux-mp ray listener", daemon=True)
-        self._acceptor.start()
-
-    # -- connections ---------------------------------------------------------------------------------
-
-    def _accept(self) -> None:
-        """Listener thread: authenticate each connection, read who it is, hand it to poll()."""
-        timeout = struct.pack("ll", int(HANDSHAKE_TIMEOUT), 0)
-        while True:
-            try:
-                sock, _peer = self._server.accept()
-            except OSError:
-                return  # closed by stop()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small: no Nagle delay
-            conn = Connection(sock.detach())
-            try:
-                deliver_challenge(conn, self._authkey)
-                answer_challenge(conn, self._authkey)
-                role, hello = conn.recv()  # authenticated: only a nanny of ours gets here
-            except Exception:  # noqa: BLE001 - a stranger or a broken peer: drop it, read nothing more
-                conn.close()
-                continue
-            self._push(("conn", role, hello, conn))
+        #: Where nannies connect to, with the key they must prove they hold.
+        self._listener = Listener(session.node_ip(), self._push)
 
     def _push(self, item: tuple) -> None:
         """Hand ``item`` to poll() and wake it (any thread)."""
@@ -244,11 +132,11 @@ class RayBackend(WorkerBackend):
             actor = self._actors[slot]
             if actor is None:
                 actor = self._actors[slot] = self._nanny_class.remote()
-            ref = actor.run.remote(self.address, self._authkey, slot, gen)
+            ref = actor.run.remote(self._listener.address, self._listener.authkey, slot, gen)
         except Exception as exc:  # noqa: BLE001 - Ray may refuse in many ways (disconnected, shut down)
             self._actors[slot] = None
             return f"worker {slot}: Ray could not start its actor: {type(exc).__name__}: {exc}"
-        lane = _Lane(slot, gen, actor, ref)
+        lane = Lane(slot, gen, actor, ref)
         with self._lock:
             self._lanes[slot] = lane
         ref.future().add_done_callback(lambda future: self._push(("done", lane, future)))
@@ -266,22 +154,8 @@ class RayBackend(WorkerBackend):
             # Not connected yet: Ray may take long to place its nanny (or never, short of CPUs), so
             # activations wait for a lane that is there rather than in this one's outbox.
             if (lane is None or lane.wire is None or lane.closed or lane.broken or lane.killed is not None
-                    or lane.stopping or self._stopping or lane.ctrl_eof):
+                    or lane.stopping or self._stopping or lane.ctrl_eof or not lane.offer(data, activation)):
                 return False
-            queued = sum(lane.acts) - (lane.acts[0] if lane.acts else 0) + lane.extra
-            if lane.acts and (lane.outbox or queued + len(data) > PIPE_BUDGET):
-                return False
-            try:
-                lane.queue(frame(data))
-            except OSError:  # the worker is gone; its death comes from its nanny
-                return False
-            if activation:
-                lane.acts.append(len(data) + lane.extra)
-                lane.extra = 0
-                if len(lane.acts) == 1:
-                    lane.first_since = time.monotonic()
-            else:
-                lane.extra += len(data)
             if lane.outbox and lane.wire is not None and lane not in self._want_write:
                 self._want_write.add(lane)
                 wake = threading.current_thread() is not self._poller
@@ -342,26 +216,12 @@ class RayBackend(WorkerBackend):
             if lane.killed is not None:  # killed before it connected: pass it on
                 self._send_ctrl(lane, ("kill", True))
             return
-        fd = conn.fileno()
         with self._lock:
-            lane.wire_conn, lane.wire, lane.reader = conn, fd, FrameReader(fd)
-            # The worker's config goes first, before what was sent while it was starting.
-            lane.outbox[:0] = self._config_for(lane)
-            try:
-                lane.flush()
-            except OSError:
-                lane.outbox.clear()
-            if lane.outbox:
+            if lane.attach_wire(conn, self.settings):
                 self._want_write.add(lane)
-        self._selector.register(fd, selectors.EVENT_READ, (self._on_wire, lane))
+        self._selector.register(conn.fileno(), selectors.EVENT_READ, (self._on_wire, lane))
 
-    def _config_for(self, lane: _Lane) -> bytes:
-        """The worker's config frame (its parent is its nanny)."""
-        s = self.settings
-        return frame(dumps(_WorkerConfig(lane.slot, lane.info["nanny_pid"], s.sys_path, s.state_address, s.authkey, s.state_timeout,
-                                         s.lock_timeout, s.max_rss, s.max_activations)))
-
-    def _on_ctrl(self, lane: _Lane, _mask: int, events: list[WorkerEvent]) -> None:
+    def _on_ctrl(self, lane: Lane, _mask: int, events: list[WorkerEvent]) -> None:
         """What the nanny says: output, usage, a start failure, the worker's exit."""
         ctrl = lane.ctrl
         assert ctrl is not None
@@ -370,9 +230,7 @@ class RayBackend(WorkerBackend):
                 message = ctrl.recv()
                 kind = message[0]
                 if kind == "out":
-                    if message[1] == "stderr":
-                        lane.stderr_tail.extend(line[:TAIL_LINE_CHARS] for line in message[2].splitlines())
-                    events.append(Output(lane.slot, message[1], message[2]))
+                    events.append(lane.output(message[1], message[2]))
                 elif kind == "usage":
                     lane.rss, lane.cpu = message[1], message[2]
                 elif kind == "exit":
@@ -385,7 +243,7 @@ class RayBackend(WorkerBackend):
         except (EOFError, OSError):
             self._ctrl_ended(lane)
 
-    def _ctrl_ended(self, lane: _Lane) -> None:
+    def _ctrl_ended(self, lane: Lane) -> None:
         """The control connection ended without the exit status: the nanny is dying; Ray's verdict follows."""
         if lane.ctrl_eof:
             return
@@ -393,57 +251,19 @@ class RayBackend(WorkerBackend):
         self._unwatch(lane.ctrl.fileno() if lane.ctrl is not None else None)
         lane.deadline = time.monotonic() + LOST_GRACE
 
-    def _on_wire(self, lane: _Lane, mask: int, events: list[WorkerEvent]) -> None:
+    def _on_wire(self, lane: Lane, mask: int, events: list[WorkerEvent]) -> None:
         """The wire is readable (frames from the worker) or writable (room for the outbox)."""
         if mask & selectors.EVENT_WRITE:
             self._on_writable(lane)
         if mask & selectors.EVENT_READ:
             self._read_wire(lane, events)
 
-    def _read_wire(self, lane: _Lane, events: list[WorkerEvent]) -> None:
-        """Turn what the worker wrote into events; report bytes that are not ours."""
-        reader = lane.reader
-        if reader is None or lane.closed or lane.broken:
-            return
-        corrupt = None
-        try:
-            frames = reader.read()
-        except CorruptFrameError as exc:
-            frames, corrupt = exc.frames, str(exc)
-        for blob in frames:
-            try:
-                message = loads(blob)
-            except Exception as exc:  # noqa: BLE001 - bytes logic wrote on the socket may fail in any way
-                corrupt = f"a message that cannot be unpickled ({type(exc).__name__}: {exc})"
-                break
-            kind = type(message)
-            if message is None:  # TOOK: it read its next activation
-                lane.took += 1
-            elif kind is _Result:
-                with self._lock:
-                    if lane.acts:
-                        lane.acts.popleft()
-                        lane.first_since = time.monotonic()
-                    lane.took = max(0, lane.took - 1)
-                events.append(Finished(lane.slot, message))
-            elif kind is _Ready:
-                lane.pid, lane.ready = message.pid, True
-                events.append(Ready(lane.slot, message.pid))
-            elif kind is _Exiting:
-                with self._lock:
-                    lane.acts.clear()
-                    lane.took = 0
-                events.append(Exiting(lane.slot, message.reason))
-            else:
-                corrupt = f"an unexpected message ({kind.__name__})"
-                break
-        if corrupt is not None:
-            lane.broken = True
-            events.append(Broken(lane.slot, f"sent {corrupt} on its result pipe"))
-        if corrupt is not None or reader.eof:
+    def _read_wire(self, lane: Lane, events: list[WorkerEvent]) -> None:
+        """Turn what the worker wrote into events; stop reading at EOF or at bytes that are not ours."""
+        if lane.reader is not None and not lane.closed and not lane.broken and lane.read(events, self._lock):
             self._unwatch(lane.wire)
 
-    def _on_writable(self, lane: _Lane) -> None:
+    def _on_writable(self, lane: Lane) -> None:
         """The wire has room: write what waits in the outbox."""
         with self._lock:
             if lane.closed:
@@ -469,7 +289,7 @@ class RayBackend(WorkerBackend):
                         lane.writing = True
             self._want_write.clear()
 
-    def _run_done(self, lane: _Lane, future: Any, events: list[WorkerEvent]) -> None:
+    def _run_done(self, lane: Lane, future: Any, events: list[WorkerEvent]) -> None:
         """The nanny's ``run`` call ended: normally (the exit came on the control connection), or Ray lost it."""
         try:
             code = future.result()
@@ -483,7 +303,7 @@ class RayBackend(WorkerBackend):
         if not lane.closed:  # the nanny ended without saying how its worker did: its return value says it
             self._died(lane, ExitInfo.from_returncode(lane.pid, code, "\n".join(lane.stderr_tail)), events)
 
-    def _died(self, lane: _Lane, info: ExitInfo, events: list[WorkerEvent]) -> None:
+    def _died(self, lane: Lane, info: ExitInfo, events: list[WorkerEvent]) -> None:
         """The lane's worker is gone: report what it wrote, then its death; free the slot."""
         if lane.closed:
             return
@@ -498,7 +318,7 @@ class RayBackend(WorkerBackend):
         owner = (lane.info["node_id"], lane.pid) if lane.pid is not None and lane.info else None
         events.append(Died(lane.slot, info._replace(cause=info.cause + lane.where(), owner=owner)))
 
-    def _close(self, lane: _Lane) -> None:
+    def _close(self, lane: Lane) -> None:
         """Close both connections (unwatched first: fd numbers are reused)."""
         for conn in (lane.ctrl, lane.wire_conn):
             if conn is not None and not conn.closed:
@@ -533,14 +353,14 @@ class RayBackend(WorkerBackend):
 
     # -- kill, usage ---------------------------------------------------------------------------------
 
-    def _forget_actor(self, lane: _Lane) -> None:
+    def _forget_actor(self, lane: Lane) -> None:
         """Kill the lane's nanny (whatever state it is in) and never run on it again; its run's end follows."""
         if self._actors[lane.slot] is lane.actor:
             self._actors[lane.slot] = None
         with contextlib.suppress(Exception):  # gone already, or Ray shutting down
             self._ray.kill(lane.actor, no_restart=True)
 
-    def _send_ctrl(self, lane: _Lane, message: Any) -> None:
+    def _send_ctrl(self, lane: Lane, message: Any) -> None:
         """Tell the nanny something (a kill); a gone nanny shows through its run's end."""
         if lane.ctrl is None or lane.ctrl_eof:
             return
@@ -577,19 +397,8 @@ class RayBackend(WorkerBackend):
 
     def usage(self) -> list[Usage | None]:
         """Per slot: pid, RSS and CPU% (since the previous call) of its worker, from its nanny's reports."""
-        found: list[Usage | None] = []
         now = time.monotonic()
-        for lane in list(self._lanes):
-            if lane is None:
-                found.append(None)
-                continue
-            percent = None
-            if lane.cpu is not None:
-                if lane.cpu_seen is not None and now > lane.cpu_seen[0]:
-                    percent = 100.0 * (lane.cpu - lane.cpu_seen[1]) / (now - lane.cpu_seen[0])
-                lane.cpu_seen = (now, lane.cpu)
-            found.append(Usage(lane.pid, lane.rss, percent))
-        return found
+        return [None if lane is None else lane.usage(now) for lane in list(self._lanes)]
 
     def rss(self, slot: int) -> int | None:
         """The worker's resident memory in bytes, from its nanny's latest report (any thread)."""
@@ -625,10 +434,7 @@ class RayBackend(WorkerBackend):
             if all(lane is None for lane in self._lanes):
                 break
         self.abort()
-        with contextlib.suppress(OSError):
-            self._server.shutdown(socket.SHUT_RDWR)  # wakes the listener thread (close alone does not)
-        self._server.close()
-        self._acceptor.join(HANDSHAKE_TIMEOUT)
+        self._listener.close()
         while self._inbox:  # connections that arrived too late
             item = self._inbox.popleft()
             if item[0] == "conn":
