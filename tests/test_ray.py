@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 from helpers import WAIT, by_value, pool_ready, single_flow, wait_until
-from ray_support import HEAD_CPUS, live_actors, ray_options, wait_no_live_actors
+from ray_support import HEAD_CPUS, is_ray_process, live_actors, ray_options, wait_no_live_actors
 
 from routilux_mp import ClusterError, ErrorHandler, RoutiluxError, Runtime
 from routilux_mp._exec._raychild import NODE_VARIABLE
@@ -168,7 +168,7 @@ DRIVER = textwrap.dedent(
     flow = Flow("spin")
     flow.add_routine(Spin(), "spin")
     FlowRegistry.get_instance().register_by_name("spin", flow)
-    runtime = Runtime(processes=2, backend="ray", address=sys.argv[1])
+    runtime = Runtime(processes=2, backend="ray", address=sys.argv[1] or None)  # "": a private Ray instance
     assert runtime._testing.wait_pool_ready(60)  # else both activations may go to the first lane placed
     ws = runtime.exec("spin")
     for _ in range(2):
@@ -200,6 +200,30 @@ def test_a_sigkilled_driver_leaves_no_actor_and_no_worker_behind(tmp_path, pytho
         _gone, alive = psutil.wait_procs(procs, timeout=10)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "workers and state server are gone"
         assert wait_no_live_actors() == [], "Ray ended the dead driver's actors"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_a_sigkilled_driver_of_a_private_ray_instance_leaves_no_ray_process(tmp_path, python_env, ray_cluster):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {k: v for k, v in python_env.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, str(script), ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert any(is_ray_process(p.cmdline()) for p in tree), "the driver started its own Ray instance"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(WAIT)
+        _gone, alive = psutil.wait_procs(tree, timeout=30)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"outlived the driver by 30s: {[' '.join(p.cmdline())[:80] for p in alive]}"
     finally:
         if proc.poll() is None:
             proc.kill()
