@@ -22,6 +22,8 @@ decorator. ``docs/migrating.md`` lists the deliberate differences.
 # - The worker side: _worker (ActivationRunner: runs logic, no transport of its own), _context.
 # - _state/, the state seam: protocol, client (what WorkerState calls), server and store (the state-server
 #   process), backend (StateBackend: where states are kept), launcher and service (the supervisor's side).
+# - dashboard/ (optional, the [dashboard] extra; imported only when asked for): the live web page of a run,
+#   a collector thread reading stats() and a Starlette app served by uvicorn in a thread of the supervisor.
 # - Shared: _messages (wire messages; the one owner of error data), _process (spawning, signals, parent death).
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ from .errors import (
     ActivationTimeoutError,
     ClusterError,
     ConfigurationError,
+    DashboardError,
     ExecutionError,
     FlowError,
+    LockLostError,
     LockTimeoutError,
     ModifyTimeoutError,
     RoutiluxError,
@@ -47,6 +51,7 @@ from .errors import (
     SlotQueueFullError,
     StaleStateError,
     StateError,
+    StateFileError,
     StateNotSerializableError,
     StateServerLostError,
     StateTooLargeError,
@@ -56,7 +61,7 @@ from .errors import (
     WorkerNotRunningError,
 )
 from .flow import Connection, Flow, RoutineConfig
-from .job import ExecutionStatus, JobContext, JobStatus, get_current_job, get_current_job_id
+from .job import ExecutionStatus, JobContext, JobStatus, get_current_job, get_current_job_id, job_of, jobs_of
 from .monitoring.flow_registry import FlowRegistry, get_flow_registry
 from .routine import Event, Routine, Slot
 from .state import WorkerState
@@ -102,6 +107,8 @@ __all__ = [  # noqa: RUF022 - grouped by kind, sorted within a group
     "WorkerState",
     "get_current_job",
     "get_current_job_id",
+    "job_of",
+    "jobs_of",
     # modules (routine is also routilux's @routine() decorator)
     "activation_policies",
     "errors",
@@ -112,8 +119,10 @@ __all__ = [  # noqa: RUF022 - grouped by kind, sorted within a group
     "ActivationTimeoutError",
     "ClusterError",
     "ConfigurationError",
+    "DashboardError",
     "ExecutionError",
     "FlowError",
+    "LockLostError",
     "LockTimeoutError",
     "ModifyTimeoutError",
     "RoutiluxError",
@@ -124,6 +133,7 @@ __all__ = [  # noqa: RUF022 - grouped by kind, sorted within a group
     "SlotQueueFullError",
     "StaleStateError",
     "StateError",
+    "StateFileError",
     "StateNotSerializableError",
     "StateServerLostError",
     "StateTooLargeError",

@@ -9,16 +9,6 @@ from __future__ import annotations
 
 import os
 
-__all__ = [
-    "EXIT_INTERRUPTED",
-    "EXIT_JOBS_FAILED",
-    "EXIT_LOAD_FAILED",
-    "EXIT_OK",
-    "EXIT_USAGE",
-    "CliError",
-    "usable_cpus",
-]
-
 #: Every job completed.
 EXIT_OK = 0
 #: Some jobs failed (or ``--max-failures`` stopped the run, or an output could not be written).

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import gzip
+import hashlib
 import io
 import json
 import lzma
@@ -211,6 +212,17 @@ class InputSource:
         finally:
             if stream is not self._raw:
                 stream.close()  # the decompressor only: the file stays open for the next pass
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the file's bytes as stored (compressed or not): what tells a resumed run's input apart."""
+        if self._start is None:
+            raise RuntimeError("a stream input has no fingerprint")
+        digest = hashlib.sha256()
+        self._raw.seek(self._start)
+        while chunk := self._raw.read(1 << 20):
+            digest.update(chunk)
+        self._raw.seek(self._start)
+        return digest.hexdigest()
 
     def validate(self) -> None:
         """For a regular file, check every line before any job starts, and count them in :attr:`total`."""

@@ -22,7 +22,7 @@ from typing import IO, Any
 from ._cli_exit import EXIT_USAGE, CliError
 from .errors import RoutiluxError
 
-__all__ = ["check_files", "encode_outputs", "failed_record", "json_line", "open_output", "worker_states"]
+__all__ = ["SharedOutputs", "check_files", "encode_outputs", "failed_record", "json_line", "open_output", "worker_states"]
 
 
 def json_line(value: Any, indent: int | None = None) -> str:
@@ -39,12 +39,56 @@ def json_line(value: Any, indent: int | None = None) -> str:
     return text + "\n"
 
 
-def encode_outputs(job: Any) -> str:
-    """The JSONL lines of a job's outputs. Raises ``ValueError``/``TypeError`` if one is not JSON."""
-    return "".join(
-        json_line({"job_id": job.job_id, "routine": out["routine"], "event": out["event"], "data": out["data"]})
-        for out in job.outputs
-    )
+class SharedOutputs:
+    """Outputs that belong to several jobs (an emit naming no job in a batch): written once, with every id.
+
+    Such an output is one dict in the outputs of each of its jobs, naming them
+    in ``job_ids``; it is written with the first of its jobs to be written and
+    skipped for the others. Each is remembered only until all its jobs were
+    seen (the dict is held meanwhile, so its ``id`` is not reused).
+    """
+
+    def __init__(self) -> None:
+        #: id of an output -> [the output, how many of its jobs are still to be seen].
+        self._pending: dict[int, list] = {}
+
+    def first(self, out: dict) -> bool:
+        """Whether ``out``, met in one of its jobs, is met for the first time (then it is written)."""
+        key = id(out)
+        entry = self._pending.get(key)
+        if entry is None:
+            remaining = len(out["job_ids"]) - 1
+            if remaining > 0:
+                self._pending[key] = [out, remaining]
+            return True
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._pending[key]
+        return False
+
+    def skip(self, job: Any) -> None:
+        """A job whose outputs are not written (failed, cancelled): count it as seen for its shared outputs."""
+        for out in job.outputs:
+            if "job_ids" in out:
+                self.first(out)
+
+
+def encode_outputs(job: Any, shared: SharedOutputs | None = None) -> str:
+    """The JSONL lines of a job's outputs. Raises ``ValueError``/``TypeError`` if one is not JSON.
+
+    An output of several jobs is written as one line with ``"job_ids"`` (once,
+    when ``shared`` is given: with the first of its jobs written).
+    """
+    lines = []
+    for out in job.outputs:
+        ids = out.get("job_ids")
+        if ids is None:
+            lines.append(json_line({"job_id": job.job_id, "routine": out["routine"], "event": out["event"],
+                                    "data": out["data"]}))
+        elif shared is None or shared.first(out):
+            lines.append(json_line({"job_ids": ids, "routine": out["routine"], "event": out["event"],
+                                    "data": out["data"]}))
+    return "".join(lines)
 
 
 def failed_record(line: int, job_id: str, data: dict | None, error: dict) -> str:
@@ -106,13 +150,14 @@ def check_files(input_label: str, input_stat: os.stat_result | None, stdout: IO[
                                "give each its own")
 
 
-def open_output(path: str | None, stdout: IO[str], option: str = "--output") -> tuple[IO[str], bool]:
-    """The text sink for ``path`` (``None`` or ``-``: ``stdout``), and whether it is ``stdout``."""
+def open_output(path: str | None, stdout: IO[str], option: str = "--output",
+                append: bool = False) -> tuple[IO[str], bool]:
+    """The text sink for ``path`` (``None`` or ``-``: ``stdout``), and whether it is ``stdout``; ``append``: keep what it holds."""
     if path is None or path == "-":
         stdout.flush()
         return open(stdout.fileno(), "w", encoding="utf-8", newline="\n", closefd=False), True
     try:
-        return open(path, "w", encoding="utf-8", newline="\n"), False
+        return open(path, "a" if append else "w", encoding="utf-8", newline="\n"), False
     except OSError as exc:
         raise CliError(EXIT_USAGE, f"cannot write {option} {path!r}: {exc.strerror}") from exc
 

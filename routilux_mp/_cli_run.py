@@ -32,7 +32,8 @@ from typing import IO, Any
 from . import _cli_ui
 from ._cli_exit import EXIT_INTERRUPTED, EXIT_JOBS_FAILED, EXIT_OK, EXIT_USAGE, CliError, usable_cpus
 from ._cli_input import InputSource
-from ._cli_output import encode_outputs, failed_record, json_line, worker_states
+from ._cli_journal import Journal, ResumePlan
+from ._cli_output import SharedOutputs, encode_outputs, failed_record, json_line, worker_states
 from .errors import RoutiluxError, RuntimeClosedError
 from .runtime import Runtime
 
@@ -51,6 +52,18 @@ DRAIN_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 5.0
 #: Failures logged one line each; past this many they are only counted (``--failed-out`` lists them all).
 MAX_LOGGED_FAILURES = 20
+
+
+def _short_error(error: dict | None) -> dict:
+    """What the journal keeps of a job's error: type, message, routine (the traceback goes to --failed-out)."""
+    error = error or {}
+    return {key: error[key] for key in ("type", "message", "routine") if error.get(key) is not None}
+
+
+def _input_line(job: Any) -> dict:
+    """What the dashboard shows with a failed job: its input line (job ids are ``line-N``)."""
+    number = job.job_id.rpartition("-")[2]
+    return {"line": int(number)} if job.job_id.startswith("line-") and number.isdigit() else {}
 
 
 class _SignalCount:
@@ -98,7 +111,7 @@ class BatchRun:
 
     def __init__(self, runtime: Runtime, flow_name: str, entry: tuple[str, str], source: InputSource,
                  sinks: RunSinks, display: _cli_ui.Display, *, max_failures: int | None = None,
-                 order: str = "input") -> None:
+                 order: str = "input", journal: Journal | None = None, plan: ResumePlan | None = None) -> None:
         self.runtime = runtime  # runs the jobs; shut down by execute()
         self.flow_name = flow_name  # the flow every job is posted to
         self.entry = entry  # (routine_id, slot) every job enters at
@@ -107,15 +120,22 @@ class BatchRun:
         self.display = display  # progress, messages, the summary
         self.max_failures = max_failures  # stop after this many failed jobs (None: never)
         self.in_order = order == "input"  # write outputs in input order (else as jobs finish)
-        self.tally = _cli_ui.Tally(total=source.total, started=time.monotonic())
+        self.journal = journal  # --state: where ended lines are journaled, after their outputs are written
+        self.plan = plan or ResumePlan()  # --resume: the lines not run again
+        skipped = self.plan.completed + self.plan.failed
+        self.tally = _cli_ui.Tally(total=None if source.total is None else source.total - skipped,
+                                   started=time.monotonic())
         self.done: queue.SimpleQueue = queue.SimpleQueue()  # (seq, job or None), or None when the poster ends
-        # Jobs are numbered in posting (= input) order; ``ready`` holds finished ones (their
-        # JSONL text and --failed-out record, "" for none) until they may be written.
-        self.ready: dict[int, tuple[str, str]] = {}
+        # Jobs are numbered in posting (= input) order; ``ready`` holds finished ones (their JSONL
+        # text, --failed-out record, "" for none, and journal record) until they may be written.
+        self.ready: dict[int, tuple[str, str, tuple | None]] = {}
+        self.shared = SharedOutputs()  # outputs of several jobs (a batch's): written once, with all their ids
         self.inputs: dict[int, tuple[int, dict]] = {}  # seq -> (line, data) of unfinished jobs, for --failed-out
+        self.lines: dict[int, int] = {}  # seq -> input line of unfinished jobs, for the journal
         self.next_seq = 0  # input order: the first job not written yet
         self.window = threading.Condition()  # guards posted, written and stopping; wakes the poster
         self.posted = 0  # numbers handed out to jobs (each reaches the done queue exactly once)
+        self.skipped = 0  # input lines read but not posted: done in an earlier run (--resume)
         self.written = 0  # jobs whose outputs were written (or that had none to write)
         self.poster_done = False  # the poster will put nothing more on the done queue
         self.stopping = False  # post nothing more
@@ -138,6 +158,9 @@ class BatchRun:
         try:
             rid, slot = self.entry
             for number, data in self.source.records():
+                if self.plan.skips(number):
+                    self.skipped += 1  # journaled as done by an earlier run
+                    continue
                 with self.window:
                     while self.posted - self.written >= MAX_UNWRITTEN_JOBS and not self.stopping:
                         if not self.window.wait(STALL_FLUSH_AFTER):
@@ -151,6 +174,8 @@ class BatchRun:
                     self.posted += 1
                 if self.sinks.failed is not None:
                     self.inputs[seq] = (number, data)
+                if self.journal is not None:
+                    self.lines[seq] = number
                 try:
                     _, job = self.runtime.post(self.flow_name, rid, slot, data, job_id=f"line-{number}")
                 except BaseException:
@@ -178,9 +203,9 @@ class BatchRun:
     def _check_everything_read(self) -> None:
         """A file read back shorter (or longer) than it was checked changed under us: never a clean exit."""
         total = self.source.total
-        if total is not None and self.posted != total:
+        if total is not None and self.posted + self.skipped != total:
             raise CliError(EXIT_USAGE, f"{self.source.label} changed while it was read: {total} lines were "
-                           f"checked before the run but {self.posted} were read back and posted, so the output "
+                           f"checked before the run but {self.posted + self.skipped} were read back, so the output "
                            "holds the results of those only; do not modify or truncate the input during a run "
                            "(is --output, or a program, writing to it?)")
 
@@ -189,7 +214,14 @@ class BatchRun:
     def execute(self) -> int:
         """Run to the end; return the exit code."""
         poster = threading.Thread(target=self.post_all, name="routilux-mp poster", daemon=True)
+        plan = self.plan
+        if plan.resuming:
+            failed = (f"; {plan.failed} failed (not run again: --retry-failed does)" if plan.failed else
+                      f"; {plan.retried} failed, run again" if plan.retried else "")
+            self.display.message(f"routilux-mp: resuming: {plan.completed} lines completed earlier{failed}; "
+                                 f"running the others")
         self.display.start(self.tally, self.runtime.stats)
+        self.runtime._dashboard_expect(self.tally.total, _input_line)
         try:
             with _count_signals() as signals:
                 poster.start()
@@ -242,20 +274,27 @@ class BatchRun:
     def _settle(self, seq: int, job: Any) -> None:
         text = failure = ""
         line, data = self.inputs.pop(seq, (0, None))
+        line = self.lines.pop(seq, line)
+        ended = None  # the journal's record: (line, job id, status, error); None: the line did not end
         if job is None:  # post() refused it: the run was stopping
             pass
         elif job.status == "completed":
             try:
-                text = encode_outputs(job)
+                text = encode_outputs(job, self.shared)
                 self.tally.completed += 1
+                ended = (line, job.job_id, "completed", None)
             except (TypeError, ValueError) as exc:
-                failure = self._failed(job, line, data, {"type": type(exc).__name__,
-                                                         "message": f"an output cannot be written as JSON: {exc}"})
+                error = {"type": type(exc).__name__, "message": f"an output cannot be written as JSON: {exc}"}
+                failure = self._failed(job, line, data, error)
+                ended = (line, job.job_id, "failed", error)
         elif job.status == "failed":
+            self.shared.skip(job)
             failure = self._failed(job, line, data, job.error or {})
+            ended = (line, job.job_id, "failed", _short_error(job.error))
         else:
+            self.shared.skip(job)
             self.tally.cancelled += 1
-        self.ready[seq] = (text, failure)
+        self.ready[seq] = (text, failure, ended)
 
     def _failed(self, job: Any, line: int, data: dict | None, error: dict) -> str:
         """Count and log a failed job; return its ``--failed-out`` record ("" without that option)."""
@@ -289,18 +328,46 @@ class BatchRun:
             self.ready.clear()
         if not chunks:
             return
-        if not self.output_broken:
+        written = not self.output_broken
+        if written:
+            text = "".join(text for text, _, _ in chunks)
             try:
-                self.sinks.output.write("".join(text for text, _ in chunks))
+                self.sinks.output.write(text)
                 self.sinks.output.flush()
             except OSError as exc:  # BrokenPipeError: e.g. piped into `head`; or a full disk
+                written = False
                 self._output_failed(exc)
-        failures = "".join(failure for _, failure in chunks)
+        failures = "".join(failure for _, failure, _ in chunks)
         if failures and self.sinks.failed is not None:
+            problems = len(self.sink_errors)
             self._write_sink(self.sinks.failed, f"--failed-out {self.sinks.failed_path}", failures)
+            written = written and len(self.sink_errors) == problems
+        if self.journal is not None and written:
+            # Written first, journaled second: a crash in between leaves bytes past the journaled
+            # offsets, which a resume truncates (and runs those lines again). Never the other way round.
+            self.journal.offsets["output"] += len(text.encode("utf-8"))
+            self.journal.offsets["failed"] += len(failures.encode("utf-8"))
+            self._journal([ended for _, _, ended in chunks if ended is not None])
         with self.window:
             self.written += len(chunks)
             self.window.notify()
+
+    def _journal(self, ended: list[tuple]) -> None:
+        """Journal lines whose outputs were written; if that fails, stop (what is not journaled runs again)."""
+        assert self.journal is not None
+        try:
+            self.journal.record(ended)
+        except RuntimeClosedError:
+            if not self.stopping:
+                raise
+            # Our own stop shut the runtime down before these were journaled: a resume runs them again
+            # (their outputs past the journaled offset are dropped then, their state writes replayed).
+        except RoutiluxError as exc:
+            problem = f"cannot journal the run in --state: {type(exc).__name__}: {exc}"
+            if problem not in self.sink_errors:
+                self.sink_errors.append(problem)
+                self.display.message(f"routilux-mp: {problem}")
+                self._begin_stop("the journal cannot be written")
 
     def _output_failed(self, exc: OSError) -> None:
         self.output_broken = True
@@ -404,7 +471,13 @@ class BatchRun:
         self._write_sink(self.sinks.state, f"--state-out {self.sinks.state_path}", json_line(states, indent=2))
 
     def _report_sinks(self) -> None:
-        """After the summary: where the full list of failures and the states are."""
+        """After the summary: where the full list of failures and the states are, and how to resume."""
+        if self.plan.failed:
+            self.display.message(f"routilux-mp: {self.plan.failed} lines failed in an earlier run (--resume "
+                                 "--retry-failed runs them again)")
+        if self.journal is not None and self.stop_reason is not None:
+            self.display.message("routilux-mp: the run is journaled in its --state file: run the same command with "
+                                 "--resume to finish it")
         if self.sinks.failed is not None and self.tally.failed:
             self.display.message(f"routilux-mp: {self.tally.failed} failed lines with their errors: "
                                  f"{self.sinks.failed_path}")
@@ -416,6 +489,6 @@ class BatchRun:
             return EXIT_INTERRUPTED
         if self.input_error is not None:
             return EXIT_USAGE
-        if self.tally.failed or self.stop_reason is not None or self.sink_errors:
+        if self.tally.failed or self.plan.failed or self.stop_reason is not None or self.sink_errors:
             return EXIT_JOBS_FAILED
         return EXIT_OK

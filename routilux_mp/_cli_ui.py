@@ -19,9 +19,11 @@ from __future__ import annotations
 import io
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -204,7 +206,8 @@ def bottleneck_hint(routines: dict[str, dict], wall: float, processes: int, cpus
     if share < SATURATED:
         return (f"no routine was busy more than {busy} of its capacity (the busiest is {rid!r}): the run was bound "
                 "by feeding and dispatching jobs, not by logic; give each job more work (bigger input lines, "
-                "batch_size_policy()) or read the input faster")
+                "batch_size_policy(); in a batch, emit per item with emit(..., job=job_of(item)), as an emit "
+                "naming no job belongs to the whole batch) or read the input faster")
     if routine["max_concurrency"] == 1:
         hint = (f"{rid!r} was busy {busy} of the run and is serial: set_max_concurrency() to spread it over "
                 "processes (with worker_state's atomic operations for shared updates)")
@@ -421,6 +424,58 @@ class DisplayLogHandler(logging.Handler):
             self.display.message(f"routilux-mp: {record.levelname.lower()}: {record.getMessage()}")
         except Exception:  # noqa: BLE001 -- logging's own convention
             self.handleError(record)
+
+
+class LogRecordsHandler(logging.Handler):
+    """Log records (workers' included, with where they come from) above the live region, when the flow's
+    module configured no logging: WARNING and up, as Python's own last-resort handler would show them."""
+
+    def __init__(self, display: Display) -> None:
+        super().__init__(logging.WARNING)
+        self.display = display
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("routilux_mp"):  # the library's own: DisplayLogHandler shows them
+            return
+        try:
+            where = ""
+            if getattr(record, "worker", None) is not None:
+                job = getattr(record, "job_id", None)
+                routine = getattr(record, "routine", None)
+                where = (f"worker {record.worker} (pid {getattr(record, 'pid', '?')})"
+                         + (f", job {job}" if job else "") + (f", routine {routine!r}" if routine else "") + ": ")
+            text = f"{where}{record.levelname} {record.name}: {record.getMessage()}"
+            if record.exc_text:
+                text += "\n" + record.exc_text
+            self.display.message(text)
+        except Exception:  # noqa: BLE001 -- logging's own convention
+            self.handleError(record)
+
+
+def route_logging(display: Display) -> Callable[[], None]:
+    """Show log records (workers' are replayed in this process) above the live region; return the undo.
+
+    Handlers the flow's module set up on the root logger that write to stderr
+    (``logging.basicConfig()``) keep their level and format and write through
+    the display; without any, :class:`LogRecordsHandler` shows WARNING and up.
+    """
+    root = logging.getLogger()
+    undo: list[Callable[[], Any]] = []
+    stderr = {id(sys.stderr), id(sys.__stderr__)}
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler and id(handler.stream) in stderr:
+            old = handler.setStream(AboveLiveDisplay(display))
+            undo.append(lambda handler=handler, old=old: handler.setStream(old))
+    if not root.handlers:
+        handler = LogRecordsHandler(display)
+        root.addHandler(handler)
+        undo.append(lambda: root.removeHandler(handler))
+
+    def restore() -> None:
+        for step in reversed(undo):
+            step()
+
+    return restore
 
 
 def make_display(live: bool) -> Display:

@@ -38,11 +38,17 @@ class _Refused:
     __slots__ = ("why",)
 
     job = None
+    jobs = ()
+
+    def jobs_of(self, item: Any) -> list:
+        from .errors import RoutiluxError
+
+        raise RoutiluxError(f"job_of() refused: it came from {self.why}; it belongs to no running activation")
 
     def __init__(self, why: str) -> None:
         self.why = why
 
-    def emit(self, routine: Any, event: str, data: dict) -> None:
+    def emit(self, routine: Any, event: str, data: dict, job: Any = None) -> None:
         from .errors import RoutiluxError
 
         raise RoutiluxError(f"emit({event!r}) refused: it came from {self.why}; it belongs to no running "
@@ -71,6 +77,15 @@ def current() -> Any:
     if me is ctx.thread or me not in ctx.earlier:
         return ctx
     return _refuse("a thread that an earlier activation left running")
+
+
+def running() -> Any:
+    """The running activation if the calling thread may act for it, else ``None``; never warns (for logging)."""
+    ctx = _current
+    if ctx is None:
+        return None
+    me = threading.current_thread()
+    return ctx if me is ctx.thread or me not in ctx.earlier else None
 
 
 def _refuse(why: str) -> _Refused:

@@ -21,15 +21,14 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import cloudpickle
-
+from ._drain import drop_ready
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
-from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, error_data, type_name
+from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, dumps_by_value, error_data, type_name
 from ._records import _Act
-from ._state.protocol import Method
 from ._routing import Router
+from ._state.protocol import Method
 from ._timers import ActivationDeadline, RespawnDue, RetryDue, Timers
 from .errors import (
     ActivationTimeoutError,
@@ -48,6 +47,8 @@ logger = logging.getLogger("routilux_mp.runtime")
 MAX_START_FAILURES = 5
 #: Longest pause between respawns of a worker that keeps dying at start-up.
 MAX_RESPAWN_DELAY = 5.0
+#: Seconds after which a running activation gets nothing sent ahead behind it (see ``_free_slot``).
+PREFETCH_MAX_AGE = 0.05
 #: The type name a result's error carries when the state server was lost under a worker.
 _STATE_LOST = type_name(StateServerLostError)
 
@@ -157,7 +158,7 @@ class Dispatcher:
             if shipped is flow:
                 return key
         try:
-            blob = cloudpickle.dumps(flow)
+            blob = dumps_by_value(flow)
         except Exception as exc:
             raise SerializationError(
                 f"flow {flow.flow_id!r} cannot be sent to worker processes: {type(exc).__name__}: {exc}. "
@@ -175,6 +176,10 @@ class Dispatcher:
         if self.flags.broken is not None:
             return
         ledger = self.ledger
+        if ledger.draining:  # stopping: nothing new starts (what a stopped worker gave back included)
+            if ledger.runnable:
+                drop_ready(ledger)
+            return
         full: set[int] = set()
         while ledger.runnable:
             slot = self._free_slot(full)
@@ -192,17 +197,35 @@ class Dispatcher:
                 ledger.put_back(act)
                 full.add(slot.index)
 
+    def inflight(self) -> list[_Act]:
+        """Every activation handed to a worker and not yet over (running, or sent ahead to a busy worker)."""
+        return [act for slot in self.slots for act in slot.inflight if not act.resolved]
+
     def _free_slot(self, full: set[int]) -> WorkerSlot | None:
-        """An idle lane if any, else one that may take a prefetched activation."""
+        """An idle lane if any, else one that may take a prefetched activation.
+
+        An activation sent ahead waits behind the one running, so it goes to
+        the lane with the fewest in flight whose running activation began
+        last, and never behind one that has run for ``PREFETCH_MAX_AGE``: a
+        long activation gains nothing from prefetching (its lane's round trip
+        is small beside it), and whatever waited behind it would wait while
+        other lanes go idle. Such an activation stays queued here instead.
+        """
         best = None
         for slot in self.slots:
             if not slot.alive or slot.exiting is not None or slot.hung is not None or slot.index in full:
                 continue  # (slot.usable(), inlined: this runs for every activation)
-            n = len(slot.inflight)
+            inflight = slot.inflight
+            n = len(inflight)
             if n == 0 and slot.ready:
                 return slot
-            if n <= self.prefetch and (best is None or n < len(best.inflight)):
+            if n <= self.prefetch and (best is None or n < len(best.inflight) or (
+                    n and n == len(best.inflight) and (inflight[0].started or 0.0) > (best.inflight[0].started or 0.0))):
                 best = slot
+        if best is not None and best.inflight:
+            began = best.inflight[0].started
+            if began is not None and began < self.timers.clock() - PREFETCH_MAX_AGE:
+                return None
         return best
 
     def _send(self, slot: WorkerSlot, act: _Act, job: JobContext) -> bool:
@@ -213,8 +236,14 @@ class Dispatcher:
             if not self.backend.send(slot.index, self.ships[inst.flow_key][1]):
                 return False
             slot.loaded.add(inst.flow_key)
-        message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
-                              act.message, job.job_id, job.metadata, job.data, act.attempt)
+        if len(act.jobs) == 1:
+            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
+                                  act.message, job.job_id, job.metadata, job.data, act.attempt)
+        else:
+            act.lead = act.jobs.index(job)
+            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
+                                  act.message, job.job_id, job.metadata, job.data, act.attempt,
+                                  tuple((j.job_id, j.metadata, j.data) for j in act.jobs), act.lead, act.item_jobs)
         if not self.backend.send(slot.index, message):
             return False
         act.slot = slot.index

@@ -69,6 +69,10 @@ class Ledger:
         self.count_deltas: dict[str, list[int]] = {}
         #: Done-callbacks of jobs that finished, to run once the lock is released.
         self.callbacks: list[Callable[[], Any]] = []
+        #: Stopping: nothing new starts (``_drain``). Open jobs that lost queued or downstream work to it
+        #: end ``cancelled`` once what runs for them is over.
+        self.draining = False
+        self.cut: set[JobContext] = set()
         #: Arrival numbers (items, jobs, activations: the oldest goes first) and activation ids.
         self._seq = itertools.count(1)
         self._act_ids = itertools.count(1)
@@ -83,10 +87,15 @@ class Ledger:
         self.status_counts["pending"] += 1
         self.open_jobs += 1
 
-    def enqueue(self, rt: _RoutineRt, slot: str, job: JobContext, blob: bytes) -> None:
-        """Queue one item of ``job`` on ``rt``'s ``slot`` (the item holds the job open)."""
-        self.holds[job] += 1
-        rt.slots[slot]._entries.append(_Entry(next(self._seq), job, blob))
+    def enqueue(self, rt: _RoutineRt, slot: str, job: JobContext, blob: bytes,
+                others: tuple[JobContext, ...] | None = None) -> None:
+        """Queue one item of ``job`` (and of ``others``, open jobs too) on ``rt``'s ``slot``; it holds them open."""
+        holds = self.holds
+        holds[job] += 1
+        if others is not None:
+            for other in others:
+                holds[other] += 1
+        rt.slots[slot]._entries.append(_Entry(next(self._seq), job, blob, others))
 
     def job(self, job_id: str) -> JobContext | None:
         """The job with this id, open or kept finished."""
@@ -110,7 +119,7 @@ class Ledger:
             if left is None:  # finished meanwhile (failed, cancelled, completed by hand)
                 continue
             if left <= 1:
-                self.finish(job, "completed")
+                self.finish(job, "cancelled" if job in self.cut else "completed")
             else:
                 holds[job] = left - 1
 
@@ -118,6 +127,7 @@ class Ledger:
         """Move an open job to ``status`` (its done-callbacks are queued) and count it for its worker."""
         del self.holds[job]
         del self.arrival[job]
+        self.cut.discard(job)
         self.status_counts[job.status] -= 1
         self.status_counts[status] += 1
         self.callbacks.extend(job._finish(status, error))
@@ -150,15 +160,6 @@ class Ledger:
         self.purge({id(job)}, job.worker_id)
         return True
 
-    def cancel_pending(self) -> int:
-        """Cancel every job none of whose activations has started; return how many."""
-        cancelled = [job for job in self.holds if job.status == "pending"]
-        for job in cancelled:
-            self.finish(job, "cancelled")
-        if cancelled:
-            self.purge({id(job) for job in cancelled})
-        return len(cancelled)
-
     def end_all(self, status: str, error: dict | None = None) -> None:
         """End every open job with ``status`` and drop everything queued (shutdown, or a broken runtime)."""
         for rt in self.runnable:
@@ -179,8 +180,8 @@ class Ledger:
                 continue
             for rt in inst.routines.values():
                 for queue in rt.slots.values():
-                    if any(id(e.job) in job_ids for e in queue._entries):
-                        queue._entries = collections.deque(e for e in queue._entries if id(e.job) not in job_ids)
+                    if any(id(e.job) in job_ids or e.others is not None for e in queue._entries):
+                        queue._entries = collections.deque(e for e in queue._entries if self._wanted(e, job_ids))
                 if rt.ready and any(act.lead_job() is None for act in rt.ready):
                     keep: collections.deque[_Act] = collections.deque()
                     for act in rt.ready:
@@ -194,6 +195,12 @@ class Ledger:
                     if not keep:
                         self.runnable.discard(rt)
 
+    def _wanted(self, entry: _Entry, job_ids: set[int]) -> bool:
+        """Whether a queued item still belongs to an open job after the jobs ``job_ids`` finished."""
+        if entry.others is None:
+            return id(entry.job) not in job_ids
+        return any(job in self.holds for job in entry.all_jobs())
+
     # -- activations ---------------------------------------------------------------------------------
 
     def new_activation(self, rt: _RoutineRt, slots: dict[str, list[bytes]], message: bytes,
@@ -204,15 +211,19 @@ class Ledger:
             if queue._consumed:
                 counts[name] = len(queue._consumed)
                 queue.held += len(queue._consumed)
-        if len(consumed) == 1:
+        if len(consumed) == 1 and consumed[0].others is None:
             jobs = [consumed[0].job]  # the item's hold on its job passes to the activation
         else:
+            # Each item's holds pass to the activation: one per open job (an item may outlive one of its jobs).
             holds = self.holds
-            jobs = sorted({id(e.job): e.job for e in consumed}.values(), key=self.arrival.__getitem__)
+            unique = {id(j): j for e in consumed for j in e.all_jobs() if j in holds}
+            jobs = sorted(unique.values(), key=self.arrival.__getitem__)
             for job in jobs:
                 holds[job] += 1
             for entry in consumed:
-                holds[entry.job] -= 1
+                for job in entry.all_jobs():
+                    if job in holds:
+                        holds[job] -= 1
         act = _Act(next(self._act_ids), next(self._seq), rt, slots, counts, message, jobs, self.clock())
         rt.ready.append(act)
         self.runnable.add(rt)
@@ -287,7 +298,9 @@ class Ledger:
     def retry_due(self, act: _Act, broken: bool) -> None:
         """A retry's delay is over: queue it (or drop it when its jobs ended meanwhile)."""
         self.retrying -= 1
-        if broken or act.lead_job() is None:
+        if broken or act.lead_job() is None or self.draining:
+            if self.draining:
+                self.cut.update(act.jobs)
             self.release(act)
         else:
             self.put_back(act)
@@ -314,6 +327,9 @@ class Ledger:
         job.attempts = max(job.attempts, act.attempt)
         handler = rt.handler
         strategy = handler.strategy
+        if strategy is ErrorStrategy.RETRY and self.draining:
+            error["message"] += " (not retried: the runtime is stopping)"
+            strategy = ErrorStrategy.STOP
         if strategy is ErrorStrategy.RETRY:
             if not handler.is_retryable(error.get("mro") or [error["type"]]):
                 strategy = ErrorStrategy.STOP
@@ -352,6 +368,7 @@ class Ledger:
         clone = _Act(next(self._act_ids), act.seq, act.rt, act.slots, {}, act.message, act.jobs, act.created)
         clone.attempt = act.attempt + 1
         clone.crashes = act.crashes
+        clone.item_jobs = act.item_jobs
         return clone
 
     # -- what the supervisor asks --------------------------------------------------------------------
@@ -378,13 +395,15 @@ class Ledger:
         for inst in self.instances.values():
             for rid, rt in inst.routines.items():
                 agg = routines.setdefault(rid, {"activations": 0, "errors": 0, "busy_seconds": 0.0,
-                                                "max_concurrency": rt.limit})
+                                                "max_concurrency": rt.limit, "running": 0})
+                agg["running"] += rt.running
                 agg["activations"] += rt.stats.activations
                 agg["errors"] += rt.stats.errors
                 agg["busy_seconds"] += rt.stats.busy_seconds
                 latencies.setdefault(rid, []).extend(rt.stats.latencies)
         for rid, agg in routines.items():
             agg["busy_seconds"] = round(agg["busy_seconds"], 6)
+            latencies[rid].sort()  # once: percentile() sorts again, which costs little on sorted data
             agg["p50_latency"] = percentile(latencies[rid], 50)
             agg["p99_latency"] = percentile(latencies[rid], 99)
         return routines

@@ -22,10 +22,11 @@ from typing import Any
 
 from . import _context
 from ._dispatch import Dispatcher
-from ._exec.base import Output, WorkerBackend
+from ._exec.base import Log, Output, WorkerBackend
 from ._exec.local import TERM_GRACE
 from ._ledger import Ledger
 from ._lifecycle import Lifecycle, run_callbacks
+from ._logs import replay
 from ._messages import error_data
 from ._routing import Router
 from ._state.launcher import START_DELAY as STATE_START_DELAY
@@ -197,18 +198,22 @@ class DispatchLoop:
         return timeout
 
     def _forward_output(self, events: list) -> None:
-        """Hand workers' output to ``worker_output`` (a worker writes its lines before the result after them)."""
+        """Hand workers' output to ``worker_output`` and their log records to logging (both precede results)."""
         for event in events:
-            if type(event) is Output:
+            kind = type(event)
+            if kind is Output:
                 self.output(event.stream, event.text)
+            elif kind is Log:
+                try:
+                    replay(event.record, event.slot, self.backend.pid(event.slot))
+                except Exception:
+                    logger.exception("routilux-mp: a logging handler failed on a record of worker %d", event.slot)
 
     def _check_state_server(self) -> None:
-        """Break the runtime if the state server died or a call found it lost."""
-        died = self.state.died()
-        if died is not None and not self.flags.stop_requested:
-            self.state_lost(died)
-        if self.state.lost is not None:
-            self.state_lost(self.state.lost)
+        """Restart a state server that died or hung (state in a file), or break the runtime: its state is lost."""
+        why = self.state.check(self.flags.stop_requested)
+        if why is not None:
+            self.state_lost(why)
 
     def _fire_timers(self) -> None:
         """Run every timer that is due, dispatched by its type."""

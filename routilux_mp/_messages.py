@@ -26,8 +26,7 @@ import sys
 import traceback
 from typing import Any, NamedTuple, TypedDict
 
-import cloudpickle
-
+from ._pickling import dumps_by_value
 from .errors import RoutiluxError
 
 PROTOCOL = 5
@@ -63,7 +62,7 @@ def encode(data: Any) -> bytes:
     """
     if is_plain(data):
         return pickle.dumps(data, PROTOCOL)
-    return cloudpickle.dumps(data, PROTOCOL)
+    return dumps_by_value(data)
 
 
 # -- error as data ---------------------------------------------------------------
@@ -82,8 +81,9 @@ class ErrorData(TypedDict, total=False):
     of its classes (for ``ErrorHandler(retryable=...)``), ``traceback`` the
     text of the remote traceback. The rest is optional: ``routine`` (the
     routine that raised), ``args`` (the exception's arguments, when all are
-    plain values: rebuilding then gives back an equal exception), and, for a
-    dead worker, ``exitcode`` / ``signal`` / ``pid`` / ``process`` / ``crashed``.
+    plain values: rebuilding then gives back an equal exception), ``frame``
+    (where logic raised: the innermost frame outside this package, as
+    ``file``, ``line``, ``function``, ``code``), and, for a dead worker, ``exitcode`` / ``signal`` / ``pid`` / ``process`` / ``crashed``.
     """
 
     type: str
@@ -97,6 +97,7 @@ class ErrorData(TypedDict, total=False):
     pid: int
     process: int
     crashed: bool
+    frame: dict
 
 
 def type_name(cls: type) -> str:
@@ -146,8 +147,33 @@ def error_data(error: BaseException | type[BaseException], message: str | None =
 
 
 def describe_exception(exc: BaseException, routine_id: str | None) -> ErrorData:
-    """What a worker reports for an exception raised while running ``routine_id`` (or loading a flow)."""
-    return error_data(exc, routine=routine_id)
+    """What a worker reports for an exception raised while running ``routine_id`` (or loading a flow).
+
+    With ``frame``: the innermost frame of the traceback outside this package
+    (the user's line that raised, or the user's call into the library).
+    """
+    data = error_data(exc, routine=routine_id)
+    frame = _user_frame(exc)
+    if frame is not None:
+        data["frame"] = frame
+    return data
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _user_frame(exc: BaseException) -> dict | None:
+    """The innermost traceback frame of ``exc`` whose file is not part of this package."""
+    found = None
+    try:
+        for summary in traceback.extract_tb(exc.__traceback__):
+            if not os.path.abspath(summary.filename).startswith(_PACKAGE_DIR):
+                found = summary
+    except BaseException:  # noqa: BLE001 - a user's traceback may hold anything
+        return None
+    if found is None:
+        return None
+    return {"file": found.filename, "line": found.lineno, "function": found.name, "code": found.line or ""}
 
 
 def exception_from(data: ErrorData, where: str) -> BaseException:
@@ -352,6 +378,7 @@ class _WorkerConfig:
         "authkey",
         "index",
         "lock_timeout",
+        "log_levels",
         "max_activations",
         "max_rss",
         "parent_pid",
@@ -362,8 +389,10 @@ class _WorkerConfig:
 
     def __init__(self, index: int, parent_pid: int, sys_path: list[str], state_address: str,
                  authkey: bytes, state_timeout: float, lock_timeout: float,
-                 max_rss: int | None, max_activations: int | None) -> None:
+                 max_rss: int | None, max_activations: int | None, log_levels: tuple = ()) -> None:
         self.index = index
+        #: The supervisor's logging levels (``_logs.parent_levels``).
+        self.log_levels = log_levels
         self.parent_pid = parent_pid
         self.sys_path = sys_path
         self.state_address = state_address
@@ -405,6 +434,12 @@ class _Activation(NamedTuple):
     job_metadata: dict
     job_data: dict
     attempt: int
+    #: An activation of several jobs (a batch, a join): each job as ``(job_id, metadata, data)``, the one
+    #: above at index ``lead``; per slot, per item, the indices of the item's jobs (``None``: all of them).
+    #: ``None`` for an activation of one job.
+    jobs: tuple | None = None
+    lead: int = 0
+    item_jobs: dict | None = None
 
     def __repr__(self) -> str:
         counts = {name: len(items) for name, items in self.slots.items()}
@@ -412,15 +447,23 @@ class _Activation(NamedTuple):
 
 
 class _Result(NamedTuple):
-    """The outcome of one activation: emits (in order), job changes, and an error as data."""
+    """The outcome of one activation: emits (in order), job changes, and an error as data.
+
+    Each emit is ``(event, data pickle, job indices)``, the indices (in the
+    activation's ``jobs``) of the jobs logic named for it, or ``None``: all of
+    them. The job changes are the current job's; ``others`` holds those of the
+    other jobs of a multi-job activation, as ``(index, data_set, data_deleted,
+    traces)``.
+    """
 
     act_id: int
     error: dict | None
-    emits: list[tuple[str, bytes]]
+    emits: list[tuple[str, bytes, tuple[int, ...] | None]]
     data_set: dict | None
     data_deleted: list[str] | None
     traces: list | None
     seconds: float
+    others: list | None = None
 
     def __repr__(self) -> str:
         status = "ok" if self.error is None else f"error={self.error.get('type')}"

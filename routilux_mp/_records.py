@@ -23,11 +23,21 @@ LATENCY_SAMPLES = 2048
 
 
 class _Entry(NamedTuple):
-    """One queued item: its arrival order, its job, and its data as a pickle."""
+    """One queued item: its arrival order, its job, and its data as a pickle.
+
+    ``others`` holds the item's further jobs when it belongs to several (an
+    emit that named no job in an activation of several jobs belongs to all of
+    them); ``None`` for the usual item of one job.
+    """
 
     seq: int
     job: JobContext
     blob: bytes
+    others: tuple[JobContext, ...] | None = None
+
+    def all_jobs(self) -> tuple[JobContext, ...]:
+        """Every job this item belongs to, ``job`` first."""
+        return (self.job,) if self.others is None else (self.job, *self.others)
 
 
 class SlotQueue(SlotQueueAPI):
@@ -38,7 +48,7 @@ class SlotQueue(SlotQueueAPI):
     without decoding them.
     """
 
-    __slots__ = ("_consumed", "_entries", "held", "max_queue_length", "name")
+    __slots__ = ("_consumed", "_entries", "_given", "held", "max_queue_length", "name")
 
     def __init__(self, name: str, max_queue_length: int) -> None:
         self.name = name
@@ -47,6 +57,9 @@ class SlotQueue(SlotQueueAPI):
         #: Items consumed into activations that no process has received yet.
         self.held = 0
         self._consumed: list[_Entry] = []
+        #: While a policy runs: id of each item copy it was given -> its entry, so an item a policy
+        #: returns as a copy (``consume_all_new``) keeps its job. The copies stay referenced by the policy.
+        self._given: dict[int, _Entry] = {}
 
     @property
     def pending(self) -> int:
@@ -69,10 +82,16 @@ class SlotQueue(SlotQueueAPI):
         self._consumed.extend(taken)
         return taken
 
-    @staticmethod
-    def _item(entry: _Entry) -> Any:
-        """A fresh copy of an entry's item."""
-        return pickle.loads(entry.blob)
+    def _item(self, entry: _Entry) -> Any:
+        """A fresh copy of an entry's item (remembered, so the job of the copy is known)."""
+        item = pickle.loads(entry.blob)
+        self._given[id(item)] = entry
+        return item
+
+    def _start_policy(self) -> None:
+        """A policy is about to run on this queue: forget what the previous run consumed and gave."""
+        self._consumed = []
+        self._given = {}
 
     def _put_back(self, entries: Iterable[_Entry]) -> None:
         """Return consumed items to the front, in their original order."""
@@ -104,7 +123,9 @@ class _Act:
         "crashes",
         "created",
         "deadline",
+        "item_jobs",
         "jobs",
+        "lead",
         "message",
         "resolved",
         "rt",
@@ -133,6 +154,11 @@ class _Act:
         #: Set once the activation's outcome is decided while its process still holds it.
         self.resolved = False
         self.deadline: float | None = None
+        #: With several jobs: per slot, per item, the indices in ``jobs`` of the item's jobs (``None``
+        #: for an item whose job is unknown: it belongs to all). ``None`` for an activation of one job.
+        self.item_jobs: dict[str, list[tuple[int, ...] | None]] | None = None
+        #: The index in ``jobs`` of the job sent as the current one (``get_current_job()`` in logic).
+        self.lead = 0
 
     def lead_job(self) -> JobContext | None:
         """The oldest job still open: its emits, outputs and errors go there."""
@@ -211,12 +237,19 @@ class _Instance:
 
 
 def percentile(samples: Iterable[float], q: float) -> float | None:
-    """The ``q``-th percentile of ``samples`` (``None`` when there are none)."""
-    import statistics
+    """The ``q``-th percentile of ``samples`` (``None`` when there are none).
 
+    The value ``statistics.quantiles(data, n=100, method="inclusive")[q - 1]``
+    gives, computed for the one cut point asked for instead of all 99
+    (``stats()`` is read every second by the progress display and the dashboard).
+    """
     data = sorted(samples)
     if not data:
         return None
     if len(data) == 1:
         return data[0]
-    return statistics.quantiles(data, n=100, method="inclusive")[int(q) - 1]
+    i, m = int(q), len(data) - 1
+    j, delta = divmod(i * m, 100)
+    if delta == 0:
+        return data[j]
+    return (data[j] * (100 - delta) + data[j + 1] * delta) / 100

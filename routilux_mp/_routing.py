@@ -60,7 +60,7 @@ class Router:
         policy = rt.policy
         while True:
             for queue in rt.slots.values():
-                queue._consumed = []
+                queue._start_policy()
             try:
                 activate, data_slice, message = policy(rt.slots, rt.inst.ws)
             except Exception as exc:  # noqa: BLE001 - a user's policy: fail its jobs, not the dispatcher
@@ -97,8 +97,10 @@ class Router:
             self.evaluate(rt)
 
     def flush(self, instances: list[_Instance]) -> bool:
-        """Deliver what batch and interval policies hold back; True if anything was."""
+        """Deliver what batch and interval policies hold back; True if anything was (never while stopping)."""
         delivered = False
+        if self.ledger.draining:
+            return False
         for inst in instances:
             for rt in inst.routines.values():
                 flusher = getattr(rt.policy, "flush", None)
@@ -106,7 +108,7 @@ class Router:
                     continue
                 while True:
                     for queue in rt.slots.values():
-                        queue._consumed = []
+                        queue._start_policy()
                     try:
                         out = flusher(rt.slots)
                         if out is None:
@@ -127,30 +129,48 @@ class Router:
                      rt.rid, type(exc).__name__, exc)
         error = describe_exception(exc, rt.rid)
         error["message"] = f"the activation policy of routine {rt.rid!r} raised: {error['message']}"
-        jobs = {id(e.job): e.job for q in rt.slots.values() for e in q._entries}
+        jobs = {id(job): job for q in rt.slots.values() for e in q._entries for job in e.all_jobs()}
         for job in jobs.values():
             if not job.done:
                 self.ledger.fail(job, dict(error))
 
     def _activation(self, rt: _RoutineRt, data_slice: dict, message: Any, consumed: list[_Entry]) -> None:
-        """Queue an activation on what a policy returned (items stay pickled; new items are pickled here)."""
+        """Queue an activation on what a policy returned (items stay pickled; new items are pickled here).
+
+        Each item keeps its job: an entry the policy returned, or a copy it was
+        given of one, is the consumed entry's item; an item the policy made
+        itself belongs to all the activation's jobs.
+        """
         slots: dict[str, list[bytes]] = {}
+        sources: dict[str, list[_Entry | None]] = {}
         for name, items in data_slice.items():
-            if name not in rt.slots:
+            queue = rt.slots.get(name)
+            if queue is None:
                 raise FlowError(f"the policy of routine {rt.rid!r} returned items for unknown slot {name!r}")
             blobs = []
+            found: list[_Entry | None] = []
             for item in items:
                 if type(item) is _Entry:
                     blobs.append(item.blob)
+                    found.append(item)
                 else:
                     try:
                         blobs.append(encode(item))
                     except Exception as exc:
                         raise SerializationError(
                             f"an item the policy returned for slot {name!r} cannot be pickled: {exc}") from exc
+                    found.append(queue._given.get(id(item)))
             slots[name] = blobs
+            sources[name] = found
         blob = IMMEDIATE_BLOB if message is IMMEDIATE_MESSAGE else encode(message)
-        self.ledger.new_activation(rt, slots, blob, consumed)
+        act = self.ledger.new_activation(rt, slots, blob, consumed)
+        if len(act.jobs) > 1:
+            index = {id(job): i for i, job in enumerate(act.jobs)}
+            act.item_jobs = {
+                name: [None if entry is None else tuple(index[id(j)] for j in entry.all_jobs() if id(j) in index)
+                       or None for entry in found]
+                for name, found in sources.items()
+            }
 
     # -- results -------------------------------------------------------------------------------------
 
@@ -158,49 +178,79 @@ class Router:
         """Apply a result's job changes and route its emits; an error (as data) if an output is unreadable.
 
         Outputs are decoded first, so an output the supervisor cannot unpickle
-        fails this activation only, before anything of it is applied.
+        fails this activation only, before anything of it is applied. Each emit
+        goes to the jobs it names (its items' jobs), or to all the activation's
+        jobs when it names none; jobs that ended meanwhile get nothing.
         """
         outputs = {}
         targets_of = act.rt.targets
-        for i, (event, blob) in enumerate(res.emits):
-            if not targets_of.get(event):
+        for i, emit in enumerate(res.emits):
+            if not targets_of.get(emit[0]):
                 try:
-                    outputs[i] = loads(blob)
+                    outputs[i] = loads(emit[1])
                 except Exception as exc:  # noqa: BLE001 - unpickling runs the data's own code
                     return error_data(SerializationError,
-                                      f"an output of emit({event!r}) from routine {act.rt.rid!r} cannot be "
+                                      f"an output of emit({emit[0]!r}) from routine {act.rt.rid!r} cannot be "
                                       f"unpickled in the supervisor ({type(exc).__name__}: {exc}); emit plain values",
                                       routine=act.rt.rid)
-        self._apply_job_changes(lead, act, res)
+        self._apply_job_changes(act, res)
+        single = len(act.jobs) == 1
         dirty: list[_RoutineRt] = []
-        for i, (event, blob) in enumerate(res.emits):
+        for i, (event, blob, named) in enumerate(res.emits):
+            if single:
+                owners = [lead]
+            else:
+                chosen = act.jobs if named is None else [act.jobs[k] for k in named if k < len(act.jobs)]
+                owners = [job for job in chosen if not job.done]
+                if not owners:
+                    continue
             targets = targets_of.get(event)
             if not targets:
-                self._add_output(lead, act.rt.rid, event, outputs[i])
+                self._add_output(owners, act.rt.rid, event, outputs[i])
                 continue
+            if self.ledger.draining:  # stopping: downstream work never starts; its jobs end cancelled
+                self.ledger.cut.update(owners)
+                continue
+            others = tuple(owners[1:]) or None
             for target, slot in targets:
-                self.ledger.enqueue(target, slot, lead, blob)
+                self.ledger.enqueue(target, slot, owners[0], blob, others)
                 if target not in dirty:
                     dirty.append(target)
         for target in dirty:
             self.evaluate(target)
         return None
 
-    def _apply_job_changes(self, job: JobContext, act: _Act, res: _Result) -> None:
-        """What logic changed on its job (``job.data``, traces) and the attempt it reached."""
-        job.attempts = max(job.attempts, act.attempt)
-        if res.data_set:
-            job.data.update(res.data_set)
-        if res.data_deleted:
-            for key in res.data_deleted:
-                job.data.pop(key, None)
-        if res.traces:
-            job.traces.extend(res.traces)
-            del job.traces[: max(0, len(job.traces) - MAX_JOB_TRACES)]
+    def _apply_job_changes(self, act: _Act, res: _Result) -> None:
+        """What logic changed on its jobs (``job.data``, traces) and the attempt they reached."""
+        jobs = act.jobs
+        changes = [(act.lead, res.data_set, res.data_deleted, res.traces)]
+        if res.others:
+            changes.extend(res.others)
+        for index, data_set, data_deleted, traces in changes:
+            job = jobs[index] if index < len(jobs) else None
+            if job is None or job.done:
+                continue
+            job.attempts = max(job.attempts, act.attempt)
+            if data_set:
+                job.data.update(data_set)
+            if data_deleted:
+                for key in data_deleted:
+                    job.data.pop(key, None)
+            if traces:
+                job.traces.extend(traces)
+                del job.traces[: max(0, len(job.traces) - MAX_JOB_TRACES)]
 
-    def _add_output(self, job: JobContext, rid: str, event: str, data: Any) -> None:
-        """Keep an emit nobody listens to as an output of the job (the oldest dropped past the limit)."""
-        job.outputs.append({"routine": rid, "event": event, "data": data})
-        if len(job.outputs) > self.ledger.max_outputs_per_job:
-            del job.outputs[0]
-            job.outputs_dropped += 1
+    def _add_output(self, jobs: list[JobContext], rid: str, event: str, data: Any) -> None:
+        """Keep an emit nobody listens to as an output of its jobs (the oldest dropped past the limit).
+
+        An output of several jobs is one dict, in each job's outputs, naming them all in ``job_ids``.
+        """
+        out = {"routine": rid, "event": event, "data": data}
+        if len(jobs) > 1:
+            out["job_ids"] = [job.job_id for job in jobs]
+        limit = self.ledger.max_outputs_per_job
+        for job in jobs:
+            job.outputs.append(out)
+            if len(job.outputs) > limit:
+                del job.outputs[0]
+                job.outputs_dropped += 1

@@ -37,10 +37,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._drain import stop_taking_work
 from ._exec.base import WorkerBackend, WorkerSettings
 from ._exec.local import TERM_GRACE, LocalProcessBackend
 from ._ledger import Ledger
 from ._lifecycle import Lifecycle, run_callbacks
+from ._logs import parent_levels
 from ._loop import DispatchLoop
 from ._messages import error_data
 from ._records import SlotQueue, _Instance, _RoutineRt
@@ -60,13 +62,15 @@ class Settings:
 
     __slots__ = ("kill_worker_rss", "lock_timeout", "max_activations_per_process", "max_crash_retries",
                  "max_finished_jobs", "max_outputs_per_job", "max_state_bytes", "max_worker_rss", "prefetch",
-                 "processes", "state_timeout", "strict_state", "worker_output")
+                 "processes", "state_backend", "state_path", "state_sync", "state_timeout", "strict_state",
+                 "worker_output")
 
     def __init__(self, *, processes: int, prefetch: int = 1, strict_state: bool = False,
                  max_state_bytes: int = 16 * 2**20, state_timeout: float = 10.0, lock_timeout: float = 30.0,
                  max_crash_retries: int = 3, max_worker_rss: int | None = None, kill_worker_rss: int | None = None,
                  max_activations_per_process: int | None = None, max_outputs_per_job: int = 10_000,
-                 max_finished_jobs: int = 10_000, worker_output: Callable[[str, str], None] | None = None) -> None:
+                 max_finished_jobs: int = 10_000, worker_output: Callable[[str, str], None] | None = None,
+                 state_path: str | None = None, state_sync: str = "normal", state_backend: str | None = None) -> None:
         self.processes = processes
         self.prefetch = prefetch
         self.strict_state = strict_state
@@ -80,6 +84,9 @@ class Settings:
         self.max_outputs_per_job = max_outputs_per_job
         self.max_finished_jobs = max_finished_jobs
         self.worker_output = worker_output
+        self.state_path = state_path
+        self.state_sync = state_sync
+        self.state_backend = state_backend
 
 
 def _default_output(stream: str, text: str) -> None:
@@ -116,12 +123,14 @@ class Supervisor:
         #: The state server's process and this process's client of it.
         self.state = state(max_state_bytes=settings.max_state_bytes, strict=settings.strict_state,
                            state_timeout=settings.state_timeout, lock_timeout=settings.lock_timeout,
-                           local_meta=self.local_meta, on_lost=self.wake)
+                           local_meta=self.local_meta, on_lost=self.wake, state_path=settings.state_path,
+                           state_sync=settings.state_sync, backend=settings.state_backend)
         #: The worker lanes (``backend`` builds them: local processes by default).
         self.backend = backend(settings.processes, WorkerSettings(
             state_address=self.state.address, authkey=self.state.authkey, state_timeout=settings.state_timeout,
             lock_timeout=settings.lock_timeout, max_rss=settings.max_worker_rss,
             max_activations=settings.max_activations_per_process, sys_path=list(sys.path),
+            log_levels=parent_levels(),
         ))
         #: Jobs, activations, retries: the books.
         self.ledger = Ledger(max_finished_jobs=settings.max_finished_jobs,
@@ -195,16 +204,25 @@ class Supervisor:
             self.check_usable()
             key = self.dispatcher.ship(flow)
             known = self.ledger.instances
+            stored = self.state.stored_workers
             if worker_id is None:
                 worker_id = f"{flow_name}-{next(self._worker_numbers)}"
-                while worker_id in known or worker_id in self._reserved:
+                while worker_id in known or worker_id in self._reserved or worker_id in stored:
                     worker_id = f"{flow_name}-{next(self._worker_numbers)}"
             elif worker_id in known or worker_id in self._reserved:
                 raise FlowError(f"a worker {worker_id!r} already exists in this runtime; pick another worker_id")
+            elif stored.get(worker_id, flow.flow_id) not in (flow.flow_id, ""):
+                raise FlowError(
+                    f"worker {worker_id!r} in the state file {self.state.state_path} ran flow "
+                    f"{stored[worker_id]!r}, not {flow.flow_id!r}: its routine states belong to that flow. Exec "
+                    "that flow to resume it, or pick another worker_id"
+                )
             self._reserved.add(worker_id)
         try:
             ws = WorkerState(worker_id, flow.flow_id, self.state.client)
             inst = self.router.build_instance(worker_id, flow_name, flow, key, ws)
+            # A resumed worker's counters go on from what the state file held.
+            inst.jobs_processed, inst.jobs_failed = self.state.stored_counts.get(worker_id, (0, 0))
             with self.lock:
                 self.check_usable()
                 self.ledger.instances[worker_id] = inst
@@ -233,10 +251,17 @@ class Supervisor:
         inst = self.ledger.instances.get(worker_state.worker_id)
         return inst is not None and inst.ws is worker_state
 
-    def list_workers(self) -> list[str]:
-        """Ids of the workers, oldest first."""
+    def list_workers(self, stored: bool = False) -> list[str]:
+        """Ids of the workers, oldest first; with ``stored``, those the state file held first."""
         with self.lock:
-            return list(self.ledger.instances)
+            live = list(self.ledger.instances)
+        if not stored:
+            return live
+        return list(dict.fromkeys([*self.state.stored_workers, *live]))
+
+    def state_call(self, method: Method, *args: Any) -> Any:
+        """Call the state server directly from this process (the CLI's run journal)."""
+        return self.state.client.call(method, *args)
 
     def _resolve_worker(self, flow_name: str, worker_id: str | None) -> _Instance:
         """The instance a post goes to: ``worker_id``, or the flow's current worker."""
@@ -277,7 +302,7 @@ class Supervisor:
             queue = rt.slots[slot_name]
             while queue.pending >= queue.max_queue_length:
                 self._wait_for_room(rt, queue, block, deadline)
-            job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata)
+            job = JobContext(job_id or os.urandom(8).hex(), inst.worker_id, inst.flow.flow_id, metadata, _input=blob)
             self.ledger.open_job(job)
             self.ledger.enqueue(rt, slot_name, job, blob)
             self.router.evaluate(rt)
@@ -389,7 +414,9 @@ class Supervisor:
         """A JSON-able snapshot: per-routine counters, per-process usage, jobs by status, waiting items."""
         with self.lock:
             routines = self.ledger.routine_stats()
-            lanes = [(s.index, s.activations, s.restarts, s.alive and s.ready) for s in self.dispatcher.slots]
+            # (the routine a lane runs, or takes next: the first activation it holds)
+            lanes = [(s.index, s.activations, s.restarts, s.alive and s.ready,
+                      s.inflight[0].rt.rid if s.inflight else None) for s in self.dispatcher.slots]
             jobs = {status: n for status, n in self.ledger.status_counts.items() if n}
             waiting = self.ledger.waiting()
             ask = self.state.lost is None and not self.flags.closed
@@ -403,13 +430,13 @@ class Supervisor:
             agg["lost_updates"] = lost.get(rid, 0)
         usage = self.backend.usage()
         processes = []
-        for index, activations, restarts, ready in lanes:
+        for index, activations, restarts, ready, routine in lanes:
             use = usage[index]
             processes.append({"index": index, "pid": None if use is None else use.pid,
                               "alive": use is not None and use.rss is not None, "ready": ready,
                               "rss": None if use is None else use.rss,
                               "cpu_percent": None if use is None else use.cpu_percent,
-                              "activations": activations, "restarts": restarts})
+                              "activations": activations, "restarts": restarts, "routine": routine})
         return {"routines": routines, "processes": processes, "jobs": jobs, "waiting": waiting}
 
     # -- shutdown ------------------------------------------------------------------------------------
@@ -429,8 +456,8 @@ class Supervisor:
         try:
             if cancel_pending:
                 with self.lock:
-                    if self.ledger.cancel_pending():
-                        self.cond.notify_all()
+                    stop_taking_work(self.ledger, self.dispatcher.inflight())
+                    self.cond.notify_all()
                     callbacks = self.ledger.take_callbacks()
                 run_callbacks(callbacks)
             if wait and not already:
@@ -474,6 +501,16 @@ class TestHooks:
     def state_pid(self) -> int | None:
         """The state server's pid, once it started."""
         return self._sup.state.pid
+
+    @property
+    def state_watched(self) -> bool:
+        """Whether a state server runs and its death is watched (after a restart: the new one)."""
+        return self._sup.state.launcher.sentinel is not None
+
+    @property
+    def broken(self) -> bool:
+        """Whether the runtime is broken (it accepts no more work)."""
+        return self._sup.flags.broken is not None
 
     def worker_pid(self, index: int) -> int | None:
         """The pid of the worker in lane ``index`` (``None`` when there is none now)."""

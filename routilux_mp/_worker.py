@@ -30,9 +30,9 @@ import cloudpickle
 
 from . import _context, _jsonvalue
 from ._messages import _Activation, _LoadFlow, _Result, _Stop, describe_exception, encode, is_plain, loads
+from ._state.client import StoreClient
 from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
-from ._state.client import StoreClient
 from .state import WorkerState
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -50,26 +50,67 @@ def _rss() -> int:
 
 
 class _ActivationContext:
-    """What ``emit`` and ``get_current_job`` see while an activation runs."""
+    """What ``emit``, ``get_current_job`` and ``job_of`` see while an activation runs."""
 
-    __slots__ = ("earlier", "emits", "job", "routine", "routine_id", "thread")
+    __slots__ = ("earlier", "emits", "item_jobs", "items", "job", "jobs", "routine", "routine_id", "thread")
 
-    def __init__(self, routine: Any, routine_id: str, job: JobContext) -> None:
+    def __init__(self, routine: Any, routine_id: str, job: JobContext, jobs: list[JobContext] | None = None,
+                 item_jobs: dict | None = None) -> None:
         self.routine = routine
         self.routine_id = routine_id
+        #: The current job (``get_current_job()``), and every job of the activation (a batch has several).
         self.job = job
-        self.emits: list[tuple[str, bytes]] = []
+        self.jobs = jobs if jobs is not None else [job]
+        #: Per slot, per item, the indices in ``jobs`` of the item's jobs (``None`` for one job); and
+        #: ``slot_data`` once logic has it (``job_of`` finds an item there by identity).
+        self.item_jobs = item_jobs
+        self.items: dict[str, list] | None = None
+        self.emits: list[tuple[str, bytes, tuple[int, ...] | None]] = []
         #: Set by ``_context.set_current``: the activation's thread, and the threads alive before it.
         self.thread: Any = None
         self.earlier: frozenset = frozenset()
 
-    def emit(self, routine: Any, event: str, data: dict) -> None:
+    def jobs_of(self, item: Any) -> list[JobContext]:
+        """The jobs an item of this activation's ``slot_data`` belongs to (found by identity)."""
+        for name, items in (self.items or {}).items():
+            for position, candidate in enumerate(items):
+                if candidate is item:
+                    if self.item_jobs is None:
+                        return list(self.jobs)
+                    indices = self.item_jobs.get(name, [])
+                    chosen = indices[position] if position < len(indices) else None
+                    return list(self.jobs) if chosen is None else [self.jobs[i] for i in chosen]
+        raise RoutiluxError(
+            f"job_of(): {_short(item)} is not an item of the running activation of {self.routine_id!r}: pass "
+            "the item object from slot_data itself (a copy of it, or a value taken from it, has no job)"
+        )
+
+    def _indices(self, event: str, job: Any) -> tuple[int, ...]:
+        """The indices of the job(s) ``emit(event, job=...)`` names; refused when one is not of this activation."""
+        named = [job] if isinstance(job, JobContext) else list(job)
+        indices = []
+        for each in named:
+            for i, mine in enumerate(self.jobs):
+                if each is mine or (isinstance(each, JobContext) and each.job_id == mine.job_id):
+                    indices.append(i)
+                    break
+            else:
+                mine_ids = ", ".join(repr(j.job_id) for j in self.jobs)
+                raise RoutiluxError(
+                    f"emit({event!r}, job=...) named {getattr(each, 'job_id', each)!r}, which is not a job of "
+                    f"this activation of {self.routine_id!r} (its jobs: {mine_ids}); name a job that "
+                    "job_of(item) gave for one of its items"
+                )
+        return tuple(sorted(set(indices)))
+
+    def emit(self, routine: Any, event: str, data: dict, job: Any = None) -> None:
         """Record an emit of the running routine (pickled now, so later changes to ``data`` do not count)."""
         if routine is not self.routine:
             raise RoutiluxError(
                 f"emit({event!r}) was called on another routine ({type(routine).__name__}) while "
                 f"{self.routine_id!r} is running; a routine can only emit its own events"
             )
+        indices = None if job is None else self._indices(event, job)
         try:
             blob = encode(data)
         except Exception as exc:
@@ -88,7 +129,13 @@ class _ActivationContext:
                     f"({type(exc).__name__}: {exc}); emit plain values (e.g. an exception's type and "
                     "message as strings)"
                 ) from exc
-        self.emits.append((event, blob))
+        self.emits.append((event, blob, indices))
+
+
+def _short(value: Any) -> str:
+    """A short repr of a user value for a message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class ActivationRunner:
@@ -165,44 +212,68 @@ class ActivationRunner:
         ws = self.states.get(act.worker_id)
         if ws is None:
             ws = self.states[act.worker_id] = WorkerState(act.worker_id, act.flow_id, self.client)
-        job = JobContext(act.job_id or "", act.worker_id, act.flow_id, act.job_metadata, act.job_data, _in_worker=True)
-        job.attempts = act.attempt
-        # A deep copy: logic may change nested values of job.data in place.
-        before = pickle.loads(pickle.dumps(act.job_data)) if act.job_data else {}
-        ctx = _ActivationContext(routine, act.routine_id, job)
-        self.client.begin_activation()
+        jobs = None
+        if act.jobs is None:
+            job = JobContext(act.job_id or "", act.worker_id, act.flow_id, act.job_metadata, act.job_data,
+                             _in_worker=True)
+        else:
+            jobs = [JobContext(jid, act.worker_id, act.flow_id, md, data, _in_worker=True) for jid, md, data in act.jobs]
+            job = jobs[act.lead]
+        for each in jobs or (job,):
+            each.attempts = act.attempt
+        # Deep copies: logic may change nested values of job.data in place.
+        before = [pickle.loads(pickle.dumps(each.data)) if each.data else {} for each in jobs or (job,)]
+        ctx = _ActivationContext(routine, act.routine_id, job, jobs, act.item_jobs)
+        # Names this activation's state writes: an exactly-once run replays them if it runs again.
+        self.client.begin_activation(act.job_id, act.routine_id, act.slots, act.message)
         error = None
         started = time.perf_counter()
         _context.set_current(ctx)
         try:
-            slot_data = {name: [loads(blob) for blob in act.slots.get(name, ())] for name in routine._slots}
+            slot_data = ctx.items = {name: [loads(blob) for blob in act.slots.get(name, ())] for name in routine._slots}
             routine._logic(slot_data, loads(act.message), ws)
         except BaseException as exc:  # noqa: BLE001 - logic may raise anything; the process keeps serving
             error = describe_exception(exc, act.routine_id)
         finally:
             _context.set_current(None)
+            ctx.items = None
         if os.getpid() != self.pid:  # a child that logic forked came back here: it must not go on
             forked_child_exit(0 if error is None else 1)
         seconds = time.perf_counter() - started
-        data_set, data_deleted = None, None
-        if job.data != before:
+        changes = []
+        for index, (each, old) in enumerate(zip(jobs or (job,), before, strict=True)):
             try:
-                if not isinstance(job.data, dict):
-                    raise StateNotSerializableError(f"job.data must stay a dict, got {type(job.data).__name__}")
-                new, _ = _jsonvalue.normalize(job.data, root="job.data")
-                data_set = {k: v for k, v in new.items() if k not in before or before[k] != v}
-                data_deleted = [k for k in before if k not in new]
+                data_set, data_deleted = _data_changes(each, old)
             except Exception as exc:  # noqa: BLE001 - job.data is user data; report it
                 if error is None:
                     error = describe_exception(exc, act.routine_id)
-        traces = job.traces or None
-        result = _Result(act.act_id, error, ctx.emits, data_set, data_deleted, traces, seconds)
-        if traces:
-            try:
-                pickle.dumps(traces)
-            except Exception:  # noqa: BLE001 - user details may fail to pickle in any way
-                result = result._replace(traces=[dict(t, details=repr(t.get("details"))) for t in traces])
-        return result
+                data_set, data_deleted = None, None
+            changes.append((index, data_set, data_deleted, _traces(each)))
+        _, data_set, data_deleted, traces = changes[act.lead]
+        others = [change for change in changes if change[0] != act.lead and any(change[1:])] or None
+        return _Result(act.act_id, error, ctx.emits, data_set, data_deleted, traces, seconds, others)
+
+
+def _data_changes(job: JobContext, before: dict) -> tuple[dict | None, list | None]:
+    """What logic changed in ``job.data`` since ``before``: keys set and keys deleted (``None``, ``None``: nothing)."""
+    if job.data == before:
+        return None, None
+    if not isinstance(job.data, dict):
+        raise StateNotSerializableError(f"job.data must stay a dict, got {type(job.data).__name__}")
+    new, _ = _jsonvalue.normalize(job.data, root="job.data")
+    return ({k: v for k, v in new.items() if k not in before or before[k] != v},
+            [k for k in before if k not in new])
+
+
+def _traces(job: JobContext) -> list | None:
+    """The trace entries logic added to ``job``, made picklable (user details may not pickle)."""
+    traces = job.traces or None
+    if traces:
+        try:
+            pickle.dumps(traces)
+        except Exception:  # noqa: BLE001 - user details may fail to pickle in any way
+            traces = [dict(t, details=repr(t.get("details"))) for t in traces]
+    return traces
 
 
 def _std_fds() -> tuple:

@@ -12,6 +12,15 @@ Policies here are small picklable classes (no module globals, no closures). A
 policy keeps its own state (e.g. the time of its last activation) per routine
 per worker: the runtime gives each worker its own copy.
 
+**Jobs in a batch.** An activation that consumes items of several jobs (a
+batch, a join, a custom policy) keeps each item's job. Logic names the job an
+emit belongs to with ``self.emit(event, job=job_of(item), **data)``; an emit
+that names none belongs to all the activation's jobs: it is one output in each
+of their ``job.outputs`` with ``"job_ids"`` listing them (the CLI writes it
+once, with those ids), and downstream it holds all of them open. No output is
+ever given to a job it does not belong to. If the activation fails, all its
+jobs fail.
+
 Besides ``__call__``, a policy may define ``flush(slots)`` (deliver what it
 holds back, called by ``runtime.flush()``) and ``next_wakeup(slots)`` (a
 ``time.monotonic()`` deadline at which to be called again).
@@ -228,6 +237,8 @@ def batch_size_policy(batch_size: int) -> BatchSizePolicy:
     Message: ``{"reason": "batch_ready", "batch_size": n}``. A partial batch
     stays queued until ``runtime.flush()`` or
     ``wait_until_all_jobs_finished()`` delivers it with ``{"reason": "flush", ...}``.
+    Each item keeps its job: emit per item with ``emit(event, job=job_of(item), ...)``;
+    an emit naming no job belongs to every job of the batch (see the module docstring).
     """
     return BatchSizePolicy(batch_size)
 

@@ -4,7 +4,8 @@
 
     routilux-mp run TARGET [--flow NAME] [--entry ROUTINE.SLOT] [--input FILE|-] [--output FILE|-]
                            [--processes N] [--max-failures K] [--no-progress] [--order input|completion]
-                           [--failed-out FILE] [--state-out FILE] [--max-worker-rss SIZE]
+                           [--state DB [--resume [--retry-failed]]] [--failed-out FILE] [--state-out FILE]
+                           [--max-worker-rss SIZE] [--debug] [--dashboard [PORT] [--dashboard-host HOST]]
     routilux-mp flows TARGET
 
 This module parses arguments and wires the parts together; each part lives in
@@ -14,6 +15,8 @@ a module of its own:
 * :mod:`routilux_mp._cli_input`: open, decompress and check the JSONL input;
 * :mod:`routilux_mp._cli_output`: the files a run writes, and the checks that
   none of them is the input;
+* :mod:`routilux_mp._cli_journal`: ``--state``/``--resume``: the journal of a
+  resumable run, and what a resume runs again;
 * :mod:`routilux_mp._cli_run`: the run loop (poster thread, output, signals);
 * :mod:`routilux_mp._cli_ui`: progress, the process table and the summary.
 
@@ -43,10 +46,12 @@ from ._cli_exit import (
     usable_cpus,
 )
 from ._cli_input import MAX_DEPTH, InputSource
+from ._cli_journal import Journal, ResumePlan, check_usage, describe, plan_run
 from ._cli_load import choose_entry, choose_flow, load_target, sample_input
 from ._cli_output import check_files, open_output
 from ._cli_run import BatchRun, RunSinks
-from .errors import RoutiluxError
+from .dashboard import DEFAULT_HOST, DEFAULT_PORT
+from .errors import DashboardError, RoutiluxError, StateFileError
 from .monitoring.flow_registry import FlowRegistry
 from .runtime import BACKEND_VARIABLE, MAX_PROCESSES_PER_CPU, Runtime
 
@@ -75,6 +80,9 @@ examples:
   cat part-*.jsonl | routilux-mp run flows.py --flow clean --entry parse.raw --input - > out.jsonl
   routilux-mp run flows.py --input data.jsonl --failed-out failed.jsonl --max-failures 10 --no-progress 2> run.log
   routilux-mp run flows.py --input data.jsonl.xz --order completion --max-worker-rss 2G --state-out states.json
+  routilux-mp run flows.py --input big.jsonl --output out.jsonl --state run.db           resumable: a journal in run.db
+  routilux-mp run flows.py --input big.jsonl --output out.jsonl --state run.db --resume  ...continued after a crash
+  routilux-mp run workers/wordcount.py --dashboard 0    a live web page of the run (its URL is printed on stderr)
   routilux-mp flows workers/wordcount.py               routines, slots, events, policies, connections
 
 exit codes:
@@ -107,26 +115,51 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
     run = None
     try:
         writes = {option: path for option, path in (("--output", args.output), ("--failed-out", args.failed_out),
-                                                    ("--state-out", args.state_out)) if path not in (None, "-")}
+                                                    ("--state-out", args.state_out), ("--state", args.state))
+                  if path not in (None, "-")}
         check_files(source.label, source.file_stat, stdout, writes)
+        check_usage(args, source)
         source.validate()
-        live = sys.stderr.isatty() and not args.no_progress
+        if args.debug and (args.processes is not None or args.max_worker_rss is not None):
+            raise CliError(EXIT_USAGE, "--debug runs logic in this process, one activation at a time: drop "
+                                       "--processes and --max-worker-rss (or drop --debug)")
+        plan, description = ResumePlan(), None
+        if args.state is not None:
+            # A resume goes on with the worker the journal names (its WorkerState is in the file).
+            description = describe(args, source, flow_name, entry, f"{flow_name}-1")
+            plan = plan_run(args, description)
+        live = sys.stderr.isatty() and not args.no_progress and not args.debug
         display = _cli_ui.make_display(live)
-        sinks = _open_sinks(args, stdout, stack)
+        sinks = _open_sinks(args, stdout, stack, append=plan.resuming)
         if live and sinks.output_is_stdout and _one_terminal(stdout):
             sinks.output = _cli_ui.AboveLiveDisplay(display)
         handler = _cli_ui.DisplayLogHandler(display)
         library_logger = logging.getLogger("routilux_mp")
         library_logger.addHandler(handler)
         stack.callback(library_logger.removeHandler, handler)
+        stack.callback(_cli_ui.route_logging(display))
         try:
-            runtime = Runtime(processes=args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
+            runtime = Runtime(processes=0 if args.debug else args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
                               max_worker_rss=args.max_worker_rss, worker_output=display.worker_output,
+                              state_path=args.state, dashboard=args.dashboard, dashboard_host=args.dashboard_host,
                               backend=args.backend, address=args.address)
+        except StateFileError as exc:
+            raise CliError(EXIT_USAGE, f"--state: {exc}") from exc
+        except DashboardError as exc:
+            raise CliError(EXIT_USAGE, f"--dashboard: {exc}") from exc
         except RoutiluxError as exc:
             raise CliError(EXIT_JOBS_FAILED, f"cannot start the worker processes: {exc}") from exc
+        journal = None
+        if description is not None:
+            journal = Journal(runtime, plan.offsets)
+            try:
+                journal.begin(description, plan)
+                runtime.exec(flow_name, worker_id=description["worker_id"])
+            except BaseException:
+                runtime.shutdown(wait=False)
+                raise
         run = BatchRun(runtime, flow_name, entry, source, sinks, display, max_failures=args.max_failures,
-                       order=args.order)
+                       order=args.order, journal=journal, plan=plan)
         return run.execute()
     finally:
         stack.close()
@@ -134,14 +167,14 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
             source.close()
 
 
-def _open_sinks(args: argparse.Namespace, stdout: IO[str], stack: contextlib.ExitStack) -> RunSinks:
-    """Open every file the run writes (closed by ``stack``)."""
-    output, output_is_stdout = open_output(args.output, stdout)
+def _open_sinks(args: argparse.Namespace, stdout: IO[str], stack: contextlib.ExitStack, append: bool) -> RunSinks:
+    """Open every file the run writes (closed by ``stack``); a resume appends to the output files."""
+    output, output_is_stdout = open_output(args.output, stdout, append=append)
     if not output_is_stdout:
         stack.callback(output.close)
     sinks = RunSinks(output, output_is_stdout, failed_path=args.failed_out, state_path=args.state_out)
     if args.failed_out is not None:
-        sinks.failed = stack.enter_context(open_output(args.failed_out, stdout, "--failed-out")[0])
+        sinks.failed = stack.enter_context(open_output(args.failed_out, stdout, "--failed-out", append=append)[0])
     if args.state_out is not None:
         sinks.state = stack.enter_context(open_output(args.state_out, stdout, "--state-out")[0])
     return sinks
@@ -204,6 +237,8 @@ def _check_backend_options(parser: argparse.ArgumentParser, args: argparse.Names
             parser.error(f"{BACKEND_VARIABLE}={args.backend!r}: must be 'local' or 'ray'")
     if args.backend == "local" and args.address is not None:
         parser.error("argument --address: only with --backend ray")
+    if args.backend == "ray" and args.debug:
+        parser.error("argument --debug: runs logic in this process; it does not go with --backend ray")
     if args.backend == "local" and args.processes is not None:
         try:
             _process_count(str(args.processes))
@@ -221,6 +256,16 @@ def _size(text: str) -> int:
     if value < MIN_WORKER_RSS:
         raise argparse.ArgumentTypeError(f"{text} is below {MIN_WORKER_RSS // 2**20}M: an idle worker process "
                                          "alone uses about 16-20 MiB, so every activation would recycle it")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free port)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port number (0-65535; 0 picks a free port)")
     return value
 
 
@@ -257,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write every failed line as JSONL: line, job_id, input, error (type, message, traceback)")
     run.add_argument("--state-out", type=_file_name, metavar="FILE",
                      help="write every worker's final WorkerState as JSON (also when interrupted)")
+    run.add_argument("--state", type=_file_name, metavar="DB",
+                     help="keep WorkerState in this SQLite file and journal every input line's job in it, so an "
+                          "interrupted run can be resumed (needs --output FILE and an input file)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run journaled in --state: skip completed lines, run unfinished ones again; "
+                          "the output is appended, each completed line's outputs exactly once")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="with --resume: run the lines that failed again too")
     run.add_argument("--processes", type=_positive_int, metavar="N",
                      help=f"worker processes (default: the {cpus} CPUs, or the Ray cluster's; at most "
                           f"{MAX_PROCESSES_PER_CPU} per CPU, {MAX_PROCESSES_PER_CPU * cpus} here)")
@@ -273,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failures", type=_positive_int, metavar="K",
                      help="stop after K failed jobs (cancel the rest, exit 1)")
     run.add_argument("--no-progress", action="store_true", help="plain log lines on stderr, even on a terminal")
+    run.add_argument("--debug", action="store_true",
+                     help="run logic in this process, one activation at a time (processes=0), so breakpoint() "
+                          "in logic stops in pdb here; implies --no-progress")
+    run.add_argument("--dashboard", type=_port, nargs="?", const=DEFAULT_PORT, metavar="PORT",
+                     help=f"serve a live web page of the run on PORT (default {DEFAULT_PORT}; 0 picks a free one); "
+                          "its URL, with a random token, is printed on stderr (needs the [dashboard] extra)")
+    run.add_argument("--dashboard-host", metavar="HOST", default=DEFAULT_HOST,
+                     help=f"the address the dashboard listens on (default {DEFAULT_HOST}: this machine only; use an "
+                          "SSH tunnel to see it from elsewhere; another address is warned about)")
     run.set_defaults(handler=cmd_run)
     flows = commands.add_parser("flows", help="list the flows of TARGET with their routines and connections",
                                 description="List flows, routines, slots, events, policies, connections.")
@@ -287,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         _check_backend_options(parser, args)
+        if getattr(args, "dashboard_host", DEFAULT_HOST) != DEFAULT_HOST and args.dashboard is None:
+            parser.error("--dashboard-host needs --dashboard")
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse has printed why
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:

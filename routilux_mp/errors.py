@@ -27,8 +27,10 @@ __all__ = [
     "ActivationTimeoutError",
     "ClusterError",
     "ConfigurationError",
+    "DashboardError",
     "ExecutionError",
     "FlowError",
+    "LockLostError",
     "LockTimeoutError",
     "ModifyTimeoutError",
     "RoutiluxError",
@@ -39,6 +41,7 @@ __all__ = [
     "SlotQueueFullError",
     "StaleStateError",
     "StateError",
+    "StateFileError",
     "StateNotSerializableError",
     "StateServerLostError",
     "StateTooLargeError",
@@ -163,8 +166,23 @@ class ModifyTimeoutError(StateError, TimeoutError):
     """Raised when a ``modify_routine_state`` function ran past its time budget; nothing was written."""
 
 
+class LockLostError(StateError):
+    """Raised when a ``worker_state.lock()`` block's lock was taken from it (server restart, holder presumed dead).
+
+    Nothing of the block was written: run it again.
+    """
+
+
 class StateServerLostError(RoutiluxError):
-    """Raised when the state-server process died or stopped answering; shared state is gone."""
+    """Raised when the state-server process died or stopped answering and could not be restarted."""
+
+
+class StateFileError(RoutiluxError):
+    """Raised when a ``state_path`` file cannot be used (held by a live runtime, another format, unreadable)."""
+
+
+class DashboardError(RoutiluxError):
+    """Raised when the dashboard cannot start: its ``[dashboard]`` extra is missing, or its address cannot be bound."""
 
 
 class SlotQueueFullError(RoutiluxError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import Any
 from . import _context
 from .errors import RoutiluxError
 
-__all__ = ["ExecutionStatus", "JobContext", "JobStatus", "get_current_job", "get_current_job_id"]
+__all__ = ["ExecutionStatus", "JobContext", "JobStatus", "get_current_job", "get_current_job_id", "job_of", "jobs_of"]
 
 logger = logging.getLogger("routilux_mp.job")
 
@@ -100,11 +101,12 @@ class JobContext:
             dicts, oldest dropped past the runtime's ``max_outputs_per_job``
             (``outputs_dropped`` counts them).
         attempts: the highest attempt number any of its activations reached.
+        input: a copy of the data given to ``post()`` (re-post a failed job with it).
         created_at, completed_at: ``time.time()`` stamps.
     """
 
     def __init__(self, job_id: str, worker_id: str, flow_id: str, metadata: dict | None = None,
-                 data: dict | None = None, *, _in_worker: bool = False) -> None:
+                 data: dict | None = None, *, _in_worker: bool = False, _input: bytes | None = None) -> None:
         self.job_id = job_id
         self.worker_id = worker_id
         self.flow_id = flow_id
@@ -119,6 +121,8 @@ class JobContext:
         self.completed_at: float | None = None
         self.traces: list[dict] = []
         self._in_worker = _in_worker
+        #: The posted data, pickled (``input`` decodes a copy): kept so a failed job can be posted again.
+        self._input = _input
         self._done: threading.Event | None = None
         self._callbacks: list[Callable[[JobContext], Any]] = []
 
@@ -142,6 +146,14 @@ class JobContext:
     def status(self, value: str) -> None:
         # The runtime sets plain strings; reading back always gives the enum.
         self._status = JobStatus(value)
+
+    @property
+    def input(self) -> dict | None:
+        """A copy of the data given to ``post()`` for this job (``None`` inside logic).
+
+        To run a failed job again: ``runtime.post(flow, routine_id, slot, job.input)``.
+        """
+        return None if self._input is None else pickle.loads(self._input)
 
     def set_data(self, key: str, value: Any) -> None:
         """``job.data[key] = value`` (routilux 1.1.0's spelling); in logic the change travels back."""
@@ -238,3 +250,33 @@ def get_current_job_id() -> str | None:
     """The id of :func:`get_current_job`'s job (inside logic); ``None`` elsewhere."""
     job = get_current_job()
     return None if job is None else job.job_id
+
+
+def jobs_of(item: Any) -> list[JobContext]:
+    """The jobs an item of the running activation belongs to (inside logic), oldest first.
+
+    ``item`` is one of the objects in the logic's ``slot_data`` lists (found
+    by identity, so pass the item itself, not a copy). An item posted as a job
+    belongs to that job; an item emitted upstream by an activation of several
+    jobs without naming one belongs to all of them.
+    """
+    ctx = _context.current()
+    if ctx is None:
+        raise RoutiluxError("job_of()/jobs_of() was called outside logic: items have jobs only while the "
+                            "activation that received them runs")
+    return ctx.jobs_of(item)
+
+
+def job_of(item: Any) -> JobContext:
+    """The job an item of the running activation belongs to (inside logic).
+
+    Use it to attribute what logic emits per item in a batch:
+    ``self.emit("out", job=job_of(item), **result)``. An item of several jobs
+    (see :func:`jobs_of`) raises ``RoutiluxError``: use :func:`jobs_of` there.
+    """
+    jobs = jobs_of(item)
+    if len(jobs) != 1:
+        ids = ", ".join(repr(job.job_id) for job in jobs)
+        raise RoutiluxError(f"job_of(): this item belongs to {len(jobs)} jobs ({ids}), not one; use jobs_of(item) "
+                            "and emit(..., job=jobs_of(item)) to give an emit to all of them")
+    return jobs[0]

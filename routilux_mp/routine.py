@@ -27,6 +27,7 @@ from . import _context
 from .activation_policies import SlotQueueAPI
 from .error_handling import ErrorHandler
 from .errors import FlowError, RoutiluxError, SlotQueueFullError
+from .job import JobContext
 
 __all__ = ["Event", "Routine", "Slot"]
 
@@ -410,7 +411,19 @@ class Routine:
         data is copied (pickled) at the moment of the call. ``runtime`` and
         ``worker_state`` are routilux 1.1.0's context arguments: accepted and
         not sent (the running activation is the context).
+
+        In an activation of several jobs (a batch, a join), name the job an
+        emit belongs to with ``job=job_of(item)`` (a :class:`JobContext`, or a
+        list of them); an emit that names none belongs to all the activation's
+        jobs. A ``job`` keyword that is not a ``JobContext`` (or a list of
+        them) is data, as before.
         """
+        job = data.get("job")
+        if job is not None and (isinstance(job, JobContext) or (
+                isinstance(job, (list, tuple)) and job and all(isinstance(j, JobContext) for j in job))):
+            del data["job"]
+        else:
+            job = None
         if (runtime is not None and not hasattr(runtime, "post")) or (
                 worker_state is not None and not hasattr(worker_state, "get_routine_state")):
             raise TypeError(
@@ -427,7 +440,10 @@ class Routine:
                 f"emit({event!r}) was called outside logic: events can only be emitted by logic "
                 "running on a worker; use runtime.post() to feed a flow from your code"
             )
-        ctx.emit(self, event, data)
+        if job is None:
+            ctx.emit(self, event, data)
+        else:
+            ctx.emit(self, event, data, job)
 
     def _running_id(self, what: str) -> str | None:
         """The routine id of the activation running now, if it is this routine's."""

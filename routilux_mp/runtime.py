@@ -23,11 +23,13 @@ import sys
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _jsonvalue
+from ._exec.inprocess import InProcessBackend
 from ._messages import encode
 from ._state.service import StateService
+from ._state.protocol import Method
 from ._supervisor import Settings, Supervisor, TestHooks
 from .errors import SerializationError
 from .job import JobContext
@@ -59,12 +61,21 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+#: Seconds running activations get to finish after a Ctrl-C (leaving a ``with`` block by it, or a script
+#: dying of it) before their processes are stopped; queued and downstream work is cancelled at once.
+INTERRUPT_GRACE = 2.0
+
+
 class Runtime:
     """The supervisor of a pool of worker processes running flows.
 
     Args:
         thread_pool_size: alias of ``processes`` (so code written for routilux runs unchanged).
         processes: number of worker processes (default: the CPUs this process may use).
+            ``0`` is the debug mode: logic runs in this process (on the
+            runtime's dispatcher thread), one activation at a time, with the
+            same state API, so ``breakpoint()`` and debuggers work; routine
+            timeouts are not enforced there (nothing can be killed).
         strict_state: raise :class:`~routilux_mp.errors.StaleStateError` on a lost
             update instead of warning and counting it.
         max_state_bytes: largest routine state, as compact JSON bytes (default 16 MiB).
@@ -74,7 +85,13 @@ class Runtime:
         lock_timeout: default seconds to wait for a routine state locked by
             someone else (``worker_state.lock()`` and writers), on top of
             ``state_timeout``; the server tells waiters it is alive meanwhile.
-        prefetch: activations sent ahead to a busy process (0 or more).
+        prefetch: activations sent ahead to a busy process (0 or more), so
+            it never waits for the supervisor between short activations. One
+            sent ahead waits behind the one running there, even if another
+            process goes idle meanwhile; none is sent behind an activation
+            that has already run 50 ms. With activations of very uneven
+            length (a few that run for seconds among short ones), 0 keeps
+            every short one off a long one's process.
         max_crash_retries: a crashing activation is retried (with the ``retry``
             strategy) at most this many times.
         max_worker_rss: recycle a worker between activations when its RSS
@@ -96,6 +113,30 @@ class Runtime:
             private Ray instance on this machine), ``"auto"`` or
             ``"host:port"`` of a running cluster. ``processes`` then defaults
             to the cluster's CPUs.
+        state_path: keep every WorkerState in this SQLite file (created if
+            missing): a write is acknowledged once committed, so it survives
+            the SIGKILL of any process, and a later runtime on the file gets a
+            worker's states back with ``exec(flow, worker_id=...)``
+            (``list_workers(stored=True)`` lists them). One runtime at a time:
+            a file held by a live runtime is refused with
+            :class:`~routilux_mp.errors.StateFileError`. A state server that
+            dies is restarted from the file with everything acknowledged.
+            Without it, state is kept in the state server's memory (faster;
+            lost with that process: ``StateServerLostError``).
+        state_sync: ``"normal"`` (default): commits survive any process
+            dying, not a power cut; ``"full"``: each commit is also
+            ``fsync``'d (survives a power cut; slower).
+        dashboard: serve a live web page of the run (the ``[dashboard]``
+            extra): ``True`` on port 8789, or a port number (0: a free one).
+            Its address, with a random token, is printed on stderr as
+            ``dashboard: http://127.0.0.1:PORT/?token=...`` and is
+            :attr:`dashboard_url`. Read-only; it stops at ``shutdown()``
+            after sending the page the run's summary. A busy port or a
+            missing extra raises :class:`~routilux_mp.errors.DashboardError`
+            before any process starts.
+        dashboard_host: the address the dashboard listens on (default
+            ``127.0.0.1``: this machine only; reach it from elsewhere with
+            an SSH tunnel). Another address is warned about on stderr.
 
     Use it as a context manager; leaving the block calls ``shutdown()``.
     """
@@ -119,6 +160,10 @@ class Runtime:
         worker_output: Callable[[str, str], None] | None = None,
         backend: str | None = None,
         address: str | None = None,
+        state_path: str | os.PathLike | None = None,
+        state_sync: str = "normal",
+        dashboard: bool | int | None = None,
+        dashboard_host: str = "127.0.0.1",
     ) -> None:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
             raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
@@ -130,15 +175,21 @@ class Runtime:
                              f"{BACKEND_VARIABLE})")
         if address is not None and backend != "ray":
             raise ValueError(f"address={address!r} is for backend='ray'; the local backend runs on this machine")
-        if count is not None and (not isinstance(count, int) or count < 1):
-            raise ValueError(f"processes must be a positive int, got {count!r}")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+            raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
+                             f"got {count!r}")
+        if count == 0 and backend == "ray":
+            raise ValueError("processes=0 runs logic in this process, to debug it: use the local backend for that "
+                             "(drop backend='ray' or ROUTILUX_MP_BACKEND)")
+        port = _dashboard_port(dashboard)
         make_backend = None
         if backend == "ray":
             count, make_backend = _ray_backend(address, count)
         if count is None:
             count = _cpu_count()
-        if not isinstance(count, int) or count < 1:
-            raise ValueError(f"processes must be a positive int, got {count!r}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
+                             f"got {count!r}")
         cpus = _cpu_count()
         if backend == "local" and count > MAX_PROCESSES_PER_CPU * cpus:
             raise ValueError(
@@ -153,28 +204,51 @@ class Runtime:
             kill_worker_rss = int(max_worker_rss * 1.5)
         self._registry = FlowRegistry.get_instance()
         self._processes = count
-        settings = Settings(
-            processes=count, prefetch=prefetch, strict_state=strict_state, max_state_bytes=max_state_bytes,
-            state_timeout=state_timeout, lock_timeout=lock_timeout, max_crash_retries=max_crash_retries,
-            max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
-            max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
-            max_finished_jobs=max_finished_jobs, worker_output=worker_output,
-        )
+        in_process = count == 0
+        if in_process and (max_worker_rss is not None or max_activations_per_process is not None):
+            raise ValueError("processes=0 runs logic in this process, which cannot be recycled: drop max_worker_rss "
+                             "and max_activations_per_process, or use processes >= 1")
+        if in_process:
+            parts: dict[str, Any] = {"backend": InProcessBackend}
+        elif make_backend is not None:  # workers on other machines reach the state server at this machine's address
+            parts = {"backend": make_backend,
+                     "state": functools.partial(StateService, host=make_backend.keywords["session"].node_ip())}
+        else:
+            parts = {}
+        self._dashboard: Any = None
         try:
-            if make_backend is None:
-                self._sup = Supervisor(settings)
-            else:  # workers on other machines reach the state server on this machine's cluster address
-                host = make_backend.keywords["session"].node_ip()
-                self._sup = Supervisor(settings, backend=make_backend, state=functools.partial(StateService, host=host))
+            if port is not None:  # bound before any process starts: a busy port fails with nothing to clean up
+                from .dashboard import bind
+                self._dashboard = bind(dashboard_host, port)
+            self._start(Settings(
+                processes=max(count, 1), prefetch=0 if in_process else prefetch, strict_state=strict_state,
+                max_state_bytes=max_state_bytes, state_timeout=state_timeout, lock_timeout=lock_timeout,
+                max_crash_retries=max_crash_retries, max_worker_rss=max_worker_rss, kill_worker_rss=kill_worker_rss,
+                max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
+                max_finished_jobs=max_finished_jobs, worker_output=worker_output,
+                state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
+            ), parts)
         except BaseException:
+            if self._dashboard is not None:
+                self._dashboard.stop()
             if make_backend is not None:
                 make_backend.keywords["session"].close()
             raise
-        self._sup.start()
         #: Hooks for this package's tests (see :class:`~routilux_mp._supervisor.TestHooks`).
         self._testing: TestHooks = self._sup.testing()
         with _live_lock:
             _live.add(self)
+
+    def _start(self, settings: Settings, parts: dict[str, Any]) -> None:
+        """Start the supervisor (state server, workers, dispatcher) built with ``parts``, then the dashboard."""
+        self._sup = Supervisor(settings, **parts)
+        self._sup.start()
+        if self._dashboard is not None:
+            try:
+                self._dashboard.start(self)
+            except BaseException:
+                self._sup.shutdown(False, 0.0, False)
+                raise
 
     # ------------------------------------------------------------------ basics
 
@@ -188,14 +262,24 @@ class Runtime:
         """True once ``shutdown()`` started."""
         return self._sup.closed
 
+    @property
+    def dashboard_url(self) -> str | None:
+        """The dashboard's address with its token (``None`` without ``dashboard=``)."""
+        return None if self._dashboard is None else self._dashboard.url
+
+    def _dashboard_expect(self, total: int | None, describe_job: Callable[[JobContext], dict] | None) -> None:
+        """Tell the dashboard how many jobs to expect and what to show with a failed job (the CLI: its line)."""
+        if self._dashboard is not None:
+            self._dashboard.expect(total, describe_job)
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None and not issubclass(exc_type, Exception):
-            # Ctrl-C or SystemExit: do not sit waiting for queued work.
-            self.shutdown(wait=False)
+            # Ctrl-C or SystemExit: start nothing new; what runs gets a short grace.
+            self.shutdown(wait=True, timeout=INTERRUPT_GRACE, cancel_pending=True)
         else:
             self.shutdown(wait=True)
 
@@ -209,7 +293,11 @@ class Runtime:
         """Start a worker: a live instance of flow ``flow_name`` with its own WorkerState.
 
         It becomes the flow's current worker (where ``post`` without
-        ``worker_id`` goes). Unknown flow -> ``ValueError``.
+        ``worker_id`` goes). Unknown flow -> ``ValueError``. With
+        ``state_path``, a ``worker_id`` the file holds resumes that worker:
+        its routine states and job counters are those last acknowledged
+        (a worker of another flow in the file is refused with ``FlowError``);
+        ids made up for ``worker_id=None`` skip the ones the file holds.
         """
         self._sup.check_usable()
         flow = self._registry.get(flow_name)
@@ -222,9 +310,18 @@ class Runtime:
         """The WorkerState of an existing worker."""
         return self._sup.worker_state(worker_id)
 
-    def list_workers(self) -> list[str]:
-        """Ids of the workers started with ``exec`` (or on demand by ``post``)."""
-        return self._sup.list_workers()
+    def list_workers(self, stored: bool = False) -> list[str]:
+        """Ids of the workers started with ``exec`` (or on demand by ``post``).
+
+        With ``stored=True``: every worker the ``state_path`` file holds, those
+        of earlier runtimes first (resume one with ``exec(flow, worker_id=...)``),
+        then the ones started here.
+        """
+        return self._sup.list_workers(stored)
+
+    def _state_call(self, method: Method, *args: Any) -> Any:
+        """Call the state server directly (the CLI journals a resumable run in the state file this way)."""
+        return self._sup.state_call(method, *args)
 
     # ------------------------------------------------------------------ posting
 
@@ -347,8 +444,11 @@ class Runtime:
 
         With ``wait``, queued and running work may finish within ``timeout``
         seconds (partial batches are flushed). With ``cancel_pending`` too,
-        only jobs already running are drained: jobs none of whose activations
-        has started are cancelled first (what a Ctrl-C handler wants). Jobs not
+        nothing new starts (what a Ctrl-C handler wants): jobs with no
+        activation running are cancelled at once, queued and downstream work of
+        the others is dropped, and only activations already handed to a worker
+        finish (within ``timeout``); their outputs are kept, and their jobs end
+        ``completed`` if that was all they had to do, else ``cancelled``. Jobs not
         finished end ``cancelled``. Running activations then get a short grace before
         their processes are terminated (SIGTERM, then SIGKILL). No process of
         ours outlives this call. WorkerState objects stay readable afterwards
@@ -368,6 +468,8 @@ class Runtime:
         try:
             sup.shutdown(wait, timeout, cancel_pending)
         finally:
+            if self._dashboard is not None:  # after the processes: the page gets the final numbers
+                self._dashboard.stop()
             if not sup.on_dispatcher():  # (from a done-callback, the dispatcher stops once it returns)
                 with _live_lock:
                     _live.discard(self)
@@ -395,6 +497,14 @@ def _ray_backend(address: str | None, count: int | None) -> tuple[int, functools
 _ray_exit_hook = False
 
 
+def _dashboard_port(dashboard: Any) -> int | None:
+    """The dashboard's port (``None``: off); checked without importing the dashboard's extra."""
+    if dashboard is None or dashboard is False:
+        return None
+    from .dashboard import check_port
+    return check_port(dashboard)
+
+
 def _died_of_ctrl_c() -> bool:
     """Whether the interpreter exits because a script did not catch a KeyboardInterrupt."""
     last = getattr(sys, "last_exc", None)  # Python >= 3.12
@@ -416,16 +526,19 @@ def _runtime_of(worker_state: WorkerState) -> Runtime | None:
 def _shutdown_all() -> None:
     """At interpreter exit: stop every runtime that was not shut down.
 
-    Queued work is finished first, unless the script dies of Ctrl-C: then it
-    is cancelled and running activations get the short grace of
-    ``shutdown(wait=False)``, as when leaving a ``with`` block by Ctrl-C.
+    Queued work is finished first, unless the script dies of Ctrl-C: then
+    nothing new starts and running activations get :data:`INTERRUPT_GRACE`,
+    as when leaving a ``with`` block by Ctrl-C.
     """
     with _live_lock:
         runtimes = list(_live)
     interrupted = _died_of_ctrl_c()
     for runtime in runtimes:
         try:
-            runtime.shutdown(wait=not interrupted)
+            if interrupted:
+                runtime.shutdown(wait=True, timeout=INTERRUPT_GRACE, cancel_pending=True)
+            else:
+                runtime.shutdown(wait=True)
         except KeyboardInterrupt:  # Ctrl-C while the exit waits: the runtime stopped; stop the others now
             interrupted = True
         except BaseException:

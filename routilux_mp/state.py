@@ -131,6 +131,19 @@ class WorkerState:
                 "(start a new Runtime to change state)"
             )
 
+    def _dict_write(self, routine_id: str, data: Any, refusal: str) -> tuple[str, dict, int, _Held | None]:
+        """Checks every write of a dict makes: ``(routine id, JSON value, its size, the lock held on it)``.
+
+        Raises ``TypeError`` (``refusal``) when ``data`` is not a dict, and
+        what ``_jsonvalue.normalize`` raises when it is not JSON.
+        """
+        rid = _check_rid(routine_id)
+        self._write_guard()
+        if not isinstance(data, dict):
+            raise TypeError(f"{refusal}, got {type(data).__name__}")
+        value, size = _jsonvalue.normalize(data)
+        return rid, value, size, self._held(rid)
+
     def _held(self, rid: str) -> _Held | None:
         """The lock this thread holds on ``rid`` (its calls on ``rid`` then act on the held dict)."""
         return self._client.held().get((self.worker_id, rid))
@@ -230,12 +243,7 @@ class WorkerState:
         ``stats()`` counts it, and with ``Runtime(strict_state=True)``
         :class:`~routilux_mp.errors.StaleStateError` is raised instead.
         """
-        rid = _check_rid(routine_id)
-        self._write_guard()
-        if not isinstance(state, dict):
-            raise TypeError(f"a routine state must be a dict, got {type(state).__name__}")
-        value, size = _jsonvalue.normalize(state)
-        held = self._held(rid)
+        rid, value, size, held = self._dict_write(routine_id, state, "a routine state must be a dict")
         if held is not None:
             held.state.clear()
             held.state.update(value)
@@ -257,12 +265,7 @@ class WorkerState:
 
     def merge_routine_state(self, routine_id: str, partial: dict) -> dict:
         """Atomically merge ``partial`` into the state (shallow) and return the new state."""
-        rid = _check_rid(routine_id)
-        self._write_guard()
-        if not isinstance(partial, dict):
-            raise TypeError(f"merge_routine_state() needs a dict, got {type(partial).__name__}")
-        value, _ = _jsonvalue.normalize(partial)
-        held = self._held(rid)
+        rid, value, _, held = self._dict_write(routine_id, partial, "merge_routine_state() needs a dict")
         if held is not None:
             held.state.update(value)
             return copy.deepcopy(held.state)

@@ -672,17 +672,7 @@ def scenario_pipeline(cfg: Config) -> Scenario:
 
     def run_rmp(_r: int) -> dict:
         with Runtime(processes=n) as runtime:
-            ws = runtime.exec("bench-pipeline")
-            _rmp_warm(runtime, "bench-pipeline", "parse", "line", {"line": pipeline_line(-1), "n": 1}, 2 * n,
-                      cfg.timeout)
-            ws.update_routine_state("collect", {})
-            start = time.perf_counter()
-            for line in lines:
-                runtime.post("bench-pipeline", "parse", "line", {"line": line, "n": work_n}, timeout=cfg.timeout)
-            _wait_all(runtime, cfg.timeout, rmp)
-            elapsed = time.perf_counter() - start
-            _totals_ok(ws.get_routine_state("collect") or {}, expected, rmp)
-        return {rmp: {"items_per_s": count / elapsed}}
+            return {rmp: {"items_per_s": run_pipeline(runtime, lines, work_n, expected, cfg.timeout, rmp)}}
 
     def run_rtx(_r: int) -> dict:
         done = threading.Semaphore(0)
@@ -720,6 +710,21 @@ def scenario_pipeline(cfg: Config) -> Scenario:
         sc.notes.append("routilux 1.1.0 runs the stages fed by emits in its one event-loop thread per worker, "
                         "one after another (so its 'parallel' transform is serial)")
     return sc
+
+
+def run_pipeline(runtime: Runtime, lines: list[str], work_n: int, expected: dict, timeout: float, label: str) -> float:
+    """Items per second through parse -> transform -> collect on ``runtime`` (warmed first, totals checked)."""
+    ws = runtime.exec("bench-pipeline")
+    _rmp_warm(runtime, "bench-pipeline", "parse", "line", {"line": pipeline_line(-1), "n": 1},
+              2 * runtime.processes, timeout)
+    ws.update_routine_state("collect", {})
+    start = time.perf_counter()
+    for line in lines:
+        runtime.post("bench-pipeline", "parse", "line", {"line": line, "n": work_n}, timeout=timeout)
+    _wait_all(runtime, timeout, label)
+    elapsed = time.perf_counter() - start
+    _totals_ok(ws.get_routine_state("collect") or {}, expected, label)
+    return len(lines) / elapsed
 
 
 def _totals_ok(totals: dict, expected: dict, who: str) -> None:
@@ -999,11 +1004,19 @@ def memory_child(processes: int, items: int, timeout: float) -> None:
     print(json.dumps(result), flush=True)
 
 
+def scenario_durable(cfg: Config) -> Scenario:
+    """Durable WorkerState (``state_path``) vs in memory: see ``_bench_durable``."""
+    from _bench_durable import durable_scenario  # it builds on this module: imported when run
+
+    return durable_scenario(cfg)
+
+
 SCENARIOS: dict[str, Callable[[Config], Scenario]] = {
     "cpu": scenario_cpu,
     "tiny": scenario_tiny,
     "pipeline": scenario_pipeline,
     "state": scenario_state,
+    "durable": scenario_durable,
     "startup": scenario_startup,
     "memory": scenario_memory,
 }

@@ -10,6 +10,9 @@ Scenarios (``--only NAME``, comma-separated for several):
 * ``pipeline``: parse -> parallel transform -> stateful collect, end to end.
 * ``state``: WorkerState get/update/increment per second from 1 and from N
   processes vs raw ``multiprocess`` Manager dict proxy calls.
+* ``durable``: increments, updates and the 3-stage pipeline with WorkerState
+  in a state file (``state_path``; ``state_sync`` normal and full) vs in
+  memory.
 * ``startup``: ``Runtime(...)`` to first completed activation vs
   ``ProcessPoolExecutor`` (fork and spawn) to first result.
 * ``memory``: idle worker RSS; supervisor RSS while streaming
@@ -344,7 +347,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=None, help="worker processes N (default: usable CPUs)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per scenario (default 5; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smoke mode: fewer rounds and items (for tests and CI)")
-    parser.add_argument("--only", default=None, help="comma-separated scenarios: cpu,tiny,pipeline,state,startup,memory")
+    parser.add_argument("--only", default=None, help="comma-separated scenarios: cpu,tiny,pipeline,state,durable,startup,memory")
     parser.add_argument("--systems", default=None,
                         help="comma-separated substrings: run only systems whose label contains one (e.g. routilux-mp)")
     parser.add_argument("--stream-items", type=int, default=None,

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCENARIOS = {"cpu", "tiny", "pipeline", "state", "startup", "memory"}
+SCENARIOS = {"cpu", "tiny", "pipeline", "state", "durable", "startup", "memory"}
 
 
 def test_bench_quick_run_measures_every_scenario(tmp_path, python_env) -> None:

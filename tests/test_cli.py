@@ -122,6 +122,104 @@ def test_a_batch_bigger_than_the_output_window_is_flushed_not_deadlocked(tmp_pat
     assert [o["data"]["n"] for o in outputs(result.stdout)] == list(range(count))
 
 
+PER_ITEM_BATCH_FLOW = """
+from routilux_mp import Flow, FlowRegistry, Routine, job_of
+from routilux_mp.activation_policies import batch_size_policy
+
+
+class Reduce(Routine):
+    def __init__(self):
+        super().__init__()
+        self.add_slot("in")
+        self.add_event("out")
+        self.add_event("batch")
+        self.set_activation_policy(batch_size_policy(25))
+
+        def logic(slot_data, message, worker_state):
+            for item in slot_data["in"]:
+                self.emit("out", job=job_of(item), n=item["n"], square=item["n"] ** 2)
+            self.emit("batch", total=sum(item["n"] for item in slot_data["in"]))  # the whole batch's
+
+        self.set_logic(logic)
+
+
+flow = Flow("reduce")
+flow.add_routine(Reduce(), "reduce")
+FlowRegistry.get_instance().register_by_name("reduce", flow)
+"""
+
+
+@pytest.mark.parametrize("order", ["input", "completion"])
+def test_a_batch_writes_each_line_under_its_own_job_id_and_a_batch_output_once_with_all(tmp_path, python_env,
+                                                                                          order) -> None:
+    (tmp_path / "reduce.py").write_text(PER_ITEM_BATCH_FLOW)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"n": n} for n in range(200)])
+    result = cli("run", str(tmp_path / "reduce.py"), "--input", source, "--processes", "2", "--order", order,
+                 env=python_env)
+    assert result.returncode == 0, result.stderr
+    written = outputs(result.stdout)
+    per_line = sorted((o["job_id"], o["data"]["n"]) for o in written if o["event"] == "out")
+    assert per_line == sorted((f"line-{n + 1}", n) for n in range(200)), "each line's output under its own id"
+    batches = [o for o in written if o["event"] == "batch"]
+    assert len(batches) == 8, "a batch's output is written once"
+    assert sorted((tuple(b["job_ids"]) for b in batches), key=lambda ids: int(ids[0][5:])) == [
+        tuple(f"line-{n + 1}" for n in range(start, start + 25)) for start in range(0, 200, 25)]
+    assert all("job_id" not in b and b["data"]["total"] == sum(int(j[5:]) - 1 for j in b["job_ids"])
+               for b in batches)
+    assert "200 completed, 0 failed, 0 cancelled" in result.stderr
+
+
+LOGGING_FLOW = """
+import logging
+{config}
+from routilux_mp import Flow, FlowRegistry, Routine
+
+
+class Logs(Routine):
+    def __init__(self):
+        super().__init__()
+        self.add_slot("in")
+        self.add_event("out")
+
+        def logic(slot_data, message, worker_state):
+            item = slot_data["in"][0]
+            logging.getLogger("docs").info("parsed doc %s", item["n"])
+            if item.get("odd"):
+                logging.getLogger("docs").warning("odd doc %s", item["n"])
+            self.emit("out", **item)
+
+        self.set_logic(logic)
+
+
+flow = Flow("logs")
+flow.add_routine(Logs(), "logs")
+FlowRegistry.get_instance().register_by_name("logs", flow)
+"""
+
+LOGGING_CASES = [
+    # (the flow module's logging configuration, patterns stderr must show, text it must not)
+    ('logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(job_id)s]: %(message)s")',
+     [r"INFO docs \[line-1\]: parsed doc 1", r"INFO docs \[line-2\]: parsed doc 2",
+      r"WARNING docs \[line-2\]: odd doc 2"],
+     []),
+    ("", [r"worker 0 \(pid \d+\), job line-2, routine 'logs': WARNING docs: odd doc 2"], ["parsed doc"]),
+]
+
+
+@pytest.mark.parametrize(("config", "shown", "hidden"), LOGGING_CASES, ids=["basicConfig-INFO", "no-config"])
+def test_logging_from_logic_is_shown_on_stderr_as_the_flow_module_configured_it(tmp_path, python_env, config, shown,
+                                                                               hidden) -> None:
+    (tmp_path / "logs.py").write_text(LOGGING_FLOW.format(config=config))
+    source = write_jsonl(tmp_path / "in.jsonl", [{"n": 1}, {"n": 2, "odd": True}])
+    result = cli("run", str(tmp_path / "logs.py"), "--input", source, "--processes", "1", env=python_env)
+    assert result.returncode == 0, result.stderr
+    for line in shown:
+        assert re.search(line, result.stderr), result.stderr
+    for text in hidden:
+        assert text not in result.stderr
+    assert [o["data"]["n"] for o in outputs(result.stdout)] == [1, 2], "log lines never reach the JSONL"
+
+
 # ---------------------------------------------------------------------------- what cannot run
 
 
@@ -247,10 +345,8 @@ def test_help_shows_the_options_and_their_bounds(python_env) -> None:
     text = " ".join(result.stdout.split())  # argparse wraps lines
     for expected in ("--failed-out FILE", "--state-out FILE", "--order {input,completion}", "--max-worker-rss SIZE",
                      f"at most {MAX_PROCESSES_PER_CPU} per CPU", "gzip, bzip2 and xz", "examples:", "exit codes:",
-                     "--backend {local,ray}", "--address ADDR"):
+                     "--state DB", "--resume", "--retry-failed", "--debug", "--backend {local,ray}", "--address ADDR"):
         assert expected in text, text
-    for absent in ("--resume", "--retry-failed", "--debug", "--state DB"):
-        assert absent not in text
 
 
 # ---------------------------------------------------------------------------- interrupting a run
@@ -286,6 +382,69 @@ def test_a_signal_drains_running_jobs_writes_valid_output_and_leaves_no_process(
     _, alive = psutil.wait_procs(ours, timeout=GONE_TIMEOUT)
     assert alive == []
     assert_final_state(state_out, seen=len(ran(tmp_path)))  # every item that started was counted, and written
+
+
+PIPELINE_FLOW = """
+import time
+
+from routilux_mp import Flow, FlowRegistry, Routine
+
+
+class Stage(Routine):
+    def __init__(self, work):
+        super().__init__()
+        self.add_slot("in")
+        self.add_event("out")
+        self.set_max_concurrency(None)
+
+        def logic(slot_data, message, worker_state):
+            for item in slot_data["in"]:
+                if work and item.get("announce"):
+                    print("started", item["n"], flush=True)
+                time.sleep(item.get("sleep", 0.02) if work else 0)  # stands for work
+                self.emit("out", **item)
+
+        self.set_logic(logic)
+
+
+flow = Flow("pipeline")
+flow.add_routine(Stage(False), "parse")
+flow.add_routine(Stage(True), "work")
+flow.connect("parse", "out", "work", "in")
+FlowRegistry.get_instance().register_by_name("pipeline", flow)
+"""
+
+
+def test_a_signal_with_thousands_queued_starts_nothing_new_and_exits_soon_after_running_work(tmp_path,
+                                                                                           python_env) -> None:
+    """When the signal comes, ~1,000 jobs are past their first stage: their downstream work is cancelled too."""
+    (tmp_path / "pipeline.py").write_text(PIPELINE_FLOW)
+    longest, mark = 1.0, 1500
+    items = [{"n": n, "sleep": 0.005, **({"announce": True, "sleep": longest} if n == mark else {})}
+             for n in range(4000)]
+    proc = start_run(str(tmp_path / "pipeline.py"), write_jsonl(tmp_path / "in.jsonl", items), python_env)
+    try:
+        read_until(proc.stderr.fileno(), rf"started {mark}", RUN_TIMEOUT)
+        ours = psutil.Process(proc.pid).children(recursive=True)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=RUN_TIMEOUT)
+        elapsed = time.monotonic() - signalled
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err.decode()
+    assert elapsed < longest + 2.0, f"exited {elapsed:.1f}s after the signal"
+    numbers = [o["data"]["n"] for o in outputs(out.decode())]
+    # Whole lines in input order, the running job's included; jobs cancelled before it have none.
+    assert numbers == sorted(set(numbers)) and mark in numbers, numbers
+    completed, cancelled = (int(x) for x in re.search(rb"(\d+) completed, 0 failed, (\d+) cancelled", err).groups())
+    assert completed == len(numbers) and cancelled > 1000, err.decode()
+    parsed, worked = (int(re.search(rf"^{name}\s+(\d+)".encode(), err, re.MULTILINE).group(1)) for name in ("parse", "work"))
+    # The other worker went on while the marked item slept, until the signal came: a few dozen items at most.
+    assert worked < mark + 100, f"downstream work started after the signal: {worked} activations"
+    assert parsed > worked + 500, f"the test needs queued downstream work when the signal comes: {err.decode()}"
+    _, alive = psutil.wait_procs(ours, timeout=GONE_TIMEOUT)
+    assert alive == []
 
 
 def assert_final_state(path, seen: int) -> None:

@@ -690,8 +690,7 @@ EXAMPLE_OUTPUTS = {
     "custom_policy.py": [
         "False",
         "(True, {'input': [{'n': 1}, {'n': 2}]}, {'first': 1, 'left': 0})",
-        ("[[{'routine': 'pairs', 'event': 'pair', 'data': {'total': 3}}], "
-         "[{'routine': 'pairs', 'event': 'pair', 'data': {'total': 7}}]]"),
+        "[[({'total': 3}, 2)], [({'total': 3}, 2)], [({'total': 7}, 2)], [({'total': 7}, 2)]]",
         "{'last_total': 7} {'pairs_first': 1} {'pairs_first': 3}",
     ],
     "resources.py": ["SerializationError True", "{'value': 'ABC'} {'fetched': 1}"],

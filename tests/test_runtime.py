@@ -192,9 +192,11 @@ def test_batch_size_policy_and_flush_deliver_everything(make_runtime) -> None:
     jobs = [runtime.post("batch", "r", "in", {"i": i})[1] for i in range(7)]
     assert runtime.wait_until_all_jobs_finished(WAIT)
     outputs = [o["data"] for j in jobs for o in j.outputs]
-    assert outputs == [{"n": 3, "reason": "batch_ready"}, {"n": 3, "reason": "batch_ready"},
-                       {"n": 1, "reason": "flush"}]
-    assert [len(j.outputs) for j in jobs] == [1, 0, 0, 1, 0, 0, 1], "a batch belongs to its oldest job"
+    batches = [{"n": 3, "reason": "batch_ready"}] * 3 + [{"n": 3, "reason": "batch_ready"}] * 3 + [
+        {"n": 1, "reason": "flush"}]
+    assert outputs == batches, "an emit naming no job belongs to every job of its batch"
+    assert [j.outputs[0].get("job_ids") for j in jobs] == [[f"{jobs[k].job_id}" for k in (0, 1, 2)]] * 3 + [
+        [jobs[k].job_id for k in (3, 4, 5)]] * 3 + [None]
     assert all(j.status == "completed" for j in jobs)
 
 
@@ -233,7 +235,8 @@ def test_join_keeps_jobs_open_and_wait_reports_what_waits(make_runtime) -> None:
     assert runtime.stats()["waiting"] == [{"worker_id": "join-1", "routine": "r", "slot": "left", "items": 1}]
     _, right = runtime.post("join", "r", "right", {"v": 2})
     assert runtime.wait_until_all_jobs_finished(WAIT)
-    assert left.outputs == [{"routine": "r", "event": "out", "data": {"left": 1, "right": 2}}]
+    joined = {"routine": "r", "event": "out", "data": {"left": 1, "right": 2}, "job_ids": [left.job_id, right.job_id]}
+    assert left.outputs == right.outputs == [joined], "an emit naming no job belongs to both jobs of the join"
     assert left.status == right.status == "completed"
 
 

@@ -140,10 +140,19 @@ def prepared(code: str) -> str:
     return code
 
 
+def in_process(code: str) -> str:
+    """The example with every runtime in the debug mode (``processes=0``: logic runs in the script's process)."""
+    return re.sub(r"\bRuntime\([^()]*\)", "Runtime(processes=0)", code)
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-@pytest.mark.parametrize("how", ["file", "stdin"])
+@pytest.mark.parametrize("how", ["file", "stdin", "in-process"])
 def test_every_example_runs(index, how, tmp_path, python_env) -> None:
-    proc = run(prepared(BLOCKS[index]), tmp_path, python_env, stdin=how == "stdin")
+    code = prepared(BLOCKS[index])
+    if how == "in-process":
+        code = in_process(code)
+        assert "Runtime(" not in code or "Runtime(processes=0)" in code
+    proc = run(code, tmp_path, python_env, stdin=how == "stdin")
     assert proc.returncode == 0, f"example {index} failed:\n{BLOCKS[index]}\n--- stderr ---\n{proc.stderr}"
 
 

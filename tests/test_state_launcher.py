@@ -8,8 +8,9 @@ import signal
 import stat
 import threading
 
+import psutil
 import pytest
-from helpers import WAIT
+from helpers import WAIT, wait_until
 
 from routilux_mp._state.client import StoreClient
 from routilux_mp._state.launcher import StateServerLauncher
@@ -17,12 +18,18 @@ from routilux_mp._state.protocol import Method
 from routilux_mp.errors import StateServerLostError
 
 
-def _launcher() -> StateServerLauncher:
-    return StateServerLauncher(max_state_bytes=1000, strict=False, lock_timeout=1.0)
+def _launcher(backend: str | None = None) -> StateServerLauncher:
+    return StateServerLauncher(max_state_bytes=1000, strict=False, lock_timeout=1.0, backend=backend)
 
 
-def test_a_client_that_connects_before_the_start_is_served_a_death_shows_and_a_restart_serves_again() -> None:
-    launcher = _launcher()
+#: backend, what the first increment after a restart returns: the memory backend starts empty again
+RESTARTS = [("memory", ({"n": 1}, 1)), ("sqlite", ({"n": 2}, 2))]
+
+
+@pytest.mark.parametrize(("backend", "after"), RESTARTS, ids=[row[0] for row in RESTARTS])
+def test_a_client_that_connects_before_the_start_is_served_a_death_shows_and_a_restart_serves_again(
+        backend, after) -> None:
+    launcher = _launcher(backend)
     try:
         assert stat.S_IMODE(os.stat(launcher.socket_dir).st_mode) == 0o700
         launcher.listen()
@@ -41,10 +48,10 @@ def test_a_client_that_connects_before_the_start_is_served_a_death_shows_and_a_r
         assert select.select([sentinel], [], [], WAIT)[0], "its death shows on the sentinel"
         assert launcher.reap() == f"the state server (pid {pid}) was killed by SIGKILL"
         assert launcher.sentinel is None
-        launcher.listen()  # a restart: same address and key, a new (empty) server
+        launcher.listen()  # a restart: same address and key, a new server (with the state kept in a file)
         assert launcher.start() is not None and launcher.pid != pid
         again = StoreClient(launcher.address, launcher.authkey, WAIT, 1.0)
-        assert again.call(Method.INCREMENT, "w", "r", {"n": 1}) == ({"n": 1}, 1)
+        assert again.call(Method.INCREMENT, "w", "r", {"n": 1}) == after
     finally:
         launcher.stop()
         launcher.cleanup()
@@ -59,6 +66,8 @@ def test_stop_escalates_to_sigkill_when_the_server_does_not_exit() -> None:
         client = StoreClient(launcher.address, launcher.authkey, WAIT, 1.0)
         assert client.call(Method.META, "w")["status"] == "running", "it serves"
         os.kill(launcher.pid, signal.SIGSTOP)  # deaf to its stdin's EOF and to SIGTERM
+        server = psutil.Process(launcher.pid)
+        wait_until(lambda: server.status() == psutil.STATUS_STOPPED, "the server to be stopped")
         assert launcher.stop(timeout=0.2) == -signal.SIGKILL
     finally:
         launcher.stop()
@@ -71,7 +80,8 @@ def test_stopped_before_its_start_the_socket_refuses_clients_at_once() -> None:
         launcher.listen()
         assert launcher.stop() is None and not launcher.started
         assert launcher.start() is None, "nothing to start once the socket is closed"
-        client = StoreClient(launcher.address, launcher.authkey, WAIT, 1.0)
+        # A client that never reached a server may be waiting for a restart: it retries until its deadline.
+        client = StoreClient(launcher.address, launcher.authkey, 1.0, 1.0)
         with pytest.raises(StateServerLostError, match="the state server is gone"):
             client.call(Method.META, "w")
     finally:
@@ -79,5 +89,5 @@ def test_stopped_before_its_start_the_socket_refuses_clients_at_once() -> None:
 
 
 def test_an_unknown_backend_is_refused_before_anything_is_made() -> None:
-    with pytest.raises(ValueError, match=r"unknown state backend 'nope'; choose one of 'memory'"):
+    with pytest.raises(ValueError, match=r"unknown state backend 'nope'; choose one of 'memory', 'sqlite'"):
         StateServerLauncher(max_state_bytes=1000, strict=False, lock_timeout=1.0, backend="nope")

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .. import _context, _process
+from .. import _context, _logs, _process
 from .._messages import _Activation, _Exiting, _Ready, _WorkerConfig, dumps, loads, read_frame, write_frame
 from .._state.client import StoreClient
 from .._worker import ActivationRunner, forked_child_exit
@@ -52,14 +52,18 @@ def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, c
         sys.stdout.reconfigure(line_buffering=True)
     me = os.getpid()
 
-    def reply(message: Any) -> None:
-        """Write a message on the result pipe (only this process may)."""
+    def send(message: Any) -> None:
+        """Write a message on the result pipe, or with ``write`` (only this process may)."""
         if os.getpid() != me:  # a child that logic forked came back here: it must not speak for us
             forked_child_exit(1)
         if write is None:
             write_frame(results, dumps(message))
         else:
             write(dumps(message))
+
+    # Threads that logic starts may log while the main thread writes a result: one frame at a time.
+    reply = _logs.locked(send)
+    _logs.forward_from_worker(reply, config.log_levels)
 
     client = StoreClient(config.state_address, config.authkey, config.state_timeout, config.lock_timeout)
     client.node = node

@@ -39,6 +39,7 @@ __all__ = [
     "ExitInfo",
     "Exiting",
     "Finished",
+    "Log",
     "Output",
     "Ready",
     "Stalled",
@@ -63,6 +64,8 @@ class WorkerSettings(NamedTuple):
     max_activations: int | None
     #: The supervisor's ``sys.path``, so flows shipped by reference import the same modules.
     sys_path: list[str]
+    #: The supervisor's logging levels at start (``_logs.parent_levels``): workers send only what it would log.
+    log_levels: tuple = ()
 
     def __repr__(self) -> str:  # never the authkey
         return f"WorkerSettings(state_address={self.state_address!r})"
@@ -118,6 +121,13 @@ class Output(NamedTuple):
     text: str
 
 
+class Log(NamedTuple):
+    """A logging record of the worker in ``slot``, as data (see ``_logs``): the supervisor replays it."""
+
+    slot: int
+    record: dict
+
+
 class Stalled(NamedTuple):
     """The worker in ``slot`` has not taken the activation it holds first ``seconds`` after it went first.
 
@@ -141,7 +151,7 @@ class Broken(NamedTuple):
 
 
 #: Any event ``poll`` returns (each has the ``slot`` it happened to first).
-WorkerEvent = Union[Ready, Finished, Exiting, Died, Output, Stalled, Broken]  # noqa: UP007 - a runtime alias on 3.10
+WorkerEvent = Union[Ready, Finished, Exiting, Died, Output, Log, Stalled, Broken]  # noqa: UP007 - a runtime alias on 3.10
 
 
 # -- the protocol ------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from multiprocessing.connection import wait as wait_for
 from typing import Any
 
 from .. import _process
+from .._logs import _Log
 from .._messages import (
     STOP,
     CorruptFrameError,
@@ -66,6 +67,7 @@ from .base import (
     Died,
     Exiting,
     Finished,
+    Log,
     Output,
     Ready,
     Stalled,
@@ -173,7 +175,7 @@ class LocalProcessBackend(WorkerBackend):
             self._selector.register(child.pidfd, selectors.EVENT_READ, (self._on_exit, child))
         s = self.settings
         config = _WorkerConfig(slot, os.getpid(), s.sys_path, s.state_address, s.authkey, s.state_timeout,
-                               s.lock_timeout, s.max_rss, s.max_activations)
+                               s.lock_timeout, s.max_rss, s.max_activations, s.log_levels)
         try:
             child.queue(dumps(config))  # a fresh pipe has room for it
         except OSError:
@@ -299,6 +301,8 @@ class LocalProcessBackend(WorkerBackend):
             if kind is _Result:
                 self._finished(child)
                 events.append(Finished(child.slot, message))
+            elif kind is _Log:
+                events.append(Log(child.slot, message.record))
             elif kind is _Ready:
                 events.append(Ready(child.slot, message.pid))
             elif kind is _Exiting:

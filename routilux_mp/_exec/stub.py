@@ -33,12 +33,12 @@ from collections.abc import Callable
 from typing import Any
 
 from .._messages import ExitInfo, _Activation, dumps, loads
-from ..errors import StateServerLostError
-from .._worker import ActivationRunner
 from .._state.backend import MemoryBackend
 from .._state.client import StoreClient
 from .._state.protocol import Method
 from .._state.store import StateStore
+from .._worker import ActivationRunner
+from ..errors import StateServerLostError
 from . import base
 from .base import Usage, WorkerBackend, WorkerEvent, WorkerSettings
 
@@ -291,12 +291,19 @@ class StubState:
     """The state server's launcher for unit tests: an in-process store, no process (same methods)."""
 
     def __init__(self, *, max_state_bytes: int, strict: bool, state_timeout: float, lock_timeout: float,
-                 local_meta: Callable[[str], dict | None], on_lost: Callable[[], None]) -> None:
+                 local_meta: Callable[[str], dict | None], on_lost: Callable[[], None],
+                 state_path: str | None = None, **_options: Any) -> None:
+        if state_path is not None:
+            raise ValueError("the stub state keeps state in memory only: give no state_path")
         #: The address stub lanes find this store by, and a key nobody checks.
         self.address = f"stub-state-{next(_addresses)}"
         self.authkey = b""
         self.socket_dir = ""
         self.pid: int | None = None
+        #: Nothing was stored before (no state file).
+        self.state_path: str | None = None
+        self.stored_workers: dict[str, str] = {}
+        self.stored_counts: dict[str, tuple[int, int]] = {}
         #: The store every WorkerState of the runtime (supervisor and stub lanes) calls.
         self.store = StateStore(MemoryBackend(), max_state_bytes, strict, lock_timeout)
         self.client = _InProcessClient(self.store, state_timeout, lock_timeout)
@@ -318,9 +325,11 @@ class StubState:
         """Nothing to start."""
         return None
 
-    def died(self) -> str | None:
-        """How the (simulated) server died, if a test made it die."""
-        return self._died
+    def check(self, stopping: bool) -> str | None:
+        """Why the (simulated) server's state is lost, if a test made it die (never while stopping)."""
+        if stopping:
+            return None
+        return self._died if self._died is not None else self.client.lost
 
     def lose(self, why: str) -> None:
         """Simulate the server's death (the dispatcher notices at its next pass)."""

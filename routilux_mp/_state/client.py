@@ -8,8 +8,18 @@ Deadlines, per call: the server must show life (bytes of the request taken,
 bytes of a reply arriving, or an ``"#ALIVE"`` frame) at least every
 ``timeout`` seconds, and its reply must begin within ``timeout + patience``.
 A call that breaks either rule fails with ``_Timeout``; a broken connection or
-a frame no server of ours would send fails with ``_Lost``. Either way the
-client then reports the server lost, once, and fails every later call fast.
+a frame no server of ours would send fails with ``_Lost``.
+
+Restarts. When the server keeps its state in a file (its handshake says
+``retries``), the supervisor restarts it after a crash on the same address:
+a call whose connection broke (``_Lost``) reconnects and sends the *same*
+request again, until its deadline. Each write carries a request id
+``(client, pid, seq)`` (and, in an activation, its effect key), so a write
+that was applied before the crash is answered from the server's record, never
+applied twice (``replay``). A call that fails anyway raises
+``StateServerLostError``; only a client whose server cannot be restarted
+(memory) then reports the server lost for good and fails every later call
+fast.
 
 ``multiprocess`` (and ``dill``) cost ~100 ms of start-up: they are imported on
 the first connection, so only processes whose logic touches state pay it.
@@ -17,6 +27,7 @@ the first connection, so only processes whose logic touches state pay it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -31,9 +42,11 @@ from ..errors import RoutiluxError, RuntimeClosedError, StateServerLostError, St
 from .protocol import (
     ALIVE,
     CONNECT_TIMEOUT,
+    EFFECTS,
     HANDSHAKE_LIMIT,
     REPLY_LIMIT,
     RETURN,
+    WRITES,
     Method,
     encode_request,
     io_timeouts,
@@ -48,17 +61,27 @@ class _Timeout(Exception):
 
 
 class _Lost(Exception):
-    """The connection to the state server broke."""
+    """The connection to the state server broke (``retry``: as a crash does; False: garbage came on it)."""
+
+    def __init__(self, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.retry = retry
 
 
 #: Errors that mean the connection to the state server could not be made.
 _CONNECT_ERRORS = (EOFError, OSError)
+#: Those of them that a server restarting on the same address causes.
+_RESTART_ERRORS = (EOFError, ConnectionError, FileNotFoundError)
+#: Pauses between reconnection attempts while the server restarts (doubling up to a quarter second).
+RETRY_FIRST, RETRY_MAX = 0.01, 0.25
+#: Words of every message about a server that stopped answering (the supervisor kills and restarts it).
+HUNG = "gave no sign of life"
 
 
 class Channel:
     """One thread's kept-open connection to the state server; every wait has a deadline."""
 
-    __slots__ = ("_buf", "_rpoll", "_sock", "_wpoll", "max_request", "pid")
+    __slots__ = ("_buf", "_rpoll", "_sock", "_wpoll", "max_request", "pid", "retries")
 
     def __init__(self, address: str, authkey: bytes, timeout: float) -> None:
         """Connect and authenticate within ``timeout`` seconds.
@@ -106,6 +129,8 @@ class Channel:
             raise
         self._sock = sock
         self.max_request: int = limits["max_request_bytes"]
+        #: The server is restarted after a crash with its state: retry calls whose connection broke.
+        self.retries: bool = limits.get("retries", False)
         self._buf = bytearray()
         self._rpoll = select.poll()
         self._rpoll.register(sock.fileno(), select.POLLIN)
@@ -116,8 +141,9 @@ class Channel:
         """Close the connection (the server then ends its thread for it)."""
         self._sock.close()
 
-    def call(self, method: Method, args: tuple, timeout: float, patience: float) -> tuple[str, Any]:
-        """Call ``method(*args)``; return the server's ``(kind, result or error data)``.
+    def call(self, method: Method, args: tuple, timeout: float, patience: float, request: tuple | None = None,
+             effect: tuple | None = None) -> tuple[str, Any]:
+        """Call ``method(*args)`` (a write named by ``request`` and ``effect``); return ``(kind, result or error)``.
 
         Raises:
             StateTooLargeError: the request is over the server's limit (nothing was sent).
@@ -125,7 +151,7 @@ class Channel:
             _Timeout: the server was silent for ``timeout`` seconds, or its reply did not begin in time.
             _Lost: the connection broke or carried a frame no server sends.
         """
-        data = encode_request(method, args, timeout / 4)
+        data = encode_request(method, args, timeout / 4, request, effect)
         if len(data) > self.max_request:
             raise StateTooLargeError(
                 f"{method.value}() would send {len(data)} bytes to the state server, over its limit of "
@@ -169,7 +195,7 @@ class Channel:
             try:
                 reply, want = take_frame(buf, REPLY_LIMIT)
             except FrameError as exc:
-                raise _Lost(f"a corrupt reply: {exc}") from exc
+                raise _Lost(f"a corrupt reply: {exc}", retry=False) from exc
             if reply is not None:
                 return reply
             if not self._rpoll.poll(_ms(deadline)):
@@ -208,7 +234,9 @@ class StoreClient:
     One connection per thread, opened on first use and kept open. A call that
     may wait for a lock or run a modify function gets ``patience`` on top of
     ``timeout`` (state_timeout), during which the server keeps telling it it
-    is alive. After the server is lost every call fails fast with
+    is alive. A call whose connection breaks is sent again while the server
+    restarts, within that deadline (see the module docstring). Once the
+    server is lost for good every call fails fast with
     ``StateServerLostError`` (no retry loop, no log flood).
     """
 
@@ -227,6 +255,10 @@ class StoreClient:
         self.snapshot: dict[str, dict] | None = None
         #: In the supervisor: ``fn(worker_id) -> meta dict | None`` giving exact local counters.
         self.local_meta: Callable[[str], dict | None] | None = None
+        #: Called (in the supervisor) with the reason when a call found the server hung or gone.
+        self.on_failure: Callable[[str], None] | None = None
+        #: The server restarts after a crash (learnt at the first handshake; until then, assumed).
+        self.retries = True
         self.local = threading.local()
 
     # -- per-thread bookkeeping for lost-update detection and lock ownership --
@@ -253,17 +285,58 @@ class StoreClient:
         """
         return os.getpid() if self.node is None else (self.node, os.getpid())
 
-    def begin_activation(self) -> None:
-        """Forget what the previous activation read (workers call this)."""
+    def begin_activation(self, job_id: str | None = None, routine_id: str = "", slots: dict | None = None,
+                         message: bytes = b"") -> None:
+        """Forget what the previous activation read, and name this one's writes (workers call this).
+
+        The writes this thread makes until the next call are the effects of
+        the activation of ``routine_id`` for job ``job_id`` on this input
+        (``slots``: pickled items by slot, ``message``: the pickled policy
+        message), numbered in order: an exactly-once run replays them when
+        the same activation runs again (see ``replay``).
+        """
         self.local.reads = {}
+        self.local.scope = None if not job_id else (job_id, routine_id, slots or {}, message)
+        self.local.activation = None
+        self.local.writes = 0
+
+    def _effect(self) -> tuple[str, str, bytes, int] | None:
+        """The effect key of this thread's next write in the current activation, or ``None`` outside one."""
+        scope = getattr(self.local, "scope", None)
+        if scope is None:
+            return None
+        job_id, routine_id, slots, message = scope
+        digest = self.local.activation
+        if digest is None:  # once per activation, on its first write: the same input gives the same digest
+            h = hashlib.blake2b(digest_size=16, person=b"rmp-activation")
+            for name in sorted(slots):
+                h.update(f"{name}:{len(slots[name])}".encode())
+                for blob in slots[name]:
+                    h.update(len(blob).to_bytes(8, "big"))
+                    h.update(blob)
+            h.update(message)
+            digest = self.local.activation = h.digest()
+        op = self.local.writes
+        self.local.writes = op + 1
+        return job_id, routine_id, digest, op
+
+    def _request(self) -> tuple[str, int, int]:
+        """The next request id of this thread: ``(client, pid, seq)``."""
+        client = getattr(self.local, "client", None)
+        if client is None or client[1] != os.getpid():
+            client = self.local.client = [f"{os.getpid()}-{threading.get_ident():x}-{os.urandom(6).hex()}",
+                                          os.getpid(), 0]
+        client[2] += 1
+        return client[0], client[1], client[2]
 
     # -- calls -----------------------------------------------------------------
 
-    def _channel(self) -> Channel:
-        """This thread's connection, opened now if it has none (or was inherited across a fork)."""
+    def _channel(self, timeout: float) -> Channel:
+        """This thread's connection, opened now (within ``timeout``) if it has none or was inherited across a fork."""
         chan = getattr(self.local, "channel", None)
         if chan is None or chan.pid != os.getpid():
-            chan = self.local.channel = Channel(self.address, self._authkey, max(self.timeout, CONNECT_TIMEOUT))
+            chan = self.local.channel = Channel(self.address, self._authkey, timeout)
+            self.retries = chan.retries
         return chan
 
     def _drop_channel(self) -> None:
@@ -273,7 +346,7 @@ class StoreClient:
             chan.close()
 
     def mark_lost(self, why: str) -> None:
-        """Record that the server is lost (the first reason wins) and tell ``on_lost``."""
+        """Record that the server is lost for good (the first reason wins) and tell ``on_lost``."""
         if self.lost is None:
             self.lost = why
             if self.on_lost is not None:
@@ -283,7 +356,7 @@ class StoreClient:
         """Call ``method(*args)`` in the state server; raise what it raised (rebuilt from error data).
 
         Ends within ``state_timeout`` of the server's last sign of life, and
-        within ``state_timeout + patience`` in all.
+        within ``state_timeout + patience`` in all, retries included.
 
         Raises:
             StateServerLostError: the server is gone or hung (now or before).
@@ -291,30 +364,53 @@ class StoreClient:
         """
         if self.lost is not None:
             raise StateServerLostError(self.lost)
-        try:
-            kind, result = self._channel().call(method, args, self.timeout, patience)
-        except (_Timeout, _Lost) as exc:
-            self._drop_channel()
-            error: Exception = exc
-        except _CONNECT_ERRORS as exc:
-            error = _Lost(f"{type(exc).__name__}: {exc}")
-        else:
-            if kind == RETURN:
-                return result
-            raise exception_from(result, f"the state server's {method.value}()")
+        deadline = time.monotonic() + self.timeout + patience
+        effect = self._effect() if method in EFFECTS else None
+        request = None
+        pause = RETRY_FIRST
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                chan = self._channel(max(min(max(self.timeout, CONNECT_TIMEOUT), remaining), 0.05))
+                if request is None and chan.retries and method in WRITES:
+                    request = self._request()
+                kind, result = chan.call(method, args, min(self.timeout, max(remaining, 0.05)),
+                                         max(remaining - self.timeout, 0.0), request, effect)
+            except _Timeout as exc:
+                self._drop_channel()
+                error: Exception = exc
+            except (_Lost, *_CONNECT_ERRORS) as exc:
+                self._drop_channel()
+                # A restart shows as a refused, reset or missing socket; garbage on the wire is no restart.
+                error = exc if isinstance(exc, _Lost) else _Lost(f"{type(exc).__name__}: {exc}",
+                                                                 retry=isinstance(exc, _RESTART_ERRORS))
+                if self.snapshot is None and self.retries and error.retry and time.monotonic() + pause < deadline:
+                    time.sleep(pause)  # the supervisor is restarting the server on the same address
+                    pause = min(pause * 2, RETRY_MAX)
+                    continue
+            else:
+                if kind == RETURN:
+                    return result
+                raise exception_from(result, f"the state server's {method.value}()")
+            break
+        raise StateServerLostError(self._failed(method, error)) from error
+
+    def _failed(self, method: Method, error: Exception) -> str:
+        """Why a call failed; a server that cannot restart is reported lost for good."""
         if isinstance(error, _Timeout):
-            self.mark_lost(
-                f"the state server gave no sign of life for {self.timeout:g}s (state_timeout) during "
-                f"{method.value}(); it is hung or overloaded, so shared worker state is no longer available"
-            )
+            why = (f"the state server {HUNG} for {self.timeout:g}s (state_timeout) during "
+                   f"{method.value}(); it is hung or overloaded")
         else:
             if self.snapshot is not None:
                 raise RuntimeClosedError("the runtime was shut down; its worker state is read-only") from None
-            self.mark_lost(
-                f"the state server is gone ({error}); shared worker state was lost "
-                "with it. Jobs in flight fail; start a new Runtime to go on"
-            )
-        raise StateServerLostError(self.lost) from error
+            why = f"the state server is gone ({error})"
+        if self.on_failure is not None:
+            self.on_failure(why)
+        if self.retries:
+            return f"{why}; this call failed (the server is restarted from its state file)"
+        self.mark_lost(f"{why}; shared worker state was lost with it. Jobs in flight fail; start a new Runtime "
+                       "to go on")
+        return self.lost or why
 
     def freeze(self, metas: dict[str, dict], server_started: bool) -> None:
         """Serve reads from a final snapshot from now on (the runtime is shutting down).

@@ -10,9 +10,20 @@ dispatcher thread (the one thread that spawns children, see ``_process``)::
     launcher.stop()                # stop request -> join -> SIGTERM -> SIGKILL
     launcher.cleanup()             # remove the private directory
 
-After ``reap()``, ``listen()`` and ``start()`` again start a new server on
-the same address with the same key, so clients reconnect to it (a restart;
-with the memory backend the new server starts empty).
+After ``reap()``, :meth:`StateServerLauncher.restart` (``listen()`` and
+``start()`` again) starts a new server on the same address with the same key,
+so clients reconnect to it. It does so only when the store survives it
+(:attr:`~StateServerLauncher.restartable`: the state is in a file) and the
+server has not died too often (:data:`MAX_RESTARTS` within
+:data:`RESTART_WINDOW`): otherwise the state is lost.
+
+* **Where the state is kept.** ``state_path``: an SQLite file (see
+  ``statefile``) the launcher locks for this runtime, and whose lock it hands
+  to every server it starts (so the lock outlives the supervisor while a
+  server runs, and neither outlives the other's death for long). Without
+  it, by default (:data:`DEFAULT_BACKEND`), a private SQLite file in the
+  runtime's private directory, written without ``fsync`` (it only has to
+  outlive the server, not the machine) and removed with the directory.
 
 * **Create**: a private 0700 directory (``tempfile.mkdtemp``) holding the
   socket ``state.sock`` (0600), and a random 32-byte authkey. Nothing listens
@@ -37,6 +48,7 @@ with the memory backend the new server starts empty).
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import signal
@@ -44,11 +56,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 from .. import _process
 from .._messages import ExitInfo, dumps, write_frame
-from .backend import check_backend
+from .backends import check_backend
+from .client import HUNG
 from .protocol import ServerConfig
+from .statefile import StateFile
 
 #: Seconds the state server gets to exit after its stdin closes, before SIGTERM.
 STOP_TIMEOUT = 5.0
@@ -58,6 +73,17 @@ TERM_TIMEOUT = 2.0
 START_DELAY = 0.3
 #: Connections the kernel queues on the socket before the server accepts them.
 LISTEN_BACKLOG = 128
+#: A server that died more than this many times within :data:`RESTART_WINDOW` seconds is not restarted again.
+MAX_RESTARTS = 3
+RESTART_WINDOW = 60.0
+#: The store of a runtime without ``state_path``: ``"sqlite"`` (a private temporary file) or ``"memory"``.
+DEFAULT_BACKEND = "memory"
+#: ``state_path`` that keeps the state in the server's memory only (SQLite's name for an in-memory database).
+MEMORY = ":memory:"
+#: ``synchronous`` of the private temporary file: it must survive the server, never the machine.
+TEMP_SYNC = "OFF"
+#: Values of ``state_sync``: SQLite's ``synchronous`` for a ``state_path`` file.
+STATE_SYNC = {"normal": "NORMAL", "full": "FULL"}
 
 
 class StateServerLauncher:
@@ -71,32 +97,69 @@ class StateServerLauncher:
         popen: the server process once started, else ``None``.
     """
 
-    def __init__(self, *, max_state_bytes: int, strict: bool, lock_timeout: float, backend: str = "memory",
-                 host: str | None = None) -> None:
-        """Make the private directory and the key (with ``host``: reserve a TCP port there); nothing listens yet.
+    def __init__(self, *, max_state_bytes: int, strict: bool, lock_timeout: float, backend: str | None = None,
+                 state_path: str | None = None, state_sync: str = "normal", host: str | None = None) -> None:
+        """Make the private directory and the key, lock the state file; nothing listens yet.
+
+        ``backend`` overrides the choice (``"memory"``, or ``"sqlite"`` which
+        needs no ``state_path``: a private temporary file). With ``host``, a
+        TCP port is reserved there (workers on other machines connect to it).
 
         Raises:
-            ValueError: ``backend`` names no state backend.
+            ValueError: ``backend`` names no state backend, or ``state_sync`` is unknown.
+            StateFileError: ``state_path`` is held by another live runtime, or cannot be used.
         """
-        check_backend(backend)
-        self._settings = (max_state_bytes, strict, lock_timeout, backend)
+        if state_sync not in STATE_SYNC:
+            raise ValueError(f"state_sync must be one of {', '.join(map(repr, STATE_SYNC))}, got {state_sync!r}")
+        if state_path == MEMORY:
+            backend, state_path = "memory", None
+        name = backend or ("sqlite" if state_path is not None else DEFAULT_BACKEND)
+        check_backend(name)
+        if state_path is not None and name != "sqlite":
+            raise ValueError(f"state_path needs the 'sqlite' state backend, not {name!r}")
         self._sys_path = list(sys.path)  # the server imports what modify functions refer to, as we do
         self.socket_dir = tempfile.mkdtemp(prefix=_process.SOCKET_DIR_PREFIX)  # mode 0700
         self.address: str | tuple[str, int] = os.path.join(self.socket_dir, "state.sock")
+        self.authkey = os.urandom(32)
+        #: The state file held for this runtime (``None`` for the memory backend).
+        self.state_file: StateFile | None = None
+        options: dict = {}
+        if name == "sqlite":
+            path = state_path if state_path is not None else os.path.join(self.socket_dir, "state.db")
+            try:
+                self.state_file = StateFile(path)
+            except BaseException:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)
+                raise
+            sync = STATE_SYNC[state_sync] if state_path is not None else TEMP_SYNC
+            options = {"path": self.state_file.path, "synchronous": sync}
+        self._settings = (max_state_bytes, strict, lock_timeout, name, options)
         #: With a host: the TCP socket bound at once (so the address is known), listened on by listen().
         self._tcp: socket.socket | None = None
         if host is not None:
             self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._tcp.bind((host, 0))
+            try:
+                self._tcp.bind((host, 0))
+            except OSError:
+                self._tcp.close()
+                self.cleanup()
+                raise
             self.address = self._tcp.getsockname()[:2]
-        self.authkey = os.urandom(32)
+        #: What the state file held when the runtime started: ``{worker_id: flow_id}``, and their job counters.
+        self.stored_workers: dict[str, str] = dict(self.state_file.workers) if state_path is not None else {}
+        self.stored_counts: dict[str, tuple[int, int]] = dict(self.state_file.counts) if state_path is not None else {}
+        #: The file the user named (``None``: the state is private to this runtime).
+        self.state_path = None if state_path is None else self.state_file.path
         self.popen: subprocess.Popen | None = None
         #: The bound socket until the server takes it over (or it is closed unused).
         self._listener: socket.socket | None = None
         #: Readable once the server died: its pidfd, or its stdout (EOF) without pidfd support.
         self._sentinel: int | None = None
         self._pidfd: int | None = None
+        #: When the server died, for the restart budget.
+        self._deaths: collections.deque[float] = collections.deque()
+        self._started_at = 0.0
 
     @property
     def started(self) -> bool:
@@ -107,6 +170,11 @@ class StateServerLauncher:
     def pid(self) -> int | None:
         """The server's pid once started."""
         return None if self.popen is None else self.popen.pid
+
+    @property
+    def restartable(self) -> bool:
+        """True when a new server gets back everything acknowledged (the state is in a file)."""
+        return self.state_file is not None
 
     @property
     def sentinel(self) -> int | None:
@@ -171,17 +239,21 @@ class StateServerLauncher:
         if listener is None:
             return None
         self._listener = None
+        fds = [listener.fileno()]
+        if self.state_file is not None:
+            fds.append(self.state_file.fd)  # the server shares the file's lock while it runs
         try:
             popen = _process.spawn(
-                "routilux_mp._state.server", "routilux-mp state-server", pass_fds=(listener.fileno(),),
+                "routilux_mp._state.server", "routilux-mp state-server", pass_fds=fds,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
             )
-            max_state_bytes, strict, lock_timeout, backend = self._settings
+            max_state_bytes, strict, lock_timeout, backend, options = self._settings
             config = ServerConfig(self.address, listener.fileno(), self.authkey, os.getpid(), self._sys_path,
-                                  max_state_bytes, strict, lock_timeout, backend)
+                                  max_state_bytes, strict, lock_timeout, backend, options)
         finally:
             listener.close()  # the server holds its own copy now
         self.popen = popen
+        self._started_at = time.monotonic()
         assert popen.stdin is not None and popen.stdout is not None
         try:
             write_frame(popen.stdin.fileno(), dumps(config))
@@ -212,7 +284,51 @@ class StateServerLauncher:
             code = popen.wait(TERM_TIMEOUT)
         except subprocess.TimeoutExpired:
             code = None  # it closed its stdout but lives on: lost all the same
-        return f"the state server (pid {popen.pid}) {ExitInfo.from_returncode(popen.pid, code).how()}"
+        said = self._last_words(popen) if code is not None else ""
+        self._deaths.append(time.monotonic())
+        how = ExitInfo.from_returncode(popen.pid, code).how()
+        return f"the state server (pid {popen.pid}) {how}" + (f": {said}" if said else "")
+
+    @staticmethod
+    def _last_words(popen: subprocess.Popen) -> str:
+        """What a dead server wrote on its stdout (why it could not start), and close that pipe."""
+        if popen.stdout is None or popen.stdout.closed:
+            return ""
+        try:
+            os.set_blocking(popen.stdout.fileno(), False)
+            said = (popen.stdout.read(4096) or b"").decode(errors="replace").strip()
+        except (OSError, ValueError):
+            said = ""
+        popen.stdout.close()
+        return said
+
+    def restart(self) -> tuple[int | None, str]:
+        """After :meth:`reap`: start a new server from the state file; ``(sentinel, "")`` or ``(None, why not)``.
+
+        Refused when the store does not survive a restart (memory), or when
+        the server died more than :data:`MAX_RESTARTS` times within
+        :data:`RESTART_WINDOW` seconds (it cannot run: a broken file, a full
+        disk). Raises ``OSError`` if no process could be started.
+        """
+        if not self.restartable:
+            return None, "its state was in its memory"
+        now = time.monotonic()
+        while self._deaths and self._deaths[0] < now - RESTART_WINDOW:
+            self._deaths.popleft()
+        if len(self._deaths) > MAX_RESTARTS:
+            return None, f"it died {len(self._deaths)} times within {RESTART_WINDOW:g} s, so it was not restarted"
+        if self.popen is not None and self.popen.stdin is not None:
+            self.popen.stdin.close()
+        self.listen()
+        return self.start(), ""
+
+    def kill_if_hung(self, why: str, silence: float) -> None:
+        """SIGKILL the server if ``why`` says a call found it hung and it has run for ``silence`` seconds.
+
+        A server started since that call began is not the one that hung: it is left alone.
+        """
+        if HUNG in why and self.popen is not None and time.monotonic() - self._started_at >= silence:
+            self.kill()
 
     def kill(self) -> None:
         """SIGKILL the server's group now if it runs (its state is declared lost); does not wait."""
@@ -242,7 +358,9 @@ class StateServerLauncher:
         return code
 
     def cleanup(self) -> None:
-        """Remove the private directory and the socket in it (after :meth:`stop`, or after killing the server)."""
+        """Release the state file and remove the private directory (after :meth:`stop`, or after killing the server)."""
+        if self.state_file is not None:
+            self.state_file.close()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def _close_sentinel(self) -> None:

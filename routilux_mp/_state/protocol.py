@@ -3,8 +3,14 @@
 One connection per client thread::
 
     connect -> authkey handshake (both ways) -> "accept_connection" -> ("#RETURN", limits)
-    then per call:   request  (method name, args, alive_every)
+    then per call:   request  (method name, args, alive_every, request id, effect key)
                      replies  ("#ALIVE", None)* then ("#RETURN", result) or ("#ERROR", ErrorData)
+
+* A write names itself so that it is never applied twice (see ``replay``):
+  its *request id* ``(client, pid, seq)`` when the server's ``limits`` say
+  ``retries`` (its backend survives a restart: a client retries a call whose
+  connection broke), and its *effect key* when logic makes it in an
+  activation. Reads name nothing (``None, None``).
 
 * Only the methods of :class:`Method` are served (``EXPOSED``); anything else
   is answered with error data.
@@ -73,6 +79,19 @@ class Method(str, enum.Enum):
     RELEASE_PID = "release_pid"
     LOST_UPDATES = "lost_updates"
     SNAPSHOT = "snapshot"
+    JOURNAL_BEGIN = "journal_begin"
+    JOURNAL_READ = "journal_read"
+    JOURNAL_RECORD = "journal_record"
+
+
+#: The methods that write: a client numbers their calls (request ids) so a retry is replayed, never reapplied.
+WRITES = frozenset({
+    Method.REGISTER_WORKER, Method.ADD_JOB_COUNTS, Method.REPLACE, Method.MERGE, Method.INCREMENT, Method.MODIFY,
+    Method.RELEASE, Method.JOURNAL_BEGIN, Method.JOURNAL_RECORD,
+})
+
+#: The writes logic makes as effects of an activation (exactly-once runs replay them when it runs again).
+EFFECTS = frozenset({Method.REPLACE, Method.MERGE, Method.INCREMENT, Method.MODIFY, Method.RELEASE})
 
 
 #: The method names a request may carry: everything else is refused.
@@ -84,9 +103,11 @@ def request_limit(max_state_bytes: int) -> int:
     return 3 * max_state_bytes + REQUEST_SLACK
 
 
-def encode_request(method: Method, args: tuple, alive_every: float) -> bytes:
+def encode_request(method: Method, args: tuple, alive_every: float, request: tuple | None = None,
+                   effect: tuple | None = None) -> bytes:
     """The body of a request frame (unframed, so its size can be checked before sending)."""
-    return dumps((method._value_, args, alive_every))  # _value_: a plain attribute, 3x quicker than .value
+    # _value_: a plain attribute, 3x quicker than .value
+    return dumps((method._value_, args, alive_every, request, effect))
 
 
 def encode_reply(kind: str, payload: Any) -> bytes:
@@ -128,7 +149,9 @@ class ServerConfig(NamedTuple):
 
     ``address`` is the unix socket path clients connect to (or ``(host, port)`` on a cluster); the server adopts
     the socket the launcher already bound (``listen_fd``). ``backend`` names
-    the store's backend in ``backend.BACKENDS``.
+    the store's backend in ``backends.BACKENDS``, made with ``backend_options``
+    (the state file's path and ``synchronous`` for ``sqlite``); the file's lock
+    is an inherited descriptor the server keeps open until it exits.
     """
 
     address: str | tuple[str, int]
@@ -140,6 +163,7 @@ class ServerConfig(NamedTuple):
     strict: bool
     lock_timeout: float
     backend: str
+    backend_options: dict
 
     def __repr__(self) -> str:
         """Never the authkey."""

@@ -12,10 +12,17 @@ The process (``routilux-mp state-server``, see :func:`main`) is started by
 ``launcher`` on a socket the supervisor already bound, reads its
 :class:`~.protocol.ServerConfig` from stdin, ignores SIGINT, and exits when
 its stdin reaches EOF: the supervisor's stop request, or its death.
+
+Two more exits, both for the supervisor to restart it from its state file:
+the backend cannot be opened (:data:`EXIT_START_FAILED`, the reason on
+stdout, where the launcher reads it), or a commit failed
+(:data:`EXIT_STORE_FAILED`): what the server holds in memory may then be
+ahead of the file, and no write of that commit was acknowledged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import signal
@@ -28,7 +35,9 @@ from multiprocess import connection, managers
 
 from .. import _process
 from .._messages import FrameError, dumps, error_data, read_frame
-from .backend import open_backend
+from ..errors import StateFileError
+from .backend import BackendFailed
+from .backends import open_backend
 from .protocol import (
     ALIVE,
     CONNECT_TIMEOUT,
@@ -45,7 +54,13 @@ from .protocol import (
     request_limit,
     take_frame,
 )
+from .replay import set_call
 from .store import FnRaised, StateStore, set_heartbeat
+
+#: Exit code when the backend could not be opened (the reason is the server's last line on stdout).
+EXIT_START_FAILED = 3
+#: Exit code when a commit failed: the supervisor restarts the server from what the file holds.
+EXIT_STORE_FAILED = 4
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -152,17 +167,25 @@ class StoreServer(managers.Server):
     def answer(self, request: bytes, keepalive: Keepalive | None = None) -> bytes:
         """The reply frame to one request: the result, or error data (``keepalive``: the connection's)."""
         try:
-            method, args, alive_every = pickle.loads(request)
+            method, args, alive_every, request_id, effect = pickle.loads(request)
             handler = self.handlers.get(method)
             if handler is None:
                 raise AttributeError(f"the state server has no method {method!r} (it serves {', '.join(EXPOSED)})")
             if keepalive is not None:
                 keepalive.begin(alive_every)
+            set_call(request_id, effect)
             return encode_reply(RETURN, handler(*args))
         except FnRaised as exc:  # the user's modify function raised: report its error, not ours
             return encode_reply(ERROR, error_data(exc.error, keep_args=True))
+        except BackendFailed as exc:  # memory and file disagree now: only a restart from the file is safe
+            sys.stderr.write(f"routilux-mp state server: {exc}; exiting so that the runtime restarts it from "
+                             "the file (no write of the failed commit was acknowledged)\n")
+            sys.stderr.flush()
+            os._exit(EXIT_STORE_FAILED)
         except Exception as exc:  # noqa: BLE001 - every error goes back to the caller, as data
             return encode_reply(ERROR, error_data(exc, keep_args=True))
+        finally:
+            set_call(None, None)
 
 
 # -- the manager's connections (handshake phase) --------------------------------
@@ -286,9 +309,17 @@ def main() -> None:
         os._exit(_process.EXIT_PARENT_GONE)
     _process.arm_parent_death(config.parent_pid)
     sys.path[:] = config.sys_path
-    store = StateStore(open_backend(config.backend), config.max_state_bytes, config.strict, config.lock_timeout)
+    try:
+        backend = open_backend(config.backend, **config.backend_options)
+    except StateFileError as exc:
+        os.write(sys.stdout.fileno(), f"{exc}\n".encode(errors="replace"))
+        os._exit(EXIT_START_FAILED)
+    # The session names this runtime in the journal: its key is the same for every server it starts.
+    session = hashlib.blake2b(config.authkey, digest_size=8, person=b"rmp-session").hexdigest()
+    store = StateStore(backend, config.max_state_bytes, config.strict, config.lock_timeout, session)
     # EOF on stdin is both the supervisor's stop request and the sign of its death.
     _process.watch_for_eof(stdin, "routilux-mp parent watchdog", exit_code=0, on_eof=store.close)
     ADOPTED_SOCKET.append(socket.socket(fileno=config.listen_fd))
-    limits = {"max_request_bytes": request_limit(config.max_state_bytes), "max_state_bytes": config.max_state_bytes}
+    limits = {"max_request_bytes": request_limit(config.max_state_bytes), "max_state_bytes": config.max_state_bytes,
+              "retries": backend.survives_restart}
     StoreServer(store, limits, config.address, config.authkey).serve_forever()

@@ -9,8 +9,11 @@ The dispatch loop talks to one :class:`StateService` (unit tests give it
   first worker is ready, always from the dispatcher thread (the thread that
   spawns children, see ``_process``). Nothing waits for it.
 * A watcher thread blocks on the launcher's sentinel (the server's pidfd, or
-  its stdout's EOF) and wakes the dispatcher when the server dies; the loop
-  then reads :meth:`died` and breaks the runtime.
+  its stdout's EOF) and wakes the dispatcher when the server dies; so does a
+  call of this process that finds the server hung or gone. The loop then
+  calls :meth:`check` (its thread): a server whose state is in a file is
+  restarted from it (a hung one is killed first, and its death restarts
+  it); otherwise the state is lost and the loop breaks the runtime.
 * ``finish()`` sends what is queued and freezes the client on a final snapshot
   (reads after shutdown are served from it); ``stop()`` stops the server and
   removes the socket directory; ``kill()`` is shutdown's last resort.
@@ -22,6 +25,7 @@ runtime needs around it.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import subprocess
@@ -33,26 +37,42 @@ from .client import StatePusher, StoreClient
 from .launcher import TERM_TIMEOUT, StateServerLauncher
 from .protocol import Method
 
+logger = logging.getLogger("routilux_mp.runtime")
+
 
 class StateService:
     """Starts, watches and stops the state server of one runtime; holds this process's client of it."""
 
     def __init__(self, *, max_state_bytes: int, strict: bool, state_timeout: float, lock_timeout: float,
                  local_meta: Callable[[str], dict | None], on_lost: Callable[[], None],
+                 state_path: str | None = None, state_sync: str = "normal", backend: str | None = None,
                  host: str | None = None) -> None:
-        """Make the socket directory and key (nothing listens yet) and the client.
+        """Make the socket directory and key, lock the state file (nothing listens yet), and the client.
 
         ``local_meta`` answers WorkerState reads of status and job counters in
         this process, exactly; ``on_lost`` wakes the dispatcher (any thread)
-        when the server dies or a call finds it lost. ``host``: listen on TCP
-        there (see ``launcher``), for workers on other machines.
+        when the server dies or a call finds it hung or gone. ``state_path``,
+        ``state_sync`` and ``backend``: see :class:`~.launcher.StateServerLauncher`;
+        ``host``: listen on TCP there too, for workers on other machines.
+
+        Raises:
+            StateFileError: ``state_path`` is held by another live runtime, or cannot be used.
+            ValueError: ``backend`` or ``state_sync`` is unknown.
         """
+        # First: a state file in use or unusable refuses the runtime before anything is made.
         self.launcher = StateServerLauncher(max_state_bytes=max_state_bytes, strict=strict,
-                                            lock_timeout=lock_timeout, host=host)
+                                            lock_timeout=lock_timeout, backend=backend, state_path=state_path,
+                                            state_sync=state_sync, host=host)
+        self.state_timeout = state_timeout
         #: This process's client (WorkerState handles of the supervisor use it).
         self.client = StoreClient(self.launcher.address, self.launcher.authkey, state_timeout, lock_timeout)
         self.client.local_meta = local_meta
         self.client.on_lost = on_lost
+        self.client.on_failure = self._call_failed
+        #: Why a call of this process found the server hung or gone (the dispatcher restarts it or breaks).
+        self._trouble: str | None = None
+        #: Guards ``_died`` and ``_trouble``, set by other threads and taken by the dispatcher.
+        self._news = threading.Lock()
         #: Sends what workers need to know, but nobody waits for, off the dispatcher thread.
         self.pusher = StatePusher(self.client)
         self._on_death = on_lost
@@ -83,6 +103,21 @@ class StateService:
         return self.launcher.pid
 
     @property
+    def state_path(self) -> str | None:
+        """The state file the user named (``None``: the state is private to this runtime)."""
+        return self.launcher.state_path
+
+    @property
+    def stored_workers(self) -> dict[str, str]:
+        """What the state file held when the runtime started: ``{worker_id: flow_id}``."""
+        return self.launcher.stored_workers
+
+    @property
+    def stored_counts(self) -> dict[str, tuple[int, int]]:
+        """The job counters ``(processed, failed)`` the state file held per worker when the runtime started."""
+        return self.launcher.stored_counts
+
+    @property
     def lost(self) -> str | None:
         """Why the server is lost (a call found it hung or gone), if it is."""
         return self.client.lost
@@ -98,10 +133,14 @@ class StateService:
         except OSError as exc:
             return f"the state server could not be started ({exc})"
         if sentinel is not None:
-            self._watcher = threading.Thread(target=self._watch, args=(sentinel,), daemon=True,
-                                             name="routilux-mp state watcher")
-            self._watcher.start()
+            self._start_watch(sentinel)
         return None
+
+    def _start_watch(self, sentinel: int) -> None:
+        """Watch ``sentinel`` for the server's death, on a thread of its own."""
+        self._watcher = threading.Thread(target=self._watch, args=(sentinel,), daemon=True,
+                                         name="routilux-mp state watcher")
+        self._watcher.start()
 
     def _watch(self, sentinel: int) -> None:
         """Wait (watcher thread) for the server to die; record how, and wake the dispatcher."""
@@ -118,12 +157,47 @@ class StateService:
             pass
         if self._stopping:
             return
-        self._died = self.launcher.reap()
+        how = self.launcher.reap()
+        with self._news:
+            self._died = how
         self._on_death()
 
-    def died(self) -> str | None:
-        """How the server died, if it died (and was not stopped)."""
-        return None if self._stopping else self._died
+    def _call_failed(self, why: str) -> None:
+        """A call of this process found the server hung or gone (any thread): the dispatcher acts."""
+        with self._news:
+            self._trouble = why
+        self._on_death()
+
+    def check(self, stopping: bool) -> str | None:
+        """Dispatcher thread: restart a dead server whose state is in a file; why the state is lost, else ``None``.
+
+        A hung server whose state is in a file is killed (its death then
+        restarts it). A server that died more than the launcher's restart
+        budget allows, or whose state was in its memory, is lost.
+        """
+        with self._news:
+            died, self._died = self._died, None
+            trouble, self._trouble = self._trouble, None
+        if self._stopping or stopping:
+            return None
+        if died is not None:
+            if not self.launcher.restartable:
+                return died
+            try:
+                sentinel, refused = self.launcher.restart()
+            except OSError as exc:
+                sentinel, refused = None, f"it could not be started again ({exc})"
+            if sentinel is None:
+                return f"{died}; {refused}"
+            self._start_watch(sentinel)
+            logger.warning("routilux-mp: %s; restarted it from %s (calls in flight are sent again, held "
+                           "worker_state.lock() blocks fail with LockLostError)", died,
+                           self.launcher.state_path or "its private state file")
+            return None
+        if trouble is not None and self.launcher.restartable:
+            # Hung: kill it, and its death restarts it; gone: its death is (being) handled.
+            self.launcher.kill_if_hung(trouble, self.state_timeout)
+        return self.client.lost
 
     def push(self, method: Method, *args: Any) -> None:
         """Send ``method(*args)`` to the server without waiting (in order, from the pusher thread)."""

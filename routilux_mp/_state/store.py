@@ -26,6 +26,14 @@ What lives here and never in a backend:
 While a call waits (for a lease, or a ``modify`` function) the server thread
 serving it tells its client it is alive (:func:`set_heartbeat`), so a client
 tells "busy" from "hung".
+
+Every write that a retried call or a re-run activation may repeat first asks
+``replay.Replays`` whether it was applied before (then its kept reply is
+returned), and otherwise stages its reply with it: over a backend that
+survives a restart, nothing is applied twice (see ``replay``). The store
+also keeps the **journal** of a resumable CLI run (:meth:`StateStore.journal_begin`,
+:meth:`~StateStore.journal_record`): the lines that ended, and where the
+run's output files end, committed with the state writes they follow.
 """
 
 from __future__ import annotations
@@ -34,13 +42,15 @@ import os
 import pickle
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from .. import _jsonvalue
 from .._messages import dumps
-from ..errors import LockTimeoutError, ModifyTimeoutError, RoutiluxError, StaleStateError, StateTooLargeError
-from .backend import StateBackend, WorkerMeta
+from ..errors import LockLostError, LockTimeoutError, ModifyTimeoutError, StaleStateError, StateTooLargeError
+from .backend import JournalLine, JournalView, StateBackend, StoredCell, WorkerMeta
 from .modify import FnRunners, FnTask
+from .replay import MISS, Replays
 
 #: How often a writer waiting on a lock checks that the holder is still alive.
 HOLDER_CHECK_INTERVAL = 0.5
@@ -122,6 +132,30 @@ class FnRaised(Exception):
         self.error = error
 
 
+def _incremented(cell: StoredCell | None, rid: str, amounts: dict[str, int | float]) -> tuple[dict, int]:
+    """``({key: new total}, new size)`` of a cell after an increment (nothing changed yet).
+
+    The size is computed exactly from what changes (each key's JSON text,
+    escapes included), so the size bound holds without re-encoding the state.
+    """
+    old = cell.value if cell is not None else {}
+    result = {}
+    size = cell.size if cell is not None else 2  # len("{}")
+    count = len(old)
+    for key, amount in amounts.items():
+        path = f"state[{key!r}] of routine {rid!r}"
+        if key in old:
+            current = old[key]
+            total, text = _jsonvalue.add_number(current, amount, path)
+            size += len(text) - _jsonvalue.encoded_size(current, path)
+        else:
+            total, text = _jsonvalue.add_number(0, amount, path)
+            size += _jsonvalue.encoded_size(key) + 1 + len(text) + (1 if count else 0)  # "key":text,
+            count += 1
+        result[key] = total
+    return result, size
+
+
 def _copy(value: dict | None) -> dict:
     """A deep copy of a stored value (a pickle round trip: several times faster than deepcopy)."""
     return pickle.loads(dumps(value)) if value else {}
@@ -130,24 +164,31 @@ def _copy(value: dict | None) -> dict:
 class StateStore:
     """Every worker's routine states, counters and status (lives in the state server)."""
 
-    def __init__(self, backend: StateBackend, max_state_bytes: int, strict: bool, lock_timeout: float) -> None:
-        """A store over ``backend`` with the runtime's state rules."""
+    def __init__(self, backend: StateBackend, max_state_bytes: int, strict: bool, lock_timeout: float,
+                 session: str = "") -> None:
+        """A store over ``backend`` with the runtime's state rules; ``session`` names the runtime (see ``replay``)."""
         self._backend = backend
         self._max_bytes = max_state_bytes
         self._strict = strict
         self._lock_timeout = lock_timeout
+        #: A backend that commits outside our condition must never see a saved value change: copy first.
+        self._in_place = backend.in_place
         # A plain lock: _breathe() must release it entirely to send a keepalive.
         self._cond = threading.Condition(threading.Lock())
+        #: Replays of retried calls and re-run activations; the seals and syncs of a durable backend.
+        self._log = Replays(backend, session)
         #: ``{(worker_id, routine_id): Lease}``: locked routine states (live only, never stored).
         self._leases: dict[tuple[str, str], Lease] = {}
         #: ``{(worker_id, routine_id): count}``: lost updates so far (live only).
         self._lost: dict[tuple[str, str], int] = {}
         self._runners = FnRunners()
 
-    # -- helpers (call with self._cond held, except _sync) --------------------
+    # -- helpers (call with self._cond held) -----------------------------------
     #
-    # Every write: load the cell, check, ``backend.save(...)`` the next version
-    # (``cell.version + 1``, or 1), release the condition, then ``_sync`` the
+    # Every write: ask ``_log.replayed()`` (a call applied before gets its kept
+    # reply), else load the cell, check, ``backend.save(...)`` the next version
+    # (``cell.version + 1``, or 1), then ``_log.done(reply)`` stages the reply
+    # and seals the operation; release the condition, then ``_log.sync`` the
     # ticket before returning: a write is acknowledged once it is durable.
 
     def _wait_free(self, key: tuple[str, str], timeout: float | None) -> None:
@@ -193,39 +234,46 @@ class StateStore:
                 f"{self._max_bytes}; nothing was written. Trim it, or raise Runtime(max_state_bytes=...)"
             )
 
-    def _sync(self, ticket: int) -> None:
-        """Wait until the write of ``ticket`` is durable (call it without the condition held).
-
-        The hot paths test ``if ticket:`` themselves (a memory backend's
-        tickets are all 0), saving a call per operation.
-        """
+    def _read(self, reply: Any) -> Any:
+        """Return what a read found once the writes it may have seen are durable (condition released)."""
+        ticket = self._log.read_ticket()
         if ticket:
-            self._backend.sync(ticket)
+            self._cond.release()
+            try:
+                self._log.sync(ticket)
+            finally:
+                self._cond.acquire()
+        return reply
 
     # -- workers -------------------------------------------------------------
 
     def register_worker(self, wid: str, flow_id: str, status: str) -> None:
         """Set worker ``wid``'s flow id and status (its counters are kept)."""
         with self._cond:
-            meta = self._backend.load_meta(wid)
-            if meta is None:
-                meta = WorkerMeta(flow_id, status)
-            else:
-                meta.flow_id, meta.status = flow_id, status
-            ticket = self._backend.save_meta(wid, meta)
-        self._sync(ticket)
+            reply, ticket = self._log.replayed()
+            if reply is MISS:
+                meta = self._backend.load_meta(wid)
+                if meta is None:
+                    meta = WorkerMeta(flow_id, status)
+                else:
+                    meta.flow_id, meta.status = flow_id, status
+                self._backend.save_meta(wid, meta)
+                ticket = self._log.done(None)
+        self._log.sync(ticket)
 
     def meta(self, wid: str) -> dict:
         """Worker ``wid``'s flow id, status and job counters (defaults if it is unknown)."""
         with self._cond:
-            meta = self._backend.load_meta(wid)
-            return (meta or WorkerMeta()).as_dict()
+            return self._read((self._backend.load_meta(wid) or WorkerMeta()).as_dict())
 
     def add_job_counts(self, deltas: dict[str, tuple[int, int]]) -> None:
         """Add ``(processed, failed)`` to each worker's job counters."""
         with self._cond:
-            ticket = self._backend.add_job_counts(deltas)
-        self._sync(ticket)
+            reply, ticket = self._log.replayed()
+            if reply is MISS:
+                self._backend.add_job_counts(deltas)
+                ticket = self._log.done(None)
+        self._log.sync(ticket)
 
     # -- routine states ------------------------------------------------------
 
@@ -233,15 +281,14 @@ class StateStore:
         """``(pickled state or None, version)``; never waits for a lock."""
         with self._cond:
             cell = self._backend.load(wid, rid)
-            if cell is None:
-                return None, 0
-            return dumps(cell.value), cell.version
+            return self._read((None, 0) if cell is None else (dumps(cell.value), cell.version))
 
     def get_all(self, wid: str) -> tuple[bytes, dict[str, int]]:
         """``(pickled {rid: state}, {rid: version})`` of every routine state of worker ``wid``."""
         with self._cond:
             cells = self._backend.load_worker(wid)
-            return dumps({rid: c.value for rid, c in cells.items()}), {rid: c.version for rid, c in cells.items()}
+            return self._read((dumps({rid: c.value for rid, c in cells.items()}),
+                               {rid: c.version for rid, c in cells.items()}))
 
     def replace(self, wid: str, rid: str, value: dict, size: int, expected: int | None) -> tuple[int, int]:
         """Replace a state. Returns ``(version, lost)``; ``lost`` counts lost updates so far (0: none now).
@@ -249,12 +296,10 @@ class StateStore:
         ``expected`` is the version the caller's activation read (``None``: it
         did not read it, a blind write, never a lost update).
         """
-        key = (wid, rid)
-        with self._cond:
-            if self._leases:
-                self._wait_free(key, None)
-            self._check_size(rid, size)
-            cell = self._backend.load(wid, rid)
+        self._check_size(rid, size)
+
+        def change(cell: StoredCell | None) -> tuple[int, int]:
+            """Write ``value`` over ``cell``, counting a lost update when its version moved since the read."""
             current = 0 if cell is None else cell.version
             lost = 0
             if expected is not None and expected != current:
@@ -265,72 +310,76 @@ class StateStore:
                         "written. Use increment/merge_routine_state/modify_routine_state or "
                         "worker_state.lock() for read-modify-write"
                     )
-                lost = self._lost[key] = self._lost.get(key, 0) + 1
-            version = current + 1
-            ticket = self._backend.save(wid, rid, value, version, size)
-        if ticket:
-            self._sync(ticket)
-        return version, lost
+                lost = self._lost[(wid, rid)] = self._lost.get((wid, rid), 0) + 1
+            self._backend.save(wid, rid, value, current + 1, size)
+            return current + 1, lost
+
+        return self._write(wid, rid, change)
 
     def merge(self, wid: str, rid: str, partial: dict) -> tuple[bytes, int]:
         """Merge ``partial`` into the state (shallow); return ``(pickled new state, version)``."""
-        with self._cond:
-            if self._leases:
-                self._wait_free((wid, rid), None)
-            cell = self._backend.load(wid, rid)
+
+        def change(cell: StoredCell | None) -> tuple[bytes, int]:
+            """``cell``'s value updated with ``partial``, saved."""
             merged = dict(cell.value) if cell is not None else {}
             merged.update(partial)
             size = _jsonvalue.encoded_size(merged)
             self._check_size(rid, size)
             version = 1 if cell is None else cell.version + 1
-            ticket = self._backend.save(wid, rid, merged, version, size)
-            blob = dumps(merged)
-        if ticket:
-            self._sync(ticket)
-        return blob, version
+            self._backend.save(wid, rid, merged, version, size)
+            return dumps(merged), version
+
+        return self._write(wid, rid, change)
 
     def increment(self, wid: str, rid: str, amounts: dict[str, int | float]) -> tuple[dict[str, int | float], int]:
-        """Add each amount to its key (missing keys count as 0); return ``(new values, version)``.
+        """Add each amount to its key (missing keys count as 0); return ``(new values, version)``."""
 
-        The new size is computed exactly from what changes (each key's JSON
-        text, escapes included), so the size bound holds without re-encoding
-        the whole state.
+        def change(cell: StoredCell | None) -> tuple[dict[str, int | float], int]:
+            """``cell``'s numbers plus ``amounts``, saved."""
+            result, size = _incremented(cell, rid, amounts)
+            self._check_size(rid, size)
+            # In place (an increment costs what it changes) only where the backend allows it.
+            value = {} if cell is None else cell.value if self._in_place else dict(cell.value)
+            value.update(result)
+            version = 1 if cell is None else cell.version + 1
+            self._backend.save(wid, rid, value, version, size)
+            return result, version
+
+        return self._write(wid, rid, change)
+
+    def _write(self, wid: str, rid: str, change: Callable[[StoredCell | None], Any]) -> Any:
+        """One write of a cell: ``change(cell)`` saves it and returns the reply.
+
+        A retried call or a re-run activation whose write was applied before
+        gets that reply again (``replayed``), and nothing is applied twice;
+        otherwise the write waits for a lock held on the cell, and the reply
+        returns once the write is committed (``sync``, after the condition is
+        released so commits of several writers group).
         """
         with self._cond:
-            if self._leases:
-                self._wait_free((wid, rid), None)
-            cell = self._backend.load(wid, rid)
-            old = cell.value if cell is not None else {}
-            result = {}
-            size = cell.size if cell is not None else 2  # len("{}")
-            count = len(old)
-            for key, amount in amounts.items():
-                path = f"state[{key!r}] of routine {rid!r}"
-                if key in old:
-                    current = old[key]
-                    total, text = _jsonvalue.add_number(current, amount, path)
-                    size += len(text) - _jsonvalue.encoded_size(current, path)
-                else:
-                    total, text = _jsonvalue.add_number(0, amount, path)
-                    size += _jsonvalue.encoded_size(key) + 1 + len(text) + (1 if count else 0)  # "key":text,
-                    count += 1
-                result[key] = total
-            self._check_size(rid, size)
-            old.update(result)  # in place, saved at once (see backend's calling rules)
-            version = 1 if cell is None else cell.version + 1
-            ticket = self._backend.save(wid, rid, old, version, size)
+            reply, ticket = self._log.replayed()
+            if reply is MISS:
+                if self._leases:
+                    self._wait_free((wid, rid), None)
+                reply = change(self._backend.load(wid, rid))
+                ticket = self._log.done(reply)
         if ticket:
-            self._sync(ticket)
-        return result, version
+            self._log.sync(ticket)
+        return reply
 
     def modify(self, wid: str, rid: str, fn_blob: bytes, budget: float) -> tuple[bytes, int]:
         """Run ``fn(copy_of_state) -> new_state`` with the state locked, within ``budget`` seconds."""
         key = (wid, rid)
         with self._cond:
-            self._wait_free(key, None)
-            lease = self._leases[key] = Lease(f"modify-{threading.get_ident()}", os.getpid())
-            cell = self._backend.load(wid, rid)
-            working = _copy(cell.value if cell is not None else None)
+            reply, ticket = self._log.replayed()
+            if reply is MISS:
+                self._wait_free(key, None)
+                lease = self._leases[key] = Lease(f"modify-{threading.get_ident()}", os.getpid())
+                cell = self._backend.load(wid, rid)
+                working = _copy(cell.value if cell is not None else None)
+        if reply is not MISS:  # a retried call or a re-run activation: the function ran before
+            self._log.sync(ticket)
+            return reply
         try:
             result = self._run_fn(rid, FnTask(fn_blob, working), budget)
             if result is None:
@@ -345,15 +394,16 @@ class StateStore:
                 self._check_size(rid, size)
                 cell = self._backend.load(wid, rid)
                 version = 1 if cell is None else cell.version + 1
-                ticket = self._backend.save(wid, rid, value, version, size)
-                blob = dumps(value)
+                self._backend.save(wid, rid, value, version, size)
+                reply = (dumps(value), version)
+                ticket = self._log.done(reply)
         finally:
             with self._cond:
                 if self._leases.get(key) is lease:
                     del self._leases[key]
                 self._cond.notify_all()
-        self._sync(ticket)
-        return blob, version
+        self._log.sync(ticket)
+        return reply
 
     def _run_fn(self, rid: str, task: FnTask, budget: float) -> Any:
         """The function's result; abandoned (ModifyTimeoutError) past ``budget``; FnRaised if it raised."""
@@ -383,46 +433,87 @@ class StateStore:
             self._wait_free(key, timeout)
             self._leases[key] = Lease(token, pid)
             cell = self._backend.load(wid, rid)
-            if cell is None:
-                return None, 0
-            return dumps(cell.value), cell.version
+            return self._read((None, 0) if cell is None else (dumps(cell.value), cell.version))
 
     def release(self, wid: str, rid: str, token: str, value: dict | None, size: int) -> int:
         """Give back the lease ``token`` holds, writing ``value`` first unless it is ``None``; return the version.
 
         Raises:
-            RoutiluxError: ``token`` no longer holds the lease (its holder was presumed dead).
+            LockLostError: ``token`` no longer holds the lease (the server
+                restarted since it was taken, or its holder was presumed dead).
         """
         key = (wid, rid)
-        ticket = 0
         with self._cond:
-            lease = self._leases.get(key)
-            if lease is None or lease.token != token:
-                raise RoutiluxError(
-                    f"the lock on routine state {rid!r} was lost (its holder was presumed dead); nothing was written"
-                )
-            try:
-                cell = self._backend.load(wid, rid)
-                version = 0 if cell is None else cell.version
-                if value is not None:
-                    self._check_size(rid, size)
-                    version += 1
-                    ticket = self._backend.save(wid, rid, value, version, size)
-            finally:
-                del self._leases[key]
+            reply, ticket = self._log.replayed()
+            if reply is MISS:
+                lease = self._leases.get(key)
+                if lease is None or lease.token != token:
+                    raise LockLostError(
+                        f"the lock on routine state {rid!r} was lost while its block ran: the state server "
+                        "restarted (locks do not survive a restart), or the holder was presumed dead. Nothing "
+                        "of the block was written: run it again"
+                    )
+                try:
+                    cell = self._backend.load(wid, rid)
+                    reply = 0 if cell is None else cell.version
+                    if value is not None:
+                        self._check_size(rid, size)
+                        reply += 1
+                        self._backend.save(wid, rid, value, reply, size)
+                    ticket = self._log.done(reply)
+                finally:
+                    del self._leases[key]
+                    self._cond.notify_all()
+            elif self._leases.get(key) is not None and self._leases[key].token == token:
+                del self._leases[key]  # a re-run activation's block: written before, unlock all the same
                 self._cond.notify_all()
-        self._sync(ticket)
-        return version
+        self._log.sync(ticket)
+        return reply
 
     def release_pid(self, pid: int | tuple[str, int]) -> int:
-        """Release every lease held by process ``pid`` (or ``(node, pid)``: it died); returns how many."""
+        """Release every lease held by process ``pid`` (or ``(node, pid)``: it died) and forget its requests;
+        returns how many leases."""
         with self._cond:
             dead = [key for key, lease in self._leases.items() if lease.pid == pid]
             for key in dead:
                 del self._leases[key]
             if dead:
                 self._cond.notify_all()
+            if self._backend.survives_restart:
+                self._backend.drop_requests(pid)
+                ticket = self._log.done(None)
+            else:
+                ticket = 0
+        self._log.sync(ticket)
         return len(dead)
+
+    # -- the journal of a resumable run --------------------------------------------
+
+    def journal_begin(self, run: dict, new_run: bool) -> None:
+        """Journal a run (``new_run``: forget an earlier one's lines); record effects from now on."""
+        with self._cond:
+            reply, ticket = self._log.replayed()
+            if reply is MISS:
+                self._backend.save_journal(dict(run, session=self._log.session), [], None, new_run=new_run)
+                self._log.effects = bool(self._log.session)
+                ticket = self._log.done(None)
+        self._log.sync(ticket)
+
+    def journal_read(self, lines: bool) -> JournalView | None:
+        """The journal (``None``: no run was journaled in this file)."""
+        with self._cond:
+            return self._read(self._backend.load_journal(lines))
+
+    def journal_record(self, lines: list[tuple[int, str, str, str | None]], offsets: dict[str, int]) -> None:
+        """Record ended lines and the output offsets; drop the effects of the completed ones' jobs."""
+        with self._cond:
+            reply, ticket = self._log.replayed()
+            if reply is MISS:
+                records = [JournalLine(*line) for line in lines]
+                self._backend.save_journal(None, records, offsets)
+                self._backend.drop_effects([rec.job_id for rec in records if rec.status == "completed"])
+                ticket = self._log.done(None)
+        self._log.sync(ticket)
 
     # -- reporting -----------------------------------------------------------
 
@@ -437,13 +528,13 @@ class StateStore:
     def snapshot(self) -> bytes:
         """Everything (pickled), for the runtime's final snapshot at shutdown."""
         with self._cond:
-            return dumps({
+            return self._read(dumps({
                 wid: {
                     "meta": (meta or WorkerMeta()).as_dict(),
                     "states": {rid: c.value for rid, c in cells.items()},
                 }
                 for wid, (meta, cells) in self._backend.snapshot().items()
-            })
+            }))
 
     def close(self) -> None:
         """Close the backend (the server is stopping); not exposed to clients.

@@ -40,5 +40,6 @@ with Runtime(thread_pool_size=2) as runtime:
     worker = runtime.exec("pairs")
     jobs = [runtime.post("pairs", "pairs", "input", {"n": n}, worker_id=worker.worker_id)[1] for n in (1, 2, 3, 4)]
     runtime.wait_until_all_jobs_finished(timeout=60)
-    print([job.outputs for job in jobs if job.outputs])
+    # A pair's emit names no job: it belongs to both jobs of the pair ("job_ids" lists them).
+    print([[(out["data"], len(out["job_ids"])) for out in job.outputs] for job in jobs])
     print(worker.get_routine_state("pairs"), jobs[0].data, jobs[2].data)

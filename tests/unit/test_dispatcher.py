@@ -118,6 +118,31 @@ def test_a_busy_lane_gets_at_most_prefetch_activations_ahead(harness) -> None:
     assert all(job.status == "completed" for job in jobs)
 
 
+def test_nothing_is_sent_ahead_behind_a_long_activation_nor_to_the_older_of_two_busy_lanes(harness) -> None:
+    from routilux_mp._dispatch import PREFETCH_MAX_AGE
+
+    h = harness(processes=2, prefetch=1, capacity=10)
+    flow = _flow("ahead", concurrency=8)
+    long_one = h.post_held(flow, {"i": 0}, lane=0)
+    h.advance(PREFETCH_MAX_AGE / 2)
+    short_one = h.post_held(flow, {"i": 1}, lane=1)
+    waiting = h.post(flow, {"i": 2})
+    h.settle()
+    assert [a.job_id for a in h.activations(1)] == [short_one.job_id, waiting.job_id], (
+        "sent ahead to the lane whose activation began last")
+    h.advance(PREFETCH_MAX_AGE)
+    queued = h.post(flow, {"i": 3})
+    h.settle()
+    assert queued.status == "pending", "both lanes' activations ran past PREFETCH_MAX_AGE: it stays queued here"
+    h.stub.release(1)
+    h.settle()
+    assert [a.job_id for a in h.activations(0)] == [long_one.job_id], "never behind the long one"
+    assert queued.status == "completed" and waiting.status == "completed"
+    h.stub.release(0)
+    h.settle()
+    assert long_one.status == "completed"
+
+
 def test_a_lane_without_room_keeps_activations_queued_until_it_has_room(harness) -> None:
     h = harness(processes=1, prefetch=5, capacity=1)
     flow = _flow("room", concurrency=8)

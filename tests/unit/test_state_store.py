@@ -24,7 +24,8 @@ import pytest
 
 from routilux_mp._jsonvalue import normalize
 from routilux_mp._messages import error_data, exception_from
-from routilux_mp._state.backend import BACKENDS, StateBackend, WorkerMeta, open_backend
+from routilux_mp._state.backend import JournalLine, StateBackend, WorkerMeta
+from routilux_mp._state.backends import BACKENDS, open_backend
 from routilux_mp._state.protocol import ERROR, EXPOSED, Method, encode_request, take_frame
 from routilux_mp._state.server import StoreServer
 from routilux_mp._state.store import FnRaised, StateStore, set_heartbeat
@@ -42,7 +43,10 @@ WAIT = 10.0
 MAX_BYTES = 1000
 
 #: What each backend needs besides its name (a backend on disk puts its file under ``tmp_path``).
-BACKEND_OPTIONS: dict[str, Callable[..., dict]] = {"memory": lambda tmp_path: {}}
+BACKEND_OPTIONS: dict[str, Callable[..., dict]] = {
+    "memory": lambda tmp_path: {},
+    "sqlite": lambda tmp_path: {"path": str(tmp_path / "state.db")},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -141,28 +145,33 @@ def _in_thread(call: Callable[[], object]) -> tuple[threading.Thread, _Beats, di
 # -- every backend keeps cells and meta whole ------------------------------------------------
 
 
+def _commit(backend: StateBackend) -> None:
+    """End an operation as the store does: seal what it staged, and sync a durable backend's ticket."""
+    if backend.durable:
+        ticket = backend.seal()
+        assert isinstance(ticket, int) and ticket > 0
+        backend.sync(ticket)
+
+
 def test_a_backend_keeps_a_cell_whole_and_its_latest_save(backend) -> None:
     assert backend.load("w", "r") is None
     assert backend.load_worker("w") == {}
-    tickets = [backend.save("w", "r", {"a": 1}, 1, 7), backend.save("w", "r", {"a": 22}, 2, 8),
-               backend.save("w", "q", {}, 1, 2), backend.save("v", "r", {"b": [1, 2]}, 1, 11)]
+    for args in [("w", "r", {"a": 1}, 1, 7), ("w", "r", {"a": 22}, 2, 8), ("w", "q", {}, 1, 2),
+                 ("v", "r", {"b": [1, 2]}, 1, 11)]:
+        backend.save(*args)
+        _commit(backend)
     cell = backend.load("w", "r")
     assert (cell.value, cell.version, cell.size) == ({"a": 22}, 2, 8)
     assert {rid: (c.value, c.version, c.size) for rid, c in backend.load_worker("w").items()} == {
         "r": ({"a": 22}, 2, 8), "q": ({}, 1, 2)}
     assert backend.load("v", "q") is None
-    for ticket in tickets:
-        assert isinstance(ticket, int) and ticket >= 0
-        if ticket:
-            backend.sync(ticket)
 
 
 def test_a_backend_keeps_worker_meta_and_adds_job_counts_in_one_call(backend) -> None:
     assert backend.load_meta("w") is None
     backend.save_meta("w", WorkerMeta("flow-a", "running"))
-    ticket = backend.add_job_counts({"w": (3, 1), "new": (2, 2)})
-    if ticket:
-        backend.sync(ticket)
+    backend.add_job_counts({"w": (3, 1), "new": (2, 2)})
+    _commit(backend)
     assert backend.load_meta("w") == WorkerMeta("flow-a", "running", 3, 1)
     assert backend.load_meta("new") == WorkerMeta("", "running", 2, 2), "counts for an unknown worker: default meta"
     backend.save_meta("w", WorkerMeta("flow-a", "stopped", 3, 1))
@@ -183,10 +192,51 @@ def test_a_backend_lists_and_snapshots_every_worker_with_meta_or_cells(backend) 
     }
 
 
+def test_a_backend_keeps_the_last_request_of_each_client_until_its_process_is_dropped(backend) -> None:
+    assert backend.load_request("c1") is None
+    backend.save_request("c1", 11, 1, b"one")
+    backend.save_request("c1", 11, 2, b"two")
+    backend.save_request("c2", 11, 1, b"other thread")
+    backend.save_request("c3", 12, 7, b"other process")
+    _commit(backend)
+    assert (backend.load_request("c1"), backend.load_request("c3")) == ((2, b"two"), (7, b"other process"))
+    backend.drop_requests(11)
+    _commit(backend)
+    assert (backend.load_request("c1"), backend.load_request("c2"), backend.load_request("c3")) == (
+        None, None, (7, b"other process"))
+
+
+def test_a_backend_keeps_effects_by_job_until_the_job_is_dropped(backend) -> None:
+    keys = [("line-1", "count", b"d1", 0), ("line-1", "count", b"d1", 1), ("line-2", "count", b"d2", 0)]
+    for n, key in enumerate(keys):
+        backend.save_effect(key, f"reply {n}".encode())
+    _commit(backend)
+    assert [backend.load_effect(key) for key in keys] == [b"reply 0", b"reply 1", b"reply 2"]
+    assert backend.load_effect(("line-1", "count", b"d1", 2)) is None
+    backend.drop_effects(["line-1", "never-seen"])
+    _commit(backend)
+    assert [backend.load_effect(key) for key in keys] == [None, None, b"reply 2"]
+
+
+def test_a_backend_journals_a_run_its_ended_lines_and_its_offsets(backend) -> None:
+    assert backend.load_journal() is None
+    backend.save_journal({"input": "a.jsonl"}, [], {"output": 0}, new_run=True)
+    backend.save_journal(None, [JournalLine(1, "line-1", "completed", None),
+                                JournalLine(3, "line-3", "failed", '{"type": "ValueError"}')], {"output": 120})
+    backend.save_journal(None, [JournalLine(2, "line-2", "completed", None),
+                                JournalLine(3, "line-3", "completed", None)], {"output": 200, "failed": 40})
+    _commit(backend)
+    assert tuple(backend.load_journal()) == ({"input": "a.jsonl"}, {"output": 200, "failed": 40}, [1, 2, 3], [])
+    assert tuple(backend.load_journal(lines=False)) == ({"input": "a.jsonl"}, {"output": 200, "failed": 40}, [], [])
+    backend.save_journal({"input": "b.jsonl"}, [JournalLine(9, "line-9", "failed", None)], None, new_run=True)
+    _commit(backend)
+    assert tuple(backend.load_journal()) == ({"input": "b.jsonl"}, {}, [], [9]), "a new run forgets the old one"
+
+
 def test_backends_are_chosen_by_name_and_an_unknown_name_says_which_exist() -> None:
     for name, cls in BACKENDS.items():
         assert cls.name == name and issubclass(cls, StateBackend)
-    with pytest.raises(ValueError, match=r"unknown state backend 'nope'; choose one of 'memory'"):
+    with pytest.raises(ValueError, match=r"unknown state backend 'nope'; choose one of 'memory', 'sqlite'"):
         open_backend("nope")
 
 
@@ -398,7 +448,8 @@ BAD_REQUESTS = [
     ("increment-a-string", (Method.INCREMENT, ("w", "r", {"s": 1})), TypeError, r"state\['s'\].* not a number"),
     ("replace-too-large", (Method.REPLACE, ("w", "r", {"x": 1}, 5000, None)), StateTooLargeError,
      "would be 5000 bytes"),
-    ("unknown-method", ("shutdown", ()), AttributeError, r"the state server has no method 'shutdown' \(it serves"),
+    ("unknown-method", ("shutdown", (), 1.0, None, None), AttributeError,
+     r"the state server has no method 'shutdown' \(it serves"),
     ("not-a-request", ("garbage",), ValueError, "unpack"),
 ]
 
