@@ -17,7 +17,8 @@ decorator. ``docs/migrating.md`` lists the deliberate differences.
 #   its records in _records) and _loop (the dispatcher thread: _routing runs policies and routes emits,
 #   _dispatch places activations on worker lanes, _timers, _lifecycle).
 # - _exec/, the execution seam: base (WorkerBackend and its events), local (worker processes fed through
-#   pipes; _child is such a process's loop), stub (lanes in the calling thread, for unit tests).
+#   pipes; _child is such a process's loop), ray (lanes on a Ray cluster: _raysession connects, a _raylane
+#   nanny actor per lane runs _raychild, the same loop on a socket), stub (lanes in the calling thread, for tests).
 # - The worker side: _worker (ActivationRunner: runs logic, no transport of its own), _context.
 # - _state/, the state seam: protocol, client (what WorkerState calls), server and store (the state-server
 #   process), backend (StateBackend: where states are kept), launcher and service (the supervisor's side).
@@ -34,6 +35,7 @@ from .error_handling import ErrorHandler, ErrorStrategy
 from .errors import (
     ActivationError,
     ActivationTimeoutError,
+    ClusterError,
     ConfigurationError,
     DashboardError,
     ExecutionError,
@@ -115,6 +117,7 @@ __all__ = [  # noqa: RUF022 - grouped by kind, sorted within a group
     # exceptions
     "ActivationError",
     "ActivationTimeoutError",
+    "ClusterError",
     "ConfigurationError",
     "DashboardError",
     "ExecutionError",

@@ -361,7 +361,7 @@ class Dispatcher:
         slot.alive = False
         info = event.info
         if self.flags.broken is None and info.pid is not None:
-            self.owner.push_state(Method.RELEASE_PID, info.pid)
+            self.owner.push_state(Method.RELEASE_PID, info.pid if info.owner is None else info.owner)
         acts = list(slot.inflight)
         slot.inflight.clear()
         first = acts[0] if acts and not acts[0].resolved else None

@@ -521,6 +521,8 @@ class ExitInfo(NamedTuple):
     cause: str
     #: Its last lines of error output (each clipped), for the error message.
     stderr_tail: str = ""
+    #: Who its state locks belong to, when not its ``pid`` (a worker on another node: ``(node, pid)``).
+    owner: Any = None
 
     @classmethod
     def from_returncode(cls, pid: int | None, returncode: int | None, stderr_tail: str = "") -> ExitInfo:

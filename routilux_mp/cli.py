@@ -53,7 +53,7 @@ from ._cli_run import BatchRun, RunSinks
 from .dashboard import DEFAULT_HOST, DEFAULT_PORT
 from .errors import DashboardError, RoutiluxError, StateFileError
 from .monitoring.flow_registry import FlowRegistry
-from .runtime import MAX_PROCESSES_PER_CPU, Runtime
+from .runtime import BACKEND_VARIABLE, MAX_PROCESSES_PER_CPU, Runtime
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -141,7 +141,8 @@ def _run(args: argparse.Namespace, stdout: IO[str]) -> int:
         try:
             runtime = Runtime(processes=0 if args.debug else args.processes, max_finished_jobs=LEDGER_FINISHED_JOBS,
                               max_worker_rss=args.max_worker_rss, worker_output=display.worker_output,
-                              state_path=args.state, dashboard=args.dashboard, dashboard_host=args.dashboard_host)
+                              state_path=args.state, dashboard=args.dashboard, dashboard_host=args.dashboard_host,
+                              backend=args.backend, address=args.address)
         except StateFileError as exc:
             raise CliError(EXIT_USAGE, f"--state: {exc}") from exc
         except DashboardError as exc:
@@ -226,6 +227,25 @@ def _process_count(text: str) -> int:
     return value
 
 
+def _check_backend_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors that depend on ``--backend``: the per-CPU cap is this machine's; --address is Ray's."""
+    if not hasattr(args, "backend"):
+        return
+    if args.backend is None:
+        args.backend = os.environ.get(BACKEND_VARIABLE) or "local"
+        if args.backend not in ("local", "ray"):
+            parser.error(f"{BACKEND_VARIABLE}={args.backend!r}: must be 'local' or 'ray'")
+    if args.backend == "local" and args.address is not None:
+        parser.error("argument --address: only with --backend ray")
+    if args.backend == "ray" and args.debug:
+        parser.error("argument --debug: runs logic in this process; it does not go with --backend ray")
+    if args.backend == "local" and args.processes is not None:
+        try:
+            _process_count(str(args.processes))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument --processes: {exc}")
+
+
 def _size(text: str) -> int:
     """``500M``, ``2G``, ``1.5g``, ``512MiB``, ``100000000``: a number of bytes (units are powers of 1024)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
@@ -290,9 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "the output is appended, each completed line's outputs exactly once")
     run.add_argument("--retry-failed", action="store_true",
                      help="with --resume: run the lines that failed again too")
-    run.add_argument("--processes", type=_process_count, metavar="N",
-                     help=f"worker processes (default: the {cpus} CPUs; at most {MAX_PROCESSES_PER_CPU} per CPU, "
-                          f"{MAX_PROCESSES_PER_CPU * cpus} here)")
+    run.add_argument("--processes", type=_positive_int, metavar="N",
+                     help=f"worker processes (default: the {cpus} CPUs, or the Ray cluster's; at most "
+                          f"{MAX_PROCESSES_PER_CPU} per CPU, {MAX_PROCESSES_PER_CPU * cpus} here)")
+    run.add_argument("--backend", choices=("local", "ray"), default=None,
+                     help="where workers run: this machine (default: ROUTILUX_MP_BACKEND, else local), or a Ray "
+                          "cluster (pip install "
+                          "'routilux-mp[ray]'; see the README's \"Run on a cluster\")")
+    run.add_argument("--address", metavar="ADDR",
+                     help="with --backend ray: 'auto' or HOST:PORT of a running cluster (default: RAY_ADDRESS, "
+                          "else a private Ray instance on this machine)")
     run.add_argument("--max-worker-rss", type=_size, metavar="SIZE",
                      help="recycle a worker between activations past this RSS, kill it mid-activation past 1.5x "
                           f"(e.g. 500M, 2G; K/M/G/T are powers of 1024; at least {MIN_WORKER_RSS // 2**20}M)")
@@ -321,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _check_backend_options(parser, args)
         if getattr(args, "dashboard_host", DEFAULT_HOST) != DEFAULT_HOST and args.dashboard is None:
             parser.error("--dashboard-host needs --dashboard")
     except SystemExit as exc:  # --help (0) or a usage error (2): argparse has printed why

@@ -25,6 +25,7 @@ from __future__ import annotations
 __all__ = [
     "ActivationError",
     "ActivationTimeoutError",
+    "ClusterError",
     "ConfigurationError",
     "DashboardError",
     "ExecutionError",
@@ -69,6 +70,10 @@ def _with_context(exc: RoutiluxError, message: str, label: str, value: str) -> N
 
 class ConfigurationError(RoutiluxError):
     """Raised when a flow or routine is set up wrongly (routilux 1.1.0's name; base of FlowError)."""
+
+
+class ClusterError(ConfigurationError):
+    """Raised when ``backend="ray"`` cannot be used (Ray not installed, an unsupported address, no cluster)."""
 
 
 class ExecutionError(RoutiluxError):

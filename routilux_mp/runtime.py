@@ -16,6 +16,7 @@ cloudpickle.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ from . import _jsonvalue
 from ._exec.inprocess import InProcessBackend
 from ._messages import encode
 from ._state.protocol import Method
+from ._state.service import StateService
 from ._supervisor import Settings, Supervisor, TestHooks
 from .errors import SerializationError
 from .job import JobContext
@@ -105,6 +107,15 @@ class Runtime:
         worker_output: ``fn(stream, text)`` receiving complete lines workers
             print (``stream`` is ``"stdout"`` or ``"stderr"``); default: this
             process's ``sys.stdout``/``sys.stderr``.
+        backend: ``"local"`` (worker processes on this machine) or ``"ray"``
+            (worker lanes on a Ray cluster, see "Run on a cluster" in the
+            README; needs ``pip install 'routilux-mp[ray]'``). Default: the
+            ``ROUTILUX_MP_BACKEND`` environment variable, else ``"local"``
+            (so an unchanged script runs on a cluster).
+        address: with ``backend="ray"``: ``None`` (``RAY_ADDRESS``, else a
+            private Ray instance on this machine), ``"auto"`` or
+            ``"host:port"`` of a running cluster. ``processes`` then defaults
+            to the cluster's CPUs.
         state_path: keep every WorkerState in this SQLite file (created if
             missing): a write is acknowledged once committed, so it survives
             the SIGKILL of any process, and a later runtime on the file gets a
@@ -150,6 +161,8 @@ class Runtime:
         max_outputs_per_job: int = 10_000,
         max_finished_jobs: int = 10_000,
         worker_output: Callable[[str, str], None] | None = None,
+        backend: str | None = None,
+        address: str | None = None,
         state_path: str | os.PathLike | None = None,
         state_sync: str = "normal",
         dashboard: bool | int | None = None,
@@ -158,13 +171,30 @@ class Runtime:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
             raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
         count = processes if processes is not None else thread_pool_size
+        if backend is None:
+            backend = os.environ.get(BACKEND_VARIABLE) or "local"
+        if backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r} (from the argument or "
+                             f"{BACKEND_VARIABLE})")
+        if address is not None and backend != "ray":
+            raise ValueError(f"address={address!r} is for backend='ray'; the local backend runs on this machine")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+            raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
+                             f"got {count!r}")
+        if count == 0 and backend == "ray":
+            raise ValueError("processes=0 runs logic in this process, to debug it: use the local backend for that "
+                             "(drop backend='ray' or ROUTILUX_MP_BACKEND)")
+        port = _dashboard_port(dashboard)
+        make_backend = None
+        if backend == "ray":
+            count, make_backend = _ray_backend(address, count)
         if count is None:
             count = _cpu_count()
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
                              f"got {count!r}")
         cpus = _cpu_count()
-        if count > MAX_PROCESSES_PER_CPU * cpus:
+        if backend == "local" and count > MAX_PROCESSES_PER_CPU * cpus:
             raise ValueError(
                 f"processes={count} is more than {MAX_PROCESSES_PER_CPU} per CPU ({MAX_PROCESSES_PER_CPU * cpus} "
                 f"on the {cpus} CPUs this process may use): each worker is a Python interpreter competing for "
@@ -175,18 +205,24 @@ class Runtime:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if max_worker_rss is not None and kill_worker_rss is None:
             kill_worker_rss = int(max_worker_rss * 1.5)
-        port = _dashboard_port(dashboard)
         self._registry = FlowRegistry.get_instance()
         self._processes = count
         in_process = count == 0
         if in_process and (max_worker_rss is not None or max_activations_per_process is not None):
             raise ValueError("processes=0 runs logic in this process, which cannot be recycled: drop max_worker_rss "
                              "and max_activations_per_process, or use processes >= 1")
+        if in_process:
+            parts: dict[str, Any] = {"backend": InProcessBackend}
+        elif make_backend is not None:  # workers on other machines reach the state server at this machine's address
+            parts = {"backend": make_backend,
+                     "state": functools.partial(StateService, host=make_backend.keywords["session"].node_ip())}
+        else:
+            parts = {}
         self._dashboard: Any = None
-        if port is not None:  # bound before any process starts: a busy port fails with nothing to clean up
-            from .dashboard import bind
-            self._dashboard = bind(dashboard_host, port)
         try:
+            if port is not None:  # bound before any process starts: a busy port fails with nothing to clean up
+                from .dashboard import bind
+                self._dashboard = bind(dashboard_host, port)
             self._start(Settings(
                 processes=max(count, 1), prefetch=0 if in_process else prefetch, strict_state=strict_state,
                 max_state_bytes=max_state_bytes, state_timeout=state_timeout, lock_timeout=lock_timeout,
@@ -194,19 +230,21 @@ class Runtime:
                 max_activations_per_process=max_activations_per_process, max_outputs_per_job=max_outputs_per_job,
                 max_finished_jobs=max_finished_jobs, worker_output=worker_output,
                 state_path=None if state_path is None else os.fspath(state_path), state_sync=state_sync,
-            ), in_process)
+            ), parts)
         except BaseException:
             if self._dashboard is not None:
                 self._dashboard.stop()
+            if make_backend is not None:
+                make_backend.keywords["session"].close()
             raise
         #: Hooks for this package's tests (see :class:`~routilux_mp._supervisor.TestHooks`).
         self._testing: TestHooks = self._sup.testing()
         with _live_lock:
             _live.add(self)
 
-    def _start(self, settings: Settings, in_process: bool) -> None:
-        """Start the supervisor (state server, workers or the in-process lane, dispatcher), then the dashboard."""
-        self._sup = Supervisor(settings, **({"backend": InProcessBackend} if in_process else {}))
+    def _start(self, settings: Settings, parts: dict[str, Any]) -> None:
+        """Start the supervisor (state server, workers, dispatcher) built with ``parts``, then the dashboard."""
+        self._sup = Supervisor(settings, **parts)
         self._sup.start()
         if self._dashboard is not None:
             try:
@@ -438,6 +476,28 @@ class Runtime:
             if not sup.on_dispatcher():  # (from a done-callback, the dispatcher stops once it returns)
                 with _live_lock:
                     _live.discard(self)
+
+
+#: The environment variable that chooses the backend of a ``Runtime`` that does not name one.
+BACKEND_VARIABLE = "ROUTILUX_MP_BACKEND"
+
+
+def _ray_backend(address: str | None, count: int | None) -> tuple[int, functools.partial]:
+    """Connect to Ray (see ``_exec._raysession``): the number of lanes, and what builds the backend."""
+    from ._exec._raysession import RaySession
+    from ._exec.ray import RayBackend
+
+    session = RaySession(address)
+    session.open(count)
+    global _ray_exit_hook
+    if not _ray_exit_hook:  # registered after Ray's own: runs first at exit, while Ray still works
+        atexit.register(_shutdown_all)
+        _ray_exit_hook = True
+    return (count or session.cluster_cpus()), functools.partial(RayBackend, session=session)
+
+
+#: Whether ``_shutdown_all`` was registered again after Ray was imported.
+_ray_exit_hook = False
 
 
 def _dashboard_port(dashboard: Any) -> int | None:

@@ -12,7 +12,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import pickle
 import threading
 import uuid
@@ -392,7 +391,7 @@ class WorkerState:
             raise RoutiluxError(f"this thread already holds the lock on routine state {rid!r} (locks are not reentrant)")
         token = uuid.uuid4().hex
         wait = self._client.lock_timeout if timeout is None else float(timeout)
-        blob, version = self._client.call(Method.ACQUIRE, self.worker_id, rid, token, os.getpid(), wait, patience=wait)
+        blob, version = self._client.call(Method.ACQUIRE, self.worker_id, rid, token, self._client.owner(), wait, patience=wait)
         state = pickle.loads(blob) if blob is not None else {}
         held[key] = _Held(token, state)
         try:

@@ -42,6 +42,12 @@ Examples::
     python scripts/bench.py --only tiny --systems routilux-mp   # only one side (for profiling)
     python scripts/bench.py --profile                # supervisor CPU per tiny activation, and where it goes
     python scripts/bench.py --profile pipeline       # the same per item of the 3-stage pipeline
+    python scripts/bench.py --backend ray            # on Ray: vs the local backend, Ray tasks and actors
+    python scripts/bench.py --backend ray --address auto   # ... on a running cluster
+
+With ``--backend ray`` the scenarios are ``cpu`` and ``tiny`` of
+``_bench_ray`` (routilux-mp on Ray vs the local backend vs Ray tasks and
+actors, on the same cores); they need ``pip install -e '.[ray]'``.
 
 Install the optional dependencies (joblib, routilux 1.1.0, matplotlib) with
 ``pip install -e '.[bench]'``; a baseline that is not installed is skipped with a note.
@@ -357,6 +363,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated substrings: run only systems whose label contains one (e.g. routilux-mp)")
     parser.add_argument("--stream-items", type=int, default=None,
                         help=f"items streamed by 'memory' (default 1,000,000; {QUICK_STREAM_ITEMS:,} with --quick)")
+    parser.add_argument("--backend", choices=("local", "ray"), default="local",
+                        help="ray: the Ray scenarios (routilux-mp on Ray vs local vs Ray tasks and actors)")
+    parser.add_argument("--address", default=None,
+                        help="with --backend ray: a running cluster ('auto', HOST:PORT; default: a private instance)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds any single wait may take (default 120)")
     parser.add_argument("--json", metavar="FILE", help="save raw results (every sample) as JSON")
     parser.add_argument("--profile", nargs="?", const="tiny", choices=["tiny", "pipeline"],
@@ -375,10 +385,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, HERE)
     import _bench_scenarios as bs
 
-    names = list(bs.SCENARIOS) if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in names if s not in bs.SCENARIOS]
+    scenarios = bs.SCENARIOS
+    if args.backend == "ray":
+        try:
+            import _bench_ray
+            import ray  # noqa: F401 - only to say early that it is missing
+        except ImportError as exc:
+            print(f"bench.py: --backend ray needs Ray ({exc}): pip install -e '.[ray]'", file=sys.stderr)
+            return EXIT_USAGE
+        scenarios = _bench_ray.SCENARIOS
+    elif args.address is not None:
+        print("bench.py: --address is for --backend ray", file=sys.stderr)
+        return EXIT_USAGE
+    names = list(scenarios) if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in names if s not in scenarios]
     if unknown or not names:
-        print(f"bench.py: unknown scenario(s) {unknown}; choose from {', '.join(bs.SCENARIOS)}", file=sys.stderr)
+        print(f"bench.py: unknown scenario(s) {unknown}; choose from {', '.join(scenarios)}", file=sys.stderr)
         return EXIT_USAGE
     if args.processes is not None and args.processes < 1 or args.rounds is not None and args.rounds < 1:
         print("bench.py: --processes and --rounds must be positive", file=sys.stderr)
@@ -408,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(profile(cfg.processes, args.profile_items, cfg.timeout, args.profile))
         return EXIT_FAILED if reap_leftovers() else EXIT_OK
+    if args.backend == "ray":
+        _bench_ray.open_ray(cfg, args.address)
+        info["ray"] = __import__("ray").__version__
     started = time.perf_counter()
     results = []
     failed = False
@@ -417,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             meter = bs.CpuMeter()
             try:
-                sc = bs.SCENARIOS[name](cfg)
+                sc = scenarios[name](cfg)
             except Exception as exc:  # noqa: BLE001 - a failed scenario is reported; the others still run
                 failed = True
                 sc = bs.Scenario(name, "(failed)")
@@ -429,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench.py: interrupted; reporting what finished", file=sys.stderr)
         failed = True
+    finally:
+        if args.backend == "ray":
+            _bench_ray.close_ray()
     elapsed = time.perf_counter() - started
     info["loadavg_end"] = _loadavg()
     print(render(info, cfg, results, elapsed))

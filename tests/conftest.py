@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
+from ray_support import extra_node, is_ray_process, ray_cluster, ray_options, wait_no_live_actors  # noqa: F401
 
 from routilux_mp import FlowRegistry, Runtime
 
@@ -23,9 +24,11 @@ def _descendants() -> dict[int, str]:
     found = {}
     for child in me.children(recursive=True):
         try:
-            found[child.pid] = " ".join(child.cmdline()) or child.name()
+            cmdline = child.cmdline()
         except psutil.Error:
             continue
+        if not is_ray_process(cmdline):  # Ray's come and go on their own; its actors are checked apart
+            found[child.pid] = " ".join(cmdline) or child.name()
     return found
 
 
@@ -56,6 +59,27 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_actors() -> Iterator[None]:
+    """Fail any test that leaves a Ray actor alive (the Ray analogue of the leftover-process check)."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        left = wait_no_live_actors()
+        if left:
+            pytest.fail(f"the test left Ray actors alive: {[(a['ActorClassName'], a['State']) for a in left]}")
+
+
+@pytest.fixture(params=["local", "ray"])
+def backend(request: pytest.FixtureRequest) -> dict:
+    """Runtime options of each execution backend (``ray``: on the session's one-machine cluster)."""
+    if request.param == "local":
+        return {}
+    return ray_options(request.getfixturevalue("ray_cluster"))
 
 
 @pytest.fixture(autouse=True)

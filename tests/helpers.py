@@ -93,3 +93,18 @@ def echo(routine: Routine, slot_data: dict, message: Any, worker_state: Any) -> 
     for items in slot_data.values():
         for item in items:
             routine.emit("out", **item)
+
+
+def our_children() -> list[Any]:
+    """This process's descendants, but Ray's own (a Ray cluster of the session runs under this process)."""
+    import psutil
+    from ray_support import is_ray_process
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if not is_ray_process(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found

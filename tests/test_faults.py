@@ -23,7 +23,7 @@ import time
 
 import psutil
 import pytest
-from helpers import WAIT, by_value, pool_refilled, single_flow, wait_until
+from helpers import WAIT, by_value, pool_ready, pool_refilled, single_flow, wait_until
 
 from routilux_mp import ErrorHandler
 from routilux_mp.errors import RuntimeBrokenError, StateServerLostError
@@ -227,13 +227,14 @@ FAULT_FUNCS = {row[0]: row[1] for row in FAULTS}
 
 @pytest.mark.parametrize(("fault", "inject", "options", "routine_options", "error_type", "message", "replaced"),
                          FAULTS, ids=[row[0] for row in FAULTS])
-def test_a_fault_fails_only_its_own_job(make_runtime, fault, inject, options, routine_options, error_type,
+def test_a_fault_fails_only_its_own_job(make_runtime, backend, fault, inject, options, routine_options, error_type,
                                         message, replaced) -> None:
     single_flow("faults", _faulty, concurrency=None, **routine_options)
-    runtime = make_runtime(processes=2, **options)
+    runtime = make_runtime(processes=2, **backend, **options)
     ws = runtime.exec("faults")
     before = [runtime.post("faults", "r", "in", {})[1] for _ in range(2)]
     assert all(job.wait(WAIT) for job in before)
+    pool_ready(runtime)  # (a Ray lane shows its pid once its nanny started it)
     pids_before = {p["pid"] for p in runtime.stats()["processes"]}
 
     started = time.monotonic()
@@ -253,6 +254,7 @@ def test_a_fault_fails_only_its_own_job(make_runtime, fault, inject, options, ro
 
     if replaced:
         pool_refilled(runtime, restarts=1)
+        pool_ready(runtime)  # (a Ray lane has a process, and a pid to show, once its nanny started it)
     processes = runtime.stats()["processes"]
     assert len(processes) == 2 and all(p["alive"] for p in processes), "the pool is back to full size"
     restarted = sum(p["restarts"] for p in processes)
@@ -268,13 +270,13 @@ def test_a_fault_fails_only_its_own_job(make_runtime, fault, inject, options, ro
         assert not alive, "the worker's process group went with it"
 
 
-def test_memory_soft_limit_recycles_between_activations(make_runtime) -> None:
+def test_memory_soft_limit_recycles_between_activations(make_runtime, backend) -> None:
     def keep_memory(routine, slot_data, message, ws):
         routine._hoard = getattr(routine, "_hoard", []) + [b"x" * (40 * MiB)]
         routine.emit("out", pid=os.getpid())
 
     single_flow("leaky", keep_memory)
-    runtime = make_runtime(processes=1, max_worker_rss=100 * MiB, kill_worker_rss=2048 * MiB)
+    runtime = make_runtime(processes=1, max_worker_rss=100 * MiB, kill_worker_rss=2048 * MiB, **backend)
     jobs = [runtime.post("leaky", "r", "in", {})[1] for _ in range(6)]
     assert runtime.wait_until_all_jobs_finished(WAIT)
     assert [j.status for j in jobs] == ["completed"] * 6
@@ -283,9 +285,9 @@ def test_memory_soft_limit_recycles_between_activations(make_runtime) -> None:
     pool_refilled(runtime, restarts=1)
 
 
-def test_max_activations_per_process_recycles(make_runtime) -> None:
+def test_max_activations_per_process_recycles(make_runtime, backend) -> None:
     single_flow("recycle", lambda r, d, m, ws: r.emit("out", pid=os.getpid()))
-    runtime = make_runtime(processes=1, max_activations_per_process=2)
+    runtime = make_runtime(processes=1, max_activations_per_process=2, **backend)
     jobs = [runtime.post("recycle", "r", "in", {})[1] for _ in range(6)]
     assert runtime.wait_until_all_jobs_finished(WAIT)
     pids = [j.outputs[0]["data"]["pid"] for j in jobs]
@@ -293,10 +295,10 @@ def test_max_activations_per_process_recycles(make_runtime) -> None:
     assert all(j.status == "completed" for j in jobs)
 
 
-def test_a_poison_job_is_failed_after_max_crash_retries(make_runtime) -> None:
+def test_a_poison_job_is_failed_after_max_crash_retries(make_runtime, backend) -> None:
     single_flow("poison", lambda r, d, m, ws: os._exit(1),
                 handler=ErrorHandler("retry", max_retries=10, retry_delay=0.01))
-    runtime = make_runtime(processes=2, max_crash_retries=3)
+    runtime = make_runtime(processes=2, max_crash_retries=3, **backend)
     _, job = runtime.post("poison", "r", "in", {})
     assert job.wait(WAIT)
     assert job.status == "failed" and job.error["type"] == CRASH

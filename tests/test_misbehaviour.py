@@ -15,7 +15,7 @@ import time
 
 import psutil
 import pytest
-from helpers import WAIT, by_value, echo, pool_ready, pool_refilled, single_flow
+from helpers import WAIT, by_value, echo, our_children, pool_ready, pool_refilled, single_flow
 
 from routilux_mp import Runtime, get_current_job
 from routilux_mp._exec import _pipes, local
@@ -82,7 +82,7 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
         # A stopped worker at shutdown is stopped all the same.
         other = runtime._testing.worker_pid(1)
         os.kill(other, signal.SIGSTOP)
-        children = psutil.Process().children(recursive=True)
+        children = our_children()
         started = time.monotonic()
         runtime.shutdown()
         assert time.monotonic() - started < 20
@@ -203,7 +203,7 @@ def test_a_misbehaving_done_callback_fails_nothing_else(make_runtime, caplog, fa
     assert [j.status for j in (first, other, later)] == ["completed"] * 3
     assert seen == [first.job_id], "the next callback ran"
     assert re.search(logged, caplog.text), caplog.text
-    children = psutil.Process().children(recursive=True)
+    children = our_children()
     runtime.shutdown()
     _gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
@@ -221,7 +221,7 @@ def test_a_blocking_done_callback_cannot_keep_shutdown_from_stopping_every_proce
             first.add_done_callback(lambda job: (entered.set(), release.wait()))
             queued = [runtime.post("cb", "r", "in", {"i": i})[1] for i in range(2, 5)]
         assert entered.wait(WAIT), "the callback started"
-        children = psutil.Process().children(recursive=True)
+        children = our_children()
         assert len(children) >= 3
         started = time.monotonic()
         runtime.shutdown(timeout=5)

@@ -13,7 +13,7 @@ import time
 
 import psutil
 import pytest
-from helpers import WAIT, FnRoutine, by_value, echo, single_flow, wait_until
+from helpers import WAIT, FnRoutine, by_value, echo, our_children, single_flow, wait_until
 
 from routilux_mp import ErrorHandler, Flow, FlowRegistry, Runtime, get_current_job
 from routilux_mp.activation_policies import (
@@ -72,9 +72,9 @@ def _pipeline() -> Flow:
     return flow
 
 
-def test_three_stage_pipeline_completes_jobs_with_outputs(make_runtime) -> None:
+def test_three_stage_pipeline_completes_jobs_with_outputs(make_runtime, backend) -> None:
     _pipeline()
-    runtime = make_runtime(processes=2)
+    runtime = make_runtime(processes=2, **backend)
     lines = ["alpha beta", "gamma", "delta epsilon zeta"]
     jobs = [runtime.post("pipe", "parse", "line", {"text": t})[1] for t in lines]
     assert runtime.wait_until_all_jobs_finished(WAIT)
@@ -333,7 +333,7 @@ def test_shutdown_cancels_leftovers_and_leaves_no_process(make_runtime) -> None:
     ws = runtime.exec("slow")
     jobs = [runtime.post("slow", "r", "in", {})[1] for _ in range(3)]
     wait_until(lambda: (ws.get_routine_state("started") or {}).get("n") == 1, "an activation to start")
-    children = psutil.Process().children(recursive=True)
+    children = our_children()
     assert len(children) >= 3, "2 workers and the state server"
     started = time.monotonic()
     runtime.shutdown(wait=False)

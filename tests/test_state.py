@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import WAIT, by_value, single_flow, wait_until
+from helpers import WAIT, by_value, pool_ready, single_flow, wait_until
 
 from routilux_mp.errors import (
     LockTimeoutError,
@@ -43,9 +43,10 @@ def _bump_modify(routine, slot_data, message, ws):
 
 
 @pytest.mark.parametrize("bump", [_bump_increment, _bump_lock, _bump_modify], ids=["increment", "lock", "modify"])
-def test_four_processes_times_1000_atomic_updates_lose_nothing(make_runtime, bump) -> None:
+def test_four_processes_times_1000_atomic_updates_lose_nothing(make_runtime, backend, bump) -> None:
     single_flow("bump", bump, concurrency=None)
-    runtime = make_runtime(processes=4)
+    runtime = make_runtime(processes=4, **backend)
+    pool_ready(runtime)  # (Ray places lanes one by one: work posted before goes to the first ones)
     ws = runtime.exec("bump")
     jobs = [runtime.post("bump", "r", "in", {"n": 1000})[1] for _ in range(4)]
     assert runtime.wait_until_all_jobs_finished(WAIT)
@@ -65,12 +66,13 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize(("value", "message"), BAD_VALUES, ids=["set", "nan", "int-key", "bytes", "function"])
-def test_non_json_state_is_refused_in_a_worker_with_path_and_state_intact(make_runtime, value, message) -> None:
+def test_non_json_state_is_refused_in_a_worker_with_path_and_state_intact(make_runtime, backend, value,
+                                                                          message) -> None:
     def write(routine, slot_data, message_, ws):
         ws.update_routine_state("r", value)
 
     single_flow("bad", write)
-    runtime = make_runtime(processes=1)
+    runtime = make_runtime(processes=1, **backend)
     ws = runtime.exec("bad")
     ws.update_routine_state("r", {"good": 1})
     _, job = runtime.post("bad", "r", "in", {})

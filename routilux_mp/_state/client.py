@@ -98,7 +98,10 @@ class Channel:
 
         self.pid = os.getpid()  # a forked child must not share this socket: it reconnects
         deadline = time.monotonic() + timeout
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A unix socket path on this machine, or (host, port) on a cluster's network.
+        sock = socket.socket(socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX, socket.SOCK_STREAM)
+        if sock.family == socket.AF_INET:  # small requests must not wait for the previous one's ACK (Nagle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             try:
                 sock.settimeout(timeout)
@@ -237,9 +240,11 @@ class StoreClient:
     ``StateServerLostError`` (no retry loop, no log flood).
     """
 
-    def __init__(self, address: str, authkey: bytes, timeout: float, lock_timeout: float) -> None:
-        """A client of the server at ``address``; nothing connects until the first call."""
+    def __init__(self, address: str | tuple[str, int], authkey: bytes, timeout: float, lock_timeout: float) -> None:
+        """A client of the server at ``address`` (a socket path, or ``(host, port)``); nothing connects yet."""
         self.address = address
+        #: The node this process runs on when it is not the state server's machine (``None``: the same machine).
+        self.node: str | None = None
         self._authkey = authkey
         self.timeout = timeout
         self.lock_timeout = lock_timeout
@@ -271,6 +276,14 @@ class StoreClient:
         if held is None:
             held = self.local.held = {}
         return held
+
+    def owner(self) -> int | tuple[str, int]:
+        """Who holds a lock taken by this process: its pid, or ``(node, pid)`` on another machine.
+
+        The server checks the liveness of a pid on its own machine only; a
+        remote owner's leases are released by the supervisor when it reaps it.
+        """
+        return os.getpid() if self.node is None else (self.node, os.getpid())
 
     def begin_activation(self, job_id: str | None = None, routine_id: str = "", slots: dict | None = None,
                          message: bytes = b"") -> None:

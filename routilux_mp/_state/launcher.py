@@ -27,9 +27,11 @@ server has not died too often (:data:`MAX_RESTARTS` within
 
 * **Create**: a private 0700 directory (``tempfile.mkdtemp``) holding the
   socket ``state.sock`` (0600), and a random 32-byte authkey. Nothing listens
-  on TCP. (A cluster needs the server on a node's address: that would be a
-  second kind of ``address`` bound by :meth:`listen`, with the same key, and
-  connected to by ``client.Channel``; the rest of this interface stays.)
+  on TCP, unless a ``host`` is given (the Ray backend gives this machine's
+  address on the cluster: workers on other nodes connect there): the server
+  then listens on ``(host, port)``, one address never ``0.0.0.0``, and every
+  connection must still pass the authkey's challenge before anything is
+  unpickled.
 * **Start** is deferred by the supervisor (the server starts once the first
   worker is ready, so it does not compete with the workers' start-up for
   CPU). Binding first lets clients connect at once: the kernel holds their
@@ -96,11 +98,12 @@ class StateServerLauncher:
     """
 
     def __init__(self, *, max_state_bytes: int, strict: bool, lock_timeout: float, backend: str | None = None,
-                 state_path: str | None = None, state_sync: str = "normal") -> None:
+                 state_path: str | None = None, state_sync: str = "normal", host: str | None = None) -> None:
         """Make the private directory and the key, lock the state file; nothing listens yet.
 
         ``backend`` overrides the choice (``"memory"``, or ``"sqlite"`` which
-        needs no ``state_path``: a private temporary file).
+        needs no ``state_path``: a private temporary file). With ``host``, a
+        TCP port is reserved there (workers on other machines connect to it).
 
         Raises:
             ValueError: ``backend`` names no state backend, or ``state_sync`` is unknown.
@@ -116,7 +119,7 @@ class StateServerLauncher:
             raise ValueError(f"state_path needs the 'sqlite' state backend, not {name!r}")
         self._sys_path = list(sys.path)  # the server imports what modify functions refer to, as we do
         self.socket_dir = tempfile.mkdtemp(prefix=_process.SOCKET_DIR_PREFIX)  # mode 0700
-        self.address = os.path.join(self.socket_dir, "state.sock")
+        self.address: str | tuple[str, int] = os.path.join(self.socket_dir, "state.sock")
         self.authkey = os.urandom(32)
         #: The state file held for this runtime (``None`` for the memory backend).
         self.state_file: StateFile | None = None
@@ -131,6 +134,18 @@ class StateServerLauncher:
             sync = STATE_SYNC[state_sync] if state_path is not None else TEMP_SYNC
             options = {"path": self.state_file.path, "synchronous": sync}
         self._settings = (max_state_bytes, strict, lock_timeout, name, options)
+        #: With a host: the TCP socket bound at once (so the address is known), listened on by listen().
+        self._tcp: socket.socket | None = None
+        if host is not None:
+            self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self._tcp.bind((host, 0))
+            except OSError:
+                self._tcp.close()
+                self.cleanup()
+                raise
+            self.address = self._tcp.getsockname()[:2]
         #: What the state file held when the runtime started: ``{worker_id: flow_id}``, and their job counters.
         self.stored_workers: dict[str, str] = dict(self.state_file.workers) if state_path is not None else {}
         self.stored_counts: dict[str, tuple[int, int]] = dict(self.state_file.counts) if state_path is not None else {}
@@ -182,6 +197,9 @@ class StateServerLauncher:
         """
         if self._listener is not None or (self.popen is not None and self.popen.poll() is None):
             raise RuntimeError("the state server's socket is bound already, or its server still runs")
+        if isinstance(self.address, tuple):
+            self._listener = self._listen_tcp()
+            return
         if self.popen is not None and os.path.exists(self.address):
             os.unlink(self.address)  # the dead server's; clients connect to the new one at the same path
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -193,6 +211,20 @@ class StateServerLauncher:
             listener.close()
             raise
         self._listener = listener
+
+    def _listen_tcp(self) -> socket.socket:
+        """Listen on the reserved TCP port (after a restart: bind it again, the same address)."""
+        listener, self._tcp = self._tcp, None
+        if listener is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                listener.bind(self.address)
+            except OSError:
+                listener.close()
+                raise
+        listener.listen(LISTEN_BACKLOG)
+        return listener
 
     def start(self) -> int | None:
         """Spawn the server on the bound socket, once; return the sentinel to watch for its death.
@@ -233,9 +265,10 @@ class StateServerLauncher:
 
     def close_listener(self) -> None:
         """Close the socket if the server never took it over: connections waiting in its backlog are refused."""
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        for sock in (self._listener, self._tcp):
+            if sock is not None:
+                sock.close()
+        self._listener = self._tcp = None
 
     def reap(self) -> str:
         """After the sentinel fired: stop watching it, wait for the exit, and say how the server died.

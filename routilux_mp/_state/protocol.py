@@ -147,14 +147,14 @@ def io_timeouts(sock: Any, seconds: float) -> None:
 class ServerConfig(NamedTuple):
     """What the state server needs, sent on its stdin by the launcher (the authkey must not show in ``ps``).
 
-    ``address`` is the unix socket path clients connect to; the server adopts
+    ``address`` is the unix socket path clients connect to (or ``(host, port)`` on a cluster); the server adopts
     the socket the launcher already bound (``listen_fd``). ``backend`` names
     the store's backend in ``backends.BACKENDS``, made with ``backend_options``
     (the state file's path and ``synchronous`` for ``sqlite``); the file's lock
     is an inherited descriptor the server keeps open until it exits.
     """
 
-    address: str
+    address: str | tuple[str, int]
     listen_fd: int
     authkey: bytes
     parent_pid: int

@@ -236,9 +236,17 @@ class _AdoptedSocketListener(connection.SocketListener):
         """Listen on ``sock`` as it is."""
         self._socket = sock
         self._address = sock.getsockname()
-        self._family = "AF_UNIX"
+        self._family = "AF_INET" if sock.family == socket.AF_INET else "AF_UNIX"
         self._last_accepted = None
         self._unlink = None  # the supervisor removes its private directory
+
+    def accept(self) -> Any:
+        """The next connection; on TCP with Nagle's algorithm off (small replies must not wait for an ACK)."""
+        s, self._last_accepted = self._socket.accept()
+        s.setblocking(True)
+        if s.family == socket.AF_INET:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return connection.Connection(s.detach())
 
 
 class _PickleListener(connection.Listener):

@@ -45,13 +45,15 @@ class StateService:
 
     def __init__(self, *, max_state_bytes: int, strict: bool, state_timeout: float, lock_timeout: float,
                  local_meta: Callable[[str], dict | None], on_lost: Callable[[], None],
-                 state_path: str | None = None, state_sync: str = "normal", backend: str | None = None) -> None:
+                 state_path: str | None = None, state_sync: str = "normal", backend: str | None = None,
+                 host: str | None = None) -> None:
         """Make the socket directory and key, lock the state file (nothing listens yet), and the client.
 
         ``local_meta`` answers WorkerState reads of status and job counters in
         this process, exactly; ``on_lost`` wakes the dispatcher (any thread)
         when the server dies or a call finds it hung or gone. ``state_path``,
-        ``state_sync`` and ``backend``: see :class:`~.launcher.StateServerLauncher`.
+        ``state_sync`` and ``backend``: see :class:`~.launcher.StateServerLauncher`;
+        ``host``: listen on TCP there too, for workers on other machines.
 
         Raises:
             StateFileError: ``state_path`` is held by another live runtime, or cannot be used.
@@ -60,7 +62,7 @@ class StateService:
         # First: a state file in use or unusable refuses the runtime before anything is made.
         self.launcher = StateServerLauncher(max_state_bytes=max_state_bytes, strict=strict,
                                             lock_timeout=lock_timeout, backend=backend, state_path=state_path,
-                                            state_sync=state_sync)
+                                            state_sync=state_sync, host=host)
         self.state_timeout = state_timeout
         #: This process's client (WorkerState handles of the supervisor use it).
         self.client = StoreClient(self.launcher.address, self.launcher.authkey, state_timeout, lock_timeout)
@@ -81,8 +83,8 @@ class StateService:
         self._stopping = False
 
     @property
-    def address(self) -> str:
-        """The socket path clients connect to."""
+    def address(self) -> str | tuple[str, int]:
+        """The socket path clients connect to (``(host, port)`` on a cluster)."""
         return self.launcher.address
 
     @property

@@ -103,24 +103,24 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Lease:
-    """Who holds a routine state's lock: a token and the owner's pid (on this machine).
+    """Who holds a routine state's lock: a token and the owner (a pid on this machine, or ``(node, pid)``).
 
-    Owners are processes of this machine, alive while ``/proc`` says so. On a
-    cluster an owner is ``(node, pid)`` and its liveness is its node's to
-    tell: that changes this class and the ``acquire`` / ``release_pid``
-    arguments, nothing else in the store.
+    An owner on this machine is alive while ``/proc`` says so. A remote owner
+    (a worker on another node of a cluster) cannot be checked from here: its
+    leases last until the supervisor, which learns of every worker's death,
+    releases them (``release_pid`` with the same owner).
     """
 
     __slots__ = ("pid", "token")
 
-    def __init__(self, token: str, pid: int) -> None:
-        """A lease for ``token``, held by process ``pid``."""
+    def __init__(self, token: str, pid: int | tuple[str, int]) -> None:
+        """A lease for ``token``, held by process ``pid`` (or ``(node, pid)``)."""
         self.token = token
         self.pid = pid
 
     def owner_alive(self) -> bool:
         """False once the owner process is gone (its lease may then be taken over)."""
-        return _pid_alive(self.pid)
+        return _pid_alive(self.pid) if isinstance(self.pid, int) else True
 
 
 class FnRaised(Exception):
@@ -436,7 +436,7 @@ class StateStore:
             raise FnRaised(task.error)
         return task.result
 
-    def acquire(self, wid: str, rid: str, token: str, pid: int, timeout: float | None) -> tuple[bytes | None, int]:
+    def acquire(self, wid: str, rid: str, token: str, pid: int | tuple[str, int], timeout: float | None) -> tuple[bytes | None, int]:
         """Take the lease of a routine state for ``(token, pid)``; return ``(pickled state or None, version)``."""
         key = (wid, rid)
         with self._cond:
@@ -480,8 +480,9 @@ class StateStore:
         self._log.sync(ticket)
         return reply
 
-    def release_pid(self, pid: int) -> int:
-        """Release every lease held by process ``pid`` (it died) and forget its requests; returns how many leases."""
+    def release_pid(self, pid: int | tuple[str, int]) -> int:
+        """Release every lease held by process ``pid`` (or ``(node, pid)``: it died) and forget its requests;
+        returns how many leases."""
         with self._cond:
             dead = [key for key, lease in self._leases.items() if lease.pid == pid]
             for key in dead:
