@@ -372,7 +372,7 @@ class Dispatcher:
                                    process=slot.index, crashed=True)
         elif first is not None and slot.ready and slot.exiting is None:
             first.crashes += 1
-            error = self._crash_error(slot, first, info)
+            error = crash_error(slot, first, info)
         if error is not None and first is not None:
             acts.pop(0)
             self.ledger.left(first)
@@ -509,15 +509,6 @@ class Dispatcher:
             delay = min(MAX_RESPAWN_DELAY, 0.1 * 2 ** (self.start_failures - 1))
             self.timers.add(RespawnDue(index), self.timers.clock() + delay)
 
-    def _crash_error(self, slot: WorkerSlot, act: _Act, info: ExitInfo) -> dict:
-        """The error of an activation whose worker died running it: how, and what that likely means."""
-        message = (
-            f"worker {slot.index} (pid {info.pid}) {info.how()} while running routine {act.rt.rid!r} "
-            f"of worker {act.rt.inst.worker_id!r}: {info.cause}. The process was replaced; other jobs carry on"
-        )
-        return error_data(WorkerCrashedError, message, traceback=info.stderr_tail, exitcode=info.exitcode,
-                          signal=info.signal, pid=info.pid, process=slot.index, crashed=True)
-
     def _failed(self, act: _Act, error: dict, res: _Result | None = None) -> None:
         """Apply the routine's error strategy to a failed activation (a retry is scheduled here)."""
         outcome = self.ledger.fail_activation(act, error)
@@ -527,6 +518,16 @@ class Dispatcher:
             if res is not None and self.router.route(act, outcome, res) is not None:
                 outcome.trace(act.rt.rid, "outputs dropped", "an output of the failed activation cannot be unpickled")
             self.ledger.release(act)
+
+
+def crash_error(slot: WorkerSlot, act: _Act, info: ExitInfo) -> dict:
+    """The error of an activation whose worker died running it: how, and what that likely means."""
+    message = (
+        f"worker {slot.index} (pid {info.pid}) {info.how()} while running routine {act.rt.rid!r} "
+        f"of worker {act.rt.inst.worker_id!r}: {info.cause}. The process was replaced; other jobs carry on"
+    )
+    return error_data(WorkerCrashedError, message, traceback=info.stderr_tail, exitcode=info.exitcode,
+                      signal=info.signal, pid=info.pid, process=slot.index, crashed=True)
 
 
 def lane_for(rt: _RoutineRt, candidate: WorkerSlot, slots: list[WorkerSlot], full: set[int],

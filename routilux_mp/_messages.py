@@ -333,6 +333,27 @@ class FrameReader:
         return frames
 
 
+def read_messages(reader: FrameReader) -> tuple[list[Any], str | None]:
+    """The messages whole on ``reader`` now, in order, and what is wrong with the bytes after them, if anything.
+
+    The second item is ``None``, or why the stream is out of step for good
+    (bytes that are not a frame of ours, or a frame that is not our pickle):
+    the messages before the bad bytes are returned all the same.
+    """
+    corrupt = None
+    try:
+        frames = reader.read()
+    except CorruptFrameError as exc:
+        frames, corrupt = exc.frames, str(exc)
+    messages = []
+    for blob in frames:
+        try:
+            messages.append(loads(blob))
+        except Exception as exc:  # noqa: BLE001 - bytes a process wrote outside the protocol may fail in any way
+            return messages, f"a message that cannot be unpickled ({type(exc).__name__}: {exc})"
+    return messages, corrupt
+
+
 def frame(data: bytes) -> bytes:
     """``data`` with its frame header, ready to write."""
     size = len(data)

@@ -171,19 +171,7 @@ class Runtime:
         if thread_pool_size is not None and processes is not None and thread_pool_size != processes:
             raise ValueError(f"thread_pool_size={thread_pool_size} and processes={processes} disagree; give one")
         count = processes if processes is not None else thread_pool_size
-        if backend is None:
-            backend = os.environ.get(BACKEND_VARIABLE) or "local"
-        if backend not in ("local", "ray"):
-            raise ValueError(f"backend must be 'local' or 'ray', got {backend!r} (from the argument or "
-                             f"{BACKEND_VARIABLE})")
-        if address is not None and backend != "ray":
-            raise ValueError(f"address={address!r} is for backend='ray'; the local backend runs on this machine")
-        if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
-            raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
-                             f"got {count!r}")
-        if count == 0 and backend == "ray":
-            raise ValueError("processes=0 runs logic in this process, to debug it: use the local backend for that "
-                             "(drop backend='ray' or ROUTILUX_MP_BACKEND)")
+        backend = _choose_backend(backend, address, count)
         port = _dashboard_port(dashboard)
         make_backend = None
         if backend == "ray":
@@ -193,14 +181,8 @@ class Runtime:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
                              f"got {count!r}")
-        cpus = _cpu_count()
-        if backend == "local" and count > MAX_PROCESSES_PER_CPU * cpus:
-            raise ValueError(
-                f"processes={count} is more than {MAX_PROCESSES_PER_CPU} per CPU ({MAX_PROCESSES_PER_CPU * cpus} "
-                f"on the {cpus} CPUs this process may use): each worker is a Python interpreter competing for "
-                "those CPUs and memory. Use fewer processes; for I/O-bound logic, use threads or asyncio inside "
-                "the logic"
-            )
+        if backend == "local":
+            _check_local_count(count)
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if max_worker_rss is not None and kill_worker_rss is None:
@@ -476,6 +458,36 @@ class Runtime:
             if not sup.on_dispatcher():  # (from a done-callback, the dispatcher stops once it returns)
                 with _live_lock:
                     _live.discard(self)
+
+
+def _choose_backend(backend: str | None, address: str | None, count: int | None) -> str:
+    """The backend to run on (the argument, else ``ROUTILUX_MP_BACKEND``, else local); refuses what does not fit."""
+    if backend is None:
+        backend = os.environ.get(BACKEND_VARIABLE) or "local"
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r} (from the argument or "
+                         f"{BACKEND_VARIABLE})")
+    if address is not None and backend != "ray":
+        raise ValueError(f"address={address!r} is for backend='ray'; the local backend runs on this machine")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        raise ValueError(f"processes must be a positive int (or 0: run logic in this process, to debug it), "
+                         f"got {count!r}")
+    if count == 0 and backend == "ray":
+        raise ValueError("processes=0 runs logic in this process, to debug it: use the local backend for that "
+                         "(drop backend='ray' or ROUTILUX_MP_BACKEND)")
+    return backend
+
+
+def _check_local_count(count: int) -> None:
+    """Refuse more worker processes than this machine's CPUs can reasonably run."""
+    cpus = _cpu_count()
+    if count > MAX_PROCESSES_PER_CPU * cpus:
+        raise ValueError(
+            f"processes={count} is more than {MAX_PROCESSES_PER_CPU} per CPU ({MAX_PROCESSES_PER_CPU * cpus} "
+            f"on the {cpus} CPUs this process may use): each worker is a Python interpreter competing for "
+            "those CPUs and memory. Use fewer processes; for I/O-bound logic, use threads or asyncio inside "
+            "the logic"
+        )
 
 
 #: The environment variable that chooses the backend of a ``Runtime`` that does not name one.

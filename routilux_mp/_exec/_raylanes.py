@@ -26,7 +26,16 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any
 
-from .._messages import CorruptFrameError, FrameReader, _Exiting, _Ready, _Result, _WorkerConfig, dumps, frame, loads
+from .._messages import (
+    FrameReader,
+    _Exiting,
+    _Ready,
+    _Result,
+    _WorkerConfig,
+    dumps,
+    frame,
+    read_messages,
+)
 from ._pipes import TAIL_LINE_CHARS, TAIL_LINES
 from .base import Broken, Exiting, Finished, Output, Ready, Usage, WorkerEvent, WorkerSettings
 from .local import PIPE_BUDGET
@@ -191,17 +200,8 @@ class Lane:
         """
         reader = self.reader
         assert reader is not None
-        corrupt = None
-        try:
-            frames = reader.read()
-        except CorruptFrameError as exc:
-            frames, corrupt = exc.frames, str(exc)
-        for blob in frames:
-            try:
-                message = loads(blob)
-            except Exception as exc:  # noqa: BLE001 - bytes logic wrote on the socket may fail in any way
-                corrupt = f"a message that cannot be unpickled ({type(exc).__name__}: {exc})"
-                break
+        messages, corrupt = read_messages(reader)
+        for message in messages:
             kind = type(message)
             if message is None:  # TOOK: it read its next activation
                 self.took += 1

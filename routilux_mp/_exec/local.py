@@ -36,8 +36,6 @@
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import os
 import selectors
@@ -53,7 +51,6 @@ from .. import _process
 from .._logs import _Log
 from .._messages import (
     STOP,
-    CorruptFrameError,
     ExitInfo,
     _Activation,
     _Exiting,
@@ -61,8 +58,9 @@ from .._messages import (
     _Result,
     _WorkerConfig,
     dumps,
-    loads,
+    read_messages,
 )
+from ._deadlines import Deadlines, TakeCheck, TermGrace
 from ._pipes import Child
 from ._spare import Spare, start_worker
 from .base import (
@@ -96,24 +94,6 @@ SPARE_WORKER = True
 EXIT_CHECK_INTERVAL = 0.05
 
 
-class _TermGrace:
-    """Deadline: SIGKILL a worker that outlived its SIGTERM by ``TERM_GRACE``."""
-
-    __slots__ = ("child",)
-
-    def __init__(self, child: Child) -> None:
-        self.child = child
-
-
-class _TakeCheck:
-    """Deadline: check that a worker took the activation it holds first."""
-
-    __slots__ = ("child",)
-
-    def __init__(self, child: Child) -> None:
-        self.child = child
-
-
 class LocalProcessBackend(WorkerBackend):
     """Worker processes on this machine (see the module docstring)."""
 
@@ -138,10 +118,8 @@ class LocalProcessBackend(WorkerBackend):
         self._life_r, self._life_w = os.pipe()
         #: Children with bytes in their outbox whose command pipe poll() must watch for room.
         self._want_write: set[Child] = set()
-        #: Heap of (when, seq, deadline) for kill escalations and take checks.
-        self._deadlines: list[tuple[float, int, Any]] = []
-        #: Tie-breaker for deadlines due at the same time.
-        self._seq = itertools.count()
+        #: Kill escalations and take checks, soonest first.
+        self._deadlines = Deadlines()
         #: The thread that polls: a send() from any other thread wakes it when bytes wait in an outbox.
         self._poller: threading.Thread | None = None
         #: stop() began: nothing more is sent.
@@ -231,12 +209,8 @@ class LocalProcessBackend(WorkerBackend):
         if child.take_armed:
             return False
         child.take_armed = True
-        self._add_deadline(child.first_since + TAKE_TIMEOUT, _TakeCheck(child))
+        self._deadlines.push(child.first_since + TAKE_TIMEOUT, TakeCheck(child))
         return True
-
-    def _add_deadline(self, when: float, deadline: Any) -> None:
-        """Schedule a kill escalation or a take check (lock held)."""
-        heapq.heappush(self._deadlines, (when, next(self._seq), deadline))
 
     # -- poll ----------------------------------------------------------------------------------------
 
@@ -251,9 +225,9 @@ class LocalProcessBackend(WorkerBackend):
         """Wait for events (see :meth:`WorkerBackend.poll`); never longer than the next own deadline."""
         if self._poller is None:
             self._poller = threading.current_thread()
-        deadlines = self._deadlines  # (only poll pops; a send that pushes an earlier one wakes this thread)
-        if deadlines:
-            wait = max(0.0, deadlines[0][0] - time.monotonic())
+        due = self._deadlines.next_due()  # (only poll pops; a send that pushes an earlier one wakes this thread)
+        if due is not None:
+            wait = max(0.0, due - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
         events: list[WorkerEvent] = []
         exits = []
@@ -291,17 +265,8 @@ class LocalProcessBackend(WorkerBackend):
         if child.broken:  # out of step for good: drop what it still writes
             self._drain(child, events)
             return
-        corrupt = None
-        try:
-            frames = child.reader.read()
-        except CorruptFrameError as exc:
-            frames, corrupt = exc.frames, str(exc)
-        for blob in frames:
-            try:
-                message = loads(blob)
-            except Exception as exc:  # noqa: BLE001 - bytes logic wrote on the pipe may fail in any way
-                corrupt = f"a message that cannot be unpickled ({type(exc).__name__}: {exc})"
-                break
+        messages, corrupt = read_messages(child.reader)
+        for message in messages:
             kind = type(message)
             if kind is _Result:
                 self._finished(child)
@@ -419,16 +384,16 @@ class LocalProcessBackend(WorkerBackend):
     def _fire_deadlines(self, events: list[WorkerEvent]) -> None:
         """Escalate kills and check takes that are due."""
         now = time.monotonic()
-        deadlines = self._deadlines
-        if not deadlines or deadlines[0][0] > now:  # the common case, without the lock (only poll pops)
+        due = self._deadlines.next_due()
+        if due is None or due > now:  # the common case, without the lock
             return
         while True:
             with self._lock:
-                if not self._deadlines or self._deadlines[0][0] > now:
-                    return
-                _, _, deadline = heapq.heappop(self._deadlines)
+                deadline = self._deadlines.pop_due(now)
+            if deadline is None:
+                return
             child = deadline.child
-            if type(deadline) is _TermGrace:
+            if type(deadline) is TermGrace:
                 if not child.closed and child.popen.poll() is None:
                     _process.signal_group(child.pid, signal.SIGKILL)
             else:
@@ -444,7 +409,7 @@ class LocalProcessBackend(WorkerBackend):
             due = child.first_since + TAKE_TIMEOUT
             if now < due:  # it went first later than the check was set: check it then
                 child.take_armed = True
-                self._add_deadline(due, _TakeCheck(child))
+                self._deadlines.push(due, TakeCheck(child))
                 return
             if child.taken(child.acts[0][0]):
                 return
@@ -462,7 +427,7 @@ class LocalProcessBackend(WorkerBackend):
         _process.signal_group(child.pid, signal.SIGKILL if hard else signal.SIGTERM)
         if not hard:
             with self._lock:
-                self._add_deadline(time.monotonic() + TERM_GRACE, _TermGrace(child))
+                self._deadlines.push(time.monotonic() + TERM_GRACE, TermGrace(child))
 
     def taken(self, slot: int) -> bool:
         """Whether the worker has read the activation it holds first off its command pipe."""
@@ -515,23 +480,33 @@ class LocalProcessBackend(WorkerBackend):
         self._spare.discard()
         _escalate(children, grace, output, self._unwatch)
         for child in children:
-            pieces: list[Output] = []
-            for fd in list(child.outputs):
-                child.pump(fd, pieces, final=True)
-            for piece in pieces:
-                output(piece)
+            _forward_last_output(child, output)
             self._release(child)
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w, self._life_r, self._life_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        _close_quietly(self._wake_r, self._wake_w, self._life_r, self._life_w)
 
     def abort(self) -> None:
         """SIGKILL every worker's group now and wait for them (any thread)."""
         self._spare.kill()
         _kill_and_reap([c for c in list(self._children) if c is not None])
+
+
+def _forward_last_output(child: Child, output: Callable[[Output], None]) -> None:
+    """Hand ``output`` what ``child`` wrote last (incomplete lines included): it is gone or stopping."""
+    pieces: list[Output] = []
+    for fd in list(child.outputs):
+        child.pump(fd, pieces, final=True)
+    for piece in pieces:
+        output(piece)
+
+
+def _close_quietly(*fds: int) -> None:
+    """Close ``fds``, some of which may be closed already."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _escalate(children: list[Child], grace: float, output: Callable[[Output], None],
