@@ -23,12 +23,12 @@ def _descendants() -> dict[int, str]:
     me = psutil.Process()
     found = {}
     for child in me.children(recursive=True):
-        try:
+        try:  # (it may exit between the listing and these reads: then it is not left behind)
             cmdline = child.cmdline()
+            if not is_ray_process(cmdline):  # Ray's come and go on their own; its actors are checked apart
+                found[child.pid] = " ".join(cmdline) or child.name()
         except psutil.Error:
             continue
-        if not is_ray_process(cmdline):  # Ray's come and go on their own; its actors are checked apart
-            found[child.pid] = " ".join(cmdline) or child.name()
     return found
 
 
