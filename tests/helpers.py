@@ -74,8 +74,23 @@ def wait_until(predicate: Callable[[], Any], what: str, *, job: Any = None, time
         if job is not None and job.done:
             raise AssertionError(f"waiting for {what}, but job {job.job_id} ended {job.status}: {job.error}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout}s")
+            raise AssertionError(f"{what} did not happen within {timeout}s; threads now:\n{thread_summary()}")
         time.sleep(0.002)  # a short pause between polls, not a synchronization
+
+
+def thread_summary(frames: int = 4) -> str:
+    """Where every thread of this process stands (its innermost ``frames`` frames): why a wait timed out."""
+    import threading
+    import traceback
+
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        stack = traceback.extract_stack(frame)[-frames:]
+        where = " <- ".join(f"{entry.name} ({entry.filename.rsplit('/', 1)[-1]}:{entry.lineno})"
+                            for entry in reversed(stack))
+        lines.append(f"  {names.get(ident, ident)}: {where}")
+    return "\n".join(sorted(lines))
 
 
 def pool_refilled(runtime: Any, restarts: int, timeout: float = WAIT) -> None:

@@ -33,7 +33,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .client import StatePusher, StoreClient
+from .client import HUNG, StatePusher, StoreClient
 from .launcher import TERM_TIMEOUT, StateServerLauncher
 from .protocol import Method
 
@@ -165,7 +165,8 @@ class StateService:
     def _call_failed(self, why: str) -> None:
         """A call of this process found the server hung or gone (any thread): the dispatcher acts."""
         with self._news:
-            self._trouble = why
+            if self._trouble is None or HUNG not in self._trouble:  # a hang must not be hidden by a later report
+                self._trouble = why
         self._on_death()
 
     def check(self, stopping: bool) -> str | None:
