@@ -348,6 +348,29 @@ def test_shutdown_cancels_leftovers_and_leaves_no_process(make_runtime) -> None:
     runtime.shutdown()  # twice is fine
 
 
+#: id, whether the state is in a file the user named. A runtime shut down before its state server started
+#: (its worker was not ready yet) once waited state_timeout for a push that had no server to go to.
+EARLY_SHUTDOWNS = [("private-state", False), ("state-file", True)]
+
+
+@pytest.mark.parametrize("durable", [row[1] for row in EARLY_SHUTDOWNS], ids=[row[0] for row in EARLY_SHUTDOWNS])
+def test_a_runtime_shut_down_right_after_exec_stops_at_once_and_keeps_what_it_registered(tmp_path, durable) -> None:
+    single_flow("early", _whoami)
+    path = str(tmp_path / "run.db") if durable else None
+    runtime = Runtime(processes=1, state_path=path, state_timeout=60.0)
+    try:
+        ws = runtime.exec("early", worker_id="w1")
+        started = time.monotonic()
+        runtime.shutdown()
+        assert time.monotonic() - started < 30, "shutdown waited for a state server that never started"
+        assert ws.status == "stopped" and ws.get_routine_state("r") is None
+    finally:
+        runtime.shutdown()
+    if durable:  # the registration reached the file: the next runtime can resume w1
+        with Runtime(processes=1, state_path=path) as again:
+            assert again.list_workers(stored=True) == ["w1"]
+
+
 def test_thread_pool_size_is_an_alias_of_processes() -> None:
     with Runtime(thread_pool_size=2) as runtime:
         assert runtime.processes == 2 and len(runtime.stats()["processes"]) == 2

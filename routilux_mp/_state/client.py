@@ -447,11 +447,14 @@ class StatePusher:
         """Start the pusher's thread; it calls through ``client``."""
         self._client = client
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        #: How many calls were queued so far.
+        self.pushed = 0
         self._thread = threading.Thread(target=self._run, name="routilux-mp state pusher", daemon=True)
         self._thread.start()
 
     def push(self, method: Method, *args: Any) -> None:
         """Queue ``method(*args)``; it is sent after everything queued before it."""
+        self.pushed += 1
         self._queue.put((method, args))
 
     def close(self, timeout: float) -> None:
@@ -472,5 +475,7 @@ class StatePusher:
                 self._client.call(method, *args)
             except StateServerLostError:
                 pass  # the dispatcher notices (the server's pidfd) and reports it once
+            except RuntimeClosedError:
+                pass  # shut down before the server ever started: there was nothing to send it to
             except Exception:
                 logger.exception("the state server refused %s()", method.value)

@@ -213,13 +213,20 @@ class StateService:
         """Send what is queued and take the final snapshot that reads are served from after shutdown."""
         if self.client.snapshot is not None:  # taken already (by shutdown() while the dispatcher was stuck)
             return
-        started = self.launcher.started
-        if not started:
-            # Stopped before the server started: nothing was ever stored. Closing the listener
-            # refuses the connections waiting in its backlog, so nobody waits for it.
+        if not self.launcher.started and self.state_path is not None and self.pusher.pushed:
+            # Shut down before the server started, with workers registered in the user's state file:
+            # start it now, so the file holds them (``list_workers()`` of the next runtime shows them).
+            self.start_server()
+        if not self.launcher.started:
+            # Nothing was ever stored, and nothing has to be. Closing the listener refuses the
+            # connections waiting in its backlog, and the snapshot (taken first) ends the retries of
+            # a push queued meanwhile: nobody waits for a server that never comes.
             self.launcher.close_listener()
+            self.client.freeze(metas, server_started=False)
+            self.pusher.close(timeout)
+            return
         self.pusher.close(timeout)
-        self.client.freeze(metas, server_started=started)
+        self.client.freeze(metas, server_started=True)
 
     def stop(self) -> None:
         """Stop the server (stop request, join, SIGTERM, SIGKILL) and remove the socket directory."""
