@@ -19,6 +19,15 @@ ROOT = os.path.dirname(HERE)
 LEAK_DEADLINE = 10.0
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (``-n 2``), every test that uses Ray runs in one worker: one Ray cluster per run."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        uses_ray = item.path.name == "test_ray.py" or (callspec is not None and callspec.params.get("backend") == "ray")
+        if uses_ray:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def _descendants() -> dict[int, str]:
     me = psutil.Process()
     found = {}
