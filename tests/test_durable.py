@@ -40,6 +40,7 @@ def _count(ws) -> int:
 
 
 def _restarted(runtime, pid: int) -> bool:
+    assert not runtime._testing.broken, "the runtime broke instead of restarting its state server (see its log)"
     return runtime._testing.state_pid not in (None, pid) and runtime._testing.state_watched
 
 
