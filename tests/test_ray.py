@@ -6,6 +6,7 @@ the node-loss tests add a second node and remove it in the middle of a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -186,12 +188,25 @@ DRIVER = textwrap.dedent(
 )
 
 
-def test_a_sigkilled_driver_leaves_no_actor_and_no_worker_behind(tmp_path, python_env, ray_cluster):
+@contextlib.contextmanager
+def _driver(tmp_path, address: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """Run DRIVER (``address``: its Ray cluster, "" for a private instance) in a session of its own."""
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script), ray_cluster.address], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=python_env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(script), address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
     try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_a_sigkilled_driver_leaves_no_actor_and_no_worker_behind(tmp_path, python_env, ray_cluster):
+    with _driver(tmp_path, ray_cluster.address, python_env) as proc:
         line = proc.stdout.readline()
         assert line, (proc.stderr.read(), [(a["ActorClassName"], a["State"]) for a in live_actors()])
         pids = json.loads(line)
@@ -202,21 +217,11 @@ def test_a_sigkilled_driver_leaves_no_actor_and_no_worker_behind(tmp_path, pytho
         _gone, alive = psutil.wait_procs(procs, timeout=10)
         assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "workers and state server are gone"
         assert wait_no_live_actors() == [], "Ray ended the dead driver's actors"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 def test_a_sigkilled_driver_of_a_private_ray_instance_leaves_no_ray_process(tmp_path, python_env, ray_cluster):
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
     env = {k: v for k, v in python_env.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, str(script), ""], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, start_new_session=True)
-    try:
+    with _driver(tmp_path, "", env) as proc:
         line = proc.stdout.readline()
         assert line, proc.stderr.read()
         tree = psutil.Process(proc.pid).children(recursive=True)
@@ -226,12 +231,6 @@ def test_a_sigkilled_driver_of_a_private_ray_instance_leaves_no_ray_process(tmp_
         _gone, alive = psutil.wait_procs(tree, timeout=30)
         alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not alive, f"outlived the driver by 30s: {[' '.join(p.cmdline())[:80] for p in alive]}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 # -- the command line ----------------------------------------------------------------------------------------
