@@ -1,10 +1,16 @@
 """What the dashboard tests share: a three-stage flow with a failing item, and an SSE reader.
 
 The flow ``staged``: ``parse`` (entry slot ``raw``) -> ``work`` -> ``collect``.
-``work`` raises ``ValueError("bad item N")`` for an item with ``"fail": true``;
-``collect`` counts what it saw in its WorkerState. An item may name a
-``gate`` file: ``work`` waits (up to a minute) until it exists, so a test can
-hold a run open while it looks at the page and release it when it is done.
+``work`` raises ``ValueError("bad item N")`` for an item with ``"fail": true``,
+and ``parse`` does for one with ``"unparsable": true``; ``collect`` counts what
+it saw in its WorkerState. An item may name a ``gate`` file: ``work`` waits (up
+to a minute) until it exists, so a test can hold a run open while it looks at
+the page and release it when it is done.
+
+A test that waits for a failure while a gated item holds its process makes
+the failing line ``unparsable``, and puts it before the gated line: one
+activation may be sent ahead to the gated process and wait behind it (see
+``_dispatch.lane_for``), but never one of an earlier line's first stage.
 """
 
 from __future__ import annotations
@@ -39,7 +45,14 @@ FLOW_SOURCE = textwrap.dedent(
             super().__init__()
             self.add_slot("raw")
             self.add_event("parsed")
-            self.set_logic(lambda slot_data, message, ws: [self.emit("parsed", **item) for item in slot_data["raw"]])
+
+            def logic(slot_data, message, ws):
+                for item in slot_data["raw"]:
+                    if item.get("unparsable"):
+                        raise ValueError(f"bad item {item['n']}")
+                    self.emit("parsed", **item)
+
+            self.set_logic(logic)
             self.set_max_concurrency(None)
 
 

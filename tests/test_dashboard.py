@@ -210,7 +210,8 @@ def test_cli_prints_the_url_line_and_serves_the_run(python_env, tmp_path):
     flow_file = write_flow_file(str(tmp_path))
     gate = tmp_path / "gate"
     data = tmp_path / "in.jsonl"
-    data.write_text('{"n": 1}\n{"n": 2, "fail": true}\n' + f'{{"n": 3, "gate": "{gate}"}}\n')
+    # (One of lines 1 and 3 may wait for the gated line 4, when it was sent ahead to the same process.)
+    data.write_text('{"n": 1}\n{"n": 2, "unparsable": true}\n{"n": 3}\n' + f'{{"n": 4, "gate": "{gate}"}}\n')
     proc = subprocess.Popen([sys.executable, "-m", "routilux_mp", "run", flow_file, "--input", str(data),
                              "--dashboard", "0", "--processes", "3", "--output", str(tmp_path / "out.jsonl")],
                             env=python_env, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
@@ -224,16 +225,15 @@ def test_cli_prints_the_url_line_and_serves_the_run(python_env, tmp_path):
             def failed_and_done(kind: str, data: dict) -> bool:
                 if "failures" in data:
                     shown["failures"] = data["failures"]
-                # (Line 1 may wait for the gated line 3, when it was sent ahead to the same process.)
                 return data.get("done", 0) >= 1 and bool(shown.get("failures"))
 
             _, snap = feed.until(lambda k, d: failed_and_done(k, d.get("snapshot", d)), "line 2 failed")
-            assert snap.get("snapshot", snap)["total"] == 3
+            assert snap.get("snapshot", snap)["total"] == 4
             failure = shown["failures"][0]
             assert failure["line"] == 2 and "bad item 2" in failure["traceback"]
             gate.touch()
             _, final = feed.until(lambda k, d: k == "final", "the final snapshot")
-            assert final["summary"]["done"] == 3 and final["summary"]["failed"] == 1
+            assert final["summary"]["done"] == 4 and final["summary"]["failed"] == 1
         finally:
             feed.close()
         assert proc.wait(RUN_TIMEOUT) == 1  # one line failed

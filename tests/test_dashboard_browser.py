@@ -93,7 +93,7 @@ def test_a_cli_run_is_shown_until_its_end(python_env, tmp_path, chrome):
     flow_file = write_flow_file(str(tmp_path))
     gate = tmp_path / "gate"
     data = tmp_path / "in.jsonl"
-    lines = [f'{{"n": {n}}}' for n in range(1, 6)] + ['{"n": 6, "fail": true}', f'{{"n": 7, "gate": "{gate}"}}']
+    lines = [f'{{"n": {n}}}' for n in range(1, 6)] + ['{"n": 6, "unparsable": true}', f'{{"n": 7, "gate": "{gate}"}}']
     data.write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen([sys.executable, "-m", "routilux_mp", "run", flow_file, "--input", str(data),
                              "--dashboard", "0", "--processes", "3", "--no-progress", "--output", str(tmp_path / "out.jsonl")],
