@@ -78,6 +78,18 @@ def wait_until(predicate: Callable[[], Any], what: str, *, job: Any = None, time
         time.sleep(0.002)  # a short pause between polls, not a synchronization
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped: ``kill`` returns before it is, and until then it runs on."""
+    import os
+    import signal
+
+    import psutil
+
+    process = psutil.Process(pid)
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: process.status() == psutil.STATUS_STOPPED, f"process {pid} to be stopped")
+
+
 def thread_summary(frames: int = 4) -> str:
     """Where every thread of this process stands (its innermost ``frames`` frames): why a wait timed out."""
     import threading

@@ -18,7 +18,7 @@ import threading
 
 import psutil
 import pytest
-from helpers import WAIT, by_value, single_flow, wait_until
+from helpers import WAIT, by_value, freeze, single_flow, wait_until
 
 from routilux_mp import Runtime
 from routilux_mp.errors import FlowError, LockLostError, StateFileError, StateServerLostError
@@ -79,11 +79,10 @@ def test_a_hung_state_server_is_killed_and_restarted_keeping_every_acknowledged_
     ws = runtime.exec("hang")
     for _ in range(50):
         ws.increment("shared", "count")
-    pid = _kill_server(runtime, signal.SIGSTOP)
+    pid = runtime._testing.state_pid
     # Stopped for sure before the next call: a server still finishing its stop could answer it, and then
     # no call would ever find it hung (nobody else calls an idle runtime's server), so none restarts it.
-    server = psutil.Process(pid)
-    wait_until(lambda: server.status() == psutil.STATUS_STOPPED, "the server to be stopped")
+    freeze(pid)
     try:
         ws.increment("shared", "count")  # never acknowledged by the hung server: it may or may not be applied
     except StateServerLostError as exc:

@@ -15,7 +15,7 @@ import time
 
 import psutil
 import pytest
-from helpers import WAIT, by_value, echo, our_children, pool_ready, pool_refilled, single_flow
+from helpers import WAIT, by_value, echo, freeze, our_children, pool_ready, pool_refilled, single_flow
 
 from routilux_mp import Runtime, get_current_job
 from routilux_mp._exec import _pipes, local
@@ -60,7 +60,7 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
     runtime.exec("stall")
     pool_ready(runtime)
     victim = runtime._testing.worker_pid(0)
-    os.kill(victim, signal.SIGSTOP)  # idle: the first activation goes to it
+    freeze(victim)  # idle: the first activation goes to it
     try:
         jobs: list = []
         big = {"pad": "x" * 200_000}  # more than a pipe holds: a blocking write would never return
@@ -81,7 +81,7 @@ def test_a_stopped_idle_worker_blocks_nothing_and_is_replaced(make_runtime, monk
         assert victim not in {p["pid"] for p in runtime.stats()["processes"]}, "the stopped worker was replaced"
         # A stopped worker at shutdown is stopped all the same.
         other = runtime._testing.worker_pid(1)
-        os.kill(other, signal.SIGSTOP)
+        freeze(other)
         children = our_children()
         started = time.monotonic()
         runtime.shutdown()
@@ -129,7 +129,7 @@ def test_a_stopped_worker_is_replaced_when_nothing_else_happens(make_runtime, mo
     assert first.wait(WAIT) and first.status == "completed", first.error
     victim = first.outputs[0]["data"]["pid"]
     assert runtime._testing.wait_no_timers(WAIT), "counters flushed, the first activation's take check done"
-    os.kill(victim, signal.SIGSTOP)
+    freeze(victim)
     try:
         # A small activation fits in the pipe: nothing but the take check can wake the dispatcher now.
         _, job = runtime.post("quiet", "r", "in", {"pad": ""})
