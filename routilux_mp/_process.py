@@ -21,6 +21,10 @@ holds the GIL in C code, where no thread of the worker could. (Workers are not
 made ``PR_SET_CHILD_SUBREAPER``: orphans of daemonizing logic would then stay
 zombies of the worker until it exits, and reaping them could steal the exit
 status of children logic waits for.)
+
+The state server, killed by ``PR_SET_PDEATHSIG`` as its supervisor dies, has a
+guard of its own (``start_dir_guard``) that removes the runtime's private
+directory then: on a cluster no local worker guard is there to do it.
 """
 
 from __future__ import annotations
@@ -268,3 +272,60 @@ def start_group_guard(life_fd: int, name: str, cleanup_dir: str | None) -> int |
     finally:
         os._exit(EXIT_PARENT_GONE)
 
+
+
+#: ``PF_EXITING`` in the flags of ``/proc/PID/stat``: the process is exiting (set as ``do_exit`` begins).
+_PF_EXITING = 0x4
+
+
+def ending(pid: int) -> bool:
+    """Whether process ``pid`` is gone, a zombie, or exiting (Linux ``/proc``; elsewhere: gone or not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+    state, flags = fields[0], int(fields[6])
+    return state in (b"Z", b"X", b"x") or bool(flags & _PF_EXITING)
+
+
+def start_dir_guard(supervisor: int, cleanup_dir: str, name: str) -> int | None:
+    """Fork a guard that removes ``cleanup_dir`` when this process ends because ``supervisor`` died.
+
+    For the state server, which ``PR_SET_PDEATHSIG`` kills with its
+    supervisor before it could remove anything (on a cluster no local worker
+    guard is there to do it). The guard waits for this process to end (EOF on
+    a pipe only this process holds); if the supervisor is ending too, the
+    directory is removed; otherwise the supervisor lives on (a stop, or a
+    restart of the server in the same directory) and the guard just exits.
+    Call it before any thread starts. Returns its pid, or None if fork failed.
+    """
+    read_end, write_end = os.pipe()  # (not inheritable: no child of this process holds it)
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return None
+    if pid:
+        os.close(read_end)
+        return pid  # ``write_end`` stays open until this process ends: that is the guard's signal
+    try:
+        set_process_name(name)
+        os.closerange(0, read_end)
+        os.closerange(read_end + 1, os.sysconf("SC_OPEN_MAX"))
+        _wait_eof(read_end)
+        # The supervisor's death kills this process through PR_SET_PDEATHSIG as the supervisor begins to
+        # exit, so by now it is at least exiting.
+        if ending(supervisor) and os.path.basename(cleanup_dir).startswith(SOCKET_DIR_PREFIX):
+            shutil.rmtree(cleanup_dir, ignore_errors=True)
+    finally:
+        os._exit(0)

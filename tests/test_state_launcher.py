@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
 import stat
+import subprocess
+import sys
+import textwrap
 import threading
 
 import psutil
@@ -91,3 +95,52 @@ def test_stopped_before_its_start_the_socket_refuses_clients_at_once() -> None:
 def test_an_unknown_backend_is_refused_before_anything_is_made() -> None:
     with pytest.raises(ValueError, match=r"unknown state backend 'nope'; choose one of 'memory', 'sqlite'"):
         StateServerLauncher(max_state_bytes=1000, strict=False, lock_timeout=1.0, backend="nope")
+
+
+SUPERVISOR = textwrap.dedent(
+    """
+    import json, sys
+    from routilux_mp._state.launcher import StateServerLauncher
+
+    launcher = StateServerLauncher(max_state_bytes=1000, strict=False, lock_timeout=1.0)
+    launcher.listen()
+    launcher.start()
+    print(json.dumps([launcher.socket_dir, launcher.pid]), flush=True)
+    sys.stdin.read()  # until the test closes it
+    launcher.stop()
+    launcher.cleanup()
+    """
+)
+
+#: id, which process the test SIGKILLs, whether the private directory outlives it (the supervisor's own
+#: cleanup removes it later). The state server dies with its supervisor before it could remove anything:
+#: its guard does (on a cluster there is no local worker guard to do it).
+DEATHS = [("supervisor-killed", "supervisor", False), ("server-killed", "server", True)]
+
+
+@pytest.mark.parametrize(("victim", "kept"), [row[1:] for row in DEATHS], ids=[row[0] for row in DEATHS])
+def test_the_private_directory_goes_with_a_dead_supervisor_and_stays_for_a_live_one(python_env, victim,
+                                                                                   kept) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=python_env)
+    try:
+        socket_dir, server_pid = json.loads(proc.stdout.readline())
+        server = psutil.Process(server_pid)
+        wait_until(server.children, "the server to fork its guard")
+        (guard,) = server.children()
+        assert guard.name() == "rmp-state-guard"
+        os.kill(proc.pid if victim == "supervisor" else server_pid, signal.SIGKILL)
+        for process, what in ((server, "the server"), (guard, "its guard")):
+            wait_until(lambda p=process: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, f"{what}'s end")
+        if kept:
+            assert os.path.isdir(socket_dir), "a live supervisor keeps its directory (to restart the server)"
+            proc.stdin.close()
+            assert proc.wait(WAIT) == 0
+        wait_until(lambda: not os.path.exists(socket_dir), "the private directory to be removed")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        if not proc.stdin.closed:
+            proc.stdin.close()

@@ -249,7 +249,7 @@ class StateServerLauncher:
             )
             max_state_bytes, strict, lock_timeout, backend, options = self._settings
             config = ServerConfig(self.address, listener.fileno(), self.authkey, os.getpid(), self._sys_path,
-                                  max_state_bytes, strict, lock_timeout, backend, options)
+                                  max_state_bytes, strict, lock_timeout, backend, options, self.socket_dir)
         finally:
             listener.close()  # the server holds its own copy now
         self.popen = popen

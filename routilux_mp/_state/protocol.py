@@ -164,6 +164,8 @@ class ServerConfig(NamedTuple):
     lock_timeout: float
     backend: str
     backend_options: dict
+    #: The runtime's private directory: a guard removes it if the supervisor dies (see ``_process.start_dir_guard``).
+    cleanup_dir: str | None = None
 
     def __repr__(self) -> str:
         """Never the authkey."""

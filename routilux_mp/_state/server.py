@@ -298,7 +298,9 @@ def main() -> None:
     Reads a pickled :class:`ServerConfig` from stdin (never the command line:
     the authkey must not show in ``ps``), adopts the listening socket the
     supervisor bound, then serves until stdin reaches EOF (the supervisor
-    closed it, or died); the store's backend is closed first.
+    closed it, or died); the store's backend is closed first. A guard process
+    forked first removes the runtime's private directory if the supervisor
+    dies (``_process.start_dir_guard``).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _process.set_process_name("rmp-state")
@@ -307,6 +309,8 @@ def main() -> None:
         config: ServerConfig = pickle.loads(read_frame(stdin))
     except (EOFError, OSError):  # the supervisor died before sending it
         os._exit(_process.EXIT_PARENT_GONE)
+    if config.cleanup_dir is not None:  # (before any thread starts: it forks)
+        _process.start_dir_guard(config.parent_pid, config.cleanup_dir, "rmp-state-guard")
     _process.arm_parent_death(config.parent_pid)
     sys.path[:] = config.sys_path
     try:
