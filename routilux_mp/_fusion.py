@@ -14,9 +14,10 @@ ran ``A``:
   one at a time too);
 * neither turned it off (``Routine.set_fusion(False)``).
 
-At run time the worker fuses an emit only when the activation succeeded, has
-one job, and the emit names no job (``job=``); anything else goes through the
-supervisor as usual. The backend must support it (local processes and the
+At run time the worker fuses only the first emit on a fused connection of an
+activation that succeeded and has one job; the rest goes through the
+supervisor as usual (so the other processes share an activation's many
+emits, and a failed activation's emits meet its error strategy first). The backend must support it (local processes and the
 in-process lanes do; Ray lanes do not).
 
 How it stays identical to the unfused run: the worker sends the emitting
