@@ -223,8 +223,10 @@ class ActivationRunner:
         """
         chain = 0
         while True:
+            # Metadata does not travel back: a fused stage must see it as posted, whatever logic did to it.
+            metadata = pickle.loads(pickle.dumps(act.job_metadata)) if act.fuse and act.job_metadata else None
             result, before = self._execute(act)
-            follow = _follow_up(act, result, before)
+            follow = _follow_up(act, result, before, metadata)
             if follow is None:
                 reply(result._replace(chain=chain) if chain else result)
                 return chain + 1
@@ -289,14 +291,15 @@ class ActivationRunner:
         return _Result(act.act_id, error, ctx.emits, data_set, data_deleted, traces, seconds, others), before[act.lead]
 
 
-def _follow_up(act: _Activation, result: _Result, before: dict) -> tuple[int, _Activation] | None:
+def _follow_up(act: _Activation, result: _Result, before: dict, metadata: dict | None) -> tuple[int, _Activation] | None:
     """The fused run ``result`` leads to: (index of its emit, the target's activation), or ``None``.
 
     Only the first emit on a fused connection of a successful activation of
     one job: others (and a failed activation's emits, which its error
     strategy decides on) go through the supervisor, so other processes share
     them. The target's job data is what the supervisor will hold once it
-    applied ``result``: ``before`` with the keys logic set and deleted.
+    applied ``result``: ``before`` with the keys logic set and deleted; its
+    metadata, ``metadata`` (a copy of the job's, taken before logic ran).
     """
     fuse = act.fuse
     if fuse is None or result.error is not None or act.jobs is not None:
@@ -316,7 +319,7 @@ def _follow_up(act: _Activation, result: _Result, before: dict) -> tuple[int, _A
             for key in result.data_deleted or ():
                 data.pop(key, None)
         return index, _Activation(act.act_id, act.flow_key, act.worker_id, act.flow_id, target, {slot: [blob]},
-                                  _IMMEDIATE_BLOB, act.job_id, act.job_metadata, data or None, 1, fuse=fuse)
+                                  _IMMEDIATE_BLOB, act.job_id, metadata, data or None, 1, fuse=fuse)
     return None
 
 

@@ -14,6 +14,7 @@ from helpers import FnRoutine
 from routilux_mp import ErrorHandler, ErrorStrategy, Flow, get_current_job
 from routilux_mp._cli_ui import describe_flow
 from routilux_mp._fusion import fused_targets, fusion_plan
+from routilux_mp._messages import encode
 from routilux_mp.activation_policies import batch_size_policy
 
 
@@ -26,6 +27,11 @@ def _pass_and_trace(routine, slot_data, message, ws):
     job = get_current_job()
     job.trace("a", "saw", slot_data["in"][0]["i"])
     job.data["a_saw"] = slot_data["in"][0]["i"]
+    _pass(routine, slot_data, message, ws)
+
+
+def _change_metadata(routine, slot_data, message, ws):
+    get_current_job().metadata["tag"] = "changed in a"  # (metadata does not travel back)
     _pass(routine, slot_data, message, ws)
 
 
@@ -53,7 +59,7 @@ def _b_output(routine, slot_data, message, ws):
     job = get_current_job()
     for item in slot_data["in"]:
         # What the fused stage sees of the job: the data the stage before it set.
-        routine.emit("out", **item, seen=job.data.get("a_saw"), attempt=job.attempts)
+        routine.emit("out", **item, seen=job.data.get("a_saw"), attempt=job.attempts, tag=job.metadata.get("tag"))
     ws.increment("b", "runs")
     job.data["b_done"] = True
 
@@ -75,6 +81,7 @@ RETRY = ErrorHandler(strategy=ErrorStrategy.RETRY, max_retries=2, retry_delay=0.
 OUTCOMES = [
     ("both succeed", _pass_and_trace, _b_output, None, "completed"),
     ("a emits three: one fused", _three, _b_output, None, "completed"),
+    ("a changes the job's metadata", _change_metadata, _b_output, None, "completed"),
     ("b raises: STOP", _pass, _fail, None, "failed"),
     ("b raises: SKIP", _pass, _fail, ErrorHandler(strategy=ErrorStrategy.SKIP), "completed"),
     ("b raises: CONTINUE", _pass, _emit_then_fail, ErrorHandler(strategy=ErrorStrategy.CONTINUE), "completed"),
@@ -86,7 +93,10 @@ OUTCOMES = [
 
 def _seen(h, flow: Flow) -> dict:
     """Everything a user sees of one job through ``flow`` (outputs sorted: two lanes may finish in any order)."""
-    job = h.post(flow, {"i": 7}, routine="a")
+    flow.validate()
+    h.sup.add_worker(flow.flow_id, flow, None)
+    _, job = h.sup.post(flow.flow_id, flow, "a", "in", encode({"i": 7}), worker_id=None, job_id=None,
+                        metadata={"tag": "posted"}, timeout=None, block=False)
     h.settle()
     h.advance(0.5)  # retry delays
     h.advance(0.5)
