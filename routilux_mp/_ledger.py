@@ -248,15 +248,23 @@ class Ledger:
         What the item's trip through ``rt``'s slot and policy would have led
         to: an activation of ``job`` on that one item, holding the job open,
         counted as running on the lane (so a crash or timeout there fails it).
-        ``resolved``: the activation that emitted it was already decided (it
-        timed out, say): this run holds no job and its outcome is ignored.
+
+        Where the item would never have reached ``rt`` (``resolved``: the
+        activation that emitted it was decided already, it timed out say; its
+        job ended meanwhile; the runtime is stopping, which cuts the job short)
+        the run is booked as decided: it holds no job, and its outcome (result,
+        stats, a crash) is ignored, as the worker cannot be stopped from
+        running it.
         """
         act = _Act(next(self._act_ids), next(self._seq), rt, {slot_name: [blob]}, {}, IMMEDIATE_BLOB, [job],
                    self.clock())
         act.chain = chain
         act.slot = lane
-        act.resolved = resolved
-        if job in self.holds and not resolved:
+        if resolved or self.draining or job not in self.holds:
+            if self.draining and job in self.holds:
+                self.cut.add(job)
+            act.resolved = True
+        else:
             self.holds[job] += 1
         self.started(act)
         return act

@@ -13,6 +13,7 @@ from helpers import FnRoutine
 
 from routilux_mp import ErrorHandler, ErrorStrategy, Flow, get_current_job
 from routilux_mp._cli_ui import describe_flow
+from routilux_mp._drain import stop_taking_work
 from routilux_mp._fusion import fused_targets, fusion_plan
 from routilux_mp._messages import encode
 from routilux_mp.activation_policies import batch_size_policy
@@ -131,6 +132,44 @@ def test_a_fused_stage_ends_as_the_unfused_one(harness, case, a_fn, b_fn, handle
         # Only what could not run fused is sent: the other emits, and retries (which run unfused).
         assert len(sent_b) == fused["stats"]["b"][0] - 1
     assert unfused_h.sup.stats()["routines"]["b"]["fused"] == 0
+
+
+def _end_by_hand(h, job) -> None:
+    assert h.sup.complete_job(job.job_id, "cancelled", None)
+
+
+def _stop_taking_work(h, job) -> None:
+    with h.sup.lock:
+        stop_taking_work(h.sup.ledger, h.sup.dispatcher.inflight())
+
+
+#: (case, what happens while a runs, job status after)
+WHILE_A_RUNS = [
+    ("the job is ended by hand", _end_by_hand, "cancelled"),
+    ("the runtime stops taking work (shutdown(cancel_pending=True))", _stop_taking_work, "cancelled"),
+]
+
+
+@pytest.mark.parametrize(("case", "meanwhile", "status"), WHILE_A_RUNS, ids=[row[0] for row in WHILE_A_RUNS])
+def test_a_fused_stage_whose_job_ended_while_its_source_ran_changes_nothing(harness, case, meanwhile,
+                                                                            status) -> None:
+    seen = []
+    for fusion in (True, False):
+        h = harness()
+        flow = _flow("ended", _pass, _b_output, fusion=fusion)
+        h.stub.hold(0)
+        job = h.post(flow, {"i": 1}, routine="a")
+        h.settle()
+        assert [getattr(m, "routine_id", None) for m in h.stub.holding(0)] == [None, "a"], "a waits on lane 0"
+        meanwhile(h, job)
+        h.stub.release(0)
+        h.settle()
+        stats = h.sup.stats()
+        seen.append((job.status, job.outputs, {rid: (s["activations"], s["errors"], s["running"])
+                                               for rid, s in stats["routines"].items()}))
+        assert stats["jobs"] == {status: 1}
+    assert seen[0] == seen[1]
+    assert seen[0][0] == status
 
 
 def test_a_chain_of_fused_stages_sends_one_activation_per_item(harness) -> None:
