@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 
 import pytest
 from helpers import WAIT, FnRoutine, by_value
 
 from routilux_mp import ErrorHandler, ErrorStrategy, Flow, FlowRegistry, get_current_job
+from routilux_mp._exec import local
 
 by_value(__name__)
 
@@ -135,3 +137,51 @@ def test_a_pipeline_of_fused_stages_sends_one_activation_per_item(make_runtime) 
     assert routines == {"a": (40, 0, 0), "b": (40, 0, 40), "c": (40, 0, 40)}
     # Every result counts on its lane, fused runs included; only a's 40 activations went out to the workers.
     assert sum(p["activations"] for p in stats["processes"]) == 120
+
+
+def _long_first(routine, slot_data, message, ws):
+    item = slot_data["in"][0]
+    if item["i"] == 0:
+        until = time.monotonic() + item["seconds"]
+        while time.monotonic() < until:  # a long activation (work, not a wait for something)
+            pass
+    routine.emit("out", i=item["i"])
+
+
+def _block_first(routine, slot_data, message, ws):
+    if slot_data["in"][0]["i"] == 0:
+        threading.Event().wait()  # until the timeout kills the process
+    routine.emit("out", i=slot_data["in"][0]["i"])
+
+
+#: Seconds the first job of ``BEHIND`` may take, on a loaded machine (it takes 2-3 s on a quiet one).
+ENDS_WITHIN = 30.0
+
+#: id, b's logic, b's options, seconds b runs on item 0, TAKE_TIMEOUT, status of job 0
+BEHIND = [
+    # The activation queued behind is not due while the fused stage runs: no stall is reported.
+    ("longer than TAKE_TIMEOUT", _long_first, {}, 3.0, 1.5, "completed"),
+    # The fused stage is what runs: its timeout kills it (the one behind is sent again).
+    ("past its timeout", _block_first, {"timeout": 1.5}, 0.0, local.TAKE_TIMEOUT, "failed"),
+]
+
+
+@pytest.mark.parametrize(("case", "b_fn", "b_options", "seconds", "take_timeout", "status"), BEHIND,
+                         ids=[row[0] for row in BEHIND])
+def test_a_fused_stage_with_an_activation_queued_behind_it(make_runtime, monkeypatch, case, b_fn, b_options,
+                                                           seconds, take_timeout, status) -> None:
+    monkeypatch.setattr(local, "TAKE_TIMEOUT", take_timeout)
+    _register("", b_fn, b_options, fusion=True)
+    runtime = make_runtime(processes=1)
+    runtime.exec("flow")
+    # Posted before the worker is ready: both are sent together, the second queued behind the first.
+    jobs = [runtime.post("flow", "a", "in", {"i": i, "seconds": seconds})[1] for i in range(2)]
+    # (Within a bound well under the 60 s TAKE_TIMEOUT: a timeout that waited for the activation behind to
+    # be taken would fire only once that check killed the worker.)
+    assert jobs[0].wait(ENDS_WITHIN), f"job 0 did not end within {ENDS_WITHIN}s: {jobs[0].status}"
+    assert jobs[1].wait(WAIT), jobs[1].status
+    assert [job.status for job in jobs] == [status, "completed"], [job.error for job in jobs]
+    if status == "failed":
+        assert jobs[0].error["type"] == TIMEOUT and jobs[0].error["routine"] == "b"
+    else:
+        assert runtime.stats()["processes"][0]["restarts"] == 0, "no stall was reported"
