@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from ._drain import drop_ready
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
+from ._fusion import book_fused_run, unexpected_result
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
 from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, dumps_by_value, error_data, type_name
@@ -309,7 +310,7 @@ class Dispatcher:
         if not slot.alive or slot.hung is not None:  # killed for misbehaving: what it says is not trusted
             return
         res = event.result
-        wrong = _unexpected(slot, res)
+        wrong = unexpected_result(slot.inflight[0] if slot.inflight else None, res)
         if wrong is not None:
             self._protocol_broken(slot, wrong)
             return
@@ -318,11 +319,7 @@ class Dispatcher:
         self.ledger.left(act)
         slot.activations += 1
         if res.fused is not None:  # it runs that emit's target itself now: book that run first on the lane
-            event_name, blob, _ = res.emits[res.fused]
-            target, name = act.rt.fused[event_name]
-            root = act.act_id if act.chain is None else act.chain[0]
-            slot.inflight.appendleft(self.ledger.new_fused_activation(
-                target, name, act.jobs[0], blob, (root, res.chain + 1), slot.index, act.resolved))
+            slot.inflight.appendleft(book_fused_run(self.ledger, act, res, slot.index))
         if slot.inflight:
             self._went_first(slot.inflight[0], now)
         if act.resolved:  # it timed out or was killed: its outcome is already decided
@@ -526,27 +523,6 @@ class Dispatcher:
             if res is not None and self.router.route(act, outcome, res) is not None:
                 outcome.trace(act.rt.rid, "outputs dropped", "an output of the failed activation cannot be unpickled")
             self.ledger.release(act)
-
-
-def _unexpected(slot: WorkerSlot, res: _Result) -> str | None:
-    """Why ``res`` is not the result ``slot`` should send next (``None``: it is).
-
-    That is the result of the first activation the lane holds: one sent (its
-    ``act_id``), or a fused run booked there (``act_id`` and ``chain``). A
-    result that names an emit to run fused must name one on a fused
-    connection, of an activation of one job.
-    """
-    first = slot.inflight[0] if slot.inflight else None
-    if first is None:
-        return f"sent a result for activation #{res.act_id} while it held no activation"
-    if (first.chain != (res.act_id, res.chain)) if res.chain else (first.act_id != res.act_id or first.chain):
-        held = f"#{first.act_id}" if first.chain is None else f"the fused run {first.chain[0]}.{first.chain[1]}"
-        sent = f"#{res.act_id}" + (f".{res.chain}" if res.chain else "")
-        return f"sent a result for activation {sent} while it held activation {held}"
-    if res.fused is not None and (len(first.jobs) != 1 or not 0 <= res.fused < len(res.emits)
-                                  or res.emits[res.fused][0] not in first.rt.fused):
-        return f"claimed to run emit {res.fused} of activation #{res.act_id} fused, which is not on a fused connection"
-    return None
 
 
 def crash_error(slot: WorkerSlot, act: _Act, info: ExitInfo) -> dict:

@@ -31,9 +31,14 @@ error strategy and retries (a retry runs unfused), emits, outputs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .activation_policies import ImmediatePolicy
+
+if TYPE_CHECKING:
+    from ._ledger import Ledger
+    from ._messages import _Result
+    from ._records import _Act
 
 #: A connection: (source routine id, event, target routine id, slot).
 Connection = tuple[str, str, str, str]
@@ -84,4 +89,35 @@ def fused_targets(flow: Any) -> dict[str, dict[str, tuple[str, str]]]:
     return found
 
 
-__all__ = ["allows_fusion", "fused_targets", "fusion_plan"]
+# -- in the supervisor: the results of a lane that runs fused stages ---------------------------------
+
+
+def unexpected_result(first: _Act | None, res: _Result) -> str | None:
+    """Why ``res`` is not the result a lane whose first activation is ``first`` should send (``None``: it is).
+
+    That is the result of ``first``: an activation sent (its ``act_id``), or
+    a fused run booked on the lane (``act_id`` and ``chain``). A result that
+    names an emit to run fused must name one on a fused connection, of an
+    activation of one job.
+    """
+    if first is None:
+        return f"sent a result for activation #{res.act_id} while it held no activation"
+    if (first.chain != (res.act_id, res.chain)) if res.chain else (first.act_id != res.act_id or first.chain):
+        held = f"#{first.act_id}" if first.chain is None else f"the fused run {first.chain[0]}.{first.chain[1]}"
+        sent = f"#{res.act_id}" + (f".{res.chain}" if res.chain else "")
+        return f"sent a result for activation {sent} while it held activation {held}"
+    if res.fused is not None and (len(first.jobs) != 1 or not 0 <= res.fused < len(res.emits)
+                                  or res.emits[res.fused][0] not in first.rt.fused):
+        return f"claimed to run emit {res.fused} of activation #{res.act_id} fused, which is not on a fused connection"
+    return None
+
+
+def book_fused_run(ledger: Ledger, act: _Act, res: _Result, lane: int) -> _Act:
+    """The fused run ``act``'s result ``res`` announces, booked on ``lane`` (the caller puts it first there)."""
+    event, blob, _ = res.emits[res.fused]
+    target, slot = act.rt.fused[event]
+    root = act.act_id if act.chain is None else act.chain[0]
+    return ledger.new_fused_activation(target, slot, act.jobs[0], blob, (root, res.chain + 1), lane, act.resolved)
+
+
+__all__ = ["allows_fusion", "book_fused_run", "fused_targets", "fusion_plan", "unexpected_result"]

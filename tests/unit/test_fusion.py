@@ -8,14 +8,17 @@ timeouts inside a fused stage need real processes: ``tests/test_fusion.py``.
 
 from __future__ import annotations
 
+import re
+from types import SimpleNamespace
+
 import pytest
 from helpers import FnRoutine
 
 from routilux_mp import ErrorHandler, ErrorStrategy, Flow, get_current_job
 from routilux_mp._cli_ui import describe_flow
 from routilux_mp._drain import stop_taking_work
-from routilux_mp._fusion import fused_targets, fusion_plan
-from routilux_mp._messages import encode
+from routilux_mp._fusion import fused_targets, fusion_plan, unexpected_result
+from routilux_mp._messages import _Result, encode
 from routilux_mp.activation_policies import batch_size_policy
 
 
@@ -234,7 +237,7 @@ def test_which_connections_fuse(case, source, target, fan_out, why) -> None:
         assert fused_targets(flow) == {"a": {"out": ("b", "in")}}
     else:
         assert found is not None
-        assert __import__("re").search(why, found), found
+        assert re.search(why, found), found
         assert fused_targets(flow) == {}
     listing = describe_flow("plan", flow)
     assert ("a.out -> b.in  [fused]" in listing) == (why is None), listing
@@ -243,3 +246,43 @@ def test_which_connections_fuse(case, source, target, fan_out, why) -> None:
 def test_set_fusion_takes_a_bool() -> None:
     with pytest.raises(TypeError, match=r"set_fusion\(\) takes True or False, got 'no'"):
         FnRoutine(_pass).set_fusion("no")
+
+
+# -- what a lane may send -----------------------------------------------------------------------------
+
+
+def _first(act_id: int = 5, chain=None, jobs: int = 1) -> SimpleNamespace:
+    """What the supervisor holds first on a lane: an activation sent (``chain`` None) or a fused run booked."""
+    return SimpleNamespace(act_id=act_id, chain=chain, jobs=[object()] * jobs,
+                           rt=SimpleNamespace(fused={"out": ("b", "in")}))
+
+
+def _result(act_id: int = 5, chain: int = 0, fused=None, events=("out",)) -> _Result:
+    return _Result(act_id, None, [(event, b"", None) for event in events], None, None, None, 0.0, None, fused, chain)
+
+
+#: (case, first activation the lane holds, the result it sends, why that breaks the protocol (regex) or None)
+RESULTS = [
+    ("the activation's result", _first(), _result(), None),
+    ("it runs emit 0 fused next", _first(), _result(fused=0), None),
+    ("the fused run's result", _first(9, chain=(5, 1)), _result(5, chain=1), None),
+    ("nothing held", None, _result(), r"while it held no activation"),
+    ("another activation", _first(), _result(6), r"activation #6 while it held activation #5"),
+    ("a fused run where an activation is held", _first(), _result(5, chain=1), r"#5\.1 while it held activation #5"),
+    ("the activation where a fused run is held", _first(9, chain=(5, 1)), _result(5),
+     r"#5 while it held activation the fused run 5\.1"),
+    ("another fused run", _first(9, chain=(5, 1)), _result(5, chain=2), r"#5\.2 while it held .* 5\.1"),
+    ("fuses an event with no fused connection", _first(), _result(fused=0, events=("other",)),
+     r"claimed to run emit 0 .* not on a fused connection"),
+    ("fuses an emit it did not make", _first(), _result(fused=1), r"claimed to run emit 1"),
+    ("fuses in an activation of two jobs", _first(jobs=2), _result(fused=0), r"claimed to run emit 0"),
+]
+
+
+@pytest.mark.parametrize(("case", "first", "result", "why"), RESULTS, ids=[row[0] for row in RESULTS])
+def test_which_results_a_lane_may_send(case, first, result, why) -> None:
+    found = unexpected_result(first, result)
+    if why is None:
+        assert found is None
+    else:
+        assert found is not None and re.search(why, found), found
