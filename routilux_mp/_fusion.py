@@ -15,14 +15,16 @@ ran ``A``:
 * neither turned it off (``Routine.set_fusion(False)``).
 
 At run time the worker fuses only the first emit on a fused connection of an
-activation that succeeded and has one job; the rest goes through the
-supervisor as usual (so the other processes share an activation's many
-emits, and a failed activation's emits meet its error strategy first). The backend must support it (local processes and the
-in-process lanes do; Ray lanes do not).
+activation that succeeded and has one job, and nothing once its process is
+due to be recycled; the rest goes through the supervisor as usual (so the
+other processes share an activation's many emits, and a failed activation's
+emits meet its error strategy first). The backend must support it (local
+processes and the in-process lane do; Ray lanes do not: ``fusion`` of
+``WorkerBackend``).
 
 How it stays identical to the unfused run: the worker sends the emitting
-activation's result *before* it runs the fused one, naming the emits it runs
-itself (``_Result.fused``); the supervisor books each as an activation of
+activation's result *before* it runs the fused one, naming the emit it runs
+itself (``_Result.fused``); the supervisor books it as an activation of
 ``B`` on that lane (job holds, ``running``, a timeout's deadline), so a crash
 or a timeout in the fused stage fails ``B``'s activation, never ``A``'s, and
 ``B``'s own result (``_Result.chain``) is handled like any other: stats,

@@ -177,7 +177,7 @@ class ActivationRunner:
         each to the supervisor's side before it returns.
         """
         if isinstance(message, _Activation):
-            self.activations += self.run_fused(message, reply)
+            self.run_fused(message, reply)
             return self.recycle_reason()
         if isinstance(message, _LoadFlow):
             try:
@@ -213,23 +213,25 @@ class ActivationRunner:
                     return f"recycled: RSS {rss // 2**20} MiB over max_worker_rss {self.max_rss // 2**20} MiB"
         return None
 
-    def run_fused(self, act: _Activation, reply: Callable[[Any], None]) -> int:
-        """Run ``act``, then the fused stage each result leads to; ``reply`` once per run; how many ran.
+    def run_fused(self, act: _Activation, reply: Callable[[Any], None]) -> None:
+        """Run ``act``, then the fused stage each result leads to; ``reply`` once per activation run.
 
         A result that leads to a fused run is sent *before* that run starts:
         if the process dies in it, the supervisor already holds the earlier
         stage's outcome and fails the fused stage's activation, as it would
-        have unfused.
+        have unfused. Nothing is fused once this process is due to be
+        recycled: unfused, the next stage would run in its replacement.
         """
         chain = 0
         while True:
             # Metadata does not travel back: a fused stage must see it as posted, whatever logic did to it.
             metadata = pickle.loads(pickle.dumps(act.job_metadata)) if act.fuse and act.job_metadata else None
             result, before = self._execute(act)
-            follow = _follow_up(act, result, before, metadata)
-            if follow is None:
+            self.activations += 1
+            follow = _follow_up(act, result, before, metadata) if act.fuse else None
+            if follow is None or self.recycle_reason() is not None:
                 reply(result._replace(chain=chain) if chain else result)
-                return chain + 1
+                return
             index, act = follow
             reply(result._replace(fused=index, chain=chain))
             chain += 1

@@ -175,6 +175,18 @@ def test_a_fused_stage_whose_job_ended_while_its_source_ran_changes_nothing(harn
     assert seen[0][0] == status
 
 
+def test_a_worker_due_to_be_recycled_fuses_nothing(harness) -> None:
+    h = harness(max_activations_per_process=1)
+    jobs = [h.post(_flow("recycled", _pass, _b_output, fusion=True), {"i": i}, routine="a") for i in range(3)]
+    h.settle()
+    assert [job.status for job in jobs] == ["completed"] * 3
+    stats = h.sup.stats()
+    assert stats["routines"]["b"]["activations"] == 3 and stats["routines"]["b"]["fused"] == 0
+    # (an activation a recycled lane had queued is sent again: count activations, not sends)
+    assert len({m.act_id for m in h.activations() if m.routine_id == "b"}) == 3, "b went through the supervisor"
+    assert sum(p["restarts"] for p in stats["processes"]) >= 5, "every activation recycled its worker"
+
+
 def test_a_chain_of_fused_stages_sends_one_activation_per_item(harness) -> None:
     h = harness()
     flow = Flow("chain")
