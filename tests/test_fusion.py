@@ -5,7 +5,7 @@ whose connection is fused and on the same flow with ``set_fusion(False)``,
 and compares the job's end (status, error type and message, attempts,
 outputs) and ``stats()`` of both routines. The worker sends ``a``'s result
 before it runs ``b`` itself, so a death in ``b`` fails ``b``'s activation,
-never ``a``'s. The outcome table without processes is ``tests/unit/test_fusion.py``.
+never ``a``'s. The outcome table without processes is ``tests/unit/test_fused_stages.py``.
 """
 
 from __future__ import annotations
