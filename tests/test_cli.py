@@ -409,7 +409,11 @@ class Stage(Routine):
 
 flow = Flow("pipeline")
 flow.add_routine(Stage(False), "parse")
-flow.add_routine(Stage(True), "work")
+work = Stage(True)
+# Not fused: parse must run ahead of work, queueing work in the supervisor (fused, each item's work would
+# run right after its parse, in the same worker).
+work.set_fusion(False)
+flow.add_routine(work, "work")
 flow.connect("parse", "out", "work", "in")
 FlowRegistry.get_instance().register_by_name("pipeline", flow)
 """
