@@ -31,6 +31,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ._fusion import fusion_plan
 from .errors import RoutiluxError
 from .flow import Flow
 
@@ -389,8 +390,13 @@ def describe_flow(name: str, flow: Flow) -> str:
             lines.append(f"    timeout {routine.timeout} s")
         if routine.error_handler is not None:
             lines.append(f"    error handler {routine.error_handler!r}")
-    lines.append("  connections:")
-    lines.extend(f"    {conn!r}" for conn in flow.connections)
+        if not routine.fusion:
+            lines.append("    fusion off (set_fusion(False))")
+    lines.append("  connections (fused: the target runs in the worker that emitted, in the same activation):")
+    plan = fusion_plan(flow)
+    for conn in flow.connections:
+        why = plan[(conn.source_id, conn.event, conn.target_id, conn.slot)]
+        lines.append(f"    {conn!r}  " + ("[fused]" if why is None else f"[not fused: {why}]"))
     if not flow.connections:
         lines.append("    none")
     lines.append("  entry slots: " + (", ".join(f"{rid}.{slot}" for rid, slot in entries) or "none"))

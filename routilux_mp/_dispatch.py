@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from ._drain import drop_ready
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
+from ._fusion import book_fused_run, unexpected_result
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
 from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, dumps_by_value, error_data, type_name
@@ -259,7 +260,7 @@ class Dispatcher:
             slot.loaded.add(inst.flow_key)
         if len(act.jobs) == 1:
             message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
-                                  act.message, job.job_id, job._metadata, job._data, act.attempt)
+                                  act.message, job.job_id, job._metadata, job._data, act.attempt, fuse=rt.fuse)
         else:
             act.lead = act.jobs.index(job)
             message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
@@ -309,14 +310,16 @@ class Dispatcher:
         if not slot.alive or slot.hung is not None:  # killed for misbehaving: what it says is not trusted
             return
         res = event.result
-        if not slot.inflight or slot.inflight[0].act_id != res.act_id:
-            held = f"activation #{slot.inflight[0].act_id}" if slot.inflight else "no activation"
-            self._protocol_broken(slot, f"sent a result for activation #{res.act_id} while it held {held}")
+        wrong = unexpected_result(slot.inflight[0] if slot.inflight else None, res)
+        if wrong is not None:
+            self._protocol_broken(slot, wrong)
             return
         act = slot.inflight.popleft()
         now = self.timers.clock()
         self.ledger.left(act)
         slot.activations += 1
+        if res.fused is not None:  # it runs that emit's target itself now: book that run first on the lane
+            slot.inflight.appendleft(book_fused_run(self.ledger, act, res, slot.index))
         if slot.inflight:
             self._went_first(slot.inflight[0], now)
         if act.resolved:  # it timed out or was killed: its outcome is already decided
@@ -324,6 +327,8 @@ class Dispatcher:
         rt = act.rt
         stats = rt.stats
         stats.activations += 1
+        if act.chain is not None:
+            stats.fused += 1
         stats.busy_seconds += res.seconds
         if rt.limit == 1 and self.prefetch:
             pace(rt, self.prefetch, self.max_depth)

@@ -241,6 +241,34 @@ class Ledger:
         rt.ready.append(act)
         self.runnable.add(rt)
 
+    def new_fused_activation(self, rt: _RoutineRt, slot_name: str, job: JobContext, blob: bytes,
+                             chain: tuple[int, int], lane: int, resolved: bool = False) -> _Act:
+        """Book the run of ``rt`` a worker makes itself on a fused item (``_fusion``), on ``lane``, as started.
+
+        What the item's trip through ``rt``'s slot and policy would have led
+        to: an activation of ``job`` on that one item, holding the job open,
+        counted as running on the lane (so a crash or timeout there fails it).
+
+        Where the item would never have reached ``rt`` (``resolved``: the
+        activation that emitted it was decided already, it timed out say; its
+        job ended meanwhile; the runtime is stopping, which cuts the job short)
+        the run is booked as decided: it holds no job, and its outcome (result,
+        stats, a crash) is ignored, as the worker cannot be stopped from
+        running it.
+        """
+        act = _Act(next(self._act_ids), next(self._seq), rt, {slot_name: [blob]}, {}, IMMEDIATE_BLOB, [job],
+                   self.clock())
+        act.chain = chain
+        act.slot = lane
+        if resolved or self.draining or job not in self.holds:
+            if self.draining and job in self.holds:
+                self.cut.add(job)
+            act.resolved = True
+        else:
+            self.holds[job] += 1
+        self.started(act)
+        return act
+
     def pick(self, skip: set[_RoutineRt] | None = None) -> _RoutineRt | None:
         """The routine whose oldest ready activation should go next (concurrency limits, back-pressure),
         other than those in ``skip``."""
@@ -308,6 +336,7 @@ class Ledger:
             if act.resolved:
                 continue
             act.slot = None
+            act.chain = None  # a fused run booked but never begun: sent like any other now
             act.started = None
             act.deadline = None
             self.put_back(act)
@@ -406,15 +435,17 @@ class Ledger:
         return deltas
 
     def routine_stats(self) -> dict[str, dict]:
-        """Per routine id, over every worker: activations, errors, busy seconds, latency percentiles."""
+        """Per routine id, over every worker: activations (``fused``: of them, run fused), errors, busy seconds,
+        latency percentiles."""
         routines: dict[str, dict] = {}
         latencies: dict[str, list[float]] = {}
         for inst in self.instances.values():
             for rid, rt in inst.routines.items():
                 agg = routines.setdefault(rid, {"activations": 0, "errors": 0, "busy_seconds": 0.0,
-                                                "max_concurrency": rt.limit, "running": 0})
+                                                "max_concurrency": rt.limit, "running": 0, "fused": 0})
                 agg["running"] += rt.running
                 agg["activations"] += rt.stats.activations
+                agg["fused"] += rt.stats.fused
                 agg["errors"] += rt.stats.errors
                 agg["busy_seconds"] += rt.stats.busy_seconds
                 latencies.setdefault(rid, []).extend(rt.stats.latencies)

@@ -84,7 +84,7 @@ class DispatchLoop:
         #: Retries, deadlines, policy wake-ups, respawns, periodic checks.
         self.timers = Timers(clock, self._timer_added)
         #: Policies and routing; placement of activations on worker lanes.
-        self.router = Router(ledger, self.timers, processes, prefetch)
+        self.router = Router(ledger, self.timers, processes, prefetch, fusion=backend.fusion)
         self.dispatcher = Dispatcher(self, backend, ledger, self.router, self.timers,
                                      prefetch=prefetch, kill_worker_rss=kill_worker_rss)
         #: Hard memory limit (bytes): sampled every ``MEMORY_SAMPLE_INTERVAL`` when set.

@@ -461,6 +461,9 @@ class _Activation(NamedTuple):
     jobs: tuple | None = None
     lead: int = 0
     item_jobs: dict | None = None
+    #: The fused connections of the worker's flow (``_fusion.fused_targets``): routine id -> event ->
+    #: (target routine id, slot); ``None`` when this routine starts none.
+    fuse: dict | None = None
 
     def __repr__(self) -> str:
         counts = {name: len(items) for name, items in self.slots.items()}
@@ -475,6 +478,12 @@ class _Result(NamedTuple):
     them. The job changes are the current job's; ``others`` holds those of the
     other jobs of a multi-job activation, as ``(index, data_set, data_deleted,
     traces)``.
+
+    Fused stages (``_fusion``): ``fused`` is the index of the emit the worker
+    runs itself next, as an activation of the connection's target (the
+    supervisor books it on this lane before that one runs); its result comes
+    next, with ``act_id`` of the activation the supervisor sent and ``chain``
+    counting the fused runs since (0: the result of that activation itself).
     """
 
     act_id: int
@@ -485,10 +494,14 @@ class _Result(NamedTuple):
     traces: list | None
     seconds: float
     others: list | None = None
+    fused: int | None = None
+    chain: int = 0
 
     def __repr__(self) -> str:
         status = "ok" if self.error is None else f"error={self.error.get('type')}"
-        return f"_Result(#{self.act_id} {status} emits={len(self.emits)} {self.seconds:.4f}s)"
+        run = f".{self.chain}" if self.chain else ""
+        then = "" if self.fused is None else f" then runs emit {self.fused}"
+        return f"_Result(#{self.act_id}{run} {status} emits={len(self.emits)}{then} {self.seconds:.4f}s)"
 
 
 class _Ready(NamedTuple):

@@ -105,10 +105,12 @@ class SlotQueue(SlotQueueAPI):
 class _RoutineStats:
     """Counters of one routine of one worker, for ``stats()``."""
 
-    __slots__ = ("activations", "busy_seconds", "errors", "latencies")
+    __slots__ = ("activations", "busy_seconds", "errors", "fused", "latencies")
 
     def __init__(self) -> None:
         self.activations = 0
+        #: Of ``activations``, those a worker ran fused into the activation that emitted their item.
+        self.fused = 0
         self.errors = 0
         self.busy_seconds = 0.0
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_SAMPLES)
@@ -120,6 +122,7 @@ class _Act:
     __slots__ = (
         "act_id",
         "attempt",
+        "chain",
         "crashes",
         "created",
         "deadline",
@@ -159,6 +162,9 @@ class _Act:
         self.item_jobs: dict[str, list[tuple[int, ...] | None]] | None = None
         #: The index in ``jobs`` of the job sent as the current one (``get_current_job()`` in logic).
         self.lead = 0
+        #: A fused run (``_fusion``), never sent: ``(act_id of the activation sent, its number in the chain)``,
+        #: which its result carries; ``None`` for an activation sent to a worker.
+        self.chain: tuple[int, int] | None = None
 
     def lead_job(self) -> JobContext | None:
         """The oldest job still open: its emits, outputs and errors go there."""
@@ -177,6 +183,8 @@ class _RoutineRt:
     __slots__ = (
         "cap",
         "depth",
+        "fuse",
+        "fused",
         "handler",
         "inst",
         "lanes",
@@ -215,6 +223,10 @@ class _RoutineRt:
         self.timeout: float | None = routine._timeout
         #: event name -> [(target routine runtime, slot name)]
         self.targets: dict[str, list[tuple[_RoutineRt, str]]] = {}
+        #: event name -> (target, slot) of its fused connections; and what its activations carry for the
+        #: worker (the flow's fused connections, ``None`` when this routine starts none).
+        self.fused: dict[str, tuple[_RoutineRt, str]] = {}
+        self.fuse: dict | None = None
         self.stats = _RoutineStats()
         self.timer_at: float | None = None
 

@@ -11,6 +11,7 @@ import copy
 import logging
 from typing import Any
 
+from ._fusion import fused_targets
 from ._ledger import IMMEDIATE_BLOB, Ledger
 from ._messages import _Result, describe_exception, encode, error_data, loads
 from ._records import _Act, _Entry, _Instance, _RoutineRt
@@ -29,7 +30,7 @@ MAX_JOB_TRACES = 1000
 class Router:
     """Runs policies and routes results for every worker of one runtime."""
 
-    def __init__(self, ledger: Ledger, timers: Timers, processes: int, prefetch: int) -> None:
+    def __init__(self, ledger: Ledger, timers: Timers, processes: int, prefetch: int, fusion: bool = True) -> None:
         #: The books: queues, jobs and activations live there.
         self.ledger = ledger
         #: Where policy wake-ups (interval policies) are scheduled.
@@ -38,6 +39,8 @@ class Router:
         self.processes = processes
         #: Activations sent ahead to a busy process (a routine without a limit may have them in flight).
         self.prefetch = prefetch
+        #: Whether the workers may run fused stages (``_fusion``; the backend must support it).
+        self.fusion = fusion
 
     def build_instance(self, worker_id: str, flow_name: str, flow: Any, flow_key: int, ws: Any) -> _Instance:
         """A live instance of ``flow``: per routine its queues, a copy of its policy, its limit and handler."""
@@ -53,6 +56,12 @@ class Router:
         for conn in flow.connections:
             source = inst.routines[conn.source_id]
             source.targets.setdefault(conn.event, []).append((inst.routines[conn.target_id], conn.slot))
+        if self.fusion:
+            fuse = fused_targets(flow)
+            for rid, events in fuse.items():
+                rt = inst.routines[rid]
+                rt.fuse = fuse
+                rt.fused = {event: (inst.routines[target], slot) for event, (target, slot) in events.items()}
         return inst
 
     # -- policies ------------------------------------------------------------------------------------
@@ -209,7 +218,10 @@ class Router:
         self._apply_job_changes(act, res)
         single = len(act.jobs) == 1
         dirty: list[_RoutineRt] = []
+        fused = res.fused  # (its worker runs that one itself: booked by the dispatcher)
         for i, (event, blob, named) in enumerate(res.emits):
+            if i == fused:
+                continue
             if single:
                 owners = [lead]
             else:

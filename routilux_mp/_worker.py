@@ -8,6 +8,11 @@ changes, and reports anything logic raises (``SystemExit`` and
 business: the local backend's child process (``_exec._child``) reads them from
 a pipe; the in-thread stub backend (``_exec.stub``) calls it directly.
 
+After an activation that emitted on a fused connection (``_fusion``), the
+runner runs the connection's target on that item itself, right after sending
+the activation's result (which names the emit), so the supervisor knows which
+stage a crash interrupted; each fused run sends a result of its own.
+
 Only the lane's own process speaks for an activation: a child that logic forks
 and that returns into the runner exits instead (``os._exit``), and nothing it
 emits is taken. A worker whose stdin/stdout/stderr logic closed or replaced is
@@ -31,10 +36,13 @@ import cloudpickle
 from . import _context, _jsonvalue
 from ._messages import _Activation, _LoadFlow, _Result, _Stop, describe_exception, encode, is_plain, loads
 from ._state.client import StoreClient
+from .activation_policies import IMMEDIATE_MESSAGE
 from .errors import RoutiluxError, SerializationError, StateNotSerializableError
 from .job import JobContext
 from .state import WorkerState
 
+#: The immediate policy's message, pickled once (what a fused target gets as ``policy_message``).
+_IMMEDIATE_BLOB = encode(IMMEDIATE_MESSAGE)
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -162,10 +170,14 @@ class ActivationRunner:
         self.std_fds = _std_fds()
 
     def step(self, message: Any, reply: Callable[[Any], None]) -> str | None:
-        """Handle one message (``reply`` sends a result back); return a reason to exit, or ``None`` to go on."""
+        """Handle one message (``reply`` sends a result back); return a reason to exit, or ``None`` to go on.
+
+        An activation may send several results: its own, then one per fused
+        stage it led to (see :meth:`run_fused`). ``reply`` must have handed
+        each to the supervisor's side before it returns.
+        """
         if isinstance(message, _Activation):
-            reply(self.run(message))
-            self.activations += 1
+            self.run_fused(message, reply)
             return self.recycle_reason()
         if isinstance(message, _LoadFlow):
             try:
@@ -201,13 +213,40 @@ class ActivationRunner:
                     return f"recycled: RSS {rss // 2**20} MiB over max_worker_rss {self.max_rss // 2**20} MiB"
         return None
 
+    def run_fused(self, act: _Activation, reply: Callable[[Any], None]) -> None:
+        """Run ``act``, then the fused stage each result leads to; ``reply`` once per activation run.
+
+        A result that leads to a fused run is sent *before* that run starts:
+        if the process dies in it, the supervisor already holds the earlier
+        stage's outcome and fails the fused stage's activation, as it would
+        have unfused. Nothing is fused once this process is due to be
+        recycled: unfused, the next stage would run in its replacement.
+        """
+        chain = 0
+        while True:
+            # Metadata does not travel back: a fused stage must see it as posted, whatever logic did to it.
+            metadata = pickle.loads(pickle.dumps(act.job_metadata)) if act.fuse and act.job_metadata else None
+            result, before = self._execute(act)
+            self.activations += 1
+            follow = _follow_up(act, result, before, metadata) if act.fuse else None
+            if follow is None or self.recycle_reason() is not None:
+                reply(result._replace(chain=chain) if chain else result)
+                return
+            index, act = follow
+            reply(result._replace(fused=index, chain=chain))
+            chain += 1
+
     def run(self, act: _Activation) -> _Result:
         """Run one activation's logic; its outcome (emits, job changes, or the error as data)."""
+        return self._execute(act)[0]
+
+    def _execute(self, act: _Activation) -> tuple[_Result, dict]:
+        """:meth:`run`, and what the current job's data was before logic ran (a deep copy)."""
         flow = self.flows.get(act.flow_key)
         if isinstance(flow, dict) or flow is None:
             error = flow or {"type": "routilux_mp.errors.RoutiluxError", "mro": [], "traceback": "",
                              "message": f"flow #{act.flow_key} was never sent to this process"}
-            return _Result(act.act_id, dict(error, routine=act.routine_id), [], None, None, None, 0.0)
+            return _Result(act.act_id, dict(error, routine=act.routine_id), [], None, None, None, 0.0), {}
         routine = flow.routines[act.routine_id]
         ws = self.states.get(act.worker_id)
         if ws is None:
@@ -251,7 +290,39 @@ class ActivationRunner:
             changes.append((index, data_set, data_deleted, _traces(each)))
         _, data_set, data_deleted, traces = changes[act.lead]
         others = [change for change in changes if change[0] != act.lead and any(change[1:])] or None
-        return _Result(act.act_id, error, ctx.emits, data_set, data_deleted, traces, seconds, others)
+        return _Result(act.act_id, error, ctx.emits, data_set, data_deleted, traces, seconds, others), before[act.lead]
+
+
+def _follow_up(act: _Activation, result: _Result, before: dict, metadata: dict | None) -> tuple[int, _Activation] | None:
+    """The fused run ``result`` leads to: (index of its emit, the target's activation), or ``None``.
+
+    Only the first emit on a fused connection of a successful activation of
+    one job: others (and a failed activation's emits, which its error
+    strategy decides on) go through the supervisor, so other processes share
+    them. The target's job data is what the supervisor will hold once it
+    applied ``result``: ``before`` with the keys logic set and deleted; its
+    metadata, ``metadata`` (a copy of the job's, taken before logic ran).
+    """
+    fuse = act.fuse
+    if fuse is None or result.error is not None or act.jobs is not None:
+        return None
+    targets = fuse.get(act.routine_id)
+    if not targets:
+        return None
+    for index, (event, blob, _named) in enumerate(result.emits):
+        found = targets.get(event)
+        if found is None:
+            continue
+        target, slot = found
+        data = before
+        if result.data_set or result.data_deleted:
+            data = dict(before)
+            data.update(result.data_set or {})
+            for key in result.data_deleted or ():
+                data.pop(key, None)
+        return index, _Activation(act.act_id, act.flow_key, act.worker_id, act.flow_id, target, {slot: [blob]},
+                                  _IMMEDIATE_BLOB, act.job_id, metadata, data or None, 1, fuse=fuse)
+    return None
 
 
 def _data_changes(job: JobContext, before: dict) -> tuple[dict | None, list | None]:

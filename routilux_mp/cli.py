@@ -83,7 +83,7 @@ examples:
   routilux-mp run flows.py --input big.jsonl --output out.jsonl --state run.db           resumable: a journal in run.db
   routilux-mp run flows.py --input big.jsonl --output out.jsonl --state run.db --resume  ...continued after a crash
   routilux-mp run workers/wordcount.py --dashboard 0    a live web page of the run (its URL is printed on stderr)
-  routilux-mp flows workers/wordcount.py               routines, slots, events, policies, connections
+  routilux-mp flows workers/wordcount.py               routines, slots, events, policies, connections (fused?)
 
 exit codes:
   0 all jobs completed
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "SSH tunnel to see it from elsewhere; another address is warned about)")
     run.set_defaults(handler=cmd_run)
     flows = commands.add_parser("flows", help="list the flows of TARGET with their routines and connections",
-                                description="List flows, routines, slots, events, policies, connections.")
+                                description="List flows, routines, slots, events, policies, connections (and which are fused).")
     flows.add_argument("target", metavar="TARGET", help="a .py file or dotted module that registers flows")
     flows.set_defaults(handler=cmd_flows)
     return parser

@@ -214,6 +214,7 @@ class Routine:
         self._config: dict[str, Any] = {}
         self._max_concurrency: int | None = 1
         self._timeout: float | None = None
+        self._fusion = True
         self._handler_slots: list[str] = []
 
     # -- declaration ---------------------------------------------------------
@@ -362,6 +363,26 @@ class Routine:
                 raise ValueError(f"timeout must be a positive number of seconds, got {seconds!r}")
         self._timeout = seconds
 
+    def set_fusion(self, enabled: bool) -> None:
+        """Allow (the default) or forbid fused stages into and out of this routine.
+
+        A connection whose target takes each item alone (one slot, the
+        immediate policy), where the event has no other target and both ends
+        run as many at once as there are processes (``set_max_concurrency(None)``),
+        is *fused*: the worker that ran the source runs the target on the first
+        item the activation emitted on it at once, without a round trip
+        through the supervisor (further items go through the supervisor, so
+        other processes share them). Job accounting, error handling, retries,
+        outputs, ``stats()`` and what a crash or a timeout fails are the same
+        as unfused; only the choice of process differs. Turn it off when the
+        supervisor should place every activation of a routine like any other
+        (say, to see each stage's activations separately while profiling).
+        ``routilux-mp flows`` shows which connections are fused.
+        """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"set_fusion() takes True or False, got {enabled!r}")
+        self._fusion = enabled
+
     # -- introspection -------------------------------------------------------
 
     @property
@@ -401,6 +422,11 @@ class Routine:
     def timeout(self) -> float | None:
         """Seconds an activation may run before it is stopped (None: no limit)."""
         return self._timeout
+
+    @property
+    def fusion(self) -> bool:
+        """Whether connections into and out of this routine may be fused (see :meth:`set_fusion`)."""
+        return getattr(self, "_fusion", True)
 
     # -- inside logic --------------------------------------------------------
 

@@ -9,6 +9,7 @@ Usage::
 
     python scripts/soak.py                     # 5,000 jobs, >= 20 kills, 2 processes
     python scripts/soak.py --jobs 500 --kills 5 --json   # quick, machine-readable
+    python scripts/soak.py --stages 3          # each job through 3 routines in a row (fused stages)
 
 Exit code 0 when nothing was lost or duplicated and enough kills happened.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -47,9 +49,13 @@ class Work(Routine):
         self.set_error_handler(ErrorHandler("retry", max_retries=5, retry_delay=0.0))
 
 
-def run_soak(jobs: int, kills: int, processes: int, seed: int) -> dict:
+def run_soak(jobs: int, kills: int, processes: int, seed: int, stages: int = 1) -> dict:
     flow = Flow("soak")
-    flow.add_routine(Work(), "work")
+    names = ["work"] + [f"work{k}" for k in range(2, stages + 1)]
+    for name in names:
+        flow.add_routine(Work(), name)
+    for source, target in itertools.pairwise(names):  # fused: a worker runs each next stage itself
+        flow.connect(source, "out", target, "in")
     FlowRegistry.get_instance().register_by_name("soak", flow)
     rng = random.Random(seed)
     done_calls: dict[str, int] = {}
@@ -108,6 +114,8 @@ def run_soak(jobs: int, kills: int, processes: int, seed: int) -> dict:
         "duplicated": len(duplicated),
         "done_callbacks": sum(done_calls.values()),
         "logic_runs": runs,
+        "stages": stages,
+        "fused_runs": sum(stats["routines"][name]["fused"] for name in names),
         "seconds": round(elapsed, 2),
         "jobs_per_second": round(jobs / elapsed, 1),
     }
@@ -119,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=25)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--stages", type=int, default=1, help="routines each job goes through, in a row (default 1)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    report = run_soak(args.jobs, args.kills, args.processes, args.seed)
+    report = run_soak(args.jobs, args.kills, args.processes, args.seed, args.stages)
     ok = (report["lost"] == 0 and report["duplicated"] == 0 and report["finished_in_time"]
           and report["kills"] >= args.kills and report["done_callbacks"] == args.jobs)
     if args.json:

@@ -409,7 +409,11 @@ class Stage(Routine):
 
 flow = Flow("pipeline")
 flow.add_routine(Stage(False), "parse")
-flow.add_routine(Stage(True), "work")
+work = Stage(True)
+# Not fused: parse must run ahead of work, queueing work in the supervisor (fused, each item's work would
+# run right after its parse, in the same worker).
+work.set_fusion(False)
+flow.add_routine(work, "work")
 flow.connect("parse", "out", "work", "in")
 FlowRegistry.get_instance().register_by_name("pipeline", flow)
 """
@@ -560,7 +564,8 @@ def test_flows_lists_routines_slots_events_policies_and_connections(python_env) 
                      "event counted(doc_id, counts, words, signature) -> count.counted",
                      "event summary(doc_id, words, distinct, top, signature) -> job output",
                      "policy immediate_policy() (default); max_concurrency None (one per process)",
-                     "max_concurrency 1 (serial)", "tokenize.counted -> count.counted", "entry slots: tokenize.doc"):
+                     "max_concurrency 1 (serial)", "entry slots: tokenize.doc",
+                     "tokenize.counted -> count.counted  [not fused: 'count' runs at most 1 at a time]"):
         assert expected in result.stdout, result.stdout
 
 

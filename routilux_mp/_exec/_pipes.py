@@ -43,6 +43,7 @@ class Child:
         "commands",
         "extra",
         "first_since",
+        "fusing",
         "killed",
         "outbox",
         "outputs",
@@ -94,6 +95,8 @@ class Child:
         #: A take check is scheduled; a stall was reported (once per process).
         self.take_armed = False
         self.stalled = False
+        #: It runs a fused stage (``_fusion``): its first activation in ``acts`` waits, not yet due.
+        self.fusing = False
         #: The dispatcher waits for room in the command pipe (EVENT_WRITE is registered).
         self.writing = False
         #: Why it was killed, if it was; it was asked to stop; its command pipe is broken.

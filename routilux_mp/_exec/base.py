@@ -162,9 +162,15 @@ class WorkerBackend:
 
     Attributes:
         slots: the number of worker lanes, numbered ``0 .. slots - 1``.
+        fusion: whether its workers may run fused stages (``_fusion``): a lane
+            may then send, after an activation's result that names an emit to
+            run fused, the result of that run (``_Result.chain``), with no
+            activation sent for it; the lane runs it before anything it
+            holds, and ``taken`` is True meanwhile.
     """
 
     slots: int
+    fusion: bool = False
 
     def start(self) -> list[str | None]:
         """Start a worker in every slot; wait for none of them to be ready.

@@ -97,6 +97,8 @@ EXIT_CHECK_INTERVAL = 0.05
 class LocalProcessBackend(WorkerBackend):
     """Worker processes on this machine (see the module docstring)."""
 
+    fusion = True
+
     def __init__(self, slots: int, settings: WorkerSettings) -> None:
         #: Worker lanes, numbered 0 .. slots - 1.
         self.slots = slots
@@ -269,7 +271,7 @@ class LocalProcessBackend(WorkerBackend):
         for message in messages:
             kind = type(message)
             if kind is _Result:
-                self._finished(child)
+                self._finished(child, message)
                 events.append(Finished(child.slot, message))
             elif kind is _Log:
                 events.append(Log(child.slot, message.record))
@@ -291,12 +293,15 @@ class LocalProcessBackend(WorkerBackend):
         elif child.reader.eof:
             self._results_closed(child, events)
 
-    def _finished(self, child: Child) -> None:
-        """``child`` sent the result of its first activation: the next one goes first."""
+    def _finished(self, child: Child, result: _Result) -> None:
+        """``child`` sent a result: of its first activation (the next goes first), or of a fused run (``_fusion``)."""
         with self._lock:
+            # A fused run is no activation sent; the next one goes first once the last fused run is over.
+            child.fusing = result.fused is not None
             if child.acts:
-                child.acts.popleft()
-                if child.acts:
+                if not result.chain:
+                    child.acts.popleft()
+                if child.acts and not child.fusing:
                     self._went_first(child)
 
     def _drain(self, child: Child, events: list[WorkerEvent]) -> None:
@@ -404,7 +409,7 @@ class LocalProcessBackend(WorkerBackend):
         with self._lock:
             child.take_armed = False
             if (child.closed or child.killed is not None or child.broken or child.stopping or child.stalled
-                    or not child.acts):
+                    or not child.acts or child.fusing):
                 return
             due = child.first_since + TAKE_TIMEOUT
             if now < due:  # it went first later than the check was set: check it then
@@ -433,7 +438,7 @@ class LocalProcessBackend(WorkerBackend):
         """Whether the worker has read the activation it holds first off its command pipe."""
         with self._lock:
             child = self._children[slot]
-            if child is None or not child.acts:
+            if child is None or not child.acts or child.fusing:
                 return True
             return child.taken(child.acts[0][0])
 

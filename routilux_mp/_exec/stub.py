@@ -64,6 +64,8 @@ class _Lane:
 class StubBackend(WorkerBackend):
     """In-thread worker lanes running the real activation code (see the module docstring)."""
 
+    fusion = True
+
     def __init__(self, slots: int, settings: WorkerSettings, *, capacity: int = 2) -> None:
         #: Worker lanes, numbered 0 .. slots - 1.
         self.slots = slots
