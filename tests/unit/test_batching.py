@@ -64,6 +64,21 @@ def _warm(h, flow, items: int = 4) -> None:
     RUNS.clear()
 
 
+def _batch_on_lane_0(h, flow) -> list:
+    """12 jobs posted while both lanes are busy: items 0 and 1 went alone, then lane 0 took items 2-6 in one
+    frame (half of the 10 ready) and is busy with item 2; lane 1 is still busy with item 1."""
+    _warm(h, flow)
+    h.stub.hold(0)
+    h.stub.hold(1)
+    jobs = [h.post(flow, {"i": i}) for i in range(12)]
+    h.settle()
+    assert _frames(h)[-2:] == [[0], [1]], "posted one by one: each went alone to an idle lane, the rest wait"
+    h.stub.release(0, count=1)
+    h.settle()
+    assert _frames(h, 0)[-1] == [2, 3, 4, 5, 6], "half of the 10 ready (2 lanes), in one frame, in order"
+    return jobs
+
+
 # -- sizes ------------------------------------------------------------------------------------------
 
 
@@ -99,16 +114,7 @@ def test_the_batch_size_follows_the_measured_activations(seconds, size) -> None:
 
 def test_ready_activations_of_a_short_routine_go_to_idle_lanes_in_shares_of_one_frame(harness) -> None:
     h = harness(processes=2, capacity=10)
-    flow = _flow("share")
-    _warm(h, flow)
-    h.stub.hold(0)
-    h.stub.hold(1)
-    jobs = [h.post(flow, {"i": i}) for i in range(12)]
-    h.settle()
-    assert _frames(h)[-2:] == [[0], [1]], "posted one by one: each went alone to an idle lane, the rest wait"
-    h.stub.release(0, count=1)
-    h.settle()
-    assert _frames(h, 0)[-1] == [2, 3, 4, 5, 6], "half of the 10 ready (2 lanes), in one frame, in order"
+    jobs = _batch_on_lane_0(h, _flow("share"))
     h.stub.release(0)
     h.stub.release(1)
     h.settle()
@@ -213,14 +219,7 @@ MID_BATCH_FAULTS = [
 def test_a_fault_in_the_middle_of_a_batch_blames_the_running_activation_only(harness, options, fault,
                                                                             outcome) -> None:
     h = harness(processes=2, capacity=10)
-    flow = _flow("mid", **options)
-    _warm(h, flow)
-    h.stub.hold(0)
-    h.stub.hold(1)
-    jobs = [h.post(flow, {"i": i}) for i in range(12)]
-    h.stub.release(0, count=1)
-    h.settle()
-    assert _frames(h, 0)[-1] == [2, 3, 4, 5, 6]
+    jobs = _batch_on_lane_0(h, _flow("mid", **options))
     h.stub.release(0, count=2)  # items 2 and 3 finish; item 4 is taken and runs
     h.stub.release(1)  # the other lane runs everything else meanwhile
     h.settle()
@@ -249,14 +248,7 @@ def test_a_fault_in_the_middle_of_a_batch_blames_the_running_activation_only(har
 
 def test_a_worker_recycled_in_the_middle_of_a_batch_gives_back_what_it_never_started(harness) -> None:
     h = harness(processes=2, capacity=10)
-    flow = _flow("recycle")
-    _warm(h, flow)
-    h.stub.hold(0)
-    h.stub.hold(1)
-    jobs = [h.post(flow, {"i": i}) for i in range(12)]
-    h.stub.release(0, count=1)
-    h.settle()
-    assert _frames(h, 0)[-1] == [2, 3, 4, 5, 6]
+    jobs = _batch_on_lane_0(h, _flow("recycle"))
     h.stub.recycle_after(0, 2)
     h.stub.release(0)
     h.stub.release(1)
