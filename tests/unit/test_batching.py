@@ -129,7 +129,8 @@ def test_a_lone_activation_is_sent_at_once_by_the_post_never_held_for_a_batch(ha
     _warm(h, flow, items=8)
     before = len(h.stub.frames)
     job = h.post(flow, {"i": 0})
-    assert _frames(h)[before - len(h.stub.frames):] == [[0]], "sent by post() itself, alone, without a dispatcher pass"
+    assert len(h.stub.frames) == before + 1 and _frames(h)[-1] == [0], (
+        "sent by post() itself, alone, without a dispatcher pass")
     h.settle()
     assert job.status == "completed"
 
@@ -148,6 +149,8 @@ def test_a_busy_lane_gets_no_batch_and_a_parallel_routine_stays_within_its_lanes
     h.stub.release(0, count=1)
     h.settle()
     assert _frames(h)[-1] == [2, 3, 4, 5], "the freed lane takes half of the ready ones (two lanes usable to it)"
+    assert _frames(h, 1)[-1] == [1], "nothing went behind the busy lane's running activation"
+    assert all(i < 0 for frame in _frames(h, 2) for i in frame), "the third lane got nothing: two lanes at most"
     for slot in range(3):
         h.stub.release(slot)
     h.settle()
