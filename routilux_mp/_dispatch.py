@@ -204,6 +204,7 @@ class Dispatcher:
                 drop_ready(ledger)
             return
         full: set[int] = set()
+        single: set[int] = set()  # lanes that had no room for a batch this pass
         skip: set[_RoutineRt] | None = None
         stale: float | None = None  # lanes whose running activation began before this take nothing ahead
         while ledger.runnable:
@@ -220,12 +221,12 @@ class Dispatcher:
                 skip = skip or set()
                 skip.add(rt)
                 continue
-            n = batch_for(rt, slot, self.slots, self.prefetch) if self.batching else 1
+            n = batch_for(rt, slot, self.slots, self.prefetch) if self.batching and slot.index not in single else 1
             acts, leads = take_batch(ledger, rt, n)
             if acts and not self._send(slot, acts, leads):
                 for act in reversed(acts):
                     ledger.put_back(act)
-                full.add(slot.index)
+                (single if len(acts) > 1 else full).add(slot.index)  # no room for a batch: one may still fit
 
     def inflight(self) -> list[_Act]:
         """Every activation handed to a worker and not yet over (running, or sent ahead to a busy worker)."""

@@ -179,6 +179,25 @@ def test_a_batch_never_takes_activations_younger_than_another_routines_waiting_o
     assert max(len(frame) for frame in _frames(h)) > 1, "the fast routine was batched all the same"
 
 
+def test_a_lane_without_room_for_a_whole_batch_still_gets_what_fits_one_by_one(harness) -> None:
+    h = harness(processes=1, capacity=3)  # (a worker's pipe has room for PIPE_BUDGET bytes of prefetch)
+    flow = Flow("room")
+    flow.add_routine(FnRoutine(_echo, concurrency=1), "r")  # one at a time: queued ahead on its lane
+    _warm(h, flow)
+    h.stub.hold(0)
+    jobs = [h.post(flow, {"i": i}) for i in range(6)]
+    h.settle()
+    assert _frames(h)[-3:] == [[0], [1], [2]], "posted one by one, up to the lane's room"
+    h.stub.release(0, count=2)  # 0 and 1 finish: 3, 4 and 5 are ready at once, the lane has room for two
+    h.settle()
+    assert _frames(h)[-2:] == [[3], [4]], "the batch of three did not fit: two went one by one"
+    assert [job.status for job in jobs] == ["completed"] * 2 + ["running"] * 3 + ["pending"]
+    h.stub.release(0)
+    h.settle()
+    assert [job.status for job in jobs] == ["completed"] * 6
+    assert sorted(RUNS) == list(range(6))
+
+
 def test_without_prefetch_nothing_is_batched(harness) -> None:
     h = harness(processes=2, capacity=10, prefetch=0)
     flow = _flow("off")
