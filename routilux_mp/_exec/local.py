@@ -174,8 +174,7 @@ class LocalProcessBackend(WorkerBackend):
     def send(self, slot: int, message: Any) -> bool:
         """Queue ``message`` on the worker's command pipe; False when it has no room (see the protocol)."""
         data = dumps(message)
-        kind = type(message)
-        activations = 1 if kind is _Activation else len(message.acts) if kind is _Batch else 0
+        activations = 1 if type(message) is _Activation else len(message.acts) if type(message) is _Batch else 0
         wake = False
         with self._lock:
             child = self._children[slot]
@@ -190,12 +189,11 @@ class LocalProcessBackend(WorkerBackend):
             except OSError:  # the worker is gone; its death shows on its pidfd
                 child.pipe_broken = True
                 return False
-            if activations:  # (a poll waiting now computed its timeout without a new take check's deadline)
-                wake = not child.acts
-                # A batch is read whole: its bytes count with its first activation, all of them end with it.
+            if activations:  # (a batch is read whole: its bytes count with its first activation)
                 child.acts.extend([(child.sent, len(data) + child.extra)] + [(child.sent, 0)] * (activations - 1))
                 child.extra = 0
-                wake = wake and self._went_first(child)
+                # A poll waiting now computed its timeout without this check's deadline.
+                wake = len(child.acts) == activations and self._went_first(child)
             else:
                 child.extra += len(data)
             if child.outbox and child not in self._want_write:
