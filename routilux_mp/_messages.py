@@ -1,10 +1,9 @@
 """Wire messages between the supervisor and a worker process, and the one owner of "error as data".
 
-Supervisor -> worker (command pipe): ``_WorkerConfig`` once, then ``_LoadFlow`` /
-``_Activation`` / ``_Batch`` (activations in one frame, run in order) / ``STOP``. Worker ->
-supervisor (result pipe): ``_Ready`` once, then exactly one ``_Result`` per activation,
-each written as soon as it exists (one held back would die with its process), and
-``_Exiting`` before a clean exit (so a planned exit is never mistaken for a crash).
+Supervisor -> worker (command pipe): ``_WorkerConfig`` once, then ``_LoadFlow`` / ``_Activation`` /
+``_Batch`` (activations in one frame, run in order) / ``STOP``. Worker -> supervisor (result pipe):
+``_Ready`` once, then exactly one ``_Result`` per activation, each written as soon as it exists (one
+held back would die with its process), and ``_Exiting`` before a clean exit (never taken for a crash).
 
 Envelopes are pickled with the C pickler. User data (items, emits, policy
 messages) travels inside them as cloudpickle blobs made once where the data is
