@@ -21,12 +21,13 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ._batching import batch_for, learn, take_batch
 from ._drain import drop_ready
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
 from ._fusion import book_fused_run, unexpected_result
 from ._ledger import Ledger, Retry
 from ._lifecycle import Lifecycle
-from ._messages import ExitInfo, _Activation, _LoadFlow, _Result, dumps_by_value, error_data, type_name
+from ._messages import ExitInfo, _Activation, _Batch, _LoadFlow, _Result, dumps_by_value, error_data, type_name
 from ._records import _Act, _RoutineRt
 from ._routing import Router
 from ._state.protocol import Method
@@ -138,6 +139,8 @@ class Dispatcher:
         #: ``MAX_DEPTH - 1`` when they are short, see :func:`pace`).
         self.prefetch = prefetch
         self.max_depth = max(MAX_DEPTH, prefetch + 1) if prefetch else 1
+        #: Several ready activations of a routine may go to a lane in one frame (``_batching``).
+        self.batching = bool(prefetch) and backend.batches
         #: Kill a worker running an activation past this RSS (bytes).
         self.kill_worker_rss = kill_worker_rss
         #: One record per lane.
@@ -202,6 +205,7 @@ class Dispatcher:
                 drop_ready(ledger)
             return
         full: set[int] = set()
+        single: set[int] = set()  # lanes that had no room for a batch this pass
         skip: set[_RoutineRt] | None = None
         stale: float | None = None  # lanes whose running activation began before this take nothing ahead
         while ledger.runnable:
@@ -218,14 +222,12 @@ class Dispatcher:
                 skip = skip or set()
                 skip.add(rt)
                 continue
-            act = ledger.take_next(rt)
-            lead = act.lead_job()
-            if lead is None:  # all its jobs ended elsewhere
-                ledger.release(act)
-                continue
-            if not self._send(slot, act, lead):
-                ledger.put_back(act)
-                full.add(slot.index)
+            n = batch_for(rt, slot, self.slots, self.prefetch) if self.batching and slot.index not in single else 1
+            acts, leads = take_batch(ledger, rt, n)
+            if acts and not self._send(slot, acts, leads):
+                for act in reversed(acts):
+                    ledger.put_back(act)
+                (single if len(acts) > 1 else full).add(slot.index)  # no room for a batch: one may still fit
 
     def inflight(self) -> list[_Act]:
         """Every activation handed to a worker and not yet over (running, or sent ahead to a busy worker)."""
@@ -250,30 +252,25 @@ class Dispatcher:
             return None  # (no lane is ready yet: the first that is gets the activation)
         return best
 
-    def _send(self, slot: WorkerSlot, act: _Act, job: JobContext) -> bool:
-        """Send ``act`` (and its flow, the first time) to ``slot``; False if it has no room."""
-        rt = act.rt
+    def _send(self, slot: WorkerSlot, acts: list[_Act], leads: list[JobContext]) -> bool:
+        """Send activations of one routine (and its flow, the first time) to ``slot`` in one frame; False if it
+        has no room."""
+        rt = acts[0].rt
         inst = rt.inst
         if inst.flow_key not in slot.loaded:
             if not self.backend.send(slot.index, self.ships[inst.flow_key][1]):
                 return False
             slot.loaded.add(inst.flow_key)
-        if len(act.jobs) == 1:
-            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
-                                  act.message, job.job_id, job._metadata, job._data, act.attempt, fuse=rt.fuse)
-        else:
-            act.lead = act.jobs.index(job)
-            message = _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
-                                  act.message, job.job_id, job.metadata, job.data, act.attempt,
-                                  tuple((j.job_id, j._metadata, j._data) for j in act.jobs), act.lead, act.item_jobs)
-        if not self.backend.send(slot.index, message):
+        messages = [activation_message(act, job) for act, job in zip(acts, leads)]
+        if not self.backend.send(slot.index, messages[0] if len(messages) == 1 else _Batch(tuple(messages))):
             return False
-        act.slot = slot.index
-        slot.inflight.append(act)
-        if len(slot.inflight) == 1:
-            self._went_first(act, self.timers.clock())
-        if self.ledger.started(act):
-            self.owner.room_made(act.rt)
+        for act in acts:
+            act.slot = slot.index
+            slot.inflight.append(act)
+            if len(slot.inflight) == 1:
+                self._went_first(act, self.timers.clock())
+            if self.ledger.started(act):
+                self.owner.room_made(act.rt)
         return True
 
     def _went_first(self, act: _Act, now: float) -> None:
@@ -332,6 +329,8 @@ class Dispatcher:
         stats.busy_seconds += res.seconds
         if rt.limit == 1 and self.prefetch:
             pace(rt, self.prefetch, self.max_depth)
+        elif self.batching:
+            learn(rt, res.seconds)
         stats.latencies.append(now - act.created)
         if res.error is None:
             lead = act.lead_job()
@@ -525,6 +524,19 @@ class Dispatcher:
             self.ledger.release(act)
 
 
+def activation_message(act: _Act, job: JobContext) -> _Activation:
+    """The wire message that runs ``act`` with ``job`` (its oldest open job) as the current one."""
+    rt = act.rt
+    inst = rt.inst
+    if len(act.jobs) == 1:
+        return _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots,
+                           act.message, job.job_id, job._metadata, job._data, act.attempt, fuse=rt.fuse)
+    act.lead = act.jobs.index(job)
+    return _Activation(act.act_id, inst.flow_key, inst.worker_id, inst.flow.flow_id, rt.rid, act.slots, act.message,
+                       job.job_id, job.metadata, job.data, act.attempt,
+                       tuple((j.job_id, j._metadata, j._data) for j in act.jobs), act.lead, act.item_jobs)
+
+
 def crash_error(slot: WorkerSlot, act: _Act, info: ExitInfo) -> dict:
     """The error of an activation whose worker died running it: how, and what that likely means."""
     message = (
@@ -553,12 +565,14 @@ def lane_for(rt: _RoutineRt, candidate: WorkerSlot, slots: list[WorkerSlot], ful
     lanes = rt.lanes
     if rt.limit != 1 or not lanes:
         inflight = candidate.inflight
-        if len(inflight) > prefetch:
-            return None
         if inflight:
+            if len(inflight) > prefetch or rt.running >= rt.limit:  # (batched beyond its limit: idle lanes only)
+                return None
             began = inflight[0].started
             if began is not None and began < stale:
                 return None
+        elif len(lanes) >= rt.limit:  # its activations run on at most ``limit`` lanes at once
+            return None
         return candidate
     (index,) = lanes
     slot = slots[index]

@@ -1,10 +1,9 @@
 """Wire messages between the supervisor and a worker process, and the one owner of "error as data".
 
-Supervisor -> worker (command pipe): ``_WorkerConfig`` once, then
-``_LoadFlow`` / ``_Activation`` / ``STOP``. Worker -> supervisor (result
-pipe): ``_Ready`` once, then exactly one ``_Result`` per activation, and
-``_Exiting`` before a clean exit (so a planned exit is never mistaken for a
-crash).
+Supervisor -> worker (command pipe): ``_WorkerConfig`` once, then ``_LoadFlow`` / ``_Activation`` /
+``_Batch`` (activations in one frame, run in order) / ``STOP``. Worker -> supervisor (result pipe):
+``_Ready`` once, then exactly one ``_Result`` per activation, each written as soon as it exists (one
+held back would die with its process), and ``_Exiting`` before a clean exit (never taken for a crash).
 
 Envelopes are pickled with the C pickler. User data (items, emits, policy
 messages) travels inside them as cloudpickle blobs made once where the data is
@@ -468,6 +467,15 @@ class _Activation(NamedTuple):
     def __repr__(self) -> str:
         counts = {name: len(items) for name, items in self.slots.items()}
         return f"_Activation(#{self.act_id} {self.worker_id}/{self.routine_id} items={counts} attempt={self.attempt})"
+
+
+class _Batch(NamedTuple):
+    """Several activations in one frame, run one after another in this order (one ``_Result`` each)."""
+
+    acts: tuple[_Activation, ...]
+
+    def __repr__(self) -> str:
+        return f"_Batch({len(self.acts)} activations, #{self.acts[0].act_id}..#{self.acts[-1].act_id})"
 
 
 class _Result(NamedTuple):

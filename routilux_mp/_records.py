@@ -181,6 +181,7 @@ class _RoutineRt:
     """One routine of one worker: its slot queues, policy copy, queue of activations."""
 
     __slots__ = (
+        "batch",
         "cap",
         "depth",
         "fuse",
@@ -189,6 +190,7 @@ class _RoutineRt:
         "inst",
         "lanes",
         "limit",
+        "mean",
         "policy",
         "ready",
         "rid",
@@ -217,6 +219,10 @@ class _RoutineRt:
         self.cap = limit
         #: How many of its activations its lane may hold (running + queued); 0: the runtime's default.
         self.depth = 0
+        #: A parallel routine's activations per frame to an idle lane, and the moving mean of its
+        #: activations' seconds it follows (``_batching.learn``; ``None``: none measured yet).
+        self.batch = 1
+        self.mean: float | None = None
         #: Lane index -> its activations in flight there.
         self.lanes: dict[int, int] = {}
         self.handler = handler

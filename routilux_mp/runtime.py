@@ -92,9 +92,15 @@ class Runtime:
             that has already run 50 ms. A routine that runs one at a time
             (``max_concurrency=1``, the default) also gets its short
             activations queued further ahead on its one process (about 2 ms of
-            them, at most 8), where they run one after another. ``prefetch=0``
-            turns both off (with activations of very uneven length, it keeps
-            every short one off a long one's process).
+            them, at most 8), where they run one after another. Other routines
+            get their short activations batched: when several are ready, a
+            process with nothing to do gets several in one message (about 2 ms
+            of them by their measured length, at most its share of those
+            ready), and runs them one after another (a crash fails only the one
+            it was running; the rest run elsewhere). ``prefetch=0`` turns all
+            of this off (with activations of very uneven length, it keeps every
+            short one off a long one's process; so does an activation that
+            waits for another of its own routine).
         max_crash_retries: a crashing activation is retried (with the ``retry``
             strategy) at most this many times.
         max_worker_rss: recycle a worker between activations when its RSS

@@ -3,8 +3,9 @@
 Started by :class:`~routilux_mp._exec.local.LocalProcessBackend` as a fresh
 interpreter (``routilux-mp worker N``) that never imports the user's
 ``__main__``. It reads ``_WorkerConfig`` and then one message after another
-from its command pipe, and writes ``_Ready``, one ``_Result`` per activation
-and ``_Exiting`` on its result pipe.
+from its command pipe (a ``_Batch`` holds several activations), and writes
+``_Ready``, one ``_Result`` per activation as soon as it has it, and
+``_Exiting`` on its result pipe.
 
 EOF on the command pipe means the supervisor is gone. A watchdog thread and a
 group guard process (see ``_process``) block on a second pipe that only the
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import _context, _logs, _process
-from .._messages import _Activation, _Exiting, _Ready, _WorkerConfig, dumps, loads, read_frame, write_frame
+from .._messages import _Activation, _Batch, _Exiting, _Ready, _WorkerConfig, dumps, loads, read_frame, write_frame
 from .._state.client import StoreClient
 from .._worker import ActivationRunner, forked_child_exit
 from ..state import close_resources
@@ -77,9 +78,14 @@ def serve(commands: int, results: int, life_fd: int, config: _WorkerConfig, *, c
             _process.kill_group_tree(cleanup_dir)
             os._exit(_process.EXIT_PARENT_GONE)
         message = loads(raw)
-        if on_take is not None and type(message) is _Activation:
-            on_take()
-        reason = runner.step(message, reply)
+        # A batch's activations run in order, each result written before the next starts: a crash
+        # loses none, and the ones after the crash (or a recycle) were never started.
+        for each in message.acts if type(message) is _Batch else (message,):
+            if on_take is not None and type(each) is _Activation:
+                on_take()
+            reason = runner.step(each, reply)
+            if reason is not None:
+                break
     close_resources()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more to say

@@ -170,7 +170,10 @@ class WorkerBackend:
     """
 
     slots: int
+    #: Whether a worker runs the target of a fused connection itself (see ``_fusion``).
     fusion: bool = False
+    #: Whether ``send`` takes a ``_Batch`` (several activations in one frame, see ``_batching``).
+    batches: bool = False
 
     def start(self) -> list[str | None]:
         """Start a worker in every slot; wait for none of them to be ready.
@@ -182,7 +185,7 @@ class WorkerBackend:
         raise NotImplementedError
 
     def send(self, slot: int, message: Any) -> bool:
-        """Hand ``message`` (a wire message: ``_LoadFlow``, ``_Activation``) to the worker in ``slot``.
+        """Hand ``message`` (a wire message: ``_LoadFlow``, ``_Activation``, ``_Batch``) to the worker in ``slot``.
 
         Never blocks. Returns False, having sent nothing, when the worker has
         no room for it now (its queue is full, it is not reading, or it is

@@ -19,7 +19,8 @@
 * Send: never blocks. A busy worker reads its next message only after it
   finished the activation it runs, so it is given at most ``PIPE_BUDGET``
   bytes of prefetch; what its pipe has no room for waits in its outbox,
-  written as it reads.
+  written as it reads. A ``_Batch`` is one frame: its activations count as
+  taken together (the worker reads it whole) and finish one by one.
 * Poll: one epoll selector over every result pipe, stdout/stderr pipe and
   pidfd (its death), the command pipes with bytes waiting, and a wake-up
   pipe; it never polls with sleeps. Deaths are reported after everything the
@@ -53,6 +54,7 @@ from .._messages import (
     STOP,
     ExitInfo,
     _Activation,
+    _Batch,
     _Exiting,
     _Ready,
     _Result,
@@ -97,7 +99,7 @@ EXIT_CHECK_INTERVAL = 0.05
 class LocalProcessBackend(WorkerBackend):
     """Worker processes on this machine (see the module docstring)."""
 
-    fusion = True
+    fusion = batches = True  # (a _Batch is one frame; see ``send``)
 
     def __init__(self, slots: int, settings: WorkerSettings) -> None:
         #: Worker lanes, numbered 0 .. slots - 1.
@@ -172,7 +174,7 @@ class LocalProcessBackend(WorkerBackend):
     def send(self, slot: int, message: Any) -> bool:
         """Queue ``message`` on the worker's command pipe; False when it has no room (see the protocol)."""
         data = dumps(message)
-        activation = type(message) is _Activation
+        activations = 1 if type(message) is _Activation else len(message.acts) if type(message) is _Batch else 0
         wake = False
         with self._lock:
             child = self._children[slot]
@@ -187,11 +189,11 @@ class LocalProcessBackend(WorkerBackend):
             except OSError:  # the worker is gone; its death shows on its pidfd
                 child.pipe_broken = True
                 return False
-            if activation:
-                child.acts.append((child.sent, len(data) + child.extra))
+            if activations:  # (a batch is read whole: its bytes count with its first activation)
+                child.acts.extend([(child.sent, len(data) + child.extra)] + [(child.sent, 0)] * (activations - 1))
                 child.extra = 0
                 # A poll waiting now computed its timeout without this check's deadline.
-                wake = len(child.acts) == 1 and self._went_first(child)
+                wake = len(child.acts) == activations and self._went_first(child)
             else:
                 child.extra += len(data)
             if child.outbox and child not in self._want_write:

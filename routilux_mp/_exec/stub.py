@@ -12,15 +12,20 @@ calls are served in this process by a real ``StateStore``.
 
 Test controls (all deterministic; the event shows at the next ``poll``):
 
-* ``hold(slot)`` / ``release(slot)``: the lane's worker is busy with the
-  first activation it holds (it has taken it) until released;
+* ``hold(slot)`` / ``release(slot, count=None)``: the lane's worker is busy
+  with the first activation it holds (it has taken it) until released (to
+  run ``count`` activations, then be busy with the next: the middle of a
+  batch);
 * ``crash(slot, signal=..., exitcode=...)``: its worker dies now;
+  ``recycle_after(slot, count)``: it exits on purpose after ``count`` more
+  activations (``max_activations_per_process``);
 * ``stall(slot)`` / ``corrupt(slot, what)``: it is reported stalled, or as
   having broken the protocol (what the local backend reports);
   ``loading(slot)``: it has not taken its first activation yet;
 * ``spawn_error``: why new lanes fail to start, while it is set;
 * ``rss[slot] = bytes``: what :meth:`StubBackend.rss` says;
-* ``capacity``: activations a lane holds before ``send`` says it has no room.
+* ``capacity``: activations a busy lane holds before ``send`` says it has no room
+  (an idle lane takes a batch of any size, as a worker process does).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .._messages import ExitInfo, _Activation, dumps, loads
+from .._messages import ExitInfo, _Activation, _Batch, dumps, loads
 from .._state.backend import MemoryBackend
 from .._state.client import StoreClient
 from .._state.protocol import Method
@@ -50,7 +55,7 @@ _addresses = itertools.count(1)
 class _Lane:
     """One stub worker: its runner and the messages it holds, in order."""
 
-    __slots__ = ("held", "inbox", "pid", "runner", "stalled")
+    __slots__ = ("budget", "held", "inbox", "pid", "runner", "stalled")
 
     def __init__(self, pid: int, runner: ActivationRunner) -> None:
         self.pid = pid
@@ -59,12 +64,14 @@ class _Lane:
         #: Busy with its first activation until released (it has taken it); or stalled (it has not).
         self.held = False
         self.stalled = False
+        #: Activations it may still run before it is held again (``release(slot, count)``); None: no limit.
+        self.budget: int | None = None
 
 
 class StubBackend(WorkerBackend):
     """In-thread worker lanes running the real activation code (see the module docstring)."""
 
-    fusion = True
+    fusion = batches = True
 
     def __init__(self, slots: int, settings: WorkerSettings, *, capacity: int = 2) -> None:
         #: Worker lanes, numbered 0 .. slots - 1.
@@ -75,9 +82,11 @@ class StubBackend(WorkerBackend):
         self.capacity = capacity
         #: RSS per slot, as :meth:`rss` and :meth:`usage` report it (bytes).
         self.rss_by_slot: dict[int, int] = {}
-        #: Every message accepted by :meth:`send`, as ``(slot, message)``; every :meth:`kill` as
-        #: ``(slot, reason, hard)``; how often :meth:`wake` was called.
+        #: Every message accepted by :meth:`send`, as ``(slot, message)`` (a batch's activations one by one),
+        #: and as sent (``frames``: a batch whole); every :meth:`kill` as ``(slot, reason, hard)``; how often
+        #: :meth:`wake` was called.
         self.sent: list[tuple[int, Any]] = []
+        self.frames: list[tuple[int, Any]] = []
         self.kills: list[tuple[int, str, bool]] = []
         self.wakes = 0
         #: Set by a test to make :meth:`respawn` fail with this reason (until it is set back to None).
@@ -117,16 +126,21 @@ class StubBackend(WorkerBackend):
         self._report(slot, lane, base.Ready(slot, lane.pid))
 
     def send(self, slot: int, message: Any) -> bool:
-        """Queue ``message`` on the lane (after a pickle round trip); False past ``capacity`` activations."""
+        """Queue ``message`` on the lane (after a pickle round trip); False when the lane holds activations and
+        would hold more than ``capacity`` (as the local backend, a lane holding none takes a batch of any size)."""
         message = loads(dumps(message))
+        kind = type(message)
+        messages = message.acts if kind is _Batch else (message,)
         with self._cond:
             lane = self._lanes[slot]
             if lane is None or self._stopped:
                 return False
-            if type(message) is _Activation and sum(type(m) is _Activation for m in lane.inbox) >= self.capacity:
+            held = sum(type(m) is _Activation for m in lane.inbox)
+            if kind in (_Activation, _Batch) and held and held + len(messages) > self.capacity:
                 return False
-            lane.inbox.append(message)
-            self.sent.append((slot, message))
+            lane.inbox.extend(messages)
+            self.frames.append((slot, message))
+            self.sent.extend((slot, each) for each in messages)
             self._cond.notify_all()
         return True
 
@@ -156,7 +170,12 @@ class StubBackend(WorkerBackend):
             with self._cond:
                 if self._lanes[slot] is not lane or lane.held or not lane.inbox:
                     return
+                if lane.budget == 0 and type(lane.inbox[0]) is _Activation:  # busy with it until released
+                    lane.held, lane.budget = True, None
+                    return
                 message = lane.inbox.popleft()
+                if lane.budget is not None and type(message) is _Activation:
+                    lane.budget -= 1
             reason = lane.runner.step(message, reply)
             if reason is not None:  # recycled: it exits, having run nothing it held after this
                 with self._cond:
@@ -228,13 +247,21 @@ class StubBackend(WorkerBackend):
         with self._cond:
             self._lane(slot).held = True
 
-    def release(self, slot: int) -> None:
-        """Let a held lane run what it holds at the next poll."""
+    def release(self, slot: int, count: int | None = None) -> None:
+        """Let a held lane run what it holds at the next poll (only ``count`` activations: then it is
+        busy with the next one, taken, until released again)."""
         with self._cond:
             lane = self._lanes[slot]
             if lane is not None:
                 lane.held = False
+                lane.budget = count
             self._cond.notify_all()
+
+    def recycle_after(self, slot: int, count: int) -> None:
+        """The lane's worker recycles (as past ``max_activations_per_process``) after ``count`` more activations."""
+        with self._cond:
+            runner = self._lane(slot).runner
+            runner.max_activations = runner.activations + count
 
     def loading(self, slot: int, still: bool = True) -> None:
         """The lane has not taken its first activation yet (still loading the flow), or has now."""
