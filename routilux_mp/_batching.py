@@ -1,4 +1,10 @@
-"""Adaptive batching: how many ready activations of a routine go to one worker in one frame.
+"""Placement: which lane takes a routine's next activations, and how many go in one frame.
+
+``lane_for`` picks the lane (and keeps what is sent ahead behind a running
+activation short); ``pace`` sets how deep a one-at-a-time routine queues on
+its lane; ``book`` records a finished activation and what it teaches both.
+
+Adaptive batching:
 
 joblib's automatic batching, made ours. Every activation costs a round trip
 through the supervisor (pickling, pipes, routing, the ledger); for
@@ -23,7 +29,7 @@ it has it:
   holds a long batch. Its activations stay on at most ``max_concurrency``
   workers, where they run one after another: its limit holds.
 * A one-at-a-time routine already queues about 2 ms of its activations on
-  its one lane (``pace`` in ``_dispatch``); what it queues at once goes in
+  its one lane (``pace``); what it queues at once goes in
   one frame.
 * One activation ready (one at a time, a trickle): it goes alone, as before.
 * Crashes: results are never held back, so a worker that dies mid-batch has
@@ -51,6 +57,8 @@ BATCH_BYTES = 64 * 1024
 ACTIVATION_OVERHEAD = 50e-6
 #: Weight of the newest activation in a routine's moving mean of activation seconds.
 SMOOTHING = 0.2
+#: Work a one-at-a-time routine's lane should queue ahead, in seconds of its measured activations (``pace``).
+QUEUE_SECONDS = 0.002
 
 
 def learn(rt: _RoutineRt, seconds: float) -> None:
@@ -109,3 +117,70 @@ def take_batch(ledger: Ledger, rt: _RoutineRt, n: int) -> tuple[list[_Act], list
             for blob in blobs:
                 size += len(blob)
     return acts, leads
+
+
+
+def book(act: _Act, seconds: float, now: float, prefetch: int, max_depth: int, batching: bool) -> None:
+    """Record a finished activation in its routine's stats, and what it teaches the routine's placement."""
+    rt = act.rt
+    stats = rt.stats
+    stats.activations += 1
+    if act.chain is not None:
+        stats.fused += 1
+    stats.busy_seconds += seconds
+    if rt.limit == 1 and prefetch:
+        pace(rt, prefetch, max_depth)
+    elif batching:
+        learn(rt, seconds)
+    stats.latencies.append(now - act.created)
+
+
+def lane_for(rt: _RoutineRt, candidate: WorkerSlot, slots: list[WorkerSlot], full: set[int],
+             prefetch: int, stale: float) -> WorkerSlot | None:
+    """The lane for ``rt``'s next activation: ``candidate`` (the least busy) if it has room, or, for a
+    routine that runs one at a time and has activations in flight, the lane holding them.
+
+    Nothing goes ahead behind an activation of another routine that began before ``stale``
+    (``PREFETCH_MAX_AGE`` ago): a long activation gains nothing from prefetching (its lane's round
+    trip is small beside it), and what waited behind it would wait while other lanes go idle; it
+    stays queued in the supervisor instead.
+
+    Queued behind each other on one lane, a one-at-a-time routine's activations still run one
+    after another, but without a round trip through the supervisor between them. Other routines
+    never queue behind their own activations: an activation that blocks (waits for others of its
+    routine, say) would hold back the ones behind it while other lanes are free.
+    """
+    lanes = rt.lanes
+    if rt.limit != 1 or not lanes:
+        inflight = candidate.inflight
+        if inflight:
+            if len(inflight) > prefetch or rt.running >= rt.limit:  # (batched beyond its limit: idle lanes only)
+                return None
+            began = inflight[0].started
+            if began is not None and began < stale:
+                return None
+        elif len(lanes) >= rt.limit:  # its activations run on at most ``limit`` lanes at once
+            return None
+        return candidate
+    (index,) = lanes
+    slot = slots[index]
+    if not slot.usable() or index in full or len(slot.inflight) >= (rt.depth or prefetch + 1):
+        return None
+    return slot
+
+
+def pace(rt: _RoutineRt, prefetch: int, max_depth: int) -> None:
+    """How deep a one-at-a-time routine's lane may queue its activations: short ones deeper.
+
+    About ``QUEUE_SECONDS`` of its measured activations, between ``1 + prefetch`` and
+    ``max_depth``: the worker finishing one finds the next in its pipe instead of idling for a
+    round trip through the supervisor (a stateful stage of a pipeline keeps pace with its
+    parallel stages), and an activation of another routine sent to that lane meanwhile waits
+    behind at most that much. (Not called with ``prefetch=0``: one at a time in flight.)
+    """
+    stats = rt.stats
+    base = prefetch + 1
+    depth = base
+    if stats.busy_seconds > 0:
+        depth = max(base, min(max_depth, int(QUEUE_SECONDS * stats.activations / stats.busy_seconds)))
+    rt.depth = rt.cap = depth

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ._batching import batch_for, learn, take_batch
+from ._batching import batch_for, book, lane_for, take_batch
 from ._drain import drop_ready
 from ._exec.base import Broken, Died, Exiting, Finished, Ready, Stalled, WorkerBackend
 from ._fusion import book_fused_run, unexpected_result
@@ -49,10 +49,9 @@ logger = logging.getLogger("routilux_mp.runtime")
 MAX_START_FAILURES = 5
 #: Longest pause between respawns of a worker that keeps dying at start-up.
 MAX_RESPAWN_DELAY = 5.0
-#: Most activations of a one-at-a-time routine its lane holds (running + queued in its pipe), and the
-#: work it should queue ahead, in seconds of the routine's measured activations (:func:`pace`).
+#: Most activations of a one-at-a-time routine its lane holds (running + queued in its pipe; see
+#: ``_batching.pace``).
 MAX_DEPTH = 8
-QUEUE_SECONDS = 0.002
 #: Seconds after the pool started during which activations wait for the first ready worker instead of
 #: going to one still starting: the first result comes from whichever worker is ready first (workers
 #: start in 80-300 ms). After it, a worker that never gets ready is sent work, so its take check
@@ -136,7 +135,7 @@ class Dispatcher:
         #: Retries, deadlines and respawns are scheduled here.
         self.timers = timers
         #: Activations sent ahead to a busy lane (of a one-at-a-time routine to its lane: up to
-        #: ``MAX_DEPTH - 1`` when they are short, see :func:`pace`).
+        #: ``MAX_DEPTH - 1`` when they are short, see ``_batching.pace``).
         self.prefetch = prefetch
         self.max_depth = max(MAX_DEPTH, prefetch + 1) if prefetch else 1
         #: Several ready activations of a routine may go to a lane in one frame (``_batching``).
@@ -321,17 +320,8 @@ class Dispatcher:
             self._went_first(slot.inflight[0], now)
         if act.resolved:  # it timed out or was killed: its outcome is already decided
             return
-        rt = act.rt
-        stats = rt.stats
-        stats.activations += 1
-        if act.chain is not None:
-            stats.fused += 1
-        stats.busy_seconds += res.seconds
-        if rt.limit == 1 and self.prefetch:
-            pace(rt, self.prefetch, self.max_depth)
-        elif self.batching:
-            learn(rt, res.seconds)
-        stats.latencies.append(now - act.created)
+        stats = act.rt.stats
+        book(act, res.seconds, now, self.prefetch, self.max_depth, self.batching)
         if res.error is None:
             lead = act.lead_job()
             error = None if lead is None else self.router.route(act, lead, res)
@@ -545,54 +535,3 @@ def crash_error(slot: WorkerSlot, act: _Act, info: ExitInfo) -> dict:
     )
     return error_data(WorkerCrashedError, message, traceback=info.stderr_tail, exitcode=info.exitcode,
                       signal=info.signal, pid=info.pid, process=slot.index, crashed=True)
-
-
-def lane_for(rt: _RoutineRt, candidate: WorkerSlot, slots: list[WorkerSlot], full: set[int],
-             prefetch: int, stale: float) -> WorkerSlot | None:
-    """The lane for ``rt``'s next activation: ``candidate`` (the least busy) if it has room, or, for a
-    routine that runs one at a time and has activations in flight, the lane holding them.
-
-    Nothing goes ahead behind an activation of another routine that began before ``stale``
-    (``PREFETCH_MAX_AGE`` ago): a long activation gains nothing from prefetching (its lane's round
-    trip is small beside it), and what waited behind it would wait while other lanes go idle; it
-    stays queued in the supervisor instead.
-
-    Queued behind each other on one lane, a one-at-a-time routine's activations still run one
-    after another, but without a round trip through the supervisor between them. Other routines
-    never queue behind their own activations: an activation that blocks (waits for others of its
-    routine, say) would hold back the ones behind it while other lanes are free.
-    """
-    lanes = rt.lanes
-    if rt.limit != 1 or not lanes:
-        inflight = candidate.inflight
-        if inflight:
-            if len(inflight) > prefetch or rt.running >= rt.limit:  # (batched beyond its limit: idle lanes only)
-                return None
-            began = inflight[0].started
-            if began is not None and began < stale:
-                return None
-        elif len(lanes) >= rt.limit:  # its activations run on at most ``limit`` lanes at once
-            return None
-        return candidate
-    (index,) = lanes
-    slot = slots[index]
-    if not slot.usable() or index in full or len(slot.inflight) >= (rt.depth or prefetch + 1):
-        return None
-    return slot
-
-
-def pace(rt: _RoutineRt, prefetch: int, max_depth: int) -> None:
-    """How deep a one-at-a-time routine's lane may queue its activations: short ones deeper.
-
-    About ``QUEUE_SECONDS`` of its measured activations, between ``1 + prefetch`` and
-    ``max_depth``: the worker finishing one finds the next in its pipe instead of idling for a
-    round trip through the supervisor (a stateful stage of a pipeline keeps pace with its
-    parallel stages), and an activation of another routine sent to that lane meanwhile waits
-    behind at most that much. (Not called with ``prefetch=0``: one at a time in flight.)
-    """
-    stats = rt.stats
-    base = prefetch + 1
-    depth = base
-    if stats.busy_seconds > 0:
-        depth = max(base, min(max_depth, int(QUEUE_SECONDS * stats.activations / stats.busy_seconds)))
-    rt.depth = rt.cap = depth

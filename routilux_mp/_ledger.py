@@ -434,39 +434,6 @@ class Ledger:
         self.count_deltas.clear()
         return deltas
 
-    def routine_stats(self) -> dict[str, dict]:
-        """Per routine id, over every worker: activations (``fused``: of them, run fused), errors, busy seconds,
-        latency percentiles."""
-        routines: dict[str, dict] = {}
-        latencies: dict[str, list[float]] = {}
-        for inst in self.instances.values():
-            for rid, rt in inst.routines.items():
-                agg = routines.setdefault(rid, {"activations": 0, "errors": 0, "busy_seconds": 0.0,
-                                                "max_concurrency": rt.limit, "running": 0, "fused": 0})
-                agg["running"] += rt.running
-                agg["activations"] += rt.stats.activations
-                agg["fused"] += rt.stats.fused
-                agg["errors"] += rt.stats.errors
-                agg["busy_seconds"] += rt.stats.busy_seconds
-                latencies.setdefault(rid, []).extend(rt.stats.latencies)
-        for rid, agg in routines.items():
-            agg["busy_seconds"] = round(agg["busy_seconds"], 6)
-            latencies[rid].sort()  # once: percentile() sorts again, which costs little on sorted data
-            agg["p50_latency"] = percentile(latencies[rid], 50)
-            agg["p99_latency"] = percentile(latencies[rid], 99)
-        return routines
-
-    def waiting(self) -> list[dict]:
-        """Every slot queue holding items: where, and how many."""
-        found = []
-        for inst in self.instances.values():
-            for rid, rt in inst.routines.items():
-                for name, queue in rt.slots.items():
-                    if queue.pending:
-                        found.append({"worker_id": inst.worker_id, "routine": rid, "slot": name,
-                                      "items": queue.pending})
-        return found
-
 
 def _leave_lane(act: _Act) -> None:
     """``act`` no longer counts on the lane that held it."""
@@ -478,4 +445,38 @@ def _leave_lane(act: _Act) -> None:
         del lanes[act.slot]
 
 
-__all__ = ["Ledger", "Retry", "SlotQueue"]
+def routine_stats(instances: dict[str, Any]) -> dict[str, dict]:
+    """Per routine id, over every worker of ``instances`` (the ledger's): activations (``fused``: of them,
+    run fused), errors, busy seconds, latency percentiles."""
+    routines: dict[str, dict] = {}
+    latencies: dict[str, list[float]] = {}
+    for inst in instances.values():
+        for rid, rt in inst.routines.items():
+            agg = routines.setdefault(rid, {"activations": 0, "errors": 0, "busy_seconds": 0.0,
+                                            "max_concurrency": rt.limit, "running": 0, "fused": 0})
+            agg["running"] += rt.running
+            agg["activations"] += rt.stats.activations
+            agg["fused"] += rt.stats.fused
+            agg["errors"] += rt.stats.errors
+            agg["busy_seconds"] += rt.stats.busy_seconds
+            latencies.setdefault(rid, []).extend(rt.stats.latencies)
+    for rid, agg in routines.items():
+        agg["busy_seconds"] = round(agg["busy_seconds"], 6)
+        latencies[rid].sort()  # once: percentile() sorts again, which costs little on sorted data
+        agg["p50_latency"] = percentile(latencies[rid], 50)
+        agg["p99_latency"] = percentile(latencies[rid], 99)
+    return routines
+
+def queued_items(instances: dict[str, Any]) -> list[dict]:
+    """Every slot queue of ``instances`` (the ledger's) holding items: where, and how many."""
+    found = []
+    for inst in instances.values():
+        for rid, rt in inst.routines.items():
+            for name, queue in rt.slots.items():
+                if queue.pending:
+                    found.append({"worker_id": inst.worker_id, "routine": rid, "slot": name,
+                                  "items": queue.pending})
+    return found
+
+
+__all__ = ["Ledger", "Retry", "SlotQueue", "queued_items", "routine_stats"]

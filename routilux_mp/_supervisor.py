@@ -40,7 +40,7 @@ from typing import Any
 from ._drain import stop_taking_work
 from ._exec.base import WorkerBackend, WorkerSettings
 from ._exec.local import TERM_GRACE, LocalProcessBackend
-from ._ledger import Ledger
+from ._ledger import Ledger, queued_items, routine_stats
 from ._lifecycle import Lifecycle, run_callbacks
 from ._logs import parent_levels
 from ._loop import DispatchLoop
@@ -431,12 +431,12 @@ class Supervisor:
     def stats(self) -> dict:
         """A JSON-able snapshot: per-routine counters, per-process usage, jobs by status, waiting items."""
         with self.lock:
-            routines = self.ledger.routine_stats()
+            routines = routine_stats(self.ledger.instances)
             # (the routine a lane runs, or takes next: the first activation it holds)
             lanes = [(s.index, s.activations, s.restarts, s.alive and s.ready,
                       s.inflight[0].rt.rid if s.inflight else None) for s in self.dispatcher.slots]
             jobs = {status: n for status, n in self.ledger.status_counts.items() if n}
-            waiting = self.ledger.waiting()
+            waiting = queued_items(self.ledger.instances)
             ask = self.state.lost is None and not self.flags.closed
         lost: dict = {}
         if ask:

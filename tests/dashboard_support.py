@@ -10,7 +10,7 @@ the page and release it when it is done.
 A test that waits for a failure while a gated item holds its process makes
 the failing line ``unparsable``, and puts it before the gated line: one
 activation may be sent ahead to the gated process and wait behind it (see
-``_dispatch.lane_for``), but never one of an earlier line's first stage.
+``_batching.lane_for``), but never one of an earlier line's first stage.
 """
 
 from __future__ import annotations
