@@ -182,7 +182,7 @@ DRIVER = textwrap.dedent(
         if time.monotonic() > deadline:
             sys.exit("the activations never started")
     pids = [p["pid"] for p in runtime.stats()["processes"]] + [runtime._testing.state_pid]
-    print(json.dumps([pids, runtime._testing.socket_dir]), flush=True)
+    print(json.dumps(pids), flush=True)
     time.sleep(600)
     """
 )
@@ -209,7 +209,7 @@ def test_a_sigkilled_driver_leaves_no_actor_and_no_worker_behind(tmp_path, pytho
     with _driver(tmp_path, ray_cluster.address, python_env) as proc:
         line = proc.stdout.readline()
         assert line, (proc.stderr.read(), [(a["ActorClassName"], a["State"]) for a in live_actors()])
-        pids, _private_dir = json.loads(line)
+        pids = json.loads(line)
         assert len(live_actors()) == 2, "one nanny actor per lane"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(WAIT)
