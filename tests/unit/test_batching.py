@@ -12,7 +12,7 @@ import signal
 import pytest
 from helpers import FnRoutine
 
-from routilux_mp import ErrorHandler, ErrorStrategy, Flow
+from routilux_mp import ErrorHandler, ErrorStrategy, Flow, _dispatch
 from routilux_mp._batching import BATCH_SECONDS, MAX_BATCH, learn
 from routilux_mp._dispatch import PREFETCH_MAX_AGE
 from routilux_mp._records import _RoutineRt
@@ -54,6 +54,14 @@ def _frames(h, slot: int | None = None) -> list[list[int]]:
         if acts and (slot is None or s == slot):
             found.append([pickle.loads(a.slots["in"][0])["i"] for a in acts])
     return found
+
+
+@pytest.fixture(autouse=True)
+def microsecond_activations(monkeypatch) -> None:
+    """Every activation is booked as 1 us of logic: batch sizes follow the test, not the machine's load
+    (a lane thread preempted in the middle of a microsecond's logic measures milliseconds)."""
+    book = _dispatch.book
+    monkeypatch.setattr(_dispatch, "book", lambda act, _seconds, *rest: book(act, 1e-6, *rest))
 
 
 def _warm(h, flow, items: int = 4) -> None:
