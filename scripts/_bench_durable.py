@@ -21,19 +21,14 @@ from _bench_scenarios import (
     CPU_ITEM_SECONDS,
     PIPELINE_WORK_FRACTION,
     RMP,
-    STATE_VALUE,
-    BenchError,
     Check,
     Config,
     Scenario,
     SystemFn,
-    _rmp_warm,
-    _span_rate,
-    _wait_all,
     calibrate,
+    measure_state_ops,
     pipeline_line,
     pipeline_transform,
-    rmp_state_ops,
     run_pipeline,
     run_rounds,
 )
@@ -75,26 +70,12 @@ def durable_scenario(cfg: Config) -> Scenario:
     full = f"{RMP}, state_path (sync full)"
 
     def run(label: str, options: dict[str, Any]) -> dict:
-        out: dict[str, float] = {}
         folder = tempfile.mkdtemp(prefix="rmp-bench-")
         if options:
             options = dict(options, state_path=f"{folder}/state.db")
         try:
             with Runtime(processes=n, **options) as runtime:
-                ws = runtime.exec("bench-state")
-                ws.update_routine_state("s", STATE_VALUE)
-                for op in OPS:
-                    t0, t1 = rmp_state_ops(ws, op, k1, 0)
-                    out[f"{op}_1"] = k1 / (t1 - t0)
-                _rmp_warm(runtime, "bench-state", "r", "in", {"op": "get", "k": 1, "index": 0}, 2 * n, cfg.timeout)
-                before = (ws.get_routine_state("c") or {}).get("n", 0)
-                for op in OPS:
-                    jobs = [runtime.post("bench-state", "r", "in", {"op": op, "k": kn, "index": i},
-                                         timeout=cfg.timeout)[1] for i in range(n)]
-                    _wait_all(runtime, cfg.timeout, label)
-                    out[f"{op}_n"] = _span_rate([job.outputs[0]["data"] for job in jobs], n * kn, label, sc)
-                if ws.get_routine_state("c")["n"] - before != n * kn:
-                    raise BenchError(f"{label}: {n} x {kn} increments did not add up")
+                out = measure_state_ops(runtime, OPS, n, k1, kn, cfg.timeout, label, sc)
                 out["pipeline"] = run_pipeline(runtime, lines, work_n, expected, cfg.timeout, label)
         finally:
             shutil.rmtree(folder, ignore_errors=True)

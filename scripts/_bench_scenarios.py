@@ -812,6 +812,29 @@ def _totals_ok(totals: dict, expected: dict, who: str) -> None:
 STATE_OPS = ("get", "update", "increment")
 
 
+def measure_state_ops(runtime: Runtime, ops: tuple[str, ...], n: int, k1: int, kn: int, timeout: float,
+                      label: str, sc: Scenario) -> dict[str, float]:
+    """WorkerState ops per second on ``bench-state``: ``k1`` of each op from this process (``{op}_1``), then
+    ``kn`` from each of ``n`` activations at once (``{op}_n``); checks that no increment was lost."""
+    out: dict[str, float] = {}
+    ws = runtime.exec("bench-state")
+    ws.update_routine_state("s", STATE_VALUE)
+    for op in ops:
+        t0, t1 = rmp_state_ops(ws, op, k1, 0)
+        out[f"{op}_1"] = k1 / (t1 - t0)
+    _rmp_warm(runtime, "bench-state", "r", "in", {"op": "get", "k": 1, "index": 0}, 2 * n, timeout)
+    before = (ws.get_routine_state("c") or {}).get("n", 0)
+    for op in ops:
+        jobs = [runtime.post("bench-state", "r", "in", {"op": op, "k": kn, "index": i}, timeout=timeout)[1]
+                for i in range(n)]
+        _wait_all(runtime, timeout, label)
+        out[f"{op}_n"] = _span_rate([job.outputs[0]["data"] for job in jobs], n * kn, label, sc)
+    total = ws.get_routine_state("c")["n"]
+    if total - before != n * kn:
+        raise BenchError(f"{label}: {n} x {kn} increments gave {total - before}")
+    return out
+
+
 def scenario_state(cfg: Config) -> Scenario:
     """WorkerState operations per second from 1 and N processes vs raw Manager dict proxy calls."""
     n = cfg.processes
@@ -833,25 +856,8 @@ def scenario_state(cfg: Config) -> Scenario:
     lost: dict[str, list[int]] = {}  # baseline -> [increments lost, increments made], over all rounds
 
     def run_rmp(_r: int) -> dict:
-        out: dict[str, float] = {}
         with Runtime(processes=n) as runtime:
-            ws = runtime.exec("bench-state")
-            ws.update_routine_state("s", STATE_VALUE)
-            for op in STATE_OPS:
-                t0, t1 = rmp_state_ops(ws, op, k1, 0)
-                out[f"{op}_1"] = k1 / (t1 - t0)
-            _rmp_warm(runtime, "bench-state", "r", "in", {"op": "get", "k": 1, "index": 0}, 2 * n, cfg.timeout)
-            before = ws.get_routine_state("c")["n"]
-            for op in STATE_OPS:
-                jobs = [runtime.post("bench-state", "r", "in", {"op": op, "k": kn, "index": i},
-                                     timeout=cfg.timeout)[1] for i in range(n)]
-                _wait_all(runtime, cfg.timeout, rmp)
-                timings = [job.outputs[0]["data"] for job in jobs]
-                out[f"{op}_n"] = _span_rate(timings, n * kn, rmp, sc)
-            total = ws.get_routine_state("c")["n"]
-            if total - before != n * kn:
-                raise BenchError(f"{rmp}: {n} x {kn} increments gave {total - before}")
-        return {rmp: out}
+            return {rmp: measure_state_ops(runtime, STATE_OPS, n, k1, kn, cfg.timeout, rmp, sc)}
 
     def run_manager(label: str, module: Any) -> dict:
         out: dict[str, float] = {}
