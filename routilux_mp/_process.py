@@ -244,6 +244,15 @@ def kill_group_tree(cleanup_dir: str | None) -> None:
     os.killpg(group, signal.SIGKILL)
 
 
+def _guard_until_eof(fd: int, name: str) -> None:
+    """In a just-forked guard: take ``name``, close every descriptor but ``fd`` (it holds nothing open for
+    anyone), and block until ``fd`` reads EOF."""
+    set_process_name(name)
+    os.closerange(0, fd)
+    os.closerange(fd + 1, os.sysconf("SC_OPEN_MAX"))
+    _wait_eof(fd)
+
+
 def start_group_guard(life_fd: int, name: str, cleanup_dir: str | None) -> int | None:
     """Fork this worker's group guard (see the module docstring); its pid, or None if fork failed.
 
@@ -264,10 +273,7 @@ def start_group_guard(life_fd: int, name: str, cleanup_dir: str | None) -> int |
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the worker ended normally: so do we
         if os.getppid() != leader:
             os._exit(0)
-        set_process_name(name)
-        os.closerange(0, life_fd)
-        os.closerange(life_fd + 1, os.sysconf("SC_OPEN_MAX"))
-        _wait_eof(life_fd)
+        _guard_until_eof(life_fd, name)
         kill_group_tree(cleanup_dir)
     finally:
         os._exit(EXIT_PARENT_GONE)
@@ -319,10 +325,7 @@ def start_dir_guard(supervisor: int, cleanup_dir: str, name: str) -> int | None:
         os.close(read_end)
         return pid  # ``write_end`` stays open until this process ends: that is the guard's signal
     try:
-        set_process_name(name)
-        os.closerange(0, read_end)
-        os.closerange(read_end + 1, os.sysconf("SC_OPEN_MAX"))
-        _wait_eof(read_end)
+        _guard_until_eof(read_end, name)
         # The supervisor's death kills this process through PR_SET_PDEATHSIG as the supervisor begins to
         # exit, so by now it is at least exiting.
         if ending(supervisor) and os.path.basename(cleanup_dir).startswith(SOCKET_DIR_PREFIX):
