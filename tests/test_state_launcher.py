@@ -112,17 +112,19 @@ SUPERVISOR = textwrap.dedent(
     """
 )
 
-#: id, which process the test SIGKILLs, whether the private directory outlives it (the supervisor's own
+#: id, which process the test kills, whether the private directory outlives it (the supervisor's own
 #: cleanup removes it later). The state server dies with its supervisor before it could remove anything:
-#: its guard does (on a cluster there is no local worker guard to do it).
-DEATHS = [("supervisor-killed", "supervisor", False), ("server-killed", "server", True)]
+#: its guard does (on a cluster there is no local worker guard to do it). "group": SIGTERM to the
+#: supervisor's whole process group, as Ray's reaper does when a driver of a private Ray instance dies.
+DEATHS = [("supervisor-killed", "supervisor", False), ("server-killed", "server", True),
+          ("group-terminated", "group", False)]
 
 
 @pytest.mark.parametrize(("victim", "kept"), [row[1:] for row in DEATHS], ids=[row[0] for row in DEATHS])
 def test_the_private_directory_goes_with_a_dead_supervisor_and_stays_for_a_live_one(python_env, victim,
                                                                                    kept) -> None:
     proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=python_env)
+                            text=True, env=python_env, start_new_session=True)
     try:
         socket_dir, server_pid = json.loads(proc.stdout.readline())
         server = psutil.Process(server_pid)
@@ -130,7 +132,10 @@ def test_the_private_directory_goes_with_a_dead_supervisor_and_stays_for_a_live_
         wait_until(lambda: guards.extend(c for c in server.children() if c.name() == "rmp-state-guard") or guards,
                    "the server to fork its guard")
         (guard,) = guards
-        os.kill(proc.pid if victim == "supervisor" else server_pid, signal.SIGKILL)
+        if victim == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            os.kill(proc.pid if victim == "supervisor" else server_pid, signal.SIGKILL)
         for process, what in ((server, "the server"), (guard, "its guard")):
             wait_until(lambda p=process: not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, f"{what}'s end")
         if kept:
