@@ -144,9 +144,10 @@ def _incremented(cell: StoredCell | None, rid: str, amounts: dict[str, int | flo
     """
     old = cell.value if cell is not None else {}
     size = cell.size if cell is not None else 2  # len("{}")
-    fast = _incremented_plain(old, size, amounts)
-    if fast is not None:
-        return fast
+    if len(amounts) >= BULK_KEYS:
+        fast = _incremented_plain(old, size, amounts)
+        if fast is not None:
+            return fast
     result = []
     count = len(old)
     get = old.get
@@ -207,6 +208,8 @@ def _incremented_plain(old: dict, size: int, amounts: dict) -> tuple[list, int] 
 
 
 _PLAIN_NUMBERS = frozenset({int, float})
+#: From this many keys on, an increment tries :func:`_incremented_plain` (below, its fixed cost is not repaid).
+BULK_KEYS = 6
 
 #: Marks a key missing from a state (``None`` is a value a key may hold).
 _ABSENT = object()

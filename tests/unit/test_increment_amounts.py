@@ -55,6 +55,7 @@ INCREMENTS = [
 @pytest.mark.parametrize(("before", "amounts"), [case[1:] for case in INCREMENTS], ids=[case[0] for case in INCREMENTS])
 def test_bulk_increments_give_the_totals_and_exact_size_of_the_key_by_key_loop(monkeypatch, before, amounts) -> None:
     cell = StoredCell(dict(before), 1, _json_size(before)) if before else None
+    monkeypatch.setattr(store_module, "BULK_KEYS", 1)  # the bulk pass whatever the number of keys
     fast = _incremented(cell, "r", amounts)
     monkeypatch.setattr(store_module, "_incremented_plain", lambda *args: None)
     careful = _incremented(cell, "r", amounts)
@@ -80,7 +81,9 @@ REFUSED = [
 
 @pytest.mark.parametrize(("before", "amounts", "error", "message"), [case[1:] for case in REFUSED],
                          ids=[case[0] for case in REFUSED])
-def test_a_refused_increment_raises_the_careful_error_and_writes_nothing(before, amounts, error, message) -> None:
+def test_a_refused_increment_raises_the_careful_error_and_writes_nothing(monkeypatch, before, amounts, error,
+                                                                        message) -> None:
+    monkeypatch.setattr(store_module, "BULK_KEYS", 1)  # the bulk pass is tried first, whatever the number of keys
     backend = MemoryBackend()
     backend.save("w", "r", dict(before), 1, 1)
     store = StateStore(backend, 1 << 20, False, 1.0)
