@@ -18,7 +18,7 @@ from helpers import WAIT, by_value, pool_ready, single_flow, wait_until
 
 by_value(__name__)
 
-#: Keys per call: past the server's bulk threshold (``store.BULK_KEYS``), one of them JSON-escaped.
+#: Keys per call: past the server's bulk threshold (``_jsonvalue.BULK_KEYS``), one of them JSON-escaped.
 KEYS = [f"term {i}" for i in range(24)] + ['quo"te']
 
 

@@ -43,9 +43,6 @@ import pickle
 import threading
 import time
 from collections.abc import Callable
-from itertools import filterfalse, repeat
-from math import isfinite
-from operator import add
 from typing import Any, Protocol
 
 from .. import _jsonvalue
@@ -133,86 +130,6 @@ class FnRaised(Exception):
         """Carry the function's ``error``."""
         super().__init__(f"{type(error).__name__}: {error}")
         self.error = error
-
-
-def _incremented(cell: StoredCell | None, rid: str, amounts: dict[str, int | float]) -> tuple[list, int]:
-    """``([new total of each key, in the order of amounts], new size)`` of a cell after an increment (nothing
-    changed yet).
-
-    The size is computed exactly from what changes (each key's JSON text,
-    escapes included), so the size bound holds without re-encoding the state.
-    """
-    old = cell.value if cell is not None else {}
-    size = cell.size if cell is not None else 2  # len("{}")
-    if len(amounts) >= BULK_KEYS:
-        fast = _incremented_plain(old, size, amounts)
-        if fast is not None:
-            return fast
-    result = []
-    count = len(old)
-    get = old.get
-    sum_text = _jsonvalue.sum_text
-    for key, amount in amounts.items():
-        current = get(key, _ABSENT)
-        absent = current is _ABSENT
-        done = sum_text(0 if absent else current, amount)  # the common case: plain numbers, no encoder
-        if done is None:  # anything else (and every error) the careful way, with the key's path
-            path = f"state[{key!r}] of routine {rid!r}"
-            done = _jsonvalue.add_number(0 if absent else current, amount, path)
-        total, text = done
-        if absent:
-            size += _jsonvalue.key_size(key) + 1 + len(text) + (1 if count else 0)  # "key":text,
-            count += 1
-        else:
-            was = _jsonvalue.number_text(current)
-            size += len(text) - (len(was) if was is not None else _jsonvalue.encoded_size(current))
-        result.append(total)
-    return result, size
-
-
-def _incremented_plain(old: dict, size: int, amounts: dict) -> tuple[list, int] | None:
-    """:func:`_incremented` for plain ints and finite floats, a pass per step rather than per key; else ``None``.
-
-    A reduce adds thousands of keys per call: here each step (look up, add,
-    measure) is one ``map`` over all keys. Anything unusual (a stored value
-    that is not a plain number, a sum JSON refuses, a key that JSON escapes)
-    returns ``None`` or takes the per-key way, so errors and sizes stay those
-    of the careful loop.
-    """
-    keys = amounts.keys()
-    currents = list(map(old.get, keys, repeat(0)))  # a missing key counts as 0
-    kinds = set(map(type, currents))
-    kinds.update(map(type, amounts.values()))
-    if not kinds <= _PLAIN_NUMBERS:
-        return None
-    totals = list(map(add, currents, amounts.values()))
-    try:
-        if float in kinds and not all(map(isfinite, totals)):
-            return None
-        # repr() is the JSON text of a plain int or float (ValueError past the int-to-str digit limit); both
-        # lists have as many ", " between their items.
-        grown = len(repr(totals)) - len(repr(currents))
-    except (ValueError, OverflowError):
-        return None
-    added = list(filterfalse(old.__contains__, keys))  # (a set difference would walk the whole state)
-    if added:
-        joined = "".join(added)
-        if joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined:
-            key_text = len(joined) + 2 * len(added)  # written as they are, in quotes
-        else:
-            key_text = sum(map(_jsonvalue.key_size, added))
-        # Each new key adds "key":text, (its text is in ``totals``; the "0" it was counted as above comes back),
-        # with no comma before the first key of an empty state.
-        grown += key_text + 3 * len(added) - (1 if not old else 0)
-    return totals, size + grown
-
-
-_PLAIN_NUMBERS = frozenset({int, float})
-#: From this many keys on, an increment tries :func:`_incremented_plain` (below, its fixed cost is not repaid).
-BULK_KEYS = 6
-
-#: Marks a key missing from a state (``None`` is a value a key may hold).
-_ABSENT = object()
 
 
 def _copy(value: dict | None) -> dict:
@@ -400,7 +317,8 @@ class StateStore:
 
         def change(cell: StoredCell | None) -> tuple[list[int | float], int]:
             """``cell``'s numbers plus ``amounts``, saved."""
-            result, size = _incremented(cell, rid, amounts)
+            result, size = _jsonvalue.add_numbers(cell.value if cell is not None else {},
+                                                  cell.size if cell is not None else 2, amounts, rid)
             self._check_size(rid, size)
             # In place (an increment costs what it changes) only where the backend allows it.
             value = {} if cell is None else cell.value if self._in_place else dict(cell.value)

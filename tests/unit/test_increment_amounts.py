@@ -11,10 +11,10 @@ import json
 
 import pytest
 
+from routilux_mp import _jsonvalue
 from routilux_mp._messages import is_plain
-from routilux_mp._state import store as store_module
-from routilux_mp._state.backend import MemoryBackend, StoredCell
-from routilux_mp._state.store import StateStore, _incremented
+from routilux_mp._state.backend import MemoryBackend
+from routilux_mp._state.store import StateStore
 from routilux_mp.errors import StateNotSerializableError
 from routilux_mp.state import _check_amounts
 
@@ -54,11 +54,10 @@ INCREMENTS = [
 
 @pytest.mark.parametrize(("before", "amounts"), [case[1:] for case in INCREMENTS], ids=[case[0] for case in INCREMENTS])
 def test_bulk_increments_give_the_totals_and_exact_size_of_the_key_by_key_loop(monkeypatch, before, amounts) -> None:
-    cell = StoredCell(dict(before), 1, _json_size(before)) if before else None
-    monkeypatch.setattr(store_module, "BULK_KEYS", 1)  # the bulk pass whatever the number of keys
-    fast = _incremented(cell, "r", amounts)
-    monkeypatch.setattr(store_module, "_incremented_plain", lambda *args: None)
-    careful = _incremented(cell, "r", amounts)
+    monkeypatch.setattr(_jsonvalue, "BULK_KEYS", 1)  # the bulk pass whatever the number of keys
+    fast = _jsonvalue.add_numbers(dict(before), _json_size(before), amounts, "r")
+    monkeypatch.setattr(_jsonvalue, "_add_plain_numbers", lambda *args: None)
+    careful = _jsonvalue.add_numbers(dict(before), _json_size(before), amounts, "r")
     after = dict(before)
     after.update(zip(amounts, fast[0]))
     assert fast == careful
@@ -83,7 +82,7 @@ REFUSED = [
                          ids=[case[0] for case in REFUSED])
 def test_a_refused_increment_raises_the_careful_error_and_writes_nothing(monkeypatch, before, amounts, error,
                                                                         message) -> None:
-    monkeypatch.setattr(store_module, "BULK_KEYS", 1)  # the bulk pass is tried first, whatever the number of keys
+    monkeypatch.setattr(_jsonvalue, "BULK_KEYS", 1)  # the bulk pass is tried first, whatever the number of keys
     backend = MemoryBackend()
     backend.save("w", "r", dict(before), 1, 1)
     store = StateStore(backend, 1 << 20, False, 1.0)
