@@ -14,9 +14,10 @@ import pytest
 from routilux_mp import _jsonvalue
 from routilux_mp._messages import is_plain
 from routilux_mp._state.backend import MemoryBackend
+from routilux_mp._state.client import StoreClient
 from routilux_mp._state.store import StateStore
 from routilux_mp.errors import StateNotSerializableError
-from routilux_mp.state import _check_amounts
+from routilux_mp.state import WorkerState, _check_amounts
 
 #: id, increment amounts the client refuses before any call, the message
 BAD_AMOUNTS = [
@@ -111,6 +112,30 @@ PLAIN = [
 @pytest.mark.parametrize(("data", "plain"), [case[1:] for case in PLAIN], ids=[case[0] for case in PLAIN])
 def test_plain_data_is_builtin_values_at_most_one_container_deep(data, plain) -> None:
     assert is_plain(data) is plain
+
+
+class _Answers(StoreClient):
+    """A client whose every call gets ``reply`` (no server)."""
+
+    def __init__(self, reply: tuple) -> None:
+        super().__init__("/nonexistent/socket", b"key", 1.0, 1.0)
+        self.reply = reply
+
+    def call(self, method, *args, patience=0.0):
+        return self.reply
+
+
+#: id, what the server answered to an increment of {"a": 1, "b": 0.5}: ``(new values, version)``
+REPLIES = [
+    ("a-list-in-the-order-of-the-keys", ([3, 4.5], 7)),
+    ("a-dict-kept-in-a-state-file-by-an-earlier-version-and-replayed", ({"a": 3, "b": 4.5}, 7)),
+]
+
+
+@pytest.mark.parametrize("reply", [row[1] for row in REPLIES], ids=[row[0] for row in REPLIES])
+def test_increment_many_returns_the_new_value_of_each_key_sent_whatever_the_reply(reply) -> None:
+    totals = WorkerState("w", "f", _Answers(reply)).increment_many("r", {"a": 1, "b": 0.5})
+    assert totals == {"a": 3, "b": 4.5} and list(totals) == ["a", "b"]
 
 
 def _json_size(value: dict) -> int:
