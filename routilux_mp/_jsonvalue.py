@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import sys
+from itertools import filterfalse, repeat
+from operator import add
 from typing import Any
 
 from .errors import StateNotSerializableError
@@ -133,6 +135,85 @@ def add_number(current: Any, amount: float, path: str) -> tuple[int | float, str
     except ValueError:
         raise StateNotSerializableError(f"{path} would become {_describe(total)}; {_RULE}") from None
     return total, text
+
+
+#: From this many keys on, :func:`add_numbers` tries :func:`_add_plain_numbers` (below, its fixed cost is
+#: not repaid).
+BULK_KEYS = 6
+_PLAIN_NUMBERS = frozenset({int, float})
+#: Marks a key missing from a state (``None`` is a value a key may hold).
+_ABSENT = object()
+
+
+def add_numbers(old: dict, size: int, amounts: dict[str, int | float], rid: str) -> tuple[list, int]:
+    """``([old total + amount of each key, in the order of amounts], new size)``: routine ``rid``'s state
+    ``old`` (``size`` bytes as JSON) after an increment; nothing is changed yet.
+
+    The size is computed exactly from what changes (each key's JSON text,
+    escapes included), so the size bound holds without re-encoding the state.
+
+    Raises:
+        TypeError, StateNotSerializableError: as :func:`add_number`, for the first key in error.
+    """
+    if len(amounts) >= BULK_KEYS:
+        fast = _add_plain_numbers(old, size, amounts)
+        if fast is not None:
+            return fast
+    result = []
+    count = len(old)
+    get = old.get
+    for key, amount in amounts.items():
+        current = get(key, _ABSENT)
+        absent = current is _ABSENT
+        done = sum_text(0 if absent else current, amount)  # the common case: plain numbers, no encoder
+        if done is None:  # anything else (and every error) the careful way, with the key's path
+            done = add_number(0 if absent else current, amount, f"state[{key!r}] of routine {rid!r}")
+        total, text = done
+        if absent:
+            size += key_size(key) + 1 + len(text) + (1 if count else 0)  # "key":text,
+            count += 1
+        else:
+            was = number_text(current)
+            size += len(text) - (len(was) if was is not None else encoded_size(current))
+        result.append(total)
+    return result, size
+
+
+def _add_plain_numbers(old: dict, size: int, amounts: dict) -> tuple[list, int] | None:
+    """:func:`add_numbers` for plain ints and finite floats, a pass per step rather than per key; else ``None``.
+
+    A reduce adds thousands of keys per call: here each step (look up, add,
+    measure) is one ``map`` over all keys. Anything unusual (a stored value
+    that is not a plain number, a sum JSON refuses, a key that JSON escapes)
+    returns ``None`` or takes the per-key way, so errors and sizes stay those
+    of the careful loop.
+    """
+    keys = amounts.keys()
+    currents = list(map(old.get, keys, repeat(0)))  # a missing key counts as 0
+    kinds = set(map(type, currents))
+    kinds.update(map(type, amounts.values()))
+    if not kinds <= _PLAIN_NUMBERS:
+        return None
+    totals = list(map(add, currents, amounts.values()))
+    try:
+        if float in kinds and not all(map(math.isfinite, totals)):
+            return None
+        # repr() is the JSON text of a plain int or float (ValueError past the int-to-str digit limit); both
+        # lists have as many ", " between their items.
+        grown = len(repr(totals)) - len(repr(currents))
+    except (ValueError, OverflowError):
+        return None
+    added = list(filterfalse(old.__contains__, keys))  # (a set difference would walk the whole state)
+    if added:
+        joined = "".join(added)
+        if joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined:
+            key_text = len(joined) + 2 * len(added)  # written as they are, in quotes
+        else:
+            key_text = sum(map(key_size, added))
+        # Each new key adds "key":text, (its text is in ``totals``; the "0" it was counted as above comes back),
+        # with no comma before the first key of an empty state.
+        grown += key_text + 3 * len(added) - (1 if not old else 0)
+    return totals, size + grown
 
 
 def _int_limit() -> int:

@@ -5,14 +5,12 @@ Supervisor -> worker (command pipe): ``_WorkerConfig`` once, then ``_LoadFlow`` 
 ``_Ready`` once, then exactly one ``_Result`` per activation, each written as soon as it exists (one
 held back would die with its process), and ``_Exiting`` before a clean exit (never taken for a crash).
 
-Envelopes are pickled with the C pickler. User data (items, emits, policy
-messages) travels inside them as cloudpickle blobs made once where the data is
-produced, so classes and closures defined in ``__main__`` arrive by value and
-nothing is serialized twice. Failures travel as data (type names, message,
-traceback text), never as exception objects: :class:`ErrorData`, made by
-:func:`error_data` / :func:`describe_exception` (worker, supervisor, state
-server alike) and turned back into an exception by :func:`exception_from`;
-how a process ended travels as :class:`ExitInfo` (execution backends).
+Envelopes are pickled with the C pickler. User data (items, emits, policy messages) travels inside them
+as blobs made once where the data is produced (cloudpickle unless plain: classes and closures defined in
+``__main__`` arrive by value), so nothing is serialized twice. Failures travel as data (type names,
+message, traceback text), never as exception objects: :class:`ErrorData`, made by :func:`error_data` /
+:func:`describe_exception` (worker, supervisor, state server alike) and turned back into an exception
+by :func:`exception_from`; how a process ended travels as :class:`ExitInfo` (execution backends).
 """
 
 from __future__ import annotations
@@ -42,12 +40,15 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def is_plain(data: Any) -> bool:
-    """A flat dict of str keys and plain values: its pickle always unpickles anywhere."""
+    """A dict of str keys and plain values, or dicts (str keys) or lists of them: its pickle unpickles anywhere."""
     if type(data) is not dict:
         return False
     plain = _PLAIN
     for key, value in data.items():
-        if type(key) is not str or type(value) not in plain:
+        kind = type(value)
+        if type(key) is not str or kind not in plain and not (  # a reduce's counts: type by type, all at once
+                kind is dict and set(map(type, value)) <= {str} and set(map(type, value.values())) <= plain
+                or kind is list and set(map(type, value)) <= plain):
             return False
     return True
 
@@ -55,9 +56,8 @@ def is_plain(data: Any) -> bool:
 def encode(data: Any) -> bytes:
     """Pickle user data for another process.
 
-    A flat dict of plain values (the common case: items, emits, policy
-    messages) goes through the C pickler; anything else through cloudpickle,
-    so classes and functions defined in ``__main__`` arrive by value.
+    Plain data (:func:`is_plain`: the common case of items, emits, policy messages) goes through the C
+    pickler; anything else through cloudpickle, so classes and functions defined in ``__main__`` arrive by value.
     """
     if is_plain(data):
         return pickle.dumps(data, PROTOCOL)

@@ -47,9 +47,15 @@ def _check_amount(key: Any, amount: Any) -> None:
 def _check_amounts(amounts: dict) -> None:
     """:func:`_check_amount` for every item; the common case (str keys, plain ints) in C-speed passes."""
     values = amounts.values()
-    if set(map(type, amounts)) <= _STR and set(map(type, values)) <= _NUMBERS and all(
-            math.isfinite(a) for a in values if type(a) is float):
-        return
+    kinds = set(map(type, values))
+    if set(map(type, amounts)) <= _STR and kinds <= _NUMBERS:
+        if float not in kinds:
+            return
+        try:
+            if all(map(math.isfinite, values)):
+                return
+        except OverflowError:  # an int too large for a float, among floats: checked one by one below
+            pass
     for key, amount in amounts.items():
         _check_amount(key, amount)
 
@@ -317,11 +323,13 @@ class WorkerState:
             }
             held.state.update(totals)
             return totals
-        result, version = self._client.call(
+        totals, version = self._client.call(
             Method.INCREMENT, self.worker_id, rid, amounts, patience=self._client.lock_timeout
         )
         self._moved(rid, version)
-        return result
+        # The server answers the new values in the order of the keys sent (a reply kept in a state file by an
+        # earlier version, replayed to a resumed run, is a dict).
+        return totals if type(totals) is dict else dict(zip(amounts, totals))
 
     def modify_routine_state(self, routine_id: str, fn: Callable[[dict], dict | None],
                              timeout: float | None = None) -> dict:

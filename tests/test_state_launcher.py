@@ -27,7 +27,7 @@ def _launcher(backend: str | None = None) -> StateServerLauncher:
 
 
 #: backend, what the first increment after a restart returns: the memory backend starts empty again
-RESTARTS = [("memory", ({"n": 1}, 1)), ("sqlite", ({"n": 2}, 2))]
+RESTARTS = [("memory", ([1], 1)), ("sqlite", ([2], 2))]
 
 
 @pytest.mark.parametrize(("backend", "after"), RESTARTS, ids=[row[0] for row in RESTARTS])
@@ -45,7 +45,7 @@ def test_a_client_that_connects_before_the_start_is_served_a_death_shows_and_a_r
         sentinel = launcher.start()
         assert sentinel is not None and launcher.start() is None, "started once"
         caller.join(WAIT)
-        assert outcome == {"r": ({"n": 1}, 1)}
+        assert outcome == {"r": ([1], 1)}
         assert not select.select([sentinel], [], [], 0)[0], "alive: the sentinel is quiet"
         pid = launcher.pid
         os.kill(pid, signal.SIGKILL)

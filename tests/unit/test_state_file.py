@@ -261,23 +261,23 @@ def test_effects_are_replayed_to_a_re_run_activation_and_dropped_when_its_line_i
     store = _store(path)
     effect = ("line-3", "count", b"digest", 0)
     _call(None, effect)
-    assert store.increment("w", "r", {"n": 1}) == ({"n": 1}, 1), "no journal yet: effects are not recorded"
+    assert store.increment("w", "r", {"n": 1}) == ([1], 1), "no journal yet: effects are not recorded"
     _call(None, effect)
-    assert store.increment("w", "r", {"n": 1}) == ({"n": 2}, 2)
+    assert store.increment("w", "r", {"n": 1}) == ([2], 2)
     set_call(None, None)
     store.journal_begin({"input": "x"}, True)
     _call(None, effect)
-    assert store.increment("w", "r", {"n": 1}) == ({"n": 3}, 3)
+    assert store.increment("w", "r", {"n": 1}) == ([3], 3)
     store.close()
     store = _store(path)  # a later server of this runtime (the same session): the run is resumed
     _call(None, effect)
-    assert store.increment("w", "r", {"n": 1}) == ({"n": 3}, 3), "replayed: the activation ran before"
+    assert store.increment("w", "r", {"n": 1}) == ([3], 3), "replayed: the activation ran before"
     _call(None, ("line-3", "count", b"digest", 1))
-    assert store.increment("w", "r", {"n": 1}) == ({"n": 4}, 4), "its next write is new"
+    assert store.increment("w", "r", {"n": 1}) == ([4], 4), "its next write is new"
     set_call(None, None)
     store.journal_record([(3, "line-3", "completed", None)], {"output": 10})
     _call(None, effect)
-    assert store.increment("w", "r", {"n": 1}) == ({"n": 5}, 5), "dropped with the completed line"
+    assert store.increment("w", "r", {"n": 1}) == ([5], 5), "dropped with the completed line"
     set_call(None, None)
     assert tuple(store.journal_read(True)) == ({"input": "x", "session": SESSION}, {"output": 10}, [3], [])
     store.close()
