@@ -107,12 +107,15 @@ class DispatchLoop:
         self.thread: threading.Thread | None = None
         #: A flush of job counters to the state server is scheduled.
         self._counts_due = False
+        #: A worker got ready: the state server starts at the end of this pass, once what was waiting for
+        #: a worker has been dispatched (its spawn takes milliseconds the first activation need not wait).
+        self._state_start_due = False
         self._timer_handlers: dict[type, Callable[[Any, float], None]] = {
             PolicyWakeup: lambda t, now: self.router.policy_wakeup(t.rt, now),
             RetryDue: lambda t, now: self.ledger.retry_due(t.act, self.flags.broken is not None),
             ActivationDeadline: self.dispatcher.deadline_due,
             RespawnDue: lambda t, now: self.dispatcher.respawn(t.slot),
-            StartStateServer: lambda t, now: self.worker_ready(),
+            StartStateServer: lambda t, now: self._start_state_server(),
             StartHoldOver: lambda t, now: self.dispatcher.end_start_hold(),
             FlushCounts: self._counts_timer,
             CheckMemory: self._memory_timer,
@@ -194,6 +197,8 @@ class DispatchLoop:
             self._check_state_server()                        # 4. a lost state server breaks the runtime
             self._fire_timers()                               # 5. retries, deadlines, policies, respawns
             self.dispatcher.dispatch()                        # 6. ready activations to free workers
+            if self._state_start_due:                         #    then the state server, once a worker is ready
+                self._start_state_server()
             self._schedule_counts()                           # 7. job counters to the state server, soon
             if self.watchers or (self.post_waiters or self.idle_waiters) and self._waiters_due():
                 self.cond.notify_all()
@@ -284,7 +289,12 @@ class DispatchLoop:
     # -- what the dispatcher's collaborators report (lock held) -------------------------------------
 
     def worker_ready(self) -> None:
-        """A worker is ready (or the start delay passed): start the state server, once."""
+        """A worker is ready: the state server starts at the end of this pass (after dispatch), once."""
+        self._state_start_due = True
+
+    def _start_state_server(self) -> None:
+        """Start the state server, once (a worker is ready, or the start delay passed)."""
+        self._state_start_due = False
         why = self.state.start_server()
         if why is not None:
             self.state_lost(why)

@@ -27,7 +27,6 @@ the first connection, so only processes whose logic touches state pay it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -308,6 +307,8 @@ class StoreClient:
         job_id, routine_id, slots, message = scope
         digest = self.local.activation
         if digest is None:  # once per activation, on its first write: the same input gives the same digest
+            import hashlib  # (here: it loads OpenSSL, which a worker whose logic writes no state never needs)
+
             h = hashlib.blake2b(digest_size=16, person=b"rmp-activation")
             for name in sorted(slots):
                 h.update(f"{name}:{len(slots[name])}".encode())
