@@ -6,8 +6,9 @@ The dispatch loop talks to one :class:`StateService` (unit tests give it
 * ``open()`` binds the server's socket before any worker starts, so clients
   may connect at once (the kernel holds their connections until the server
   accepts them); ``start_server()`` spawns the server on it later, once the
-  first worker is ready, always from the dispatcher thread (the thread that
-  spawns children, see ``_process``). Nothing waits for it.
+  first worker is ready and nothing runs (see ``_loop.STATE_START_GRACE``),
+  always from the dispatcher thread (the thread that spawns children, see
+  ``_process``). Nothing waits for it.
 * A watcher thread blocks on the launcher's sentinel (the server's pidfd, or
   its stdout's EOF) and wakes the dispatcher when the server dies; so does a
   call of this process that finds the server hung or gone. The loop then
