@@ -57,9 +57,9 @@ MEMORY_SAMPLE_INTERVAL = 0.1
 #: Seconds a done-callback may keep the dispatcher from stopping before shutdown() kills every
 #: process from its own thread.
 CALLBACK_STOP_GRACE = 2.0
-#: Seconds after the first worker got ready at which the state server starts even while activations run
-#: (it starts at once when nothing runs): its spawn holds the dispatcher for milliseconds, and its start-up
-#: takes CPU, that the first results need not wait for. Logic that uses WorkerState waits for it anyway.
+#: Seconds after the first worker got ready at which the state server starts: its spawn holds the
+#: dispatcher (and the GIL) for milliseconds, and its start-up takes CPU, that the first results need not
+#: wait for. Logic that uses WorkerState waits for it anyway (a first activation that does waits this more).
 STATE_START_GRACE = 0.02
 #: Seconds Runtime() waits for the dispatcher to stop what it started when start-up failed.
 START_FAILURE_JOIN = STATE_STOP_TIMEOUT + TERM_GRACE + 5
@@ -111,11 +111,8 @@ class DispatchLoop:
         self.thread: threading.Thread | None = None
         #: A flush of job counters to the state server is scheduled.
         self._counts_due = False
-        #: A worker got ready and the state server is not started yet: it starts at the end of the first pass
-        #: in which nothing runs, or ``STATE_START_GRACE`` later.
-        self._state_waits = False
-        #: The state server was started (or found it could not be).
-        self._state_started = False
+        #: The state server's start is scheduled: ``STATE_START_GRACE`` after the first worker got ready.
+        self._state_start_scheduled = False
         self._timer_handlers: dict[type, Callable[[Any, float], None]] = {
             PolicyWakeup: lambda t, now: self.router.policy_wakeup(t.rt, now),
             RetryDue: lambda t, now: self.ledger.retry_due(t.act, self.flags.broken is not None),
@@ -208,8 +205,6 @@ class DispatchLoop:
                 self.cond.notify_all()
             callbacks = self.ledger.take_callbacks()
         self._run_callbacks(callbacks)                        # 8. done-callbacks, unlocked
-        if self._state_waits:                                 # 9. the state server, once the first results are in
-            self._start_state_server_if_quiet()
 
     def _wait_time(self, timeout: float | None) -> float | None:
         """How long the next poll may wait: until the next timer, at most ``timeout``."""
@@ -295,22 +290,13 @@ class DispatchLoop:
     # -- what the dispatcher's collaborators report (lock held) -------------------------------------
 
     def worker_ready(self) -> None:
-        """A worker is ready: the state server starts once nothing runs, or ``STATE_START_GRACE`` from now."""
-        if not (self._state_started or self._state_waits):
-            self._state_waits = True
+        """A worker is ready: the state server starts ``STATE_START_GRACE`` after the first one was."""
+        if not self._state_start_scheduled:
+            self._state_start_scheduled = True
             self.timers.add(StartStateServer(), self.clock() + STATE_START_GRACE)
 
-    def _start_state_server_if_quiet(self) -> None:
-        """Start the state server now if nothing runs (it waits since a worker got ready; see ``worker_ready``)."""
-        with self.lock:
-            if self._state_waits and self.ledger.quiescent() and not self.flags.stop_requested:
-                self._start_state_server()
-
     def _start_state_server(self) -> None:
-        """Start the state server, once (see ``worker_ready``; or no worker got ready within the start delay)."""
-        if self._state_started:
-            return
-        self._state_started, self._state_waits = True, False
+        """Start the state server, once (a worker got ready, or none did within the start delay)."""
         why = self.state.start_server()
         if why is not None:
             self.state_lost(why)

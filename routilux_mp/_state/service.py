@@ -6,7 +6,7 @@ The dispatch loop talks to one :class:`StateService` (unit tests give it
 * ``open()`` binds the server's socket before any worker starts, so clients
   may connect at once (the kernel holds their connections until the server
   accepts them); ``start_server()`` spawns the server on it later, once the
-  first worker is ready and nothing runs (see ``_loop.STATE_START_GRACE``),
+  first worker is ready (``_loop.STATE_START_GRACE`` later),
   always from the dispatcher thread (the thread that spawns children, see
   ``_process``). Nothing waits for it.
 * A watcher thread blocks on the launcher's sentinel (the server's pidfd, or
