@@ -29,6 +29,7 @@ directory then: on a cluster no local worker guard is there to do it.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes
 import errno
@@ -217,21 +218,23 @@ def _wait_eof(fd: int) -> None:
 
 
 def watch_for_eof(fd: int, name: str, exit_code: int = EXIT_PARENT_GONE,
-                  on_eof: Callable[[], None] | None = None) -> threading.Thread:
+                  on_eof: Callable[[], None] | None = None) -> None:
     """Exit this process (``os._exit``) as soon as ``fd`` reads EOF: the supervisor is gone.
 
-    ``on_eof`` runs first (a worker kills its process group there).
+    ``on_eof`` runs first (a worker kills its process group there). The
+    watcher is a bare thread (``_thread``): ``threading.Thread.start`` would
+    wait until it is scheduled, milliseconds of a worker's start-up on a busy
+    machine. It ends the process, so nobody ever joins it.
     """
 
     def watch() -> None:
+        threading.current_thread().name = name  # (a dummy Thread object: the name shows in tracebacks)
         _wait_eof(fd)
         if on_eof is not None:
             on_eof()
         os._exit(exit_code)
 
-    thread = threading.Thread(target=watch, name=name, daemon=True)
-    thread.start()
-    return thread
+    _thread.start_new_thread(watch, ())
 
 
 def kill_group_tree(cleanup_dir: str | None) -> None:
