@@ -922,10 +922,10 @@ def uncompiled_note() -> str | None:
     spec = importlib.util.find_spec("routilux_mp.routine")
     if not sys.dont_write_bytecode or spec is None or spec.cached is None or os.path.exists(spec.cached):
         return None
-    return ("routilux-mp's modules have no bytecode (__pycache__) and writing it is off (PYTHONDONTWRITEBYTECODE or -B): every worker "
-            "process compiles them from source (about 5,000 lines, tens of ms), which an installed package (pip "
-            "compiles on install) does not; the baselines' children import precompiled modules only. "
-            "`python -m compileall -q routilux_mp` once (or unsetting PYTHONDONTWRITEBYTECODE) removes that cost")
+    return ("routilux-mp's modules have no bytecode (__pycache__) and writing it is off (PYTHONDONTWRITEBYTECODE "
+            "or -B): every worker process compiles them from source (about 5,000 lines, tens of ms), which an "
+            "installed package (pip compiles on install) does not; the baselines' children import precompiled "
+            "modules only. `python -m compileall -q routilux_mp` once (or bytecode writing on) removes that cost")
 
 
 def scenario_startup(cfg: Config) -> Scenario:
