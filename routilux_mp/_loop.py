@@ -290,10 +290,15 @@ class DispatchLoop:
     # -- what the dispatcher's collaborators report (lock held) -------------------------------------
 
     def worker_ready(self) -> None:
-        """A worker is ready: the state server starts ``STATE_START_GRACE`` after the first one was."""
+        """A worker is ready: the state server starts ``STATE_START_GRACE`` after the first one was.
+
+        At once (in this pass, before anything is dispatched) when logic runs on this thread: nothing could
+        start it while logic waited for it.
+        """
         if not self._state_start_scheduled:
             self._state_start_scheduled = True
-            self.timers.add(StartStateServer(), self.clock() + STATE_START_GRACE)
+            grace = 0.0 if self.backend.inline else STATE_START_GRACE
+            self.timers.add(StartStateServer(), self.clock() + grace)
 
     def _start_state_server(self) -> None:
         """Start the state server, once (a worker got ready, or none did within the start delay)."""
