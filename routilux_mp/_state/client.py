@@ -250,6 +250,9 @@ class StoreClient:
         self.lost: str | None = None
         #: Called once when this client finds the server lost (the supervisor then stops taking work).
         self.on_lost: Callable[[], None] | None = None
+        #: Called before this process opens a connection (the supervisor starts its server first when its
+        #: dispatcher thread needs it; see ``StateService``).
+        self.on_connect: Callable[[], None] | None = None
         #: Set at shutdown (see :meth:`freeze`): reads are served from it afterwards.
         self.snapshot: dict[str, dict] | None = None
         #: In the supervisor: ``fn(worker_id) -> meta dict | None`` giving exact local counters.
@@ -336,6 +339,8 @@ class StoreClient:
         """This thread's connection, opened now (within ``timeout``) if it has none or was inherited across a fork."""
         chan = getattr(self.local, "channel", None)
         if chan is None or chan.pid != os.getpid():
+            if self.on_connect is not None:
+                self.on_connect()
             chan = self.local.channel = Channel(self.address, self._authkey, timeout)
             self.retries = chan.retries
         return chan
