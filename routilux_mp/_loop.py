@@ -57,6 +57,10 @@ MEMORY_SAMPLE_INTERVAL = 0.1
 #: Seconds a done-callback may keep the dispatcher from stopping before shutdown() kills every
 #: process from its own thread.
 CALLBACK_STOP_GRACE = 2.0
+#: Seconds after the first worker got ready at which the state server starts: its spawn holds the
+#: dispatcher (and the GIL) for milliseconds, and its start-up takes CPU, that the first results need not
+#: wait for. Logic that uses WorkerState waits for it anyway (a first activation that does waits this more).
+STATE_START_GRACE = 0.02
 #: Seconds Runtime() waits for the dispatcher to stop what it started when start-up failed.
 START_FAILURE_JOIN = STATE_STOP_TIMEOUT + TERM_GRACE + 5
 
@@ -107,12 +111,14 @@ class DispatchLoop:
         self.thread: threading.Thread | None = None
         #: A flush of job counters to the state server is scheduled.
         self._counts_due = False
+        #: The state server's start is scheduled: ``STATE_START_GRACE`` after the first worker got ready.
+        self._state_start_scheduled = False
         self._timer_handlers: dict[type, Callable[[Any, float], None]] = {
             PolicyWakeup: lambda t, now: self.router.policy_wakeup(t.rt, now),
             RetryDue: lambda t, now: self.ledger.retry_due(t.act, self.flags.broken is not None),
             ActivationDeadline: self.dispatcher.deadline_due,
             RespawnDue: lambda t, now: self.dispatcher.respawn(t.slot),
-            StartStateServer: lambda t, now: self.worker_ready(),
+            StartStateServer: lambda t, now: self._start_state_server(),
             StartHoldOver: lambda t, now: self.dispatcher.end_start_hold(),
             FlushCounts: self._counts_timer,
             CheckMemory: self._memory_timer,
@@ -284,7 +290,18 @@ class DispatchLoop:
     # -- what the dispatcher's collaborators report (lock held) -------------------------------------
 
     def worker_ready(self) -> None:
-        """A worker is ready (or the start delay passed): start the state server, once."""
+        """A worker is ready: the state server starts ``STATE_START_GRACE`` after the first one was.
+
+        At once (in this pass, before anything is dispatched) when logic runs on this thread: nothing could
+        start it while logic waited for it.
+        """
+        if not self._state_start_scheduled:
+            self._state_start_scheduled = True
+            grace = 0.0 if self.backend.inline else STATE_START_GRACE
+            self.timers.add(StartStateServer(), self.clock() + grace)
+
+    def _start_state_server(self) -> None:
+        """Start the state server, once (a worker got ready, or none did within the start delay)."""
         why = self.state.start_server()
         if why is not None:
             self.state_lost(why)

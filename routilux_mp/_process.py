@@ -29,18 +29,24 @@ directory then: on a cluster no local worker guard is there to do it.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes
 import errno
 import fcntl
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import termios
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
+
+# ``subprocess`` and ``shutil`` are imported where they are used: a worker imports this module but never
+# starts a process, and seldom removes a directory (its start-up is shorter without them).
 
 #: Exit code of a child that noticed its supervisor died.
 EXIT_PARENT_GONE = 70
@@ -51,6 +57,9 @@ _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: ``subprocess.DEVNULL`` and ``subprocess.PIPE``, for :func:`spawn`'s defaults without importing ``subprocess``.
+DEVNULL, PIPE = -3, -1
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -77,15 +86,17 @@ def spawn(
     title: str,
     *,
     pass_fds: Sequence[int] = (),
-    stdin: int | None = subprocess.DEVNULL,
-    stdout: int | None = subprocess.PIPE,
-    stderr: int | None = subprocess.PIPE,
+    stdin: int | None = DEVNULL,
+    stdout: int | None = PIPE,
+    stderr: int | None = PIPE,
 ) -> subprocess.Popen:
     """Start ``python -c "import module; module.main()" title *fds`` in its own session.
 
     ``title`` shows in ``ps`` (e.g. ``routilux-mp worker 2``); the file
     descriptors are passed on and their numbers appended to ``sys.argv``.
     """
+    import subprocess
+
     code = f"import {module} as _m; _m.main()"
     args = [sys.executable, "-c", code, title, *(str(fd) for fd in pass_fds)]
     return subprocess.Popen(
@@ -137,6 +148,8 @@ def stop_process(
 
     Returns the exit code (negative signal number when killed).
     """
+    import subprocess
+
     if popen.poll() is None and ask is not None:
         try:
             ask()
@@ -205,21 +218,23 @@ def _wait_eof(fd: int) -> None:
 
 
 def watch_for_eof(fd: int, name: str, exit_code: int = EXIT_PARENT_GONE,
-                  on_eof: Callable[[], None] | None = None) -> threading.Thread:
+                  on_eof: Callable[[], None] | None = None) -> None:
     """Exit this process (``os._exit``) as soon as ``fd`` reads EOF: the supervisor is gone.
 
-    ``on_eof`` runs first (a worker kills its process group there).
+    ``on_eof`` runs first (a worker kills its process group there). The
+    watcher is a bare thread (``_thread``): ``threading.Thread.start`` would
+    wait until it is scheduled, milliseconds of a worker's start-up on a busy
+    machine. It ends the process, so nobody ever joins it.
     """
 
     def watch() -> None:
+        threading.current_thread().name = name  # (a dummy Thread object: the name shows in tracebacks)
         _wait_eof(fd)
         if on_eof is not None:
             on_eof()
         os._exit(exit_code)
 
-    thread = threading.Thread(target=watch, name=name, daemon=True)
-    thread.start()
-    return thread
+    _thread.start_new_thread(watch, ())
 
 
 def kill_group_tree(cleanup_dir: str | None) -> None:
@@ -231,6 +246,8 @@ def kill_group_tree(cleanup_dir: str | None) -> None:
     the caller included.
     """
     if cleanup_dir and os.path.basename(cleanup_dir).startswith(SOCKET_DIR_PREFIX):
+        import shutil
+
         shutil.rmtree(cleanup_dir, ignore_errors=True)
     group = os.getpgrp()
     # Best effort (psutil may fail in any way here): the group kill below is what must happen.
@@ -329,6 +346,8 @@ def start_dir_guard(supervisor: int, cleanup_dir: str, name: str) -> int | None:
         # The supervisor's death kills this process through PR_SET_PDEATHSIG as the supervisor begins to
         # exit, so by now it is at least exiting.
         if ending(supervisor) and os.path.basename(cleanup_dir).startswith(SOCKET_DIR_PREFIX):
-            shutil.rmtree(cleanup_dir, ignore_errors=True)
+            import shutil
+
+        shutil.rmtree(cleanup_dir, ignore_errors=True)
     finally:
         os._exit(0)

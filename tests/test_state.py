@@ -425,6 +425,26 @@ def test_a_state_call_ends_within_its_deadline_whatever_the_server_sends(make_ru
         relay.close()
 
 
+def test_a_done_callback_of_the_first_job_may_use_worker_state_at_once(make_runtime) -> None:
+    """Callbacks run on the dispatcher thread, which starts the state server: it starts it for them first."""
+    single_flow("first-callback", lambda *a: None)
+    runtime = make_runtime(processes=1, state_timeout=5.0)
+    ws = runtime.exec("first-callback")
+    seen, done = [], threading.Event()
+
+    def read_state(job) -> None:
+        try:
+            seen.append(ws.get_routine_state("r"))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            seen.append(exc)
+        done.set()
+
+    _, job = runtime.post("first-callback", "r", "in", {})
+    job.add_done_callback(read_state)
+    assert done.wait(WAIT)
+    assert seen == [None] and job.status == "completed"
+
+
 def _authenticated_peer(address: str, authkey: bytes):
     import socket
     import struct

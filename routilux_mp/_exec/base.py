@@ -174,6 +174,9 @@ class WorkerBackend:
     fusion: bool = False
     #: Whether ``send`` takes a ``_Batch`` (several activations in one frame, see ``_batching``).
     batches: bool = False
+    #: Whether logic runs on the dispatcher thread (in ``poll``): the state server must then be started before
+    #: the first activation is sent, as nothing else could start it while logic waits for it.
+    inline: bool = False
 
     def start(self) -> list[str | None]:
         """Start a worker in every slot; wait for none of them to be ready.

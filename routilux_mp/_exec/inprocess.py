@@ -37,7 +37,7 @@ logger = logging.getLogger("routilux_mp.runtime")
 class InProcessBackend(WorkerBackend):
     """One lane whose activations run in this process, on the dispatcher thread (see the module docstring)."""
 
-    fusion = True
+    fusion = inline = True
 
     def __init__(self, slots: int, settings: WorkerSettings) -> None:
         #: Always one lane: activations run one at a time.

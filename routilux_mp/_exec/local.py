@@ -229,6 +229,10 @@ class LocalProcessBackend(WorkerBackend):
         """Wait for events (see :meth:`WorkerBackend.poll`); never longer than the next own deadline."""
         if self._poller is None:
             self._poller = threading.current_thread()
+        if self._spare.due is not None and not self._stopping:
+            # Here, not after the select: the events that made it due (a worker ready, a result) are
+            # handled first, so no result waits for the spare's spawn.
+            self._spare.start_if_due(self._children)
         due = self._deadlines.next_due()  # (only poll pops; a send that pushes an earlier one wakes this thread)
         if due is not None:
             wait = max(0.0, due - time.monotonic())
@@ -245,8 +249,6 @@ class LocalProcessBackend(WorkerBackend):
             self._on_exit(child, child.pidfd, events)
         self._fire_deadlines(events)
         self._watch_writers()
-        if self._spare.due is not None and not self._stopping:
-            self._spare.start_if_due(self._children)
         return events
 
     def _on_wake(self, _child: None, fd: int, _events: list[WorkerEvent]) -> None:

@@ -27,7 +27,6 @@ the first connection, so only processes whose logic touches state pay it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -251,6 +250,9 @@ class StoreClient:
         self.lost: str | None = None
         #: Called once when this client finds the server lost (the supervisor then stops taking work).
         self.on_lost: Callable[[], None] | None = None
+        #: Called before this process opens a connection (the supervisor starts its server first when its
+        #: dispatcher thread needs it; see ``StateService``).
+        self.on_connect: Callable[[], None] | None = None
         #: Set at shutdown (see :meth:`freeze`): reads are served from it afterwards.
         self.snapshot: dict[str, dict] | None = None
         #: In the supervisor: ``fn(worker_id) -> meta dict | None`` giving exact local counters.
@@ -308,6 +310,8 @@ class StoreClient:
         job_id, routine_id, slots, message = scope
         digest = self.local.activation
         if digest is None:  # once per activation, on its first write: the same input gives the same digest
+            import hashlib  # (here: it loads OpenSSL, which a worker whose logic writes no state never needs)
+
             h = hashlib.blake2b(digest_size=16, person=b"rmp-activation")
             for name in sorted(slots):
                 h.update(f"{name}:{len(slots[name])}".encode())
@@ -335,6 +339,8 @@ class StoreClient:
         """This thread's connection, opened now (within ``timeout``) if it has none or was inherited across a fork."""
         chan = getattr(self.local, "channel", None)
         if chan is None or chan.pid != os.getpid():
+            if self.on_connect is not None:
+                self.on_connect()
             chan = self.local.channel = Channel(self.address, self._authkey, timeout)
             self.retries = chan.retries
         return chan

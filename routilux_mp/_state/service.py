@@ -6,8 +6,9 @@ The dispatch loop talks to one :class:`StateService` (unit tests give it
 * ``open()`` binds the server's socket before any worker starts, so clients
   may connect at once (the kernel holds their connections until the server
   accepts them); ``start_server()`` spawns the server on it later, once the
-  first worker is ready, always from the dispatcher thread (the thread that
-  spawns children, see ``_process``). Nothing waits for it.
+  first worker is ready (``_loop.STATE_START_GRACE`` later),
+  always from the dispatcher thread (the thread that spawns children, see
+  ``_process``). Nothing waits for it.
 * A watcher thread blocks on the launcher's sentinel (the server's pidfd, or
   its stdout's EOF) and wakes the dispatcher when the server dies; so does a
   call of this process that finds the server hung or gone. The loop then
@@ -33,6 +34,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .. import _context
 from .client import HUNG, StatePusher, StoreClient
 from .launcher import TERM_TIMEOUT, StateServerLauncher
 from .protocol import Method
@@ -69,6 +71,7 @@ class StateService:
         self.client.local_meta = local_meta
         self.client.on_lost = on_lost
         self.client.on_failure = self._call_failed
+        self.client.on_connect = self._connecting
         #: Why a call of this process found the server hung or gone (the dispatcher restarts it or breaks).
         self._trouble: str | None = None
         #: Guards ``_died`` and ``_trouble``, set by other threads and taken by the dispatcher.
@@ -135,6 +138,13 @@ class StateService:
         if sentinel is not None:
             self._start_watch(sentinel)
         return None
+
+    def _connecting(self) -> None:
+        """A thread of this process opens a connection: on the dispatcher thread (a done-callback or a
+        policy that uses WorkerState), start the server first if it is not yet; nothing else would start it
+        while that thread waits for it (other threads wait for the dispatcher to start it)."""
+        if not self.launcher.started and _context.on_dispatcher():
+            self.start_server()
 
     def _start_watch(self, sentinel: int) -> None:
         """Watch ``sentinel`` for the server's death, on a thread of its own."""

@@ -13,6 +13,7 @@ import pytest
 from helpers import FnRoutine
 
 from routilux_mp import ErrorHandler, ErrorStrategy, Flow
+from routilux_mp._loop import STATE_START_GRACE
 from routilux_mp.activation_policies import batch_size_policy
 from routilux_mp.errors import RuntimeBrokenError, SlotQueueFullError, StateServerLostError
 
@@ -354,6 +355,20 @@ def test_a_lost_state_server_fails_open_jobs_and_breaks_the_runtime(harness) -> 
     assert job.status == "failed" and job.error["type"] == "routilux_mp.errors.StateServerLostError"
     with pytest.raises(StateServerLostError, match="all shared worker state is lost"):
         h.post(flow, {"i": 1})
+
+
+def test_the_state_server_starts_a_grace_after_the_first_ready_worker_not_before_the_first_result(
+        harness, monkeypatch) -> None:
+    """Its spawn holds the dispatcher for milliseconds: the first activation goes out and comes back first."""
+    h = harness(processes=2)  # (the lanes reported ready while it was built)
+    starts = []
+    monkeypatch.setattr(h.sup.state, "start_server", lambda: starts.append(h.clock()))
+    job = h.post(_flow("first"), {"i": 0})
+    h.settle()
+    assert job.status == "completed" and starts == []
+    ready_at = h.clock()
+    h.advance(STATE_START_GRACE)
+    assert starts == [ready_at + STATE_START_GRACE]
 
 
 # -- with a dispatcher thread ------------------------------------------------------------------------
