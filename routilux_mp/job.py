@@ -244,8 +244,13 @@ class JobContext:
                 return
         fn(self)
 
-    def _finish(self, status: str, error: dict | None = None) -> list[Callable[[JobContext], Any]]:
-        """Enter a terminal status (supervisor side); return the callbacks to run, unlocked."""
+    def _finish(self, status: str, error: dict | None = None) -> list[Callable[[], Any]]:
+        """Enter a terminal status (supervisor side); return what to run once the supervisor's lock is
+        released: first the wake-up of ``wait()`` callers (see :func:`is_wake_up`), then the callbacks.
+
+        Woken while the finishing thread still holds that lock, a waiter that posts its next job at
+        once would block on it: one more thread switch per job posted and waited for one at a time.
+        """
         with _finish_lock:
             if error is not None:
                 self.error = error
@@ -253,11 +258,10 @@ class JobContext:
             self.status = status
             callbacks, self._callbacks = self._callbacks, None
             event = self._done
-        if event is not None:
-            event.set()
-        if not callbacks:
-            return []
-        return [lambda fn=fn: fn(self) for fn in callbacks]
+        out: list[Callable[[], Any]] = [] if event is None else [event.set]
+        if callbacks:
+            out.extend(lambda fn=fn: fn(self) for fn in callbacks)
+        return out
 
     def to_dict(self) -> dict:
         """A JSON-able summary."""
@@ -278,6 +282,12 @@ class JobContext:
 
     def __repr__(self) -> str:
         return f"<JobContext {self.job_id!r} {self.status} worker={self.worker_id!r} outputs={len(self.outputs)}>"
+
+
+def is_wake_up(callback: Callable[[], Any]) -> bool:
+    """Whether ``callback`` (one that ``JobContext._finish`` returned) wakes ``wait()`` callers: the
+    supervisor runs these even when a done-callback keeps it from running the others."""
+    return getattr(callback, "__func__", None) is threading.Event.set
 
 
 def get_current_job() -> JobContext | None:

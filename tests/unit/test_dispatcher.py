@@ -8,6 +8,7 @@ whole file runs in well under a second.
 from __future__ import annotations
 
 import signal
+import threading
 
 import pytest
 from helpers import FnRoutine
@@ -356,6 +357,41 @@ def test_a_lost_state_server_fails_open_jobs_and_breaks_the_runtime(harness) -> 
         h.post(flow, {"i": 1})
 
 
+# -- waking job.wait() callers -----------------------------------------------------------------------
+
+
+class _WakeRecorder(threading.Event):
+    """A job's wait() event that notes whether the supervisor's lock was held when it was set."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__()
+        self.lock = lock
+        self.lock_held: list[bool] = []
+
+    def set(self) -> None:
+        self.lock_held.append(self.lock.locked())
+        super().set()
+
+
+@pytest.mark.parametrize("how", ["its last activation's result", "complete_job"])
+def test_a_job_wakes_its_waiters_once_the_supervisor_lock_is_released(harness, how) -> None:
+    # Woken with the lock held, a waiter that posts its next job at once blocks on it: a thread switch
+    # more per job posted and waited for one at a time.
+    h = harness(processes=1)
+    flow = _flow("wake", concurrency=None)
+    h.stub.hold(0)
+    job = h.post(flow, {"i": 0})
+    h.settle()
+    assert job.wait(0) is False  # (makes the job's event, as a waiting thread does)
+    recorder = job._done = _WakeRecorder(h.sup.lock)
+    if how == "complete_job":
+        assert h.sup.complete_job(job.job_id, "completed", None)
+    h.stub.release(0)
+    h.settle()
+    assert job.status == "completed" and job.wait(0) is True
+    assert recorder.lock_held == [False], "set once, with the lock released"
+
+
 # -- with a dispatcher thread ------------------------------------------------------------------------
 
 
@@ -384,6 +420,39 @@ def test_the_dispatcher_thread_runs_over_stub_lanes_and_shuts_down() -> None:
     sup.shutdown(wait=True, timeout=5.0, cancel_pending=False)
     assert sup.testing().join_dispatcher(5.0)
     assert sup.worker_state("threaded-1").get_routine_state("r") == {"seen": 20}, "read from the final snapshot"
+
+
+def test_a_waiting_thread_returns_when_shutdown_gives_up_on_a_stuck_done_callback() -> None:
+    import functools
+
+    from routilux_mp._exec.stub import StubBackend, StubState
+    from routilux_mp._loop import CALLBACK_STOP_GRACE
+    from routilux_mp._messages import encode
+    from routilux_mp._supervisor import Settings, Supervisor
+
+    sup = Supervisor(Settings(processes=1), backend=functools.partial(StubBackend, capacity=2), state=StubState)
+    sup.start()
+    flow = _flow("stuck", concurrency=None)
+    flow.validate()
+    sup.add_worker("stuck", flow, None)
+    sup.backend.hold(0)
+    jobs = [sup.post("stuck", flow, "r", "in", encode({"i": i}), worker_id=None, job_id=None, metadata=None,
+                     block=True, timeout=5.0)[1] for i in range(2)]
+    in_callback, unblock = threading.Event(), threading.Event()
+    jobs[0].add_done_callback(lambda job: (in_callback.set(), unblock.wait(30)))
+    woken: list[bool] = []
+    waiter = threading.Thread(target=lambda: woken.append(jobs[1].wait(30)))
+    waiter.start()
+    try:
+        sup.backend.release(0, count=1)  # the first job finishes; its callback keeps the dispatcher
+        assert in_callback.wait(5)
+        sup.shutdown(wait=False, timeout=5.0, cancel_pending=False)  # gives up on the callback, ends the rest
+        waiter.join(CALLBACK_STOP_GRACE + 10)
+        assert woken == [True] and jobs[1].status == "cancelled", "the waiter returned once its job ended"
+    finally:
+        unblock.set()
+        waiter.join(10)
+        assert sup.testing().join_dispatcher(10)
 
 
 # -- the harness itself -----------------------------------------------------------------------------
