@@ -209,7 +209,7 @@ class JobContext:
     @property
     def done(self) -> bool:
         """Whether the job reached a terminal status."""
-        return self.status in TERMINAL
+        return self._status in TERMINAL  # (not through ``status``: the supervisor asks this per activation)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the job is finished; return False if ``timeout`` passed first."""
