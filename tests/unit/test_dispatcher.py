@@ -360,17 +360,22 @@ def test_a_lost_state_server_fails_open_jobs_and_breaks_the_runtime(harness) -> 
 # -- waking job.wait() callers -----------------------------------------------------------------------
 
 
-class _WakeRecorder(threading.Event):
-    """A job's wait() event that notes whether the supervisor's lock was held when it was set."""
+class _WakeRecorder:
+    """A job's wait() latch (held until the job finishes) that notes whether the supervisor's lock was
+    held when it was released."""
 
     def __init__(self, lock: threading.Lock) -> None:
-        super().__init__()
         self.lock = lock
+        self.latch = threading.Lock()
+        self.latch.acquire()
         self.lock_held: list[bool] = []
 
-    def set(self) -> None:
+    def acquire(self, *args) -> bool:
+        return self.latch.acquire(*args)
+
+    def release(self) -> None:
         self.lock_held.append(self.lock.locked())
-        super().set()
+        self.latch.release()
 
 
 @pytest.mark.parametrize("how", ["its last activation's result", "complete_job"])
@@ -382,7 +387,7 @@ def test_a_job_wakes_its_waiters_once_the_supervisor_lock_is_released(harness, h
     h.stub.hold(0)
     job = h.post(flow, {"i": 0})
     h.settle()
-    assert job.wait(0) is False  # (makes the job's event, as a waiting thread does)
+    assert job.wait(0) is False  # (makes the job's latch, as a waiting thread does)
     recorder = job._done = _WakeRecorder(h.sup.lock)
     if how == "complete_job":
         assert h.sup.complete_job(job.job_id, "completed", None)
@@ -390,6 +395,25 @@ def test_a_job_wakes_its_waiters_once_the_supervisor_lock_is_released(harness, h
     h.settle()
     assert job.status == "completed" and job.wait(0) is True
     assert recorder.lock_held == [False], "set once, with the lock released"
+
+
+def test_every_thread_waiting_for_a_job_returns_when_it_finishes(harness) -> None:
+    h = harness(processes=1)
+    flow = _flow("waiters", concurrency=None)
+    h.stub.hold(0)
+    job = h.post(flow, {"i": 0})
+    h.settle()
+    assert job.wait(0) is False and job.wait(0.01) is False, "not finished yet: a wait that times out says so"
+    results: list[bool] = []
+    waiters = [threading.Thread(target=lambda: results.append(job.wait(30))) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    h.stub.release(0)
+    h.settle()
+    for waiter in waiters:
+        waiter.join(30)
+    assert results == [True] * 3, "one wake-up reaches every waiter"
+    assert job.wait(0) is True and job.wait() is True
 
 
 # -- with a dispatcher thread ------------------------------------------------------------------------
