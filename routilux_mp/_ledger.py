@@ -23,10 +23,11 @@ from ._messages import encode
 from ._records import SlotQueue, _Act, _Entry, _Instance, _RoutineRt, percentile
 from .activation_policies import IMMEDIATE_MESSAGE
 from .error_handling import ErrorStrategy
-from .job import JobContext
+from .job import JobContext, JobStatus
 
 #: The immediate policy's message, pickled once.
 IMMEDIATE_BLOB = encode(IMMEDIATE_MESSAGE)
+PENDING, RUNNING = JobStatus.PENDING, JobStatus.RUNNING
 #: Characters of an error message copied into a job's trace entries.
 TRACE_MESSAGE_CHARS = 500
 
@@ -313,10 +314,10 @@ class Ledger:
             act.slot_counts = {}
             room = True
         for job in act.jobs:
-            if job.status == "pending":
+            if job._status is PENDING:  # (not through the ``status`` property: this runs per activation)
                 self.status_counts["pending"] -= 1
                 self.status_counts["running"] += 1
-                job.status = "running"
+                job._status = RUNNING
         return room
 
     def left(self, act: _Act) -> None:

@@ -45,6 +45,7 @@ from ._timers import (
     Timers,
 )
 from .errors import RoutiluxError, RuntimeBrokenError, StateServerLostError
+from .job import is_wake_up
 
 logger = logging.getLogger("routilux_mp.runtime")
 
@@ -414,12 +415,15 @@ class DispatchLoop:
         logger.error("routilux-mp: the dispatcher did not stop every process within %.3gs%s; killing them "
                      "from this thread", time.monotonic() - started, " (a job done-callback blocks it)" * stuck)
         if self.lock.acquire(timeout=TERM_GRACE):
+            wake_ups = []
             try:
                 self.flags.flag_stop(self.flags.stop_grace)
                 self.ledger.end_all("cancelled")  # callbacks run if the dispatcher ever resumes
                 self.cond.notify_all()
+                wake_ups = [callback for callback in self.ledger.callbacks if is_wake_up(callback)]
             finally:
                 self.lock.release()
+            run_callbacks(wake_ups)  # job.wait() returns now (twice set if the dispatcher resumes: harmless)
             if stuck:  # (otherwise the dispatcher is taking it, or the state server hangs)
                 self._finish_state()
         self.backend.abort()

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from .activation_policies import SlotQueueAPI
 from .error_handling import ErrorHandler
-from .job import JobContext
+from .job import TERMINAL, JobContext
 
 #: Latency samples kept per routine for the p50/p99 in ``stats()``.
 LATENCY_SAMPLES = 2048
@@ -169,7 +169,7 @@ class _Act:
     def lead_job(self) -> JobContext | None:
         """The oldest job still open: its emits, outputs and errors go there."""
         for job in self.jobs:
-            if not job.done:
+            if job._status not in TERMINAL:  # (``job.done``, without a property call per activation)
                 return job
         return None
 

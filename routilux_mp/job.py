@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import pickle
 import threading
@@ -79,7 +80,7 @@ TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED
 #: Trace entries kept per job (oldest dropped beyond).
 MAX_TRACES = 1000
 
-# Guards the moment a job finishes against waiters arriving: a job's Event is
+# Guards the moment a job finishes against waiters arriving: a job's latch is
 # made only when somebody waits (most jobs are never waited on one by one).
 _finish_lock = threading.Lock()
 
@@ -151,7 +152,8 @@ class JobContext:
         self._in_worker = _in_worker
         #: The posted data, pickled (``input`` decodes a copy): kept so a failed job can be posted again.
         self._input = _input
-        self._done: threading.Event | None = None
+        #: Held while somebody waits for the job to finish (``wait``): released when it does.
+        self._done: threading.Lock | None = None
         self._callbacks: list[Callable[[JobContext], Any]] | None = None
 
     def __getstate__(self) -> dict:
@@ -209,7 +211,7 @@ class JobContext:
     @property
     def done(self) -> bool:
         """Whether the job reached a terminal status."""
-        return self.status in TERMINAL
+        return self._status in TERMINAL  # (not through ``status``: the supervisor asks this per activation)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the job is finished; return False if ``timeout`` passed first."""
@@ -224,12 +226,20 @@ class JobContext:
                 "Use add_done_callback() on that job, or wait from another thread"
             )
         with _finish_lock:
-            if self.status in TERMINAL:
+            if self._status in TERMINAL:
                 return True
-            if self._done is None:
-                self._done = threading.Event()
-            event = self._done
-        return event.wait(timeout)
+            latch = self._done
+            if latch is None:  # held until the job finishes (cheaper to wake than an Event: one lock)
+                latch = self._done = threading.Lock()
+                latch.acquire()
+        if timeout is None:
+            woken = latch.acquire()
+        else:
+            woken = latch.acquire(True, timeout) if timeout > 0 else latch.acquire(False)
+        if woken:
+            _release(latch)  # the next waiter's turn
+            return True
+        return self._status in TERMINAL
 
     def add_done_callback(self, fn: Callable[[JobContext], Any]) -> None:
         """Call ``fn(job)`` once the job is finished (at once if it already is).
@@ -244,20 +254,24 @@ class JobContext:
                 return
         fn(self)
 
-    def _finish(self, status: str, error: dict | None = None) -> list[Callable[[JobContext], Any]]:
-        """Enter a terminal status (supervisor side); return the callbacks to run, unlocked."""
+    def _finish(self, status: str, error: dict | None = None) -> list[Callable[[], Any]]:
+        """Enter a terminal status (supervisor side); return what to run once the supervisor's lock is
+        released: first the wake-up of ``wait()`` callers (see :func:`is_wake_up`), then the callbacks.
+
+        Woken while the finishing thread still holds that lock, a waiter that posts its next job at
+        once would block on it: one more thread switch per job posted and waited for one at a time.
+        """
         with _finish_lock:
             if error is not None:
                 self.error = error
             self.completed_at = time.time()
             self.status = status
             callbacks, self._callbacks = self._callbacks, None
-            event = self._done
-        if event is not None:
-            event.set()
-        if not callbacks:
-            return []
-        return [lambda fn=fn: fn(self) for fn in callbacks]
+            latch = self._done
+        out: list[Callable[[], Any]] = [] if latch is None else [functools.partial(_release, latch)]
+        if callbacks:
+            out.extend(lambda fn=fn: fn(self) for fn in callbacks)
+        return out
 
     def to_dict(self) -> dict:
         """A JSON-able summary."""
@@ -278,6 +292,20 @@ class JobContext:
 
     def __repr__(self) -> str:
         return f"<JobContext {self.job_id!r} {self.status} worker={self.worker_id!r} outputs={len(self.outputs)}>"
+
+
+def _release(latch: Any) -> None:
+    """Release a job's ``wait()`` latch (already released: by a wake-up run twice, nothing to do)."""
+    try:
+        latch.release()
+    except RuntimeError:
+        pass
+
+
+def is_wake_up(callback: Callable[[], Any]) -> bool:
+    """Whether ``callback`` (one that ``JobContext._finish`` returned) wakes ``wait()`` callers: the
+    supervisor runs these even when a done-callback keeps it from running the others."""
+    return type(callback) is functools.partial and callback.func is _release
 
 
 def get_current_job() -> JobContext | None:

@@ -8,6 +8,7 @@ whole file runs in well under a second.
 from __future__ import annotations
 
 import signal
+import threading
 
 import pytest
 from helpers import FnRoutine
@@ -371,6 +372,65 @@ def test_the_state_server_starts_a_grace_after_the_first_ready_worker_not_before
     assert starts == [ready_at + STATE_START_GRACE]
 
 
+# -- waking job.wait() callers -----------------------------------------------------------------------
+
+
+class _WakeRecorder:
+    """A job's wait() latch (held until the job finishes) that notes whether the supervisor's lock was
+    held when it was released."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.latch = threading.Lock()
+        self.latch.acquire()
+        self.lock_held: list[bool] = []
+
+    def acquire(self, *args) -> bool:
+        return self.latch.acquire(*args)
+
+    def release(self) -> None:
+        self.lock_held.append(self.lock.locked())
+        self.latch.release()
+
+
+@pytest.mark.parametrize("how", ["its last activation's result", "complete_job"])
+def test_a_job_wakes_its_waiters_once_the_supervisor_lock_is_released(harness, how) -> None:
+    # Woken with the lock held, a waiter that posts its next job at once blocks on it: a thread switch
+    # more per job posted and waited for one at a time.
+    h = harness(processes=1)
+    flow = _flow("wake", concurrency=None)
+    h.stub.hold(0)
+    job = h.post(flow, {"i": 0})
+    h.settle()
+    assert job.wait(0) is False  # (makes the job's latch, as a waiting thread does)
+    recorder = job._done = _WakeRecorder(h.sup.lock)
+    if how == "complete_job":
+        assert h.sup.complete_job(job.job_id, "completed", None)
+    h.stub.release(0)
+    h.settle()
+    assert job.status == "completed" and job.wait(0) is True
+    assert recorder.lock_held == [False], "set once, with the lock released"
+
+
+def test_every_thread_waiting_for_a_job_returns_when_it_finishes(harness) -> None:
+    h = harness(processes=1)
+    flow = _flow("waiters", concurrency=None)
+    h.stub.hold(0)
+    job = h.post(flow, {"i": 0})
+    h.settle()
+    assert job.wait(0) is False and job.wait(0.01) is False, "not finished yet: a wait that times out says so"
+    results: list[bool] = []
+    waiters = [threading.Thread(target=lambda: results.append(job.wait(30))) for _ in range(3)]
+    for waiter in waiters:
+        waiter.start()
+    h.stub.release(0)
+    h.settle()
+    for waiter in waiters:
+        waiter.join(30)
+    assert results == [True] * 3, "one wake-up reaches every waiter"
+    assert job.wait(0) is True and job.wait() is True
+
+
 # -- with a dispatcher thread ------------------------------------------------------------------------
 
 
@@ -399,6 +459,39 @@ def test_the_dispatcher_thread_runs_over_stub_lanes_and_shuts_down() -> None:
     sup.shutdown(wait=True, timeout=5.0, cancel_pending=False)
     assert sup.testing().join_dispatcher(5.0)
     assert sup.worker_state("threaded-1").get_routine_state("r") == {"seen": 20}, "read from the final snapshot"
+
+
+def test_a_waiting_thread_returns_when_shutdown_gives_up_on_a_stuck_done_callback() -> None:
+    import functools
+
+    from routilux_mp._exec.stub import StubBackend, StubState
+    from routilux_mp._loop import CALLBACK_STOP_GRACE
+    from routilux_mp._messages import encode
+    from routilux_mp._supervisor import Settings, Supervisor
+
+    sup = Supervisor(Settings(processes=1), backend=functools.partial(StubBackend, capacity=2), state=StubState)
+    sup.start()
+    flow = _flow("stuck", concurrency=None)
+    flow.validate()
+    sup.add_worker("stuck", flow, None)
+    sup.backend.hold(0)
+    jobs = [sup.post("stuck", flow, "r", "in", encode({"i": i}), worker_id=None, job_id=None, metadata=None,
+                     block=True, timeout=5.0)[1] for i in range(2)]
+    in_callback, unblock = threading.Event(), threading.Event()
+    jobs[0].add_done_callback(lambda job: (in_callback.set(), unblock.wait(30)))
+    woken: list[bool] = []
+    waiter = threading.Thread(target=lambda: woken.append(jobs[1].wait(30)))
+    waiter.start()
+    try:
+        sup.backend.release(0, count=1)  # the first job finishes; its callback keeps the dispatcher
+        assert in_callback.wait(5)
+        sup.shutdown(wait=False, timeout=5.0, cancel_pending=False)  # gives up on the callback, ends the rest
+        waiter.join(CALLBACK_STOP_GRACE + 10)
+        assert woken == [True] and jobs[1].status == "cancelled", "the waiter returned once its job ended"
+    finally:
+        unblock.set()
+        waiter.join(10)
+        assert sup.testing().join_dispatcher(10)
 
 
 # -- the harness itself -----------------------------------------------------------------------------
