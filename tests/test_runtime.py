@@ -211,8 +211,12 @@ def test_flush_delivers_a_partial_batch_on_demand(make_runtime) -> None:
 
 
 def test_time_interval_policy_uses_a_real_timer(make_runtime) -> None:
-    single_flow("tick", _batch, policy=time_interval_policy(0.5))
+    # The second and third items must arrive within the interval after the first fired: the worker is
+    # ready before the first is posted (a fresh interpreter can take seconds on a loaded machine), and the
+    # interval is far longer than one round trip to a ready worker.
+    single_flow("tick", _batch, policy=time_interval_policy(1.0))
     runtime = make_runtime(processes=1)
+    assert runtime._testing.wait_pool_ready(WAIT)
     started = time.monotonic()
     _, first = runtime.post("tick", "r", "in", {"i": 0})  # fires at once: nothing fired before
     assert first.wait(WAIT)
@@ -221,7 +225,7 @@ def test_time_interval_policy_uses_a_real_timer(make_runtime) -> None:
     assert second.wait(WAIT) and third.wait(WAIT)
     assert first.outputs[0]["data"] == {"n": 1, "reason": "time_interval"}
     assert second.outputs[0]["data"] == {"n": 2, "reason": "time_interval"}
-    assert time.monotonic() - started >= 0.5, "the second activation waited for the interval"
+    assert time.monotonic() - started >= 1.0, "the second activation waited for the interval"
 
 
 def _join(routine, slot_data, message, ws):
