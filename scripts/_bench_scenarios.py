@@ -915,19 +915,6 @@ def _span_rate(timings: list[dict], calls: int, who: str, sc: Scenario) -> float
 # ---------------------------------------------------------------------------- 5. startup
 
 
-def uncompiled_note() -> str | None:
-    """A note when routilux-mp's modules have no bytecode and none may be written: every worker compiles them."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("routilux_mp.routine")
-    if not sys.dont_write_bytecode or spec is None or spec.cached is None or os.path.exists(spec.cached):
-        return None
-    return ("routilux-mp's modules have no bytecode (__pycache__) and writing it is off (PYTHONDONTWRITEBYTECODE "
-            "or -B): every worker process compiles them from source (about 5,000 lines, tens of ms), which an "
-            "installed package (pip compiles on install) does not; the baselines' children import precompiled "
-            "modules only. `python -m compileall -q routilux_mp` once (or bytecode writing on) removes that cost")
-
-
 def scenario_startup(cfg: Config) -> Scenario:
     """Seconds from constructing the pool to the first completed trivial task."""
     import multiprocessing
@@ -964,9 +951,6 @@ def scenario_startup(cfg: Config) -> Scenario:
         fork: lambda _r: run_ppe(fork, None),
         spawn: lambda _r: run_ppe(spawn, multiprocessing.get_context("spawn")),
     })
-    note = uncompiled_note()
-    if note:
-        sc.notes.append(note)
     sc.checks.append(Check(f"vs {fork}", "seconds", rmp, fork, note="workers are fresh interpreters: never fork"))
     sc.checks.append(Check(f"vs {spawn}", "seconds", rmp, spawn, 1.0))
     return sc
