@@ -28,6 +28,9 @@ Events for one slot come out of ``poll`` in the order they happened, and
 
 from __future__ import annotations
 
+import contextlib
+import os
+import selectors
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
 
@@ -254,3 +257,32 @@ class WorkerBackend:
     def abort(self) -> None:
         """Kill every worker now and wait for them (any thread: shutdown's last resort when the dispatcher hangs)."""
         raise NotImplementedError
+
+
+class WakeUp:
+    """A self-pipe registered on a backend's selector: :meth:`wake` (any thread) ends the dispatcher's
+    ``select`` in ``poll``, which then empties it (the handler registered for it)."""
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        selector.register(self._r, selectors.EVENT_READ, (self._drain, None))
+
+    def wake(self) -> None:
+        """Make the ``select`` return now."""
+        try:
+            os.write(self._w, b"x")
+        except OSError:  # full (plenty of wake-ups pending), or closed at the backend's stop
+            pass
+
+    def _drain(self, *_args: Any) -> None:
+        """Empty the pipe (its only job was to end the select); called as a selector handler."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._r, 65536)
+
+    def close(self) -> None:
+        """Close both ends (after the selector was closed)."""
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)

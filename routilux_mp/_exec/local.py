@@ -75,6 +75,7 @@ from .base import (
     Ready,
     Stalled,
     Usage,
+    WakeUp,
     WorkerBackend,
     WorkerEvent,
     WorkerSettings,
@@ -113,10 +114,7 @@ class LocalProcessBackend(WorkerBackend):
         self._lock = threading.Lock()
         #: epoll over results, outputs, pidfds, command pipes waiting for room, the wake pipe (dispatcher only).
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, (self._on_wake, None))
+        self._wakeup = WakeUp(self._selector)
         # Workers watch the read end; only this process holds the write end open,
         # so they see EOF the moment the supervisor dies, however it dies.
         self._life_r, self._life_w = os.pipe()
@@ -220,10 +218,7 @@ class LocalProcessBackend(WorkerBackend):
 
     def wake(self) -> None:
         """Make the dispatcher's ``poll`` return now (any thread)."""
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:  # full (plenty of wake-ups pending), or closed by stop()
-            pass
+        self._wakeup.wake()
 
     def poll(self, timeout: float | None) -> list[WorkerEvent]:
         """Wait for events (see :meth:`WorkerBackend.poll`); never longer than the next own deadline."""
@@ -250,13 +245,6 @@ class LocalProcessBackend(WorkerBackend):
         self._fire_deadlines(events)
         self._watch_writers()
         return events
-
-    def _on_wake(self, _child: None, fd: int, _events: list[WorkerEvent]) -> None:
-        """Empty the wake-up pipe (its only job was to end the select)."""
-        try:
-            os.read(fd, 65536)
-        except BlockingIOError:
-            pass
 
     def _on_output(self, child: Child, fd: int, events: list[WorkerEvent]) -> None:
         """Forward what ``child`` wrote to stdout/stderr."""
@@ -492,7 +480,8 @@ class LocalProcessBackend(WorkerBackend):
             _forward_last_output(child, output)
             self._release(child)
         self._selector.close()
-        _close_quietly(self._wake_r, self._wake_w, self._life_r, self._life_w)
+        self._wakeup.close()
+        _close_quietly(self._life_r, self._life_w)
 
     def abort(self) -> None:
         """SIGKILL every worker's group now and wait for them (any thread)."""

@@ -40,7 +40,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import selectors
 import threading
 import time
@@ -61,6 +60,7 @@ from .base import (
     Output,
     Stalled,
     Usage,
+    WakeUp,
     WorkerBackend,
     WorkerEvent,
     WorkerSettings,
@@ -95,10 +95,7 @@ class RayBackend(WorkerBackend):
         self._gens = [0] * slots
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, (self._on_wake, None))
+        self._wakeup = WakeUp(self._selector)
         #: What the listener thread and Ray's callbacks hand to poll().
         self._inbox: collections.deque[tuple] = collections.deque()
         self._want_write: set[Lane] = set()
@@ -167,10 +164,7 @@ class RayBackend(WorkerBackend):
 
     def wake(self) -> None:
         """Make the dispatcher's ``poll`` return now (any thread)."""
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:  # full (plenty of wake-ups pending), or closed by stop()
-            pass
+        self._wakeup.wake()
 
     def poll(self, timeout: float | None) -> list[WorkerEvent]:
         """Wait for events (see :meth:`WorkerBackend.poll`); never longer than the next own deadline."""
@@ -193,11 +187,6 @@ class RayBackend(WorkerBackend):
         self._fire_deadlines(events)
         self._watch_writers()
         return events
-
-    def _on_wake(self, _lane: None, _mask: int, _events: list[WorkerEvent]) -> None:
-        """Empty the wake-up pipe (its only job was to end the select)."""
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 65536)
 
     def _on_inbox(self, item: tuple, events: list[WorkerEvent]) -> None:
         """A connection from a nanny, or a nanny's ``run`` call ended."""
@@ -442,9 +431,7 @@ class RayBackend(WorkerBackend):
         for lane in lanes:
             self._close(lane)
         self._selector.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._wakeup.close()
         self.session.close()
 
     def _drain_until(self, deadline: float, output: Callable[[Output], None]) -> None:
