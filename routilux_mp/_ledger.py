@@ -23,7 +23,7 @@ from ._messages import encode
 from ._records import SlotQueue, _Act, _Entry, _Instance, _RoutineRt, percentile
 from .activation_policies import IMMEDIATE_MESSAGE
 from .error_handling import ErrorStrategy
-from .job import JobContext, JobStatus
+from .job import JobContext, JobStatus, is_wake_up
 
 #: The immediate policy's message, pickled once.
 IMMEDIATE_BLOB = encode(IMMEDIATE_MESSAGE)
@@ -425,9 +425,10 @@ class Ledger:
         return self.inflight == 0 and not self.runnable and self.retrying == 0
 
     def take_callbacks(self) -> list[Callable[[], Any]]:
-        """The done-callbacks collected so far (to run with the lock released)."""
+        """The done-callbacks collected so far (to run with the lock released), every job's wake-up of its
+        ``wait()`` callers first: a done-callback that blocks must not keep another job's waiters asleep."""
         callbacks, self.callbacks = self.callbacks, []
-        return callbacks
+        return sorted(callbacks, key=lambda callback: not is_wake_up(callback)) if len(callbacks) > 1 else callbacks
 
     def take_counts(self) -> dict[str, tuple[int, int]]:
         """Job counters per worker not yet sent to the state server (and forget them)."""

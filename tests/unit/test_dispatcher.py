@@ -431,6 +431,27 @@ def test_every_thread_waiting_for_a_job_returns_when_it_finishes(harness) -> Non
     assert job.wait(0) is True and job.wait() is True
 
 
+def test_a_blocking_done_callback_does_not_keep_another_jobs_waiters_asleep(harness) -> None:
+    # Jobs that finish in one pass have their waiters woken before any done-callback of that pass runs:
+    # a callback that blocks (here: until the other job's waiter returned) must not hold them back.
+    h = harness(processes=1, prefetch=1, capacity=10)
+    flow = _flow("blocking", concurrency=None)
+    h.stub.hold(0)
+    first, second = (h.post(flow, {"i": i}) for i in range(2))
+    h.settle()
+    assert h.stub.holding(0) and second.wait(0) is False  # (the waiting thread's latch, made now)
+    returned = threading.Event()
+    waiter = threading.Thread(target=lambda: second.wait(30) and returned.set())
+    waiter.start()
+    seen: list[bool] = []
+    first.add_done_callback(lambda job: seen.append(returned.wait(10)))
+    h.stub.release(0)
+    h.settle()
+    waiter.join(30)
+    assert first.status == second.status == "completed"
+    assert seen == [True], "the other job's waiter returned while the done-callback still ran"
+
+
 # -- with a dispatcher thread ------------------------------------------------------------------------
 
 
