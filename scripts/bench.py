@@ -144,15 +144,18 @@ def bytecode_as_installed() -> Iterator[str | None]:
 
     package = os.path.dirname(os.path.abspath(routilux_mp.__file__))
     made = []
+    compiled = True
     try:
         for folder in (package, HERE, os.path.join(os.path.dirname(HERE), "workers")):
             for path, dirs, files in os.walk(folder):
                 dirs[:] = [d for d in dirs if d != "__pycache__"]
                 if any(f.endswith(".py") for f in files) and not os.path.isdir(os.path.join(path, "__pycache__")):
                     made.append(os.path.join(path, "__pycache__"))
-            compileall.compile_dir(folder, quiet=1)
+            compiled = compileall.compile_dir(folder, quiet=2) and compiled
         yield ("bytecode: writing it is off here and routilux-mp had none, so it was compiled once for this run "
-               "(as pip does on install; removed afterwards)")
+               "(as pip does on install; removed afterwards)" if compiled else
+               "bytecode: writing it is off here, routilux-mp has none and it could not be compiled (a read-only "
+               "checkout?): every process of ours compiles its modules from source, inside the figures")
     finally:
         for cache in made:
             shutil.rmtree(cache, ignore_errors=True)
