@@ -296,7 +296,6 @@ def start_group_guard(life_fd: int, name: str, cleanup_dir: str | None) -> int |
         os._exit(EXIT_PARENT_GONE)
 
 
-
 #: ``PF_EXITING`` in the flags of ``/proc/PID/stat``: the process is exiting (set as ``do_exit`` begins).
 _PF_EXITING = 0x4
 
@@ -348,6 +347,6 @@ def start_dir_guard(supervisor: int, cleanup_dir: str, name: str) -> int | None:
         if ending(supervisor) and os.path.basename(cleanup_dir).startswith(SOCKET_DIR_PREFIX):
             import shutil
 
-        shutil.rmtree(cleanup_dir, ignore_errors=True)
+            shutil.rmtree(cleanup_dir, ignore_errors=True)
     finally:
         os._exit(0)
