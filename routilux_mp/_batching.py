@@ -119,7 +119,6 @@ def take_batch(ledger: Ledger, rt: _RoutineRt, n: int) -> tuple[list[_Act], list
     return acts, leads
 
 
-
 def book(act: _Act, seconds: float, now: float, prefetch: int, max_depth: int, batching: bool) -> None:
     """Record a finished activation in its routine's stats, and what it teaches the routine's placement."""
     rt = act.rt

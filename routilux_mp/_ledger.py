@@ -469,6 +469,7 @@ def routine_stats(instances: dict[str, Any]) -> dict[str, dict]:
         agg["p99_latency"] = percentile(latencies[rid], 99)
     return routines
 
+
 def queued_items(instances: dict[str, Any]) -> list[dict]:
     """Every slot queue of ``instances`` (the ledger's) holding items: where, and how many."""
     found = []

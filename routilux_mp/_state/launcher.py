@@ -35,8 +35,8 @@ server has not died too often (:data:`MAX_RESTARTS` within
 * **Start** is deferred by the supervisor (the server starts once the first
   worker is ready, ``_loop.STATE_START_GRACE`` later, so neither the
   workers' start-up nor the first results wait for its spawn or compete with
-  its start-up for CPU). Binding first lets clients connect at once: the kernel holds their
-  connections until the server accepts them. The server gets the bound socket
+  its start-up for CPU). Binding first lets clients connect at once: the
+  kernel holds their connections until the server accepts them. The server gets the bound socket
   as an inherited descriptor and its :class:`~.protocol.ServerConfig` (the
   authkey included) on stdin, never on the command line.
 * **Death** shows on a *sentinel* descriptor: the server's pidfd, or (without

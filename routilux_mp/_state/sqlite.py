@@ -44,8 +44,8 @@ _encode = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 if json.encoder.c_make_encoder is not None:
     # The same encoder made once, not per call (a commit of a small state spends more on making it than on
     # encoding). No cycle check: a stored value is checked JSON already.
-    _c_encoder = json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ":", ",",
-                                             False, False, False)
+    _c_encoder = json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii,
+                                             None, ":", ",", False, False, False)
 
     def _encode(value: dict) -> str:
         return "".join(_c_encoder(value, 0))
