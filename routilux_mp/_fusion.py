@@ -46,11 +46,6 @@ if TYPE_CHECKING:
 Connection = tuple[str, str, str, str]
 
 
-def allows_fusion(routine: Any) -> bool:
-    """Whether ``routine`` takes part in fusion (``Routine.set_fusion``; routines pickled before it: yes)."""
-    return getattr(routine, "_fusion", True)
-
-
 def _immediate(routine: Any) -> bool:
     """The routine activates once per item: the immediate policy on one slot."""
     policy = routine._activation_policy
@@ -69,8 +64,8 @@ def fusion_plan(flow: Any) -> dict[Connection, str | None]:
         why = None
         if fan_out[(conn.source_id, conn.event)] > 1:
             why = f"event {conn.event!r} has {fan_out[(conn.source_id, conn.event)]} targets"
-        elif not allows_fusion(source) or not allows_fusion(target):
-            off = conn.source_id if not allows_fusion(source) else conn.target_id
+        elif not source.fusion or not target.fusion:  # (``Routine.set_fusion``)
+            off = conn.source_id if not source.fusion else conn.target_id
             why = f"{off!r} turned fusion off (set_fusion(False))"
         elif not _immediate(target):
             why = f"{conn.target_id!r} has a policy or several slots: the supervisor must see its items"
@@ -122,4 +117,4 @@ def book_fused_run(ledger: Ledger, act: _Act, res: _Result, lane: int) -> _Act:
     return ledger.new_fused_activation(target, slot, act.jobs[0], blob, (root, res.chain + 1), lane, act.resolved)
 
 
-__all__ = ["allows_fusion", "book_fused_run", "fused_targets", "fusion_plan", "unexpected_result"]
+__all__ = ["book_fused_run", "fused_targets", "fusion_plan", "unexpected_result"]
